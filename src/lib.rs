@@ -1,1 +1,27 @@
+//! Picket: a gRPC-first security event platform.
+//!
+//! Module map (see ARCHITECTURE.md for the invariants):
+//!
+//! - [`domain`]: tenants, keys, scopes, severities; no IO.
+//! - [`anomaly`]: Isolation Forest and ECOD; pure math, no IO.
+//! - [`auth`]: API keys, keyed hashing, the operator token, [`auth::Caller`].
+//! - [`admin`]: tenant and key administration shared by gRPC and the CLI.
+//! - [`storage`]: the [`storage::Store`] trait and its Postgres and SQLite backends.
+//! - [`grpc`]: generated code (`grpc::pb`), conversions, status mapping, services.
+//! - [`http`]: `/healthz`, `/metrics`, request metrics.
+//! - [`config`], [`telemetry`], [`startup`], [`shutdown`], [`cli`]: the process around it.
+#![forbid(unsafe_code)]
+
+pub mod admin;
 pub mod anomaly;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod shutdown;
+pub mod startup;
+pub mod storage;
+pub mod telemetry;

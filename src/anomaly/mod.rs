@@ -1,1 +1,1 @@
-
+//! Anomaly scoring: Isolation Forest and ECOD (pure math, no IO).

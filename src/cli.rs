@@ -1,0 +1,266 @@
+//! The command line: `picket serve | migrate | config | admin …`.
+
+use std::convert::Infallible;
+
+use anyhow::Context;
+use chrono::Utc;
+use clap::{Args, Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::config::{Settings, redact_url};
+use crate::domain::{NewApiKey, ScopeSet};
+use crate::startup::Application;
+use crate::storage::{self, DEFAULT_DATABASE_URL};
+use crate::telemetry::{self, LogFormat};
+use crate::{admin, auth, shutdown};
+
+/// Picket: a gRPC-first security event platform.
+#[derive(Debug, Parser)]
+#[command(name = "picket", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "PICKET_LOG_FORMAT",
+        value_enum,
+        default_value = "human"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `info,picket=debug`.
+    #[arg(long, global = true, env = "PICKET_LOG", default_value = "info")]
+    pub log: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (gRPC, grpc-web, /healthz, /metrics on one port).
+    Serve(Settings),
+    /// Run database migrations and exit.
+    Migrate(StoreArgs),
+    /// Print the effective configuration, secrets redacted.
+    Config(Settings),
+    /// Administer tenants and API keys directly in the store.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// Which store to act on.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// Database URL (`postgres://…` or `sqlite:PATH`).
+    #[arg(long, env = "PICKET_DATABASE_URL", hide_env_values = true, value_parser = secret, default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: SecretString,
+    /// Secret API keys are hashed under (must match the server's PICKET_KEY_PEPPER if it sets one).
+    #[arg(long, env = "PICKET_KEY_PEPPER", hide_env_values = true, value_parser = secret)]
+    pub key_pepper: Option<SecretString>,
+}
+
+fn secret(s: &str) -> Result<SecretString, Infallible> {
+    Ok(SecretString::from(s.to_owned()))
+}
+
+/// `picket admin …`
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+/// `picket admin tenant …`
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant and print its id.
+    Create {
+        /// Unique name: a-z, 0-9 and '-', starting with a letter.
+        name: String,
+        /// Display name (defaults to the name).
+        #[arg(long, default_value = "")]
+        display_name: String,
+        /// Event retention in days (0 keeps events forever).
+        #[arg(long, default_value_t = 0)]
+        retention_days: u32,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List tenants.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// `picket admin key …`
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create an API key and print it (shown once).
+    Create {
+        /// Tenant id or name.
+        #[arg(long)]
+        tenant: String,
+        /// Comma-separated scopes: ingest, read, respond, admin.
+        #[arg(long)]
+        scopes: String,
+        /// Label for the key.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Expiry: RFC 3339 time or a duration such as 90d, 12h.
+        #[arg(long)]
+        expires: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke an API key by id.
+    Revoke {
+        /// Key id (the 16 hex characters after `pk_`).
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List a tenant's keys.
+    List {
+        /// Tenant id or name.
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    telemetry::init_tracing(cli.log_format, &cli.log);
+    match cli.command {
+        Command::Serve(settings) => serve(settings).await,
+        Command::Migrate(store) => {
+            let url = store.database_url.expose_secret();
+            storage::migrate(url).await?;
+            println!("migrations applied to {}", redact_url(url));
+            Ok(())
+        }
+        Command::Config(settings) => {
+            println!("{}", settings.describe());
+            Ok(())
+        }
+        Command::Admin(cmd) => admin_command(cmd).await,
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let mut app = Application::build(settings).await?;
+    if let Some(token) = app.take_generated_operator_token() {
+        // Shown once: only its hash is stored.
+        eprintln!(
+            "\n  Generated operator token (shown once; keep it safe, or set PICKET_ADMIN_TOKEN):\n\n    {}\n",
+            token.expose_secret()
+        );
+    }
+    app.run_until_stopped(shutdown::signal()).await
+}
+
+async fn open(
+    store: &StoreArgs,
+) -> anyhow::Result<(std::sync::Arc<dyn storage::Store>, auth::KeyHasher)> {
+    let s = storage::connect(store.database_url.expose_secret(), 2).await?;
+    let hasher = auth::key_hasher(s.as_ref(), store.key_pepper.as_ref()).await?;
+    Ok((s, hasher))
+}
+
+async fn admin_command(cmd: AdminCommand) -> anyhow::Result<()> {
+    match cmd {
+        AdminCommand::Tenant(TenantCommand::Create {
+            name,
+            display_name,
+            retention_days,
+            store,
+        }) => {
+            let (s, _) = open(&store).await?;
+            let t = admin::create_tenant(s.as_ref(), &name, &display_name, retention_days).await?;
+            println!("tenant {} created: id {}", t.name, t.id);
+            s.close().await;
+        }
+        AdminCommand::Tenant(TenantCommand::List { store }) => {
+            let (s, _) = open(&store).await?;
+            let mut after: Option<String> = None;
+            loop {
+                let page = s
+                    .list_tenants(after.as_deref(), 1000)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                for t in &page {
+                    println!("{}\t{}\tretention_days={}", t.id, t.name, t.retention_days);
+                }
+                match page.last() {
+                    Some(t) if page.len() == 1000 => after = Some(t.name.clone()),
+                    _ => break,
+                }
+            }
+            s.close().await;
+        }
+        AdminCommand::Key(KeyCommand::Create {
+            tenant,
+            scopes,
+            name,
+            expires,
+            store,
+        }) => {
+            let scopes =
+                ScopeSet::parse_list(&scopes).map_err(|e| anyhow::anyhow!("--scopes: {e}"))?;
+            let expires_at = expires
+                .map(|e| admin::parse_expiry(&e, Utc::now()))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
+            let (s, hasher) = open(&store).await?;
+            let t = admin::resolve_tenant(s.as_ref(), &tenant).await?;
+            let (key, secret) = admin::create_key(
+                s.as_ref(),
+                &hasher,
+                NewApiKey {
+                    tenant_id: t.id,
+                    name,
+                    scopes,
+                    expires_at,
+                },
+            )
+            .await
+            .context("failed to create the key")?;
+            eprintln!(
+                "key {} for tenant {} (scopes {}); the secret is shown once:",
+                key.id, t.name, key.scopes
+            );
+            println!("{}", secret.expose_secret());
+            s.close().await;
+        }
+        AdminCommand::Key(KeyCommand::Revoke { id, store }) => {
+            let (s, _) = open(&store).await?;
+            let key = admin::revoke_key(s.as_ref(), None, &id).await?;
+            println!("key {} revoked", key.id);
+            s.close().await;
+        }
+        AdminCommand::Key(KeyCommand::List { tenant, store }) => {
+            let (s, _) = open(&store).await?;
+            let t = admin::resolve_tenant(s.as_ref(), &tenant).await?;
+            let now = Utc::now();
+            for k in s.list_api_keys(t.id).await.map_err(anyhow::Error::from)? {
+                let state = if k.revoked_at.is_some() {
+                    "revoked"
+                } else if k.is_active(now) {
+                    "active"
+                } else {
+                    "expired"
+                };
+                println!("{}\t{}\t{}\t{}", k.id, k.scopes, state, k.name);
+            }
+            s.close().await;
+        }
+    }
+    Ok(())
+}

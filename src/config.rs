@@ -1,0 +1,162 @@
+//! Settings for `picket serve`: clap flags, each also readable from a
+//! `PICKET_*` environment variable, with defaults that work offline. Built once
+//! and passed down; never a global. Credentials are wrapped so `Debug` redacts them.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::storage::DEFAULT_DATABASE_URL;
+
+fn secret(s: &str) -> Result<SecretString, Infallible> {
+    Ok(SecretString::from(s.to_owned()))
+}
+
+/// Everything `picket serve` can be configured with.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// Address to listen on: native gRPC, grpc-web, /healthz and /metrics share it.
+    #[arg(long, env = "PICKET_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Database URL: `postgres://…` for Postgres, `sqlite:PATH` for an embedded
+    /// file. Default: `sqlite://picket-data/picket.db` (created on first start).
+    #[arg(long, env = "PICKET_DATABASE_URL", hide_env_values = true, value_parser = secret)]
+    pub database_url: Option<SecretString>,
+
+    /// Most database connections in the pool.
+    #[arg(long, env = "PICKET_DB_MAX_CONNECTIONS", default_value_t = 10)]
+    pub db_max_connections: u32,
+
+    /// Operator token for AdminService. Without it, one is generated on first
+    /// start, printed once, and only its hash is kept.
+    #[arg(long, env = "PICKET_ADMIN_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub admin_token: Option<SecretString>,
+
+    /// Secret API keys are hashed under. Without it, one is generated and kept
+    /// in the database; set it in production to keep it out of database dumps.
+    #[arg(long, env = "PICKET_KEY_PEPPER", hide_env_values = true, value_parser = secret)]
+    pub key_pepper: Option<SecretString>,
+
+    /// Largest accepted gRPC message, in bytes (decoded size). Larger ones are
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PICKET_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Most concurrent HTTP/2 streams (calls) per client connection.
+    #[arg(long, env = "PICKET_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+
+    /// Seconds to wait for open calls and in-flight writes on shutdown before exiting anyway.
+    #[arg(long, env = "PICKET_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
+    pub shutdown_grace_seconds: u64,
+
+    /// Origins allowed to call from a browser (grpc-web), comma-separated; `*` allows any.
+    #[arg(
+        long,
+        env = "PICKET_CORS_ORIGINS",
+        default_value = "*",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
+}
+
+impl Settings {
+    /// Settings with every default and the given database URL (tests, tools).
+    pub fn with_database(url: Option<&str>) -> Self {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let mut s = Wrapper::parse_from(["picket"]).settings;
+        s.database_url = url.map(|u| SecretString::from(u.to_owned()));
+        s
+    }
+
+    /// The database URL in force (the embedded default if none was given).
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .as_ref()
+            .map(|u| u.expose_secret().to_owned())
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned())
+    }
+
+    /// The database URL with any password replaced by `****`, for display.
+    pub fn database_url_redacted(&self) -> String {
+        redact_url(&self.database_url())
+    }
+
+    /// The shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_seconds)
+    }
+
+    /// The effective configuration as `key = value` lines, secrets redacted.
+    pub fn describe(&self) -> String {
+        let set = |s: &Option<SecretString>| {
+            if s.is_some() {
+                "[set, redacted]"
+            } else {
+                "[not set]"
+            }
+        };
+        [
+            format!("listen = {}", self.listen),
+            format!("database_url = {}", self.database_url_redacted()),
+            format!("db_max_connections = {}", self.db_max_connections),
+            format!("admin_token = {}", set(&self.admin_token)),
+            format!("key_pepper = {}", set(&self.key_pepper)),
+            format!("max_message_bytes = {}", self.max_message_bytes),
+            format!("max_concurrent_streams = {}", self.max_concurrent_streams),
+            format!("shutdown_grace_seconds = {}", self.shutdown_grace_seconds),
+            format!("cors_origins = {}", self.cors_origins.join(",")),
+        ]
+        .join("\n")
+    }
+}
+
+/// Replaces the password of a `scheme://user:password@host` URL with `****`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:****@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_describe_redact_credentials() {
+        let mut s = Settings::with_database(Some("postgres://picket:s3cret-pw@db:5432/picket"));
+        s.admin_token = Some(SecretString::from("pk_operator_tok3n".to_owned()));
+        s.key_pepper = Some(SecretString::from("pepp3r".to_owned()));
+        for text in [format!("{s:?}"), s.describe()] {
+            for secret in ["s3cret-pw", "tok3n", "pepp3r"] {
+                assert!(!text.contains(secret), "{secret} leaked in {text}");
+            }
+        }
+        assert!(
+            s.describe()
+                .contains("postgres://picket:****@db:5432/picket")
+        );
+    }
+
+    #[test]
+    fn defaults_work_offline() {
+        let s = Settings::with_database(None);
+        assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(s.database_url(), DEFAULT_DATABASE_URL);
+    }
+}

@@ -1,0 +1,78 @@
+//! The error every service operation returns. `grpc::status` maps it to a
+//! gRPC status with one table; nothing else decides status codes.
+
+use std::time::Duration;
+
+use crate::domain::FieldViolation;
+use crate::storage::StoreError;
+
+/// Result of a service operation.
+pub type AppResult<T> = Result<T, AppError>;
+
+/// Why a service operation failed, in terms a client can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// One or more input fields are invalid.
+    #[error("invalid argument: {}", .0.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; "))]
+    InvalidArgument(Vec<FieldViolation>),
+    /// No valid credential was presented.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(&'static str),
+    /// The credential is valid but lacks the needed scope or tenant.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The named thing does not exist (in the caller's tenant).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A thing with the same unique name already exists.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// The operation is not allowed in the current state.
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// A limit was hit; retry after the given delay.
+    #[error("resource exhausted: {message}")]
+    ResourceExhausted {
+        /// What limit was hit.
+        message: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// The server cannot take the call right now (shutting down, overloaded).
+    #[error("unavailable: {message}")]
+    Unavailable {
+        /// Why.
+        message: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// The RPC is part of the contract but not implemented yet.
+    #[error("unimplemented: {0}")]
+    Unimplemented(&'static str),
+    /// Anything else. Logged with its cause chain; the client sees only a request id.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl AppError {
+    /// One invalid field.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+}
+
+impl From<FieldViolation> for AppError {
+    fn from(v: FieldViolation) -> Self {
+        Self::InvalidArgument(vec![v])
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => Self::NotFound(what),
+            StoreError::Conflict(what) => Self::AlreadyExists(what),
+            StoreError::Unexpected(e) => Self::Internal(e),
+        }
+    }
+}

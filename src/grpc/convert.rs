@@ -1,0 +1,91 @@
+//! Conversions between domain types and `pb` messages, one function per direction.
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::{ApiKey, Scope, ScopeSet, Tenant};
+use crate::error::{AppError, AppResult};
+use crate::grpc::pb;
+
+/// A domain time as a protobuf timestamp.
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// A protobuf timestamp as a domain time; the error names `field`.
+pub fn from_timestamp(ts: &prost_types::Timestamp, field: &str) -> AppResult<DateTime<Utc>> {
+    if !(0..1_000_000_000).contains(&ts.nanos) {
+        return Err(AppError::invalid(field, "nanos must be in 0..999999999"));
+    }
+    DateTime::from_timestamp(ts.seconds, ts.nanos as u32)
+        .ok_or_else(|| AppError::invalid(field, "timestamp out of range"))
+}
+
+/// Domain scope to protobuf enum.
+pub fn scope_to_pb(s: Scope) -> pb::Scope {
+    match s {
+        Scope::Ingest => pb::Scope::Ingest,
+        Scope::Read => pb::Scope::Read,
+        Scope::Respond => pb::Scope::Respond,
+        Scope::Admin => pb::Scope::Admin,
+    }
+}
+
+/// Protobuf scope values to a non-empty domain set; errors name `scopes[i]`.
+pub fn scopes_from_pb(values: &[i32]) -> AppResult<ScopeSet> {
+    let mut scopes = Vec::with_capacity(values.len());
+    for (i, v) in values.iter().enumerate() {
+        let s = match pb::Scope::try_from(*v) {
+            Ok(pb::Scope::Ingest) => Scope::Ingest,
+            Ok(pb::Scope::Read) => Scope::Read,
+            Ok(pb::Scope::Respond) => Scope::Respond,
+            Ok(pb::Scope::Admin) => Scope::Admin,
+            Ok(pb::Scope::Unspecified) | Err(_) => {
+                return Err(AppError::invalid(format!("scopes[{i}]"), "unknown scope"));
+            }
+        };
+        scopes.push(s);
+    }
+    if scopes.is_empty() {
+        return Err(AppError::invalid(
+            "scopes",
+            "at least one scope is required",
+        ));
+    }
+    Ok(scopes.into_iter().collect())
+}
+
+/// Domain tenant to protobuf.
+pub fn tenant_to_pb(t: &Tenant) -> pb::Tenant {
+    pb::Tenant {
+        id: t.id.to_string(),
+        name: t.name.clone(),
+        display_name: t.display_name.clone(),
+        retention_days: t.retention_days,
+        created_at: Some(timestamp(t.created_at)),
+    }
+}
+
+/// Domain API key (never its hash) to protobuf.
+pub fn key_to_pb(k: &ApiKey) -> pb::ApiKey {
+    pb::ApiKey {
+        id: k.id.to_string(),
+        tenant_id: k.tenant_id.to_string(),
+        name: k.name.clone(),
+        scopes: k.scopes.iter().map(|s| scope_to_pb(s) as i32).collect(),
+        created_at: Some(timestamp(k.created_at)),
+        expires_at: k.expires_at.map(timestamp),
+        revoked_at: k.revoked_at.map(timestamp),
+    }
+}
+
+/// Page size from a request: 0 means `default`, above `max` is an error.
+pub fn page_size(requested: u32, default: u32, max: u32) -> AppResult<u32> {
+    match requested {
+        0 => Ok(default),
+        n if n > max => Err(AppError::invalid("page_size", format!("at most {max}"))),
+        n => Ok(n),
+    }
+}

@@ -1,0 +1,135 @@
+//! Services of the v1 contract whose issues have not landed yet. Each RPC
+//! authenticates and checks its scope like the real one will, then answers
+//! UNIMPLEMENTED with a one-line message. Never fake data here: when an issue
+//! lands, its service moves to its own file and leaves this one.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::domain::Scope;
+use crate::error::AppError;
+use crate::grpc::status::to_status;
+use crate::grpc::{ApiContext, pb};
+
+/// A boxed response stream, as streaming RPCs return.
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+macro_rules! placeholder_service {
+    (
+        $(#[$doc:meta])* $api:ident: $trait:path, $what:literal;
+        unary { $( $name:ident($req:ident) -> $resp:ident, $scope:ident; )* }
+        streaming { $( $sname:ident($sreq:ty) -> $sresp:ident as $assoc:ident, $sscope:ident; )* }
+    ) => {
+        $(#[$doc])*
+        pub struct $api {
+            /// Shared per-server context (authentication).
+            ctx: Arc<ApiContext>,
+        }
+
+        impl $api {
+            /// A service over `ctx`.
+            pub fn new(ctx: Arc<ApiContext>) -> Self {
+                Self { ctx }
+            }
+        }
+
+        #[tonic::async_trait]
+        impl $trait for $api {
+            $( type $assoc = BoxStream<pb::$sresp>; )*
+
+            $(
+                async fn $name(&self, request: Request<pb::$req>) -> Result<Response<pb::$resp>, Status> {
+                    self.ctx.caller(&request, Scope::$scope).await?;
+                    Err(to_status(AppError::Unimplemented($what)))
+                }
+            )*
+
+            $(
+                async fn $sname(&self, request: Request<$sreq>) -> Result<Response<Self::$assoc>, Status> {
+                    self.ctx.caller(&request, Scope::$sscope).await?;
+                    Err(to_status(AppError::Unimplemented($what)))
+                }
+            )*
+        }
+    };
+}
+
+placeholder_service! {
+    /// `picket.v1.IngestService` until the ingest path lands.
+    IngestApi: pb::ingest_service_server::IngestService, "the ingest path is not implemented yet (issue #4)";
+    unary {
+        ingest(IngestRequest) -> IngestResponse, Ingest;
+        query_events(QueryEventsRequest) -> QueryEventsResponse, Read;
+    }
+    streaming {
+        ingest_stream(Streaming<pb::IngestStreamRequest>) -> IngestStreamResponse as IngestStreamStream, Ingest;
+        tail_events(pb::TailEventsRequest) -> TailEventsResponse as TailEventsStream, Read;
+    }
+}
+
+placeholder_service! {
+    /// `picket.v1.AlertService` until the detection pipeline lands.
+    AlertApi: pb::alert_service_server::AlertService, "alerts are not implemented yet (issue #5)";
+    unary {
+        list_alerts(ListAlertsRequest) -> ListAlertsResponse, Read;
+        get_alert(GetAlertRequest) -> GetAlertResponse, Read;
+        get_alert_context(GetAlertContextRequest) -> GetAlertContextResponse, Read;
+        update_alert(UpdateAlertRequest) -> UpdateAlertResponse, Respond;
+        run_detection(RunDetectionRequest) -> RunDetectionResponse, Respond;
+    }
+    streaming {
+        watch_alerts(pb::WatchAlertsRequest) -> WatchAlertsResponse as WatchAlertsStream, Read;
+    }
+}
+
+placeholder_service! {
+    /// `picket.v1.IncidentService` until incidents land.
+    IncidentApi: pb::incident_service_server::IncidentService, "incidents are not implemented yet (issue #6)";
+    unary {
+        create_incident(CreateIncidentRequest) -> CreateIncidentResponse, Respond;
+        get_incident(GetIncidentRequest) -> GetIncidentResponse, Read;
+        list_incidents(ListIncidentsRequest) -> ListIncidentsResponse, Read;
+        update_incident(UpdateIncidentRequest) -> UpdateIncidentResponse, Respond;
+        add_note(AddNoteRequest) -> AddNoteResponse, Respond;
+        link_alerts(LinkAlertsRequest) -> LinkAlertsResponse, Respond;
+        unlink_alerts(UnlinkAlertsRequest) -> UnlinkAlertsResponse, Respond;
+        merge_incidents(MergeIncidentsRequest) -> MergeIncidentsResponse, Respond;
+    }
+    streaming {
+        watch_incident(pb::WatchIncidentRequest) -> WatchIncidentResponse as WatchIncidentStream, Read;
+        watch_incidents(pb::WatchIncidentsRequest) -> WatchIncidentsResponse as WatchIncidentsStream, Read;
+    }
+}
+
+placeholder_service! {
+    /// `picket.v1.PlaybookService` until playbooks land.
+    PlaybookApi: pb::playbook_service_server::PlaybookService, "playbooks are not implemented yet";
+    unary {
+        create_playbook(CreatePlaybookRequest) -> CreatePlaybookResponse, Admin;
+        get_playbook(GetPlaybookRequest) -> GetPlaybookResponse, Read;
+        list_playbooks(ListPlaybooksRequest) -> ListPlaybooksResponse, Read;
+        update_playbook(UpdatePlaybookRequest) -> UpdatePlaybookResponse, Admin;
+        delete_playbook(DeletePlaybookRequest) -> DeletePlaybookResponse, Admin;
+        start_playbook_run(StartPlaybookRunRequest) -> StartPlaybookRunResponse, Respond;
+        get_playbook_run(GetPlaybookRunRequest) -> GetPlaybookRunResponse, Read;
+        list_playbook_runs(ListPlaybookRunsRequest) -> ListPlaybookRunsResponse, Read;
+        approve_playbook_run(ApprovePlaybookRunRequest) -> ApprovePlaybookRunResponse, Respond;
+        reject_playbook_run(RejectPlaybookRunRequest) -> RejectPlaybookRunResponse, Respond;
+        cancel_playbook_run(CancelPlaybookRunRequest) -> CancelPlaybookRunResponse, Respond;
+    }
+    streaming {}
+}
+
+placeholder_service! {
+    /// `picket.v1.ReportService` until reports land.
+    ReportApi: pb::report_service_server::ReportService, "reports are not implemented yet";
+    unary {
+        get_access_report(GetAccessReportRequest) -> GetAccessReportResponse, Read;
+        get_security_summary(GetSecuritySummaryRequest) -> GetSecuritySummaryResponse, Read;
+        get_dashboard_metrics(GetDashboardMetricsRequest) -> GetDashboardMetricsResponse, Read;
+    }
+    streaming {}
+}

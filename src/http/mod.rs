@@ -1,0 +1,112 @@
+//! Plain HTTP on the gRPC port: `/healthz`, `/metrics`, and the request-metrics
+//! middleware that wraps every route (gRPC included).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::storage::Store;
+
+/// What the plain HTTP routes need.
+#[derive(Clone)]
+pub struct HttpState {
+    /// The store, pinged by `/healthz`.
+    pub store: Arc<dyn Store>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// Cancelled on shutdown; `/healthz` then answers 503.
+    pub shutdown: CancellationToken,
+}
+
+/// The plain HTTP routes (no fallback: they are merged with the gRPC routes).
+pub fn routes(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+}
+
+/// `GET /healthz`: 200 with `{"status":"ok"}` when the store answers and the
+/// server is not shutting down, 503 otherwise.
+async fn healthz(State(state): State<HttpState>) -> Response {
+    if state.shutdown.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json(r#"{"status":"shutting_down"}"#),
+        )
+            .into_response();
+    }
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, json(r#"{"status":"ok"}"#)).into_response(),
+        Err(e) => {
+            tracing::warn!(error = ?e, "health check: store unreachable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json(r#"{"status":"store_unavailable"}"#),
+            )
+                .into_response()
+        }
+    }
+}
+
+fn json(body: &'static str) -> ([(header::HeaderName, &'static str); 1], &'static str) {
+    ([(header::CONTENT_TYPE, "application/json")], body)
+}
+
+/// `GET /metrics`: Prometheus text exposition.
+async fn metrics_text(State(state): State<HttpState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Records `picket_grpc_requests_total` / `picket_grpc_request_duration_seconds`
+/// for gRPC calls and `picket_http_requests_total` for everything else.
+pub async fn track_requests(request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let path = request.uri().path().to_owned();
+    let is_grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    let response = next.run(request).await;
+    if is_grpc {
+        // The code is known now only for trailers-only (error) responses; a
+        // response that streams on reports `0` here and its errors go to
+        // picket_grpc_errors_total.
+        let code = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("0")
+            .to_owned();
+        let method = path.trim_start_matches('/').to_owned();
+        metrics::counter!("picket_grpc_requests_total", "method" => method.clone(), "code" => code)
+            .increment(1);
+        metrics::histogram!("picket_grpc_request_duration_seconds", "method" => method)
+            .record(start.elapsed().as_secs_f64());
+    } else {
+        let route = match path.as_str() {
+            "/healthz" | "/metrics" => path.clone(),
+            p if p.starts_with("/v1/webhooks/") => "/v1/webhooks/{source}".to_owned(),
+            _ => "other".to_owned(),
+        };
+        metrics::counter!("picket_http_requests_total", "route" => route, "status" => response.status().as_u16().to_string())
+            .increment(1);
+    }
+    response
+}

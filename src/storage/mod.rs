@@ -1,0 +1,169 @@
+//! Storage: one trait that speaks domain types, one implementation per backend.
+//!
+//! The backend is chosen by the URL scheme (`postgres://`, `postgresql://` or
+//! `sqlite:`). Both run the same conformance suite (`tests/storage`).
+//!
+//! **Architecture invariant:** only this module knows sqlx. Tenant-owned data is
+//! always read and written through a method that takes the caller's
+//! [`TenantId`]; on Postgres, row-level security enforces it a second time.
+
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::domain::{ApiKey, ApiKeyId, Tenant, TenantId};
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+/// Result of a storage operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Why a storage operation failed, classified the same way on every backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The row does not exist (or belongs to another tenant).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A unique constraint refused the write.
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// Anything else; carries the cause chain for the logs, never for clients.
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl StoreError {
+    /// Classifies a sqlx error portably: unique violations become `Conflict(what)`.
+    pub(crate) fn classify(err: sqlx::Error, what: &str, context: &'static str) -> Self {
+        match &err {
+            sqlx::Error::RowNotFound => Self::NotFound(what.to_owned()),
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                Self::Conflict(what.to_owned())
+            }
+            _ => Self::Unexpected(anyhow::Error::new(err).context(context)),
+        }
+    }
+}
+
+/// Which backend a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// PostgreSQL (production; row-level security).
+    Postgres,
+    /// Embedded SQLite file (default; zero setup).
+    Sqlite,
+}
+
+impl Backend {
+    /// The backend a database URL selects, or `None` for an unknown scheme.
+    pub fn from_url(url: &str) -> Option<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Self::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Some(Self::Sqlite)
+        } else {
+            None
+        }
+    }
+
+    /// Lower-case name, for logs and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// Everything Picket persists. Implementations must behave identically; the
+/// conformance suite in `tests/storage` is the definition of "identically".
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Which backend this is.
+    fn backend(&self) -> Backend;
+
+    /// A cheap round trip, for health checks.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Closes the connection pool, waiting for checked-out connections.
+    async fn close(&self);
+
+    /// A server-wide setting.
+    async fn get_setting(&self, key: &str) -> StoreResult<Option<String>>;
+
+    /// Stores `value` under `key` unless the key is already set; returns the
+    /// value that is stored afterwards (first writer wins across replicas).
+    async fn put_setting_if_absent(&self, key: &str, value: &str) -> StoreResult<String>;
+
+    /// Creates a tenant; `Conflict` if the name is taken.
+    async fn create_tenant(&self, tenant: &Tenant) -> StoreResult<()>;
+
+    /// A tenant by id.
+    async fn get_tenant(&self, id: TenantId) -> StoreResult<Tenant>;
+
+    /// A tenant by name.
+    async fn find_tenant_by_name(&self, name: &str) -> StoreResult<Option<Tenant>>;
+
+    /// Tenants ordered by name, strictly after `after_name`, at most `limit`.
+    async fn list_tenants(&self, after_name: Option<&str>, limit: u32) -> StoreResult<Vec<Tenant>>;
+
+    /// Replaces a tenant's display name and retention.
+    async fn update_tenant(&self, tenant: &Tenant) -> StoreResult<()>;
+
+    /// Stores a new API key (its tenant must exist).
+    async fn create_api_key(&self, key: &ApiKey) -> StoreResult<()>;
+
+    /// Looks a key up by id across tenants: authentication does this before it
+    /// knows the tenant. Returns revoked and expired keys too.
+    async fn find_api_key(&self, id: &ApiKeyId) -> StoreResult<Option<ApiKey>>;
+
+    /// A tenant's keys, newest first.
+    async fn list_api_keys(&self, tenant: TenantId) -> StoreResult<Vec<ApiKey>>;
+
+    /// Marks a tenant's key revoked at `at` (idempotent: keeps the first time).
+    async fn revoke_api_key(
+        &self,
+        tenant: TenantId,
+        id: &ApiKeyId,
+        at: DateTime<Utc>,
+    ) -> StoreResult<ApiKey>;
+}
+
+/// The default embedded database: `./picket-data/picket.db`.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://picket-data/picket.db";
+
+/// Connects to the store `url` names, running migrations first.
+pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn Store>> {
+    match Backend::from_url(url) {
+        Some(Backend::Postgres) => Ok(Arc::new(
+            PgStore::connect(url, max_connections)
+                .await
+                .context("failed to open the Postgres store")?,
+        )),
+        Some(Backend::Sqlite) => Ok(Arc::new(
+            SqliteStore::connect(url, max_connections)
+                .await
+                .context("failed to open the SQLite store")?,
+        )),
+        None => anyhow::bail!(
+            "unsupported database URL scheme (expected postgres://, postgresql:// or sqlite:)"
+        ),
+    }
+}
+
+/// Runs migrations only (the `picket migrate` command).
+pub async fn migrate(url: &str) -> anyhow::Result<()> {
+    match Backend::from_url(url) {
+        Some(Backend::Postgres) => postgres::migrate(url).await,
+        Some(Backend::Sqlite) => sqlite::migrate(url).await,
+        None => anyhow::bail!(
+            "unsupported database URL scheme (expected postgres://, postgresql:// or sqlite:)"
+        ),
+    }
+}

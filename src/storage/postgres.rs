@@ -1,0 +1,330 @@
+//! PostgreSQL store. Connections run as `picket_app` (see
+//! `migrations/postgres/0001_foundation.sql`), so row-level security applies to
+//! every query; tenant-owned work happens in a transaction that first sets
+//! `picket.tenant_id`.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, Row, Transaction};
+
+use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Tenant, TenantId};
+use crate::storage::{Backend, Store, StoreError, StoreResult};
+
+/// Runs the Postgres migrations on a dedicated connection as the owner role.
+pub async fn migrate(url: &str) -> anyhow::Result<()> {
+    let mut conn = PgConnection::connect(url)
+        .await
+        .context("failed to connect to Postgres")?;
+    sqlx::migrate!("./migrations/postgres")
+        .run(&mut conn)
+        .await
+        .context("failed to run Postgres migrations")?;
+    conn.close()
+        .await
+        .context("failed to close the migration connection")?;
+    Ok(())
+}
+
+/// Store on PostgreSQL.
+#[derive(Clone)]
+pub struct PgStore {
+    /// Pool of connections that have all run `SET ROLE picket_app`.
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Migrates, then opens a pool of at most `max_connections`.
+    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        migrate(url).await?;
+        let options = PgConnectOptions::from_str(url).context("invalid Postgres URL")?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    conn.execute("SET ROLE picket_app").await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .context("failed to open the Postgres pool")?;
+        Ok(Self { pool })
+    }
+
+    /// The pool (for the conformance suite's RLS checks and for benchmarks).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Begins a transaction bound to `tenant` for row-level security.
+    pub(crate) async fn tenant_tx(
+        &self,
+        tenant: TenantId,
+    ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT set_config('picket.tenant_id', $1, true)")
+            .bind(tenant.0.to_string())
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+}
+
+fn tenant_from_row(row: &PgRow) -> Result<Tenant, sqlx::Error> {
+    Ok(Tenant {
+        id: TenantId(row.try_get("id")?),
+        name: row.try_get("name")?,
+        display_name: row.try_get("display_name")?,
+        retention_days: row.try_get::<i32, _>("retention_days")?.max(0) as u32,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn key_from_row(row: &PgRow) -> Result<ApiKey, sqlx::Error> {
+    let id: String = row.try_get("id")?;
+    Ok(ApiKey {
+        id: ApiKeyId::parse(&id)
+            .ok_or_else(|| sqlx::Error::Decode("malformed api key id".into()))?,
+        tenant_id: TenantId(row.try_get("tenant_id")?),
+        name: row.try_get("name")?,
+        scopes: ScopeSet::from_bits(row.try_get("scopes")?),
+        secret_hash: row.try_get("secret_hash")?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+macro_rules! tenant_columns {
+    () => {
+        "id, name, display_name, retention_days, created_at"
+    };
+}
+macro_rules! key_columns {
+    () => {
+        "id, tenant_id, name, scopes, secret_hash, created_at, expires_at, revoked_at"
+    };
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StoreError::classify(e, "ping", "failed to ping Postgres"))?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn get_setting(&self, key: &str) -> StoreResult<Option<String>> {
+        sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| StoreError::classify(e, "setting", "failed to read a setting"))
+    }
+
+    async fn put_setting_if_absent(&self, key: &str, value: &str) -> StoreResult<String> {
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::classify(e, "setting", "failed to write a setting"))?;
+        self.get_setting(key)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("setting {key}")))
+    }
+
+    async fn create_tenant(&self, t: &Tenant) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO tenants (id, name, display_name, retention_days, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(t.id.0)
+        .bind(&t.name)
+        .bind(&t.display_name)
+        .bind(t.retention_days as i32)
+        .bind(t.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::classify(e, &format!("tenant `{}`", t.name), "failed to insert a tenant"))?;
+        Ok(())
+    }
+
+    async fn get_tenant(&self, id: TenantId) -> StoreResult<Tenant> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            tenant_columns!(),
+            " FROM tenants WHERE id = $1"
+        ))
+        .bind(id.0)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| StoreError::classify(e, concat!("tenant {id}"), "failed to read a tenant"))?;
+        tenant_from_row(&row)
+            .map_err(|e| StoreError::classify(e, "tenant", "failed to decode a tenant"))
+    }
+
+    async fn find_tenant_by_name(&self, name: &str) -> StoreResult<Option<Tenant>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            tenant_columns!(),
+            " FROM tenants WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| StoreError::classify(e, "tenant", "failed to read a tenant"))?;
+        row.as_ref()
+            .map(tenant_from_row)
+            .transpose()
+            .map_err(|e| StoreError::classify(e, "tenant", "failed to decode a tenant"))
+    }
+
+    async fn list_tenants(&self, after_name: Option<&str>, limit: u32) -> StoreResult<Vec<Tenant>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            tenant_columns!(),
+            " FROM tenants WHERE name > $1 ORDER BY name LIMIT $2"
+        ))
+        .bind(after_name.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| StoreError::classify(e, "tenants", "failed to list tenants"))?;
+        rows.iter()
+            .map(tenant_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(|e| StoreError::classify(e, "tenant", "failed to decode a tenant"))
+    }
+
+    async fn update_tenant(&self, t: &Tenant) -> StoreResult<()> {
+        let done =
+            sqlx::query("UPDATE tenants SET display_name = $2, retention_days = $3 WHERE id = $1")
+                .bind(t.id.0)
+                .bind(&t.display_name)
+                .bind(t.retention_days as i32)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| StoreError::classify(e, "tenant", "failed to update a tenant"))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("tenant {}", t.id)));
+        }
+        Ok(())
+    }
+
+    async fn create_api_key(&self, k: &ApiKey) -> StoreResult<()> {
+        let ctx = "failed to insert an API key";
+        let mut tx = self
+            .tenant_tx(k.tenant_id)
+            .await
+            .map_err(|e| StoreError::classify(e, "api key", ctx))?;
+        sqlx::query(concat!(
+            "INSERT INTO api_keys (",
+            key_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        ))
+        .bind(k.id.as_str())
+        .bind(k.tenant_id.0)
+        .bind(&k.name)
+        .bind(k.scopes.bits())
+        .bind(&k.secret_hash)
+        .bind(k.created_at)
+        .bind(k.expires_at)
+        .bind(k.revoked_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                StoreError::NotFound(format!("tenant {}", k.tenant_id))
+            }
+            _ => StoreError::classify(e, "api key", ctx),
+        })?;
+        tx.commit()
+            .await
+            .map_err(|e| StoreError::classify(e, "api key", ctx))?;
+        Ok(())
+    }
+
+    async fn find_api_key(&self, id: &ApiKeyId) -> StoreResult<Option<ApiKey>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM picket_find_api_key($1)"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| StoreError::classify(e, "api key", "failed to look up an API key"))?;
+        row.as_ref()
+            .map(key_from_row)
+            .transpose()
+            .map_err(|e| StoreError::classify(e, "api key", "failed to decode an API key"))
+    }
+
+    async fn list_api_keys(&self, tenant: TenantId) -> StoreResult<Vec<ApiKey>> {
+        let ctx = "failed to list API keys";
+        let mut tx = self
+            .tenant_tx(tenant)
+            .await
+            .map_err(|e| StoreError::classify(e, "api keys", ctx))?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE tenant_id = $1 ORDER BY created_at DESC, id"
+        ))
+        .bind(tenant.0)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| StoreError::classify(e, "api keys", ctx))?;
+        tx.commit()
+            .await
+            .map_err(|e| StoreError::classify(e, "api keys", ctx))?;
+        rows.iter()
+            .map(key_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(|e| StoreError::classify(e, "api key", "failed to decode an API key"))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        tenant: TenantId,
+        id: &ApiKeyId,
+        at: DateTime<Utc>,
+    ) -> StoreResult<ApiKey> {
+        let ctx = "failed to revoke an API key";
+        let what = format!("api key {id}");
+        let mut tx = self
+            .tenant_tx(tenant)
+            .await
+            .map_err(|e| StoreError::classify(e, &what, ctx))?;
+        let row = sqlx::query(concat!("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $3) WHERE tenant_id = $1 AND id = $2 RETURNING ", key_columns!()))
+        .bind(tenant.0)
+        .bind(id.as_str())
+        .bind(at)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| StoreError::classify(e, &what, ctx))?;
+        tx.commit()
+            .await
+            .map_err(|e| StoreError::classify(e, &what, ctx))?;
+        key_from_row(&row)
+            .map_err(|e| StoreError::classify(e, &what, "failed to decode an API key"))
+    }
+}

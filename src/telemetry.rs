@@ -1,0 +1,93 @@
+//! Logs (tracing, human or JSON) and metrics (Prometheus text on `/metrics`).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line, with structured fields.
+    Json,
+}
+
+/// Installs the global tracing subscriber writing to stderr. `filter` uses
+/// `EnvFilter` syntax (e.g. `info,picket=debug`).
+pub fn init_tracing(format: LogFormat, filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match format {
+        LogFormat::Human => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+    };
+    // A second init (several servers in one test process) keeps the first.
+    let _ = result;
+}
+
+/// Latency buckets in seconds, for every `*_seconds` histogram.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The process-wide Prometheus recorder, installed on first use. One process
+/// has one metrics registry, so servers started by tests share it.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("static buckets are valid")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed; then ours renders nothing extra.
+            let _ = metrics::set_global_recorder(recorder);
+            describe_metrics();
+            handle
+        })
+        .clone()
+}
+
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "picket_grpc_requests_total",
+        "gRPC calls received, by method and final status code"
+    );
+    describe_histogram!(
+        "picket_grpc_request_duration_seconds",
+        Unit::Seconds,
+        "Time from receiving a gRPC call to sending its response headers"
+    );
+    describe_counter!(
+        "picket_grpc_errors_total",
+        "gRPC errors returned, by status code"
+    );
+    describe_counter!(
+        "picket_auth_failures_total",
+        "Rejected credentials, by reason"
+    );
+    describe_counter!(
+        "picket_http_requests_total",
+        "Plain HTTP requests (healthz, metrics, webhooks), by route and status"
+    );
+    describe_gauge!(
+        "picket_up",
+        "1 while the server is serving, 0 while it shuts down"
+    );
+}
