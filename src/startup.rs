@@ -14,13 +14,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
 use tower::Layer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{self, Authenticator};
 use crate::config::Settings;
 use crate::grpc::admin::AdminApi;
+use crate::grpc::health::HealthState;
 use crate::grpc::pb::admin_service_server::AdminServiceServer;
 use crate::grpc::pb::alert_service_server::AlertServiceServer;
 use crate::grpc::pb::incident_service_server::IncidentServiceServer;
@@ -125,12 +126,8 @@ impl Application {
             shutdown: token.clone(),
         });
 
-        let (health, health_service) = tonic_health::server::health_reporter();
-        for name in SERVICE_NAMES.into_iter().chain([""]) {
-            health
-                .set_service_status(name, ServingStatus::Serving)
-                .await;
-        }
+        let health = HealthState::new(&SERVICE_NAMES, token.clone());
+        let health_service = HealthServer::new(health.clone());
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(grpc::FILE_DESCRIPTOR_SET)
@@ -195,11 +192,7 @@ impl Application {
                 () = signal_token.cancelled() => {}
             }
             tracing::info!("shutdown requested: health NOT_SERVING, draining");
-            for name in SERVICE_NAMES.into_iter().chain([""]) {
-                health
-                    .set_service_status(name, ServingStatus::NotServing)
-                    .await;
-            }
+            health.set_not_serving();
             metrics::gauge!("picket_up").set(0.0);
             signal_token.cancel();
         });

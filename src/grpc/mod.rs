@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod convert;
+pub mod health;
 pub mod placeholder;
 pub mod status;
 

@@ -176,7 +176,7 @@ impl Store for PgStore {
         .bind(id.0)
         .fetch_one(&self.pool)
         .await
-        .map_err(|e| StoreError::classify(e, concat!("tenant {id}"), "failed to read a tenant"))?;
+        .map_err(|e| StoreError::classify(e, &format!("tenant {id}"), "failed to read a tenant"))?;
         tenant_from_row(&row)
             .map_err(|e| StoreError::classify(e, "tenant", "failed to decode a tenant"))
     }

@@ -27,13 +27,11 @@ fn options(url: &str) -> anyhow::Result<SqliteConnectOptions> {
         .split('?')
         .next()
         .unwrap_or_default();
-    if !path.is_empty() && path != ":memory:" {
-        if let Some(dir) = Path::new(path)
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-        {
-            std::fs::create_dir_all(dir).context("failed to create the database directory")?;
-        }
+    if let Some(dir) = Path::new(path)
+        .parent()
+        .filter(|d| !path.is_empty() && path != ":memory:" && !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir).context("failed to create the database directory")?;
     }
     Ok(SqliteConnectOptions::from_str(url)
         .context("invalid SQLite URL")?
@@ -189,7 +187,7 @@ impl Store for SqliteStore {
         .bind(id.0.to_string())
         .fetch_one(&self.pool)
         .await
-        .map_err(|e| StoreError::classify(e, concat!("tenant {id}"), "failed to read a tenant"))?;
+        .map_err(|e| StoreError::classify(e, &format!("tenant {id}"), "failed to read a tenant"))?;
         tenant_from_row(&row)
             .map_err(|e| StoreError::classify(e, "tenant", "failed to decode a tenant"))
     }

@@ -1,0 +1,8 @@
+//! API tests: the real server on port 0 (both backends), called with the
+//! generated clients, grpc-web over HTTP/1.1 and plain HTTP. One test binary.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod admin;
+mod server;

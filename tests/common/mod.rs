@@ -1,0 +1,274 @@
+//! Test support shared by the test binaries: a fresh database per test on
+//! either backend (dropped afterwards), and `spawn_app`, which runs the real
+//! server on port 0 and hands back generated clients and a shutdown trigger.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use picket::config::Settings;
+use picket::grpc::pb;
+use picket::startup::Application;
+use picket::storage::Backend;
+use secrecy::SecretString;
+use tokio::sync::oneshot;
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+/// Server-side database for the Postgres tests; override with PICKET_TEST_DATABASE_URL.
+pub fn postgres_admin_url() -> String {
+    std::env::var("PICKET_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database that exists for one test.
+pub struct TestDb {
+    /// URL the server connects to.
+    pub url: String,
+    /// Postgres: (maintenance URL, database name) to drop on drop.
+    pg: Option<(String, String)>,
+    /// SQLite: the directory holding the file.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    /// A fresh, empty database on `backend`. Panics (failing the test) if
+    /// Postgres cannot be reached: no test is skipped silently.
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("picket.db").display());
+                Self {
+                    url,
+                    pg: None,
+                    _dir: Some(dir),
+                }
+            }
+            Backend::Postgres => {
+                use sqlx::Connection;
+                let admin = postgres_admin_url();
+                let name = format!("picket_test_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("Postgres is required for this test ({admin}): {e}")
+                    });
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create test database");
+                let (base, _) = admin.rsplit_once('/').expect("database URL has a path");
+                Self {
+                    url: format!("{base}/{name}"),
+                    pg: Some((admin, name)),
+                    _dir: None,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = self.pg.take() {
+            // Drop runs outside async context: use a private runtime on a thread.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    use sqlx::Connection;
+                    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(&mut conn)
+                        .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// The operator token every test server uses.
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
+/// The key-hashing secret every test server uses.
+pub const KEY_PEPPER: &str = "test-key-pepper";
+
+/// Settings for a test server on port 0 over `db`.
+pub fn test_settings(db: &TestDb) -> Settings {
+    let mut s = Settings::with_database(Some(&db.url));
+    s.listen = "127.0.0.1:0".parse().unwrap();
+    s.admin_token = Some(SecretString::from(OPERATOR_TOKEN.to_owned()));
+    s.key_pepper = Some(SecretString::from(KEY_PEPPER.to_owned()));
+    s.shutdown_grace_seconds = 5;
+    s
+}
+
+/// A running server.
+pub struct TestApp {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// A channel to it.
+    pub channel: Channel,
+    /// The store it uses (for direct setup in tests).
+    pub store: std::sync::Arc<dyn picket::storage::Store>,
+    /// Fires the shutdown.
+    shutdown: Option<oneshot::Sender<()>>,
+    /// The server task.
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// Keeps the database alive as long as the app.
+    pub db: TestDb,
+}
+
+/// Starts the real server on port 0 over a fresh database on `backend`.
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    let db = TestDb::new(backend).await;
+    let settings = test_settings(&db);
+    spawn_with(db, settings).await
+}
+
+/// Starts the real server with explicit settings.
+pub async fn spawn_with(db: TestDb, settings: Settings) -> TestApp {
+    let app = Application::build(settings).await.expect("build app");
+    let addr = app.local_addr();
+    let store = app.store();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    // The listener is already bound, so connecting cannot race the server.
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    TestApp {
+        addr,
+        channel,
+        store,
+        shutdown: Some(tx),
+        server: Some(server),
+        db,
+    }
+}
+
+impl TestApp {
+    /// Triggers shutdown and waits for the server to stop; returns its result.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.server.take() {
+            Some(h) => h.await.expect("server task panicked"),
+            None => Ok(()),
+        }
+    }
+
+    /// Triggers shutdown without waiting.
+    pub fn trigger_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits for the server task to finish.
+    pub async fn join(&mut self) -> anyhow::Result<()> {
+        match self.server.take() {
+            Some(h) => h.await.expect("server task panicked"),
+            None => Ok(()),
+        }
+    }
+
+    /// An AdminService client.
+    pub fn admin(&self) -> pb::admin_service_client::AdminServiceClient<Channel> {
+        pb::admin_service_client::AdminServiceClient::new(self.channel.clone())
+    }
+
+    /// An IngestService client.
+    pub fn ingest(&self) -> pb::ingest_service_client::IngestServiceClient<Channel> {
+        pb::ingest_service_client::IngestServiceClient::new(self.channel.clone())
+    }
+
+    /// Creates a tenant (as the operator) and a key with `scopes` for it;
+    /// returns (tenant id, key secret).
+    pub async fn tenant_with_key(&self, name: &str, scopes: &[pb::Scope]) -> (String, String) {
+        let tenant = self
+            .admin()
+            .create_tenant(with_key(
+                pb::CreateTenantRequest {
+                    name: name.into(),
+                    ..Default::default()
+                },
+                OPERATOR_TOKEN,
+            ))
+            .await
+            .expect("create tenant")
+            .into_inner()
+            .tenant
+            .unwrap();
+        let key = self.key_for(&tenant.id, scopes).await;
+        (tenant.id, key)
+    }
+
+    /// Creates a key for an existing tenant (as the operator).
+    pub async fn key_for(&self, tenant_id: &str, scopes: &[pb::Scope]) -> String {
+        self.admin()
+            .create_api_key(with_key(
+                pb::CreateApiKeyRequest {
+                    tenant_id: tenant_id.into(),
+                    name: "test".into(),
+                    scopes: scopes.iter().map(|s| *s as i32).collect(),
+                    expires_at: None,
+                },
+                OPERATOR_TOKEN,
+            ))
+            .await
+            .expect("create key")
+            .into_inner()
+            .secret
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.trigger_shutdown();
+    }
+}
+
+/// Wraps `msg` in a request carrying `key` as `x-api-key`.
+pub fn with_key<T>(msg: T, key: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "x-api-key",
+        MetadataValue::try_from(key).expect("ascii key"),
+    );
+    r
+}
+
+/// Generates one `#[tokio::test]` per backend for each listed async fn taking a `Backend`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(picket::storage::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(picket::storage::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,340 @@
+//! Storage conformance suite: every case runs against both backends, so the
+//! Postgres and SQLite stores cannot drift apart. Postgres-only checks (row-level
+//! security) and the schema-parity check are at the end.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use common::TestDb;
+use picket::domain::{ApiKey, ApiKeyId, Scope, ScopeSet, Tenant, TenantId};
+use picket::storage::{self, Backend, Store, StoreError};
+
+async fn store(backend: Backend) -> (Arc<dyn Store>, TestDb) {
+    let db = TestDb::new(backend).await;
+    let s = storage::connect(&db.url, 4).await.expect("connect store");
+    assert_eq!(s.backend(), backend);
+    (s, db)
+}
+
+fn tenant(name: &str) -> Tenant {
+    Tenant {
+        id: TenantId::new(),
+        name: name.into(),
+        display_name: format!("{name} display"),
+        retention_days: 30,
+        // Whole microseconds: both backends keep microsecond precision.
+        created_at: chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap(),
+    }
+}
+
+fn key(tenant: TenantId, id: &str, created_offset_s: i64) -> ApiKey {
+    ApiKey {
+        id: ApiKeyId::parse(id).unwrap(),
+        tenant_id: tenant,
+        name: format!("key {id}"),
+        scopes: [Scope::Ingest, Scope::Read].into_iter().collect(),
+        secret_hash: vec![7u8; 32],
+        created_at: chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap()
+            + Duration::seconds(created_offset_s),
+        expires_at: None,
+        revoked_at: None,
+    }
+}
+
+async fn tenants_round_trip(backend: Backend) {
+    let (s, _db) = store(backend).await;
+    let t = tenant("acme");
+    s.create_tenant(&t).await.unwrap();
+    assert_eq!(s.get_tenant(t.id).await.unwrap(), t);
+    assert_eq!(
+        s.find_tenant_by_name("acme").await.unwrap(),
+        Some(t.clone())
+    );
+    assert_eq!(s.find_tenant_by_name("nope").await.unwrap(), None);
+    assert!(matches!(
+        s.get_tenant(TenantId::new()).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    let mut dup = tenant("acme");
+    dup.id = TenantId::new();
+    assert!(matches!(
+        s.create_tenant(&dup).await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    let mut changed = t.clone();
+    changed.display_name = "Acme Corp".into();
+    changed.retention_days = 7;
+    s.update_tenant(&changed).await.unwrap();
+    assert_eq!(s.get_tenant(t.id).await.unwrap(), changed);
+    assert!(matches!(
+        s.update_tenant(&tenant("ghost")).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+async fn tenants_page_by_name(backend: Backend) {
+    let (s, _db) = store(backend).await;
+    for n in ["delta", "alpha", "charlie", "bravo", "echo"] {
+        s.create_tenant(&tenant(n)).await.unwrap();
+    }
+    let first = s.list_tenants(None, 2).await.unwrap();
+    assert_eq!(
+        first.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["alpha", "bravo"]
+    );
+    let second = s.list_tenants(Some("bravo"), 2).await.unwrap();
+    assert_eq!(
+        second.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["charlie", "delta"]
+    );
+    let last = s.list_tenants(Some("delta"), 2).await.unwrap();
+    assert_eq!(
+        last.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["echo"]
+    );
+}
+
+async fn settings_first_writer_wins(backend: Backend) {
+    let (s, _db) = store(backend).await;
+    assert_eq!(s.get_setting("k").await.unwrap(), None);
+    assert_eq!(s.put_setting_if_absent("k", "one").await.unwrap(), "one");
+    assert_eq!(s.put_setting_if_absent("k", "two").await.unwrap(), "one");
+    assert_eq!(s.get_setting("k").await.unwrap().as_deref(), Some("one"));
+}
+
+async fn api_keys_are_tenant_scoped(backend: Backend) {
+    let (s, _db) = store(backend).await;
+    let a = tenant("a");
+    let b = tenant("b");
+    s.create_tenant(&a).await.unwrap();
+    s.create_tenant(&b).await.unwrap();
+    let ka1 = key(a.id, "00000000000000a1", 0);
+    let ka2 = key(a.id, "00000000000000a2", 1);
+    let kb1 = key(b.id, "00000000000000b1", 0);
+    for k in [&ka1, &ka2, &kb1] {
+        s.create_api_key(k).await.unwrap();
+    }
+    assert!(matches!(
+        s.create_api_key(&ka1).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.create_api_key(&key(TenantId::new(), "00000000000000c1", 0))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // Lookup by id works across tenants (authentication does it before knowing the tenant).
+    assert_eq!(s.find_api_key(&kb1.id).await.unwrap(), Some(kb1.clone()));
+    assert_eq!(
+        s.find_api_key(&ApiKeyId::parse("ffffffffffffffff").unwrap())
+            .await
+            .unwrap(),
+        None
+    );
+
+    // Listing is per tenant, newest first.
+    let listed = s.list_api_keys(a.id).await.unwrap();
+    assert_eq!(listed, vec![ka2.clone(), ka1.clone()]);
+    assert_eq!(s.list_api_keys(b.id).await.unwrap(), vec![kb1.clone()]);
+
+    // A tenant cannot revoke another tenant's key.
+    let now = chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
+    assert!(matches!(
+        s.revoke_api_key(a.id, &kb1.id, now).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        s.find_api_key(&kb1.id).await.unwrap().unwrap().revoked_at,
+        None
+    );
+
+    // Revocation keeps the first time.
+    let revoked = s.revoke_api_key(b.id, &kb1.id, now).await.unwrap();
+    assert_eq!(revoked.revoked_at, Some(now));
+    let again = s
+        .revoke_api_key(b.id, &kb1.id, now + Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(again.revoked_at, Some(now));
+    assert!(!again.is_active(Utc::now()));
+}
+
+async fn key_fields_round_trip(backend: Backend) {
+    let (s, _db) = store(backend).await;
+    let t = tenant("t");
+    s.create_tenant(&t).await.unwrap();
+    let mut k = key(t.id, "0123456789abcdef", 0);
+    k.scopes = ScopeSet::all();
+    k.secret_hash = (0u8..32).collect();
+    k.expires_at = Some(k.created_at + Duration::days(90));
+    s.create_api_key(&k).await.unwrap();
+    assert_eq!(s.find_api_key(&k.id).await.unwrap(), Some(k));
+}
+
+both_backends!(
+    tenants_round_trip,
+    tenants_page_by_name,
+    settings_first_writer_wins,
+    api_keys_are_tenant_scoped,
+    key_fields_round_trip,
+);
+
+/// Tables and their columns, sorted, without sqlx's own bookkeeping table.
+async fn schema_of(backend: Backend, url: &str) -> Vec<(String, Vec<String>)> {
+    use sqlx::Row;
+    let rows: Vec<(String, String)> = match backend {
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            let rows = sqlx::query(
+                "SELECT table_name::text, column_name::text FROM information_schema.columns \
+                 WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations' ORDER BY 1, 2",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+        }
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+            let rows = sqlx::query(
+                "SELECT m.name, p.name FROM sqlite_master m JOIN pragma_table_info(m.name) p \
+                 WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND m.name <> '_sqlx_migrations' ORDER BY 1, 2",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+        }
+    };
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for (table, column) in rows {
+        match out.last_mut() {
+            Some((t, cols)) if *t == table => cols.push(column),
+            _ => out.push((table, vec![column])),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_schemas_declare_the_same_tables_and_columns() {
+    let (_pg, pg_db) = store(Backend::Postgres).await;
+    let (_lite, lite_db) = store(Backend::Sqlite).await;
+    let pg = schema_of(Backend::Postgres, &pg_db.url).await;
+    let lite = schema_of(Backend::Sqlite, &lite_db.url).await;
+    assert!(!pg.is_empty());
+    assert_eq!(
+        pg, lite,
+        "migrations/postgres and migrations/sqlite have drifted"
+    );
+}
+
+/// Every table with a tenant_id column, on Postgres.
+async fn tenant_tables(pool: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.columns \
+         WHERE table_schema = 'public' AND column_name = 'tenant_id' ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_row_level_security_confines_the_app_role() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let s = storage::PgStore::connect(&db.url, 4).await.unwrap();
+    let a = tenant("a");
+    let b = tenant("b");
+    s.create_tenant(&a).await.unwrap();
+    s.create_tenant(&b).await.unwrap();
+    s.create_api_key(&key(a.id, "00000000000000a1", 0))
+        .await
+        .unwrap();
+    s.create_api_key(&key(b.id, "00000000000000b1", 0))
+        .await
+        .unwrap();
+
+    let owner = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let tables = tenant_tables(&owner).await;
+    assert!(tables.contains(&"api_keys".to_string()));
+
+    // Every tenant-owned table has RLS enabled.
+    for t in &tables {
+        let enabled: bool =
+            sqlx::query_scalar("SELECT relrowsecurity FROM pg_class WHERE oid = $1::regclass")
+                .bind(t)
+                .fetch_one(&owner)
+                .await
+                .unwrap();
+        assert!(enabled, "table {t} has no row-level security");
+    }
+    // The application role can neither bypass RLS nor escape it as superuser.
+    let (superuser, bypass): (bool, bool) =
+        sqlx::query_as("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = 'picket_app'")
+            .fetch_one(&owner)
+            .await
+            .unwrap();
+    assert!(!superuser && !bypass);
+
+    // The store's own pool runs as picket_app: with tenant A's setting, a query
+    // with no tenant filter sees only A's rows, on every tenant table.
+    let pool = s.pool();
+    for t in &tables {
+        let mut tx = pool.begin().await.unwrap();
+        let role: String = sqlx::query_scalar("SELECT current_user::text")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(role, "picket_app");
+        sqlx::query("SELECT set_config('picket.tenant_id', $1, true)")
+            .bind(a.id.to_string())
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let seen: Vec<uuid::Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT DISTINCT tenant_id FROM {t}"
+        )))
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        assert!(
+            !seen.contains(&b.id.0),
+            "tenant B's rows visible in {t} under tenant A"
+        );
+        tx.rollback().await.unwrap();
+
+        // With no tenant setting, nothing is visible at all.
+        let mut tx = pool.begin().await.unwrap();
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {t}")))
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "rows of {t} visible without a tenant setting");
+        tx.rollback().await.unwrap();
+    }
+    // And it cannot write a row for another tenant.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SELECT set_config('picket.tenant_id', $1, true)")
+        .bind(a.id.to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let err = sqlx::query(
+        "INSERT INTO api_keys (id, tenant_id, name, scopes, secret_hash, created_at) VALUES ('00000000000000b9', $1, 'x', 1, '\\x00', now())",
+    )
+    .bind(b.id.0)
+    .execute(&mut *tx)
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("row-level security"), "{err}");
+    drop(tx);
+    owner.close().await;
+    s.close().await;
+}
