@@ -53,6 +53,45 @@ pub struct Settings {
     #[arg(long, env = "PICKET_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
 
+    /// Concurrent ingest transactions (writer tasks). SQLite serializes writers anyway.
+    #[arg(long, env = "PICKET_INGEST_WRITERS", default_value_t = 2)]
+    pub ingest_writers: usize,
+
+    /// Most rows one ingest transaction takes from the queue.
+    #[arg(long, env = "PICKET_INGEST_MAX_BATCH_ROWS", default_value_t = 2000)]
+    pub ingest_max_batch_rows: usize,
+
+    /// Most events accepted but not yet committed, server-wide; beyond it ingest
+    /// answers RESOURCE_EXHAUSTED with RetryInfo.
+    #[arg(
+        long,
+        env = "PICKET_INGEST_MAX_IN_FLIGHT_EVENTS",
+        default_value_t = 100_000
+    )]
+    pub ingest_max_in_flight_events: usize,
+
+    /// Most unacknowledged batches per IngestStream; the server reads no more
+    /// from a stream until one is acknowledged.
+    #[arg(
+        long,
+        env = "PICKET_STREAM_MAX_IN_FLIGHT_BATCHES",
+        default_value_t = 64
+    )]
+    pub stream_max_in_flight_batches: usize,
+
+    /// Default heartbeat interval of watch and tail streams, in seconds.
+    #[arg(long, env = "PICKET_HEARTBEAT_SECONDS", default_value_t = 15)]
+    pub heartbeat_seconds: u64,
+
+    /// How often tenant retention is applied (events older than a tenant's
+    /// retention are deleted), in seconds.
+    #[arg(
+        long,
+        env = "PICKET_RETENTION_INTERVAL_SECONDS",
+        default_value_t = 3600
+    )]
+    pub retention_interval_seconds: u64,
+
     /// Origins allowed to call from a browser (grpc-web), comma-separated; `*` allows any.
     #[arg(
         long,
@@ -113,6 +152,21 @@ impl Settings {
             format!("max_message_bytes = {}", self.max_message_bytes),
             format!("max_concurrent_streams = {}", self.max_concurrent_streams),
             format!("shutdown_grace_seconds = {}", self.shutdown_grace_seconds),
+            format!("ingest_writers = {}", self.ingest_writers),
+            format!("ingest_max_batch_rows = {}", self.ingest_max_batch_rows),
+            format!(
+                "ingest_max_in_flight_events = {}",
+                self.ingest_max_in_flight_events
+            ),
+            format!(
+                "stream_max_in_flight_batches = {}",
+                self.stream_max_in_flight_batches
+            ),
+            format!("heartbeat_seconds = {}", self.heartbeat_seconds),
+            format!(
+                "retention_interval_seconds = {}",
+                self.retention_interval_seconds
+            ),
             format!("cors_origins = {}", self.cors_origins.join(",")),
         ]
         .join("\n")

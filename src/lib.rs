@@ -9,6 +9,7 @@
 //! - [`storage`]: the [`storage::Store`] trait and its Postgres and SQLite backends.
 //! - [`grpc`]: generated code (`grpc::pb`), conversions, status mapping, services.
 //! - [`http`]: `/healthz`, `/metrics`, request metrics.
+//! - [`ingest`]: the batching write path and the post-commit hand-off.
 //! - [`config`], [`telemetry`], [`startup`], [`shutdown`], [`cli`]: the process around it.
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,8 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod ingest;
+pub mod retention;
 pub mod shutdown;
 pub mod startup;
 pub mod storage;

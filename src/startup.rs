@@ -11,6 +11,7 @@ use axum::http::{HeaderName, HeaderValue, Method};
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -22,15 +23,18 @@ use crate::auth::{self, Authenticator};
 use crate::config::Settings;
 use crate::grpc::admin::AdminApi;
 use crate::grpc::health::HealthState;
+use crate::grpc::ingest::IngestApi;
 use crate::grpc::pb::admin_service_server::AdminServiceServer;
 use crate::grpc::pb::alert_service_server::AlertServiceServer;
 use crate::grpc::pb::incident_service_server::IncidentServiceServer;
 use crate::grpc::pb::ingest_service_server::IngestServiceServer;
 use crate::grpc::pb::playbook_service_server::PlaybookServiceServer;
 use crate::grpc::pb::report_service_server::ReportServiceServer;
-use crate::grpc::placeholder::{AlertApi, IncidentApi, IngestApi, PlaybookApi, ReportApi};
-use crate::grpc::{self, ApiContext};
+use crate::grpc::placeholder::{AlertApi, IncidentApi, PlaybookApi, ReportApi};
+use crate::grpc::{self, ApiContext, StreamLimits};
 use crate::http::{self, HttpState};
+use crate::ingest::{IngestWriter, WriterConfig};
+use crate::retention;
 use crate::storage::{self, Store};
 use crate::telemetry;
 
@@ -120,11 +124,34 @@ impl Application {
             ..
         } = self;
         let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let ingest = IngestWriter::start(
+            store.clone(),
+            WriterConfig {
+                writers: settings.ingest_writers,
+                max_batch_rows: settings.ingest_max_batch_rows,
+                max_in_flight_events: settings.ingest_max_in_flight_events,
+                ..WriterConfig::default()
+            },
+            &tracker,
+        );
         let ctx = Arc::new(ApiContext {
             store: store.clone(),
             auth,
             shutdown: token.clone(),
+            ingest,
+            limits: StreamLimits {
+                stream_max_in_flight_batches: settings.stream_max_in_flight_batches,
+                default_heartbeat: std::time::Duration::from_secs(
+                    settings.heartbeat_seconds.max(1),
+                ),
+            },
         });
+        tracker.spawn(retention::run(
+            store.clone(),
+            std::time::Duration::from_secs(settings.retention_interval_seconds.max(1)),
+            token.clone(),
+        ));
 
         let health = HealthState::new(&SERVICE_NAMES, token.clone());
         let health_service = HealthServer::new(health.clone());
@@ -210,6 +237,13 @@ impl Application {
             }
         };
         token.cancel();
+        // The services (and with them the last handles to the writer queue) are
+        // gone now: writers drain what is queued, commit, and exit.
+        drop(ctx);
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!("background tasks did not finish within the grace period");
+        }
         store.close().await;
         tracing::info!("picket stopped");
         outcome

@@ -4,6 +4,7 @@
 //! Constructors validate ("parse, don't validate"): a value of these types is
 //! always well-formed.
 
+pub mod event;
 pub mod tenant;
 
 pub use tenant::{ApiKey, ApiKeyId, NewApiKey, Scope, ScopeSet, Tenant, TenantId, TenantName};

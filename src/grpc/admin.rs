@@ -1,5 +1,5 @@
-//! `picket.v1.AdminService`: tenants and API keys (webhook sources, rules and
-//! purge arrive with the issues that build them and answer UNIMPLEMENTED until then).
+//! `picket.v1.AdminService`: tenants, API keys and event purge (webhook sources
+//! and rules arrive with the issues that build them and answer UNIMPLEMENTED until then).
 
 use std::sync::Arc;
 
@@ -410,13 +410,28 @@ impl AdminService for AdminApi {
         ))
     }
 
+    #[instrument(skip_all, fields(rpc = "AdminService.PurgeEvents", tenant))]
     async fn purge_events(
         &self,
         request: Request<pb::PurgeEventsRequest>,
     ) -> Result<Response<pb::PurgeEventsResponse>, Status> {
-        self.ctx.caller(&request, Scope::Admin).await?;
-        Err(not_yet(
-            "event purge arrives with the ingest path (issue #4)",
-        ))
+        let caller = self.ctx.caller(&request, Scope::Admin).await?;
+        let req = request.into_inner();
+        let tenant = caller
+            .tenant_for(&req.tenant_id, "tenant_id")
+            .map_err(to_status)?;
+        let before = req
+            .before
+            .as_ref()
+            .ok_or_else(|| to_status(AppError::invalid("before", "required")))
+            .and_then(|t| from_timestamp(t, "before").map_err(to_status))?;
+        let deleted = self
+            .ctx
+            .store
+            .purge_events(tenant, before)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        tracing::info!(tenant_id = %tenant, deleted, actor = %caller.actor(), "events purged");
+        Ok(Response::new(pb::PurgeEventsResponse { deleted }))
     }
 }

@@ -5,17 +5,22 @@
 
 pub mod admin;
 pub mod convert;
+pub mod events;
 pub mod health;
+pub mod ingest;
 pub mod placeholder;
 pub mod status;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
 use crate::auth::{API_KEY_HEADER, Authenticator, Caller};
 use crate::domain::Scope;
+use crate::error::{AppError, AppResult};
+use crate::ingest::IngestWriter;
 use crate::storage::Store;
 
 /// Generated protobuf messages, clients and servers for `picket.v1`.
@@ -36,6 +41,33 @@ pub struct ApiContext {
     pub auth: Authenticator,
     /// Cancelled when the server begins shutting down; long-lived streams end on it.
     pub shutdown: CancellationToken,
+    /// The ingest write path.
+    pub ingest: IngestWriter,
+    /// Per-stream limits and defaults.
+    pub limits: StreamLimits,
+}
+
+/// Limits and defaults of streaming RPCs.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// Most unacknowledged batches per IngestStream.
+    pub stream_max_in_flight_batches: usize,
+    /// Heartbeat interval when a request does not choose one.
+    pub default_heartbeat: Duration,
+}
+
+impl StreamLimits {
+    /// The heartbeat interval for a request asking for `requested` seconds (0 = default).
+    pub fn heartbeat_interval(&self, requested: u32) -> AppResult<Duration> {
+        match requested {
+            0 => Ok(self.default_heartbeat),
+            1..=300 => Ok(Duration::from_secs(u64::from(requested))),
+            _ => Err(AppError::invalid(
+                "options.heartbeat_interval_seconds",
+                "must be 1..300 (or 0 for the default)",
+            )),
+        }
+    }
 }
 
 impl ApiContext {

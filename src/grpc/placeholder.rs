@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 use crate::domain::Scope;
 use crate::error::AppError;
@@ -55,19 +55,6 @@ macro_rules! placeholder_service {
             )*
         }
     };
-}
-
-placeholder_service! {
-    /// `picket.v1.IngestService` until the ingest path lands.
-    IngestApi: pb::ingest_service_server::IngestService, "the ingest path is not implemented yet (issue #4)";
-    unary {
-        ingest(IngestRequest) -> IngestResponse, Ingest;
-        query_events(QueryEventsRequest) -> QueryEventsResponse, Read;
-    }
-    streaming {
-        ingest_stream(Streaming<pb::IngestStreamRequest>) -> IngestStreamResponse as IngestStreamStream, Ingest;
-        tail_events(pb::TailEventsRequest) -> TailEventsResponse as TailEventsStream, Read;
-    }
 }
 
 placeholder_service! {

@@ -16,6 +16,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::domain::event::{EventQuery, FeedPosition, InsertOutcome, NewEvent, StoredEvent};
 use crate::domain::{ApiKey, ApiKeyId, Tenant, TenantId};
 
 pub use postgres::PgStore;
@@ -84,7 +85,7 @@ impl Backend {
 /// Everything Picket persists. Implementations must behave identically; the
 /// conformance suite in `tests/storage` is the definition of "identically".
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: EventStore + Send + Sync + 'static {
     /// Which backend this is.
     fn backend(&self) -> Backend;
 
@@ -133,6 +134,43 @@ pub trait Store: Send + Sync + 'static {
         id: &ApiKeyId,
         at: DateTime<Utc>,
     ) -> StoreResult<ApiKey>;
+}
+
+/// Event storage: the ingest write path, the audit query, the commit-ordered
+/// feed behind live tails, and retention.
+#[async_trait]
+pub trait EventStore: Send + Sync {
+    /// Inserts events of one or more tenants in ONE transaction and returns,
+    /// per group and in order, whether each event was stored or was a duplicate
+    /// of an earlier event with the same idempotency digest (and that event's
+    /// id). Returns only after the transaction has committed.
+    async fn insert_events(
+        &self,
+        groups: &[(TenantId, &[NewEvent])],
+    ) -> StoreResult<Vec<Vec<InsertOutcome>>>;
+
+    /// Events matching `query`, newest first by (occurred_at, id).
+    async fn query_events(
+        &self,
+        tenant: TenantId,
+        query: &EventQuery,
+    ) -> StoreResult<Vec<StoredEvent>>;
+
+    /// Events strictly after `after` in the tenant's commit-ordered feed, at most
+    /// `limit`. Never returns a row that could be followed later by a row with a
+    /// smaller position (see [`FeedPosition`]).
+    async fn events_after(
+        &self,
+        tenant: TenantId,
+        after: FeedPosition,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredEvent>>;
+
+    /// The newest readable position of the tenant's feed, if it has events.
+    async fn events_head(&self, tenant: TenantId) -> StoreResult<Option<FeedPosition>>;
+
+    /// Deletes the tenant's events that occurred before `before`; returns how many.
+    async fn purge_events(&self, tenant: TenantId, before: DateTime<Utc>) -> StoreResult<u64>;
 }
 
 /// The default embedded database: `./picket-data/picket.db`.

@@ -12,8 +12,11 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, Row, Transaction};
 
-use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Tenant, TenantId};
-use crate::storage::{Backend, Store, StoreError, StoreResult};
+use crate::domain::event::{
+    EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
+};
+use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
+use crate::storage::{Backend, EventStore, Store, StoreError, StoreResult};
 
 /// Runs the Postgres migrations on a dedicated connection as the owner role.
 pub async fn migrate(url: &str) -> anyhow::Result<()> {
@@ -326,5 +329,324 @@ impl Store for PgStore {
             .map_err(|e| StoreError::classify(e, &what, ctx))?;
         key_from_row(&row)
             .map_err(|e| StoreError::classify(e, &what, "failed to decode an API key"))
+    }
+}
+
+/// Decodes an events row (with `xid_text` and `seq` columns).
+fn event_from_row(row: &PgRow) -> Result<StoredEvent, sqlx::Error> {
+    let decode = |e: String| sqlx::Error::Decode(e.into());
+    let details: serde_json::Value = row.try_get("details")?;
+    let ip = |col: &str| -> Result<Option<std::net::IpAddr>, sqlx::Error> {
+        row.try_get::<Option<String>, _>(col)?
+            .map(|s| s.parse().map_err(|_| decode(format!("bad ip in {col}"))))
+            .transpose()
+    };
+    let idem: Vec<u8> = row.try_get("idem")?;
+    let xid: String = row.try_get("xid_text")?;
+    Ok(StoredEvent {
+        tenant_id: TenantId(row.try_get("tenant_id")?),
+        position: FeedPosition {
+            xid: xid.parse().map_err(|_| decode("bad xid".into()))?,
+            seq: row.try_get("seq")?,
+        },
+        event: NewEvent {
+            id: row.try_get("id")?,
+            idempotency_digest: idem
+                .try_into()
+                .map_err(|_| decode("bad idempotency digest".into()))?,
+            occurred_at: row.try_get("occurred_at")?,
+            received_at: row.try_get("received_at")?,
+            event_type: row.try_get("event_type")?,
+            ocsf_class_uid: row.try_get::<i32, _>("ocsf_class_uid")? as u32,
+            ocsf_category_uid: row.try_get::<i32, _>("ocsf_category_uid")? as u32,
+            actor: row.try_get("actor")?,
+            action: row.try_get("action")?,
+            resource: row.try_get("resource")?,
+            outcome: Outcome::from_i16(row.try_get("outcome")?),
+            severity: Severity::from_i16(row.try_get("severity")?).unwrap_or_default(),
+            source_ip: ip("source_ip")?,
+            destination_ip: ip("destination_ip")?,
+            source_system: row.try_get("source_system")?,
+            service: row.try_get("service")?,
+            environment: row.try_get("environment")?,
+            details: serde_json::from_value(details).map_err(|e| decode(e.to_string()))?,
+        },
+    })
+}
+
+macro_rules! event_columns {
+    () => {
+        "tenant_id, id, xid::text AS xid_text, seq, idem, occurred_at, received_at, event_type, \
+         ocsf_class_uid, ocsf_category_uid, actor, action, resource, outcome, severity, source_ip, \
+         destination_ip, source_system, service, environment, details"
+    };
+}
+
+impl PgStore {
+    /// Inserts one tenant's events inside `tx` with one statement; fills `out`.
+    async fn insert_group(
+        tx: &mut Transaction<'static, Postgres>,
+        tenant: TenantId,
+        events: &[NewEvent],
+    ) -> Result<Vec<InsertOutcome>, sqlx::Error> {
+        sqlx::query("SELECT set_config('picket.tenant_id', $1, true)")
+            .bind(tenant.0.to_string())
+            .execute(&mut **tx)
+            .await?;
+        let n = events.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut idem = Vec::with_capacity(n);
+        let mut occurred = Vec::with_capacity(n);
+        let mut received = Vec::with_capacity(n);
+        let mut types = Vec::with_capacity(n);
+        let mut classes = Vec::with_capacity(n);
+        let mut categories = Vec::with_capacity(n);
+        let mut actors = Vec::with_capacity(n);
+        let mut actions = Vec::with_capacity(n);
+        let mut resources = Vec::with_capacity(n);
+        let mut outcomes = Vec::with_capacity(n);
+        let mut severities = Vec::with_capacity(n);
+        let mut src = Vec::with_capacity(n);
+        let mut dst = Vec::with_capacity(n);
+        let mut systems = Vec::with_capacity(n);
+        let mut services = Vec::with_capacity(n);
+        let mut envs = Vec::with_capacity(n);
+        let mut details = Vec::with_capacity(n);
+        for e in events {
+            ids.push(e.id);
+            idem.push(e.idempotency_digest.to_vec());
+            occurred.push(e.occurred_at);
+            received.push(e.received_at);
+            types.push(e.event_type.as_str());
+            classes.push(e.ocsf_class_uid as i32);
+            categories.push(e.ocsf_category_uid as i32);
+            actors.push(e.actor.as_str());
+            actions.push(e.action.as_str());
+            resources.push(e.resource.as_str());
+            outcomes.push(e.outcome.as_i16());
+            severities.push(e.severity.as_i16());
+            src.push(e.source_ip.map(|ip| ip.to_string()));
+            dst.push(e.destination_ip.map(|ip| ip.to_string()));
+            systems.push(e.source_system.as_str());
+            services.push(e.service.as_str());
+            envs.push(e.environment.as_str());
+            details.push(
+                serde_json::to_string(&e.details).map_err(|e| sqlx::Error::Encode(e.into()))?,
+            );
+        }
+        let inserted: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "INSERT INTO events (tenant_id, id, idem, occurred_at, received_at, event_type, ocsf_class_uid, \
+             ocsf_category_uid, actor, action, resource, outcome, severity, source_ip, destination_ip, \
+             source_system, service, environment, details) \
+             SELECT $1, u.id, u.idem, u.occurred_at, u.received_at, u.event_type, u.class, u.category, u.actor, \
+                    u.action, u.resource, u.outcome, u.severity, u.src, u.dst, u.system, u.service, u.env, u.details::jsonb \
+             FROM unnest($2::uuid[], $3::bytea[], $4::timestamptz[], $5::timestamptz[], $6::text[], $7::int4[], \
+                         $8::int4[], $9::text[], $10::text[], $11::text[], $12::int2[], $13::int2[], $14::text[], \
+                         $15::text[], $16::text[], $17::text[], $18::text[], $19::text[]) \
+                  AS u(id, idem, occurred_at, received_at, event_type, class, category, actor, action, resource, \
+                       outcome, severity, src, dst, system, service, env, details) \
+             ON CONFLICT (tenant_id, idem) DO NOTHING RETURNING id",
+        )
+        .bind(tenant.0)
+        .bind(&ids)
+        .bind(&idem)
+        .bind(&occurred)
+        .bind(&received)
+        .bind(&types)
+        .bind(&classes)
+        .bind(&categories)
+        .bind(&actors)
+        .bind(&actions)
+        .bind(&resources)
+        .bind(&outcomes)
+        .bind(&severities)
+        .bind(&src)
+        .bind(&dst)
+        .bind(&systems)
+        .bind(&services)
+        .bind(&envs)
+        .bind(&details)
+        .fetch_all(&mut **tx)
+        .await?;
+        let inserted: std::collections::HashSet<uuid::Uuid> = inserted.into_iter().collect();
+        let missing: Vec<Vec<u8>> = events
+            .iter()
+            .filter(|e| !inserted.contains(&e.id))
+            .map(|e| e.idempotency_digest.to_vec())
+            .collect();
+        let mut originals = std::collections::HashMap::new();
+        if !missing.is_empty() {
+            let rows: Vec<(Vec<u8>, uuid::Uuid)> = sqlx::query_as(
+                "SELECT idem, id FROM events WHERE tenant_id = $1 AND idem = ANY($2::bytea[])",
+            )
+            .bind(tenant.0)
+            .bind(&missing)
+            .fetch_all(&mut **tx)
+            .await?;
+            originals.extend(rows);
+        }
+        events
+            .iter()
+            .map(|e| {
+                if inserted.contains(&e.id) {
+                    Ok(InsertOutcome::Accepted(e.id))
+                } else {
+                    originals
+                        .get(e.idempotency_digest.as_slice())
+                        .map(|id| InsertOutcome::Duplicate(*id))
+                        .ok_or_else(|| sqlx::Error::Protocol("conflicting row not found".into()))
+                }
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl EventStore for PgStore {
+    async fn insert_events(
+        &self,
+        groups: &[(TenantId, &[NewEvent])],
+    ) -> StoreResult<Vec<Vec<InsertOutcome>>> {
+        let ctx = "failed to insert events";
+        let classify = |e| StoreError::classify(e, "events", ctx);
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let mut out = Vec::with_capacity(groups.len());
+        for (tenant, events) in groups {
+            out.push(
+                Self::insert_group(&mut tx, *tenant, events)
+                    .await
+                    .map_err(classify)?,
+            );
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(out)
+    }
+
+    async fn query_events(
+        &self,
+        tenant: TenantId,
+        q: &EventQuery,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let ctx = "failed to query events";
+        let classify = |e| StoreError::classify(e, "events", ctx);
+        let mut b = sqlx::QueryBuilder::<Postgres>::new(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE tenant_id = "
+        ));
+        b.push_bind(tenant.0);
+        if let Some(t) = q.start {
+            b.push(" AND occurred_at >= ").push_bind(t);
+        }
+        if let Some(t) = q.end {
+            b.push(" AND occurred_at < ").push_bind(t);
+        }
+        if !q.event_types.is_empty() {
+            b.push(" AND event_type = ANY(")
+                .push_bind(q.event_types.clone())
+                .push(")");
+        }
+        if !q.ocsf_class_uids.is_empty() {
+            let c: Vec<i32> = q.ocsf_class_uids.iter().map(|c| *c as i32).collect();
+            b.push(" AND ocsf_class_uid = ANY(").push_bind(c).push(")");
+        }
+        if let Some(a) = &q.actor {
+            b.push(" AND actor = ").push_bind(a.clone());
+        }
+        if let Some(ip) = q.source_ip {
+            b.push(" AND source_ip = ").push_bind(ip.to_string());
+        }
+        if let Some(p) = &q.resource_prefix {
+            b.push(" AND starts_with(resource, ")
+                .push_bind(p.clone())
+                .push(")");
+        }
+        if let Some(o) = q.outcome {
+            b.push(" AND outcome = ").push_bind(o.as_i16());
+        }
+        if let Some(s) = q.min_severity {
+            b.push(" AND severity >= ").push_bind(s.as_i16());
+        }
+        if let Some(t) = q.received_before {
+            b.push(" AND received_at <= ").push_bind(t);
+        }
+        if let Some((t, id)) = q.before {
+            b.push(" AND (occurred_at, id) < (")
+                .push_bind(t)
+                .push(", ")
+                .push_bind(id)
+                .push(")");
+        }
+        b.push(" ORDER BY occurred_at DESC, id DESC LIMIT ")
+            .push_bind(i64::from(q.limit));
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let rows = b.build().fetch_all(&mut *tx).await.map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        rows.iter()
+            .map(event_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(classify)
+    }
+
+    async fn events_after(
+        &self,
+        tenant: TenantId,
+        after: FeedPosition,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let ctx = "failed to read the event feed";
+        let classify = |e| StoreError::classify(e, "events", ctx);
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE tenant_id = $1 AND (xid, seq) > ($2::text::xid8, $3) \
+              AND xid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY xid, seq LIMIT $4"
+        ))
+        .bind(tenant.0)
+        .bind(after.xid.to_string())
+        .bind(after.seq)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        rows.iter()
+            .map(event_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(classify)
+    }
+
+    async fn events_head(&self, tenant: TenantId) -> StoreResult<Option<FeedPosition>> {
+        let ctx = "failed to read the event feed head";
+        let classify = |e| StoreError::classify(e, "events", ctx);
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let row: Option<(String, i64)> = sqlx::query_as(
+            "SELECT xid::text, seq FROM events WHERE tenant_id = $1 \
+             AND xid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY xid DESC, seq DESC LIMIT 1",
+        )
+        .bind(tenant.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(row.map(|(xid, seq)| FeedPosition {
+            xid: xid.parse().unwrap_or(0),
+            seq,
+        }))
+    }
+
+    async fn purge_events(&self, tenant: TenantId, before: DateTime<Utc>) -> StoreResult<u64> {
+        let ctx = "failed to purge events";
+        let classify = |e| StoreError::classify(e, "events", ctx);
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let done = sqlx::query("DELETE FROM events WHERE tenant_id = $1 AND occurred_at < $2")
+            .bind(tenant.0)
+            .bind(before)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(done.rows_affected())
     }
 }

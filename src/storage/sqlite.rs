@@ -16,8 +16,11 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection, Row};
 use uuid::Uuid;
 
-use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Tenant, TenantId};
-use crate::storage::{Backend, Store, StoreError, StoreResult};
+use crate::domain::event::{
+    EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
+};
+use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
+use crate::storage::{Backend, EventStore, Store, StoreError, StoreResult};
 
 /// Connection options for `url`, creating the file's directory if needed.
 fn options(url: &str) -> anyhow::Result<SqliteConnectOptions> {
@@ -313,5 +316,252 @@ impl Store for SqliteStore {
         .map_err(|e| StoreError::classify(e, &what, "failed to revoke an API key"))?;
         key_from_row(&row)
             .map_err(|e| StoreError::classify(e, &what, "failed to decode an API key"))
+    }
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(v: i64) -> Result<DateTime<Utc>, sqlx::Error> {
+    DateTime::from_timestamp_micros(v)
+        .ok_or_else(|| sqlx::Error::Decode("timestamp out of range".into()))
+}
+
+macro_rules! event_columns {
+    () => {
+        "tenant_id, id, xid, seq, idem, occurred_at, received_at, event_type, ocsf_class_uid, \
+         ocsf_category_uid, actor, action, resource, outcome, severity, source_ip, destination_ip, \
+         source_system, service, environment, details"
+    };
+}
+
+fn event_from_row(row: &SqliteRow) -> Result<StoredEvent, sqlx::Error> {
+    let decode = |e: String| sqlx::Error::Decode(e.into());
+    let ip = |col: &str| -> Result<Option<std::net::IpAddr>, sqlx::Error> {
+        row.try_get::<Option<String>, _>(col)?
+            .map(|s| s.parse().map_err(|_| decode(format!("bad ip in {col}"))))
+            .transpose()
+    };
+    let idem: Vec<u8> = row.try_get("idem")?;
+    let details: String = row.try_get("details")?;
+    Ok(StoredEvent {
+        tenant_id: TenantId(parse_uuid(row.try_get("tenant_id")?)?),
+        position: FeedPosition {
+            xid: row.try_get::<i64, _>("xid")? as u64,
+            seq: row.try_get("seq")?,
+        },
+        event: NewEvent {
+            id: parse_uuid(row.try_get("id")?)?,
+            idempotency_digest: idem
+                .try_into()
+                .map_err(|_| decode("bad idempotency digest".into()))?,
+            occurred_at: from_micros(row.try_get("occurred_at")?)?,
+            received_at: from_micros(row.try_get("received_at")?)?,
+            event_type: row.try_get("event_type")?,
+            ocsf_class_uid: row.try_get::<i64, _>("ocsf_class_uid")? as u32,
+            ocsf_category_uid: row.try_get::<i64, _>("ocsf_category_uid")? as u32,
+            actor: row.try_get("actor")?,
+            action: row.try_get("action")?,
+            resource: row.try_get("resource")?,
+            outcome: Outcome::from_i16(row.try_get("outcome")?),
+            severity: Severity::from_i16(row.try_get("severity")?).unwrap_or_default(),
+            source_ip: ip("source_ip")?,
+            destination_ip: ip("destination_ip")?,
+            source_system: row.try_get("source_system")?,
+            service: row.try_get("service")?,
+            environment: row.try_get("environment")?,
+            details: serde_json::from_str(&details).map_err(|e| decode(e.to_string()))?,
+        },
+    })
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    async fn insert_events(
+        &self,
+        groups: &[(TenantId, &[NewEvent])],
+    ) -> StoreResult<Vec<Vec<InsertOutcome>>> {
+        let classify = |e| StoreError::classify(e, "events", "failed to insert events");
+        // IMMEDIATE: take the write lock up front so concurrent writers queue
+        // on the busy timeout instead of failing a lock upgrade.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(classify)?;
+        let mut out = Vec::with_capacity(groups.len());
+        for (tenant, events) in groups {
+            let tenant_text = tenant.0.to_string();
+            let mut outcomes = Vec::with_capacity(events.len());
+            for e in *events {
+                let details = serde_json::to_string(&e.details)
+                    .map_err(|e| StoreError::Unexpected(e.into()))?;
+                let done = sqlx::query(
+                    "INSERT INTO events (tenant_id, id, idem, occurred_at, received_at, event_type, ocsf_class_uid, \
+                     ocsf_category_uid, actor, action, resource, outcome, severity, source_ip, destination_ip, \
+                     source_system, service, environment, details) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19) \
+                     ON CONFLICT (tenant_id, idem) DO NOTHING",
+                )
+                .bind(&tenant_text)
+                .bind(e.id.to_string())
+                .bind(&e.idempotency_digest[..])
+                .bind(micros(e.occurred_at))
+                .bind(micros(e.received_at))
+                .bind(&e.event_type)
+                .bind(i64::from(e.ocsf_class_uid))
+                .bind(i64::from(e.ocsf_category_uid))
+                .bind(&e.actor)
+                .bind(&e.action)
+                .bind(&e.resource)
+                .bind(e.outcome.as_i16())
+                .bind(e.severity.as_i16())
+                .bind(e.source_ip.map(|ip| ip.to_string()))
+                .bind(e.destination_ip.map(|ip| ip.to_string()))
+                .bind(&e.source_system)
+                .bind(&e.service)
+                .bind(&e.environment)
+                .bind(details)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+                if done.rows_affected() == 1 {
+                    outcomes.push(InsertOutcome::Accepted(e.id));
+                } else {
+                    let original: String = sqlx::query_scalar(
+                        "SELECT id FROM events WHERE tenant_id = ?1 AND idem = ?2",
+                    )
+                    .bind(&tenant_text)
+                    .bind(&e.idempotency_digest[..])
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+                    outcomes.push(InsertOutcome::Duplicate(
+                        parse_uuid(&original).map_err(classify)?,
+                    ));
+                }
+            }
+            out.push(outcomes);
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(out)
+    }
+
+    async fn query_events(
+        &self,
+        tenant: TenantId,
+        q: &EventQuery,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let classify = |e| StoreError::classify(e, "events", "failed to query events");
+        let mut b = sqlx::QueryBuilder::<sqlx::Sqlite>::new(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE tenant_id = "
+        ));
+        b.push_bind(tenant.0.to_string());
+        if let Some(t) = q.start {
+            b.push(" AND occurred_at >= ").push_bind(micros(t));
+        }
+        if let Some(t) = q.end {
+            b.push(" AND occurred_at < ").push_bind(micros(t));
+        }
+        if !q.event_types.is_empty() {
+            b.push(" AND event_type IN (");
+            let mut sep = b.separated(", ");
+            for t in &q.event_types {
+                sep.push_bind(t.clone());
+            }
+            b.push(")");
+        }
+        if !q.ocsf_class_uids.is_empty() {
+            b.push(" AND ocsf_class_uid IN (");
+            let mut sep = b.separated(", ");
+            for c in &q.ocsf_class_uids {
+                sep.push_bind(i64::from(*c));
+            }
+            b.push(")");
+        }
+        if let Some(a) = &q.actor {
+            b.push(" AND actor = ").push_bind(a.clone());
+        }
+        if let Some(ip) = q.source_ip {
+            b.push(" AND source_ip = ").push_bind(ip.to_string());
+        }
+        if let Some(p) = &q.resource_prefix {
+            b.push(" AND substr(resource, 1, length(")
+                .push_bind(p.clone())
+                .push(")) = ")
+                .push_bind(p.clone());
+        }
+        if let Some(o) = q.outcome {
+            b.push(" AND outcome = ").push_bind(o.as_i16());
+        }
+        if let Some(s) = q.min_severity {
+            b.push(" AND severity >= ").push_bind(s.as_i16());
+        }
+        if let Some(t) = q.received_before {
+            b.push(" AND received_at <= ").push_bind(micros(t));
+        }
+        if let Some((t, id)) = q.before {
+            b.push(" AND (occurred_at, id) < (")
+                .push_bind(micros(t))
+                .push(", ")
+                .push_bind(id.to_string())
+                .push(")");
+        }
+        b.push(" ORDER BY occurred_at DESC, id DESC LIMIT ")
+            .push_bind(i64::from(q.limit));
+        let rows = b.build().fetch_all(&self.pool).await.map_err(classify)?;
+        rows.iter()
+            .map(event_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(classify)
+    }
+
+    async fn events_after(
+        &self,
+        tenant: TenantId,
+        after: FeedPosition,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let classify = |e| StoreError::classify(e, "events", "failed to read the event feed");
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE tenant_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+        ))
+        .bind(tenant.0.to_string())
+        .bind(after.seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter()
+            .map(event_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(classify)
+    }
+
+    async fn events_head(&self, tenant: TenantId) -> StoreResult<Option<FeedPosition>> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT max(seq) FROM events WHERE tenant_id = ?1")
+                .bind(tenant.0.to_string())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| {
+                    StoreError::classify(e, "events", "failed to read the event feed head")
+                })?;
+        Ok(seq.map(|seq| FeedPosition { xid: 0, seq }))
+    }
+
+    async fn purge_events(&self, tenant: TenantId, before: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM events WHERE tenant_id = ?1 AND occurred_at < ?2")
+            .bind(tenant.0.to_string())
+            .bind(micros(before))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StoreError::classify(e, "events", "failed to purge events"))?;
+        Ok(done.rows_affected())
     }
 }

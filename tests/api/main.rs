@@ -5,4 +5,5 @@
 mod common;
 
 mod admin;
+mod ingest;
 mod server;

@@ -215,6 +215,19 @@ impl TestApp {
         (tenant.id, key)
     }
 
+    /// Creates a key for the tenant called `name` (as the operator).
+    pub async fn key_for_tenant_named(&self, name: &str, scopes: &[pb::Scope]) -> String {
+        let id = self
+            .store
+            .find_tenant_by_name(name)
+            .await
+            .unwrap()
+            .expect("tenant")
+            .id
+            .to_string();
+        self.key_for(&id, scopes).await
+    }
+
     /// Creates a key for an existing tenant (as the operator).
     pub async fn key_for(&self, tenant_id: &str, scopes: &[pb::Scope]) -> String {
         self.admin()

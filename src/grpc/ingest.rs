@@ -1,0 +1,415 @@
+//! `picket.v1.IngestService`: batch and streaming ingest with durable acks,
+//! the audit-log query, and the live tail.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::instrument;
+
+use crate::domain::event::{FeedPosition, InsertOutcome, MAX_BATCH_EVENTS, NewEvent};
+use crate::domain::{FieldViolation, Scope, TenantId};
+use crate::error::{AppError, AppResult};
+use crate::grpc::convert::{page_size, timestamp};
+use crate::grpc::events::{
+    EventPageToken, decode_cursor, decode_page_token, encode_cursor, encode_page_token,
+    event_from_pb, event_to_pb, query_from_pb,
+};
+use crate::grpc::pb::ingest_service_server::IngestService;
+use crate::grpc::placeholder::BoxStream;
+use crate::grpc::status::to_status;
+use crate::grpc::{ApiContext, pb};
+
+/// Cursor kind of the event feed.
+const EVENTS_CURSOR: &str = "ev";
+/// Most events read from the store per tail round trip.
+const TAIL_READ: u32 = 256;
+/// How often a tail re-reads the store even without a local commit signal
+/// (commits by other replicas, rows that became readable later).
+const TAIL_POLL: Duration = Duration::from_millis(500);
+
+/// IngestService implementation.
+pub struct IngestApi {
+    /// Shared per-server context.
+    ctx: Arc<ApiContext>,
+}
+
+impl IngestApi {
+    /// A service over `ctx`.
+    pub fn new(ctx: Arc<ApiContext>) -> Self {
+        Self { ctx }
+    }
+}
+
+/// The receipts for one batch plus their counts.
+struct BatchResult {
+    receipts: Vec<pb::EventReceipt>,
+    accepted: u32,
+    duplicates: u32,
+    rejected: u32,
+}
+
+/// Validates a batch, writes its good events, and answers one receipt per event.
+async fn ingest_batch(
+    ctx: &ApiContext,
+    tenant: TenantId,
+    retention_days: u32,
+    events: &[pb::Event],
+) -> AppResult<BatchResult> {
+    if events.is_empty() {
+        return Err(AppError::invalid(
+            "events",
+            "a batch needs at least one event",
+        ));
+    }
+    if events.len() > MAX_BATCH_EVENTS {
+        return Err(AppError::invalid(
+            "events",
+            format!(
+                "at most {MAX_BATCH_EVENTS} events per batch (got {})",
+                events.len()
+            ),
+        ));
+    }
+    let now = Utc::now();
+    let mut slots: Vec<Result<usize, FieldViolation>> = Vec::with_capacity(events.len());
+    let mut valid: Vec<NewEvent> = Vec::with_capacity(events.len());
+    for e in events {
+        match event_from_pb(e, now, retention_days) {
+            Ok(ev) => {
+                slots.push(Ok(valid.len()));
+                valid.push(ev);
+            }
+            Err(v) => slots.push(Err(v)),
+        }
+    }
+    let outcomes = if valid.is_empty() {
+        Vec::new()
+    } else {
+        let permit = ctx.ingest.try_reserve(valid.len())?;
+        ctx.ingest.write(tenant, valid, permit).await?
+    };
+    let mut r = BatchResult {
+        receipts: Vec::with_capacity(events.len()),
+        accepted: 0,
+        duplicates: 0,
+        rejected: 0,
+    };
+    for (index, slot) in slots.into_iter().enumerate() {
+        let index = index as u32;
+        r.receipts.push(match slot {
+            Ok(i) => match &outcomes[i] {
+                InsertOutcome::Accepted(id) => {
+                    r.accepted += 1;
+                    pb::EventReceipt {
+                        index,
+                        status: pb::ReceiptStatus::Accepted as i32,
+                        event_id: id.to_string(),
+                        ..Default::default()
+                    }
+                }
+                InsertOutcome::Duplicate(id) => {
+                    r.duplicates += 1;
+                    pb::EventReceipt {
+                        index,
+                        status: pb::ReceiptStatus::Duplicate as i32,
+                        event_id: id.to_string(),
+                        ..Default::default()
+                    }
+                }
+            },
+            Err(v) => {
+                r.rejected += 1;
+                pb::EventReceipt {
+                    index,
+                    status: pb::ReceiptStatus::Rejected as i32,
+                    event_id: String::new(),
+                    field_path: v.field,
+                    reason: v.description,
+                }
+            }
+        });
+    }
+    metrics::counter!("picket_ingest_events_rejected_total").increment(u64::from(r.rejected));
+    Ok(r)
+}
+
+impl IngestApi {
+    async fn retention_of(&self, tenant: TenantId) -> Result<u32, Status> {
+        Ok(self
+            .ctx
+            .store
+            .get_tenant(tenant)
+            .await
+            .map_err(|e| to_status(e.into()))?
+            .retention_days)
+    }
+}
+
+#[tonic::async_trait]
+impl IngestService for IngestApi {
+    #[instrument(skip_all, fields(rpc = "IngestService.Ingest", tenant))]
+    async fn ingest(
+        &self,
+        request: Request<pb::IngestRequest>,
+    ) -> Result<Response<pb::IngestResponse>, Status> {
+        let caller = self.ctx.caller(&request, Scope::Ingest).await?;
+        let tenant = caller.data_tenant().map_err(to_status)?;
+        let retention = self.retention_of(tenant).await?;
+        let r = ingest_batch(&self.ctx, tenant, retention, &request.get_ref().events)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::IngestResponse {
+            receipts: r.receipts,
+            accepted: r.accepted,
+            duplicates: r.duplicates,
+            rejected: r.rejected,
+        }))
+    }
+
+    type IngestStreamStream = BoxStream<pb::IngestStreamResponse>;
+
+    #[instrument(skip_all, fields(rpc = "IngestService.IngestStream", tenant))]
+    async fn ingest_stream(
+        &self,
+        request: Request<Streaming<pb::IngestStreamRequest>>,
+    ) -> Result<Response<Self::IngestStreamStream>, Status> {
+        let caller = self.ctx.caller(&request, Scope::Ingest).await?;
+        let tenant = caller.data_tenant().map_err(to_status)?;
+        let retention = self.retention_of(tenant).await?;
+        let mut inbound = request.into_inner();
+        let ctx = self.ctx.clone();
+        let max_in_flight = ctx.limits.stream_max_in_flight_batches.max(1);
+        let (tx, rx) = mpsc::channel::<Result<pb::IngestStreamResponse, Status>>(max_in_flight);
+        metrics::gauge!("picket_ingest_streams_open").increment(1.0);
+        tokio::spawn(async move {
+            let mut in_flight = FuturesUnordered::new();
+            let mut sequences: HashSet<u64> = HashSet::new();
+            // Once set, no more batches are read; the stream ends with it after
+            // the in-flight batches are acknowledged.
+            let mut ending: Option<Status> = None;
+            let mut inbound_done = false;
+            loop {
+                if (inbound_done || ending.is_some()) && in_flight.is_empty() {
+                    break;
+                }
+                tokio::select! {
+                    msg = inbound.message(), if !inbound_done && ending.is_none() && in_flight.len() < max_in_flight => {
+                        match msg {
+                            Ok(Some(batch)) => {
+                                if !sequences.insert(batch.sequence) {
+                                    ending = Some(to_status(AppError::invalid(
+                                        "sequence",
+                                        format!("batch {} is already in flight on this stream", batch.sequence),
+                                    )));
+                                    continue;
+                                }
+                                let ctx = ctx.clone();
+                                in_flight.push(async move {
+                                    let seq = batch.sequence;
+                                    (seq, ingest_batch(&ctx, tenant, retention, &batch.events).await)
+                                });
+                            }
+                            Ok(None) => inbound_done = true,
+                            Err(status) => {
+                                // Malformed frame or client went away: nothing more will be read.
+                                tracing::debug!(error = %status, "ingest stream input ended with an error");
+                                inbound_done = true;
+                                ending = Some(status);
+                            }
+                        }
+                    }
+                    Some((seq, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                        sequences.remove(&seq);
+                        match result {
+                            Ok(r) => {
+                                let ack = pb::IngestStreamResponse {
+                                    sequence: seq,
+                                    receipts: r.receipts,
+                                    accepted: r.accepted,
+                                    duplicates: r.duplicates,
+                                    rejected: r.rejected,
+                                };
+                                if tx.send(Ok(ack)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            // Overload, shutdown or a bad batch: this batch is not
+                            // acknowledged; finish the others, then end with the reason.
+                            Err(e) => {
+                                if ending.is_none() {
+                                    ending = Some(to_status(e));
+                                }
+                            }
+                        }
+                    }
+                    () = ctx.shutdown.cancelled(), if ending.is_none() => {
+                        ending = Some(to_status(AppError::Unavailable {
+                            message: "the server is shutting down; resend unacknowledged batches".into(),
+                            retry_after: Duration::from_secs(1),
+                        }));
+                    }
+                }
+            }
+            if let Some(status) = ending {
+                let _ = tx.send(Err(status)).await;
+            }
+            metrics::gauge!("picket_ingest_streams_open").decrement(1.0);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[instrument(skip_all, fields(rpc = "IngestService.QueryEvents", tenant))]
+    async fn query_events(
+        &self,
+        request: Request<pb::QueryEventsRequest>,
+    ) -> Result<Response<pb::QueryEventsResponse>, Status> {
+        let caller = self.ctx.caller(&request, Scope::Read).await?;
+        let tenant = caller.data_tenant().map_err(to_status)?;
+        let req = request.into_inner();
+        let limit = page_size(req.page_size, 100, 1000).map_err(to_status)?;
+        let mut q = query_from_pb(req.filter.as_ref(), req.time_range.as_ref(), "filter")
+            .map_err(to_status)?;
+        let received_before = if req.page_token.is_empty() {
+            Utc::now()
+        } else {
+            let t = decode_page_token(
+                tenant,
+                req.filter.as_ref(),
+                req.time_range.as_ref(),
+                &req.page_token,
+            )
+            .map_err(to_status)?;
+            q.before = Some(t.before);
+            t.received_before
+        };
+        q.received_before = Some(received_before);
+        q.limit = limit + 1;
+        let mut rows = self
+            .ctx
+            .store
+            .query_events(tenant, &q)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        let next_page_token = if rows.len() > limit as usize {
+            rows.truncate(limit as usize);
+            let last = &rows[rows.len() - 1].event;
+            encode_page_token(
+                tenant,
+                req.filter.as_ref(),
+                req.time_range.as_ref(),
+                EventPageToken {
+                    before: (last.occurred_at, last.id),
+                    received_before,
+                },
+            )
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::QueryEventsResponse {
+            events: rows.iter().map(|r| event_to_pb(&r.event)).collect(),
+            next_page_token,
+        }))
+    }
+
+    type TailEventsStream = BoxStream<pb::TailEventsResponse>;
+
+    #[instrument(skip_all, fields(rpc = "IngestService.TailEvents", tenant))]
+    async fn tail_events(
+        &self,
+        request: Request<pb::TailEventsRequest>,
+    ) -> Result<Response<Self::TailEventsStream>, Status> {
+        let caller = self.ctx.caller(&request, Scope::Read).await?;
+        let tenant = caller.data_tenant().map_err(to_status)?;
+        let req = request.into_inner();
+        let filter = query_from_pb(req.filter.as_ref(), None, "filter").map_err(to_status)?;
+        let options = req.options.unwrap_or_default();
+        let heartbeat = self
+            .ctx
+            .limits
+            .heartbeat_interval(options.heartbeat_interval_seconds)
+            .map_err(to_status)?;
+        let mut position = if options.after_cursor.is_empty() {
+            self.ctx
+                .store
+                .events_head(tenant)
+                .await
+                .map_err(|e| to_status(e.into()))?
+                .unwrap_or_default()
+        } else {
+            decode_cursor(
+                EVENTS_CURSOR,
+                tenant,
+                &options.after_cursor,
+                "options.after_cursor",
+            )
+            .map_err(to_status)?
+        };
+        let ctx = self.ctx.clone();
+        // Small buffer: a slow reader only holds this much in memory; it reads
+        // the store at its own pace and never slows ingest.
+        let (tx, rx) = mpsc::channel::<Result<pb::TailEventsResponse, Status>>(64);
+        metrics::gauge!("picket_tail_streams_open").increment(1.0);
+        tokio::spawn(async move {
+            let mut commits = ctx.ingest.commits();
+            let mut last_sent = tokio::time::Instant::now();
+            'outer: loop {
+                let batch = match ctx.store.events_after(tenant, position, TAIL_READ).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e.into()))).await;
+                        break;
+                    }
+                };
+                let full = batch.len() == TAIL_READ as usize;
+                for stored in batch {
+                    position = stored.position;
+                    if !filter.matches(&stored.event) {
+                        continue;
+                    }
+                    let item = pb::TailEventsResponse {
+                        cursor: encode_cursor(EVENTS_CURSOR, tenant, position),
+                        item: Some(pb::tail_events_response::Item::Event(event_to_pb(
+                            &stored.event,
+                        ))),
+                    };
+                    tokio::select! {
+                        sent = tx.send(Ok(item)) => if sent.is_err() { break 'outer },
+                        () = ctx.shutdown.cancelled() => break 'outer,
+                    }
+                    last_sent = tokio::time::Instant::now();
+                }
+                if full {
+                    continue;
+                }
+                let next_heartbeat = last_sent + heartbeat;
+                tokio::select! {
+                    changed = commits.changed() => if changed.is_err() { break },
+                    () = tokio::time::sleep(TAIL_POLL) => {}
+                    () = tokio::time::sleep_until(next_heartbeat) => {
+                        let head = ctx.store.events_head(tenant).await.ok().flatten();
+                        let hb = pb::TailEventsResponse {
+                            cursor: String::new(),
+                            item: Some(pb::tail_events_response::Item::Heartbeat(pb::Heartbeat {
+                                server_time: Some(timestamp(Utc::now())),
+                                head_cursor: head.map(|p: FeedPosition| encode_cursor(EVENTS_CURSOR, tenant, p)).unwrap_or_default(),
+                            })),
+                        };
+                        if tx.send(Ok(hb)).await.is_err() { break }
+                        last_sent = tokio::time::Instant::now();
+                    }
+                    () = ctx.shutdown.cancelled() => break,
+                    () = tx.closed() => break,
+                }
+            }
+            metrics::gauge!("picket_tail_streams_open").decrement(1.0);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

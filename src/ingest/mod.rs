@@ -1,0 +1,276 @@
+//! The ingest write path.
+//!
+//! Handlers validate events, reserve room with [`IngestWriter::try_reserve`]
+//! (server-wide backpressure), and hand them to [`IngestWriter::write`]. A small
+//! pool of writer tasks takes whatever batches are queued (up to
+//! `max_batch_rows` rows), writes them in ONE transaction, and only after the
+//! commit replies to each waiting handler, bumps the commit counter that live
+//! tails wait on, and hands the accepted events to the detection pipeline's
+//! bounded broadcast. If that consumer lags, it is told how many it missed and
+//! re-reads them from the store; ingest never waits for it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot, watch};
+use tokio_util::task::TaskTracker;
+
+use crate::domain::TenantId;
+use crate::domain::event::{InsertOutcome, NewEvent};
+use crate::error::{AppError, AppResult};
+use crate::storage::Store;
+
+/// Tuning of the write path.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Concurrent writer tasks (transactions in flight).
+    pub writers: usize,
+    /// Most rows one transaction takes from the queue.
+    pub max_batch_rows: usize,
+    /// Most events accepted for writing but not yet committed, server-wide.
+    pub max_in_flight_events: usize,
+    /// Capacity of the post-commit hand-off to the detection pipeline, in batches.
+    pub handoff_capacity: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            writers: 2,
+            max_batch_rows: 2000,
+            max_in_flight_events: 100_000,
+            handoff_capacity: 1024,
+        }
+    }
+}
+
+/// Events of one tenant that were committed together (accepted ones only).
+#[derive(Debug)]
+pub struct CommittedEvents {
+    /// Their tenant.
+    pub tenant: TenantId,
+    /// The newly stored events.
+    pub events: Vec<NewEvent>,
+}
+
+/// One handler's batch waiting to be written.
+struct WriteJob {
+    /// The batch's tenant.
+    tenant: TenantId,
+    /// Its validated events.
+    events: Vec<NewEvent>,
+    /// Where the outcome goes after commit.
+    reply: oneshot::Sender<AppResult<Vec<InsertOutcome>>>,
+    /// Room reserved for it; released when the job is done.
+    _permit: OwnedSemaphorePermit,
+    /// When it was queued (for the queue-wait metric).
+    queued_at: Instant,
+}
+
+/// Handle to the write path; cheap to clone.
+#[derive(Clone)]
+pub struct IngestWriter {
+    /// Queue to the writer tasks.
+    jobs: mpsc::Sender<WriteJob>,
+    /// Counts commits; tails wait for it to change.
+    commits: watch::Receiver<u64>,
+    /// Post-commit hand-off to the detection pipeline.
+    handoff: broadcast::Sender<Arc<CommittedEvents>>,
+    /// Server-wide room for events in flight.
+    room: Arc<Semaphore>,
+    /// The limit behind `room`, for messages.
+    max_in_flight: usize,
+}
+
+impl IngestWriter {
+    /// Starts `config.writers` writer tasks on `tracker`. They run until every
+    /// handle is dropped and the queue is drained, so in-flight writes commit
+    /// during shutdown.
+    pub fn start(store: Arc<dyn Store>, config: WriterConfig, tracker: &TaskTracker) -> Self {
+        let (jobs, rx) = mpsc::channel::<WriteJob>(config.max_in_flight_events.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        let (commits_tx, commits) = watch::channel(0u64);
+        let commits_tx = Arc::new(commits_tx);
+        let (handoff, _) = broadcast::channel(config.handoff_capacity.max(1));
+        for _ in 0..config.writers.max(1) {
+            tracker.spawn(writer_loop(
+                store.clone(),
+                rx.clone(),
+                config.max_batch_rows.max(1),
+                commits_tx.clone(),
+                handoff.clone(),
+            ));
+        }
+        Self {
+            jobs,
+            commits,
+            handoff,
+            room: Arc::new(Semaphore::new(config.max_in_flight_events.max(1))),
+            max_in_flight: config.max_in_flight_events,
+        }
+    }
+
+    /// Reserves room for `n` events or fails at once with RESOURCE_EXHAUSTED
+    /// (with RetryInfo) when the server already holds its limit in flight.
+    pub fn try_reserve(&self, n: usize) -> AppResult<OwnedSemaphorePermit> {
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+        self.room.clone().try_acquire_many_owned(n32).map_err(|_| {
+            metrics::counter!("picket_ingest_overloaded_total").increment(1);
+            AppError::ResourceExhausted {
+                message: format!(
+                    "ingest is at capacity ({} events in flight); retry after the advised delay",
+                    self.max_in_flight
+                ),
+                retry_after: Duration::from_millis(200),
+            }
+        })
+    }
+
+    /// Writes one tenant's batch; resolves after it is durably committed.
+    pub async fn write(
+        &self,
+        tenant: TenantId,
+        events: Vec<NewEvent>,
+        permit: OwnedSemaphorePermit,
+    ) -> AppResult<Vec<InsertOutcome>> {
+        let (reply, rx) = oneshot::channel();
+        let job = WriteJob {
+            tenant,
+            events,
+            reply,
+            _permit: permit,
+            queued_at: Instant::now(),
+        };
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| AppError::Unavailable {
+                message: "the server is shutting down".into(),
+                retry_after: Duration::from_secs(1),
+            })?;
+        rx.await.map_err(|_| AppError::Unavailable {
+            message: "the write was interrupted; resend the batch".into(),
+            retry_after: Duration::from_secs(1),
+        })?
+    }
+
+    /// A receiver that changes after every commit.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.commits.clone()
+    }
+
+    /// Subscribes to committed events (the detection pipeline's feed).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<CommittedEvents>> {
+        self.handoff.subscribe()
+    }
+}
+
+async fn writer_loop(
+    store: Arc<dyn Store>,
+    rx: Arc<Mutex<mpsc::Receiver<WriteJob>>>,
+    max_rows: usize,
+    commits: Arc<watch::Sender<u64>>,
+    handoff: broadcast::Sender<Arc<CommittedEvents>>,
+) {
+    loop {
+        // Take the first queued job, then whatever else is already queued.
+        let jobs = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else { break };
+            let mut rows = first.events.len();
+            let mut jobs = vec![first];
+            while rows < max_rows {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        rows += job.events.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            jobs
+        };
+        write_jobs(store.as_ref(), jobs, &commits, &handoff).await;
+    }
+}
+
+/// Writes jobs in one transaction and answers each after the commit.
+async fn write_jobs(
+    store: &dyn Store,
+    jobs: Vec<WriteJob>,
+    commits: &watch::Sender<u64>,
+    handoff: &broadcast::Sender<Arc<CommittedEvents>>,
+) {
+    // Group by tenant so each tenant is one statement.
+    let mut order: Vec<TenantId> = Vec::new();
+    let mut by_tenant: HashMap<TenantId, Vec<NewEvent>> = HashMap::new();
+    let mut spans = Vec::with_capacity(jobs.len()); // (tenant, start, len) per job
+    let mut replies = Vec::with_capacity(jobs.len());
+    let mut rows = 0usize;
+    for job in jobs {
+        metrics::histogram!("picket_ingest_queue_wait_seconds")
+            .record(job.queued_at.elapsed().as_secs_f64());
+        let list = by_tenant.entry(job.tenant).or_insert_with(|| {
+            order.push(job.tenant);
+            Vec::new()
+        });
+        spans.push((job.tenant, list.len(), job.events.len()));
+        rows += job.events.len();
+        list.extend(job.events);
+        replies.push((job.reply, job._permit));
+    }
+    let groups: Vec<(TenantId, &[NewEvent])> = order
+        .iter()
+        .map(|t| (*t, by_tenant[t].as_slice()))
+        .collect();
+    let started = Instant::now();
+    let result = store.insert_events(&groups).await;
+    metrics::histogram!("picket_ingest_commit_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!("picket_ingest_transaction_rows").record(rows as f64);
+    match result {
+        Ok(outcomes) => {
+            let per_tenant: HashMap<TenantId, Vec<InsertOutcome>> =
+                order.iter().copied().zip(outcomes).collect();
+            commits.send_modify(|n| *n += 1);
+            let mut accepted_total = 0u64;
+            for tenant in &order {
+                let events = &by_tenant[tenant];
+                let outs = &per_tenant[tenant];
+                let accepted: Vec<NewEvent> = events
+                    .iter()
+                    .zip(outs)
+                    .filter(|(_, o)| matches!(o, InsertOutcome::Accepted(_)))
+                    .map(|(e, _)| e.clone())
+                    .collect();
+                accepted_total += accepted.len() as u64;
+                if !accepted.is_empty() && handoff.receiver_count() > 0 {
+                    let _ = handoff.send(Arc::new(CommittedEvents {
+                        tenant: *tenant,
+                        events: accepted,
+                    }));
+                }
+            }
+            metrics::gauge!("picket_ingest_handoff_queue_batches").set(handoff.len() as f64);
+            metrics::counter!("picket_ingest_events_total", "outcome" => "accepted")
+                .increment(accepted_total);
+            metrics::counter!("picket_ingest_events_total", "outcome" => "duplicate")
+                .increment(rows as u64 - accepted_total);
+            for ((tenant, start, len), (reply, _permit)) in spans.into_iter().zip(replies) {
+                let _ = reply.send(Ok(per_tenant[&tenant][start..start + len].to_vec()));
+            }
+        }
+        Err(e) => {
+            let e = anyhow::Error::new(e).context("failed to commit an ingest transaction");
+            tracing::error!(error = ?e, rows, "ingest transaction failed; batches not acknowledged");
+            metrics::counter!("picket_ingest_failed_transactions_total").increment(1);
+            for (reply, _permit) in replies {
+                let _ = reply.send(Err(AppError::Unavailable {
+                    message: "the batch could not be stored; resend it".into(),
+                    retry_after: Duration::from_millis(500),
+                }));
+            }
+        }
+    }
+}
