@@ -586,7 +586,7 @@ impl EventQuery {
     /// Whether a stored event matches the filters (not the time range or keyset):
     /// the live tail applies the same filter in memory.
     pub fn matches(&self, e: &NewEvent) -> bool {
-        (self.event_types.is_empty() || self.event_types.iter().any(|t| *t == e.event_type))
+        (self.event_types.is_empty() || self.event_types.contains(&e.event_type))
             && (self.ocsf_class_uids.is_empty() || self.ocsf_class_uids.contains(&e.ocsf_class_uid))
             && self.actor.as_ref().is_none_or(|a| *a == e.actor)
             && self.source_ip.is_none_or(|ip| Some(ip) == e.source_ip)

@@ -401,13 +401,13 @@ pub fn query_from_pb(
             .as_ref()
             .map(|t| from_timestamp(t, "time_range.end"))
             .transpose()?;
-        if let (Some(s), Some(e)) = (q.start, q.end) {
-            if e <= s {
-                return Err(AppError::invalid(
-                    "time_range.end",
-                    "must be after time_range.start",
-                ));
-            }
+        if let (Some(s), Some(e)) = (q.start, q.end)
+            && e <= s
+        {
+            return Err(AppError::invalid(
+                "time_range.end",
+                "must be after time_range.start",
+            ));
         }
     }
     let Some(f) = filter else { return Ok(q) };
