@@ -1,1 +1,2 @@
 pub mod anomaly;
+pub mod cli_anomaly;

@@ -390,3 +390,103 @@ fn degenerate_shapes_work() {
     let ecod = Ecod::fit(&single, &EcodParams::default()).unwrap();
     assert!(ecod.score_one(&[1.0, 2.0]).unwrap().is_finite());
 }
+
+mod cli {
+    use std::io::Write;
+    use std::path::Path;
+
+    use clap::Parser;
+    use picket::cli_anomaly::{ScoreArgs, run_to};
+
+    use crate::{fixtures, reference};
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: ScoreArgs,
+    }
+
+    fn run(argv: &[&str]) -> anyhow::Result<Vec<f64>> {
+        let args = Wrap::try_parse_from(std::iter::once("picket").chain(argv.iter().copied()))?.args;
+        let mut out = Vec::new();
+        run_to(&args, &mut out)?;
+        Ok(String::from_utf8(out)?
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect())
+    }
+
+    fn temp_csv(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn path(f: &tempfile::NamedTempFile) -> &str {
+        f.path().to_str().unwrap()
+    }
+
+    #[test]
+    fn ecod_training_scores_print_with_full_precision() {
+        let train = fixtures().join("data/adbench__42_WBC.csv");
+        let got = run(&["--algorithm", "ecod", "--train", train.to_str().unwrap()]).unwrap();
+        let want = reference("adbench__42_WBC", "ecod_train");
+        crate::assert_close("cli", "ecod_train", &got, &want);
+    }
+
+    #[test]
+    fn score_file_rows_are_scored_one_by_one() {
+        let train = temp_csv("a,label,b\n1,0,2\n2,0,3\n3,0,4\n4,1,50\n");
+        let score = temp_csv("a,label,b\n2,0,3\n100,1,100\n");
+        for algorithm in ["iforest", "ecod", "copod"] {
+            let got = run(&[
+                "--algorithm",
+                algorithm,
+                "--seed",
+                "3",
+                "--trees",
+                "50",
+                "--train",
+                path(&train),
+                "--score",
+                path(&score),
+            ])
+            .unwrap();
+            assert_eq!(got.len(), 2, "{algorithm}");
+            assert!(got[1] > got[0], "{algorithm}: {got:?}");
+        }
+    }
+
+    fn error(train: &str, score: Option<&str>) -> String {
+        let t = temp_csv(train);
+        let s = score.map(temp_csv);
+        let mut argv = vec!["--algorithm", "iforest", "--train", path(&t)];
+        if let Some(s) = &s {
+            argv.extend(["--score", path(s)]);
+        }
+        format!("{:#}", run(&argv).unwrap_err())
+    }
+
+    #[test]
+    fn bad_input_gives_clear_errors() {
+        let e = error("a,b\n1,2\n3,NaN\n", None);
+        assert!(e.contains("line 3, column 1 (`b`): value is NaN"), "{e}");
+        let e = error("a,b\n1,2\n3,inf\n", None);
+        assert!(e.contains("value is infinite"), "{e}");
+        let e = error("a,b\n1,2\n3\n", None);
+        assert!(e.contains("line 3: expected 2 fields"), "{e}");
+        let e = error("a,b\n1,x\n", None);
+        assert!(e.contains("cannot parse `x`"), "{e}");
+        let e = error("", None);
+        assert!(e.contains("file is empty"), "{e}");
+        let e = error("a,b\n", None);
+        assert!(e.contains("no data rows"), "{e}");
+        let e = error("a,b\n1,2\n2,3\n", Some("a\n1\n"));
+        assert!(e.contains("do not match the training columns"), "{e}");
+        let e = error("label\n1\n", None);
+        assert!(e.contains("no feature columns"), "{e}");
+        let missing = Path::new("/nonexistent/train.csv");
+        let err = run(&["--algorithm", "ecod", "--train", missing.to_str().unwrap()]).unwrap_err();
+        assert!(format!("{err:#}").contains("failed to read /nonexistent/train.csv"));
+    }
+}
