@@ -19,6 +19,7 @@ use crate::anomaly::explain::{FeatureContribution, sort_contributions};
 use crate::anomaly::matrix::{Matrix, check_row};
 use crate::anomaly::parallel::map_rows;
 use crate::anomaly::rng::{Rng, tree_seed};
+use crate::anomaly::sort::order_key;
 use crate::anomaly::stats::{average_path_length, percentile};
 
 /// scikit-learn's `FEATURE_THRESHOLD`: a feature whose range on a node is at most this is
@@ -89,6 +90,60 @@ pub struct IsolationForest {
     contamination: Option<f64>,
     /// Score above which a row is flagged.
     threshold: f64,
+    /// The same trees re-laid out as complete binary trees for fast batch scoring, when every
+    /// tree is at most [`COMPACT_DEPTH`] deep (always true for ψ ≤ 256); derived, not stored.
+    compact: Option<Vec<CompactTree>>,
+}
+
+/// Depth of the complete-tree layout used by [`CompactTree`].
+const COMPACT_DEPTH: usize = 8;
+/// Slots in a complete tree of depth [`COMPACT_DEPTH`] (heap index 1..256 internal, leaves
+/// 256..512 stored separately).
+const COMPACT_SLOTS: usize = 1 << COMPACT_DEPTH;
+
+/// One tree as a complete binary tree in heap order: node i has children 2i and 2i + 1, so no
+/// child pointers are loaded, and fixed-size arrays with masked indices need no bounds checks.
+/// A leaf above the bottom level is padded with +∞ splits (always left) down to the bottom.
+#[derive(Debug, Clone, PartialEq)]
+struct CompactTree {
+    /// Split threshold of heap node i as an [`order_key`] (index 0 unused; key of +∞ for
+    /// padding, which no finite value exceeds).
+    split: [u64; COMPACT_SLOTS],
+    /// Split feature of heap node i.
+    feature: [u32; COMPACT_SLOTS],
+    /// Path length e + c(n_leaf) of bottom slot i (heap index COMPACT_SLOTS + i).
+    leaf: [f64; COMPACT_SLOTS],
+}
+
+impl CompactTree {
+    /// Lays out the tree rooted at `root` of `forest` with `depth` levels (≤ COMPACT_DEPTH).
+    fn build(forest: &IsolationForest, root: usize, depth: usize) -> Self {
+        let mut t = Self {
+            split: [order_key(f64::INFINITY); COMPACT_SLOTS],
+            feature: [0; COMPACT_SLOTS],
+            leaf: [0.0; COMPACT_SLOTS],
+        };
+        t.fill(forest, root, 1, 0, depth);
+        t
+    }
+
+    fn fill(&mut self, forest: &IsolationForest, node: usize, heap: usize, level: usize, depth: usize) {
+        if level == depth {
+            debug_assert_eq!(forest.nodes[node].left as usize, node, "bottom must be a leaf");
+            self.leaf[heap - (1 << depth)] = forest.leaf_value[node];
+            return;
+        }
+        let n = forest.nodes[node];
+        if n.left as usize == node {
+            // Leaf above the bottom: +∞ split, always left, down to the bottom level.
+            self.fill(forest, node, 2 * heap, level + 1, depth);
+        } else {
+            self.split[heap] = order_key(n.split);
+            self.feature[heap] = n.feature;
+            self.fill(forest, n.left as usize, 2 * heap, level + 1, depth);
+            self.fill(forest, n.left as usize + 1, 2 * heap + 1, level + 1, depth);
+        }
+    }
 }
 
 /// Builder state for one tree.
@@ -284,6 +339,7 @@ impl IsolationForest {
             tree_depth: Vec::with_capacity(params.n_trees),
             contamination: params.contamination,
             threshold: 0.5,
+            compact: None,
         };
         let mut data = vec![0.0; psi * d];
         let mut rows: Vec<u32> = Vec::with_capacity(psi);
@@ -323,6 +379,7 @@ impl IsolationForest {
             forest.leaf_value.extend(b.leaf_value);
         }
         forest.tree_start.push(forest.nodes.len() as u32);
+        forest.compact = forest.build_compact();
         Ok(forest)
     }
 
@@ -358,8 +415,100 @@ impl IsolationForest {
         Ok(self.to_score(sum))
     }
 
-    /// Scores a block of whole rows (row-major values), tree by tree, level by level.
+    /// Depth shared by all trees in the compact layout.
+    fn compact_depth(&self) -> usize {
+        self.tree_depth.iter().copied().max().unwrap_or(0) as usize
+    }
+
+    /// Builds the complete-tree layout when every tree fits it.
+    fn build_compact(&self) -> Option<Vec<CompactTree>> {
+        let depth = self.compact_depth();
+        (depth <= COMPACT_DEPTH).then(|| {
+            self.tree_start[..self.n_trees()]
+                .iter()
+                .map(|&root| CompactTree::build(self, root as usize, depth))
+                .collect()
+        })
+    }
+
+    /// Scores whole rows (row-major values) with the compact layout: tree by tree over a block
+    /// of rows, four rows walked together so their independent paths overlap in the CPU.
+    ///
+    /// Values and thresholds are compared as order-preserving `u64` keys (see
+    /// [`order_key`]; `x > τ` exactly when `key(x) > key(τ)` for finite x), which compiles
+    /// to a compare and an add-with-carry. Rows are copied into fixed-width `[u64; S]` arrays
+    /// (S = d rounded up to a power of two) so feature lookups need no bounds check.
+    fn score_rows_compact<const S: usize>(&self, trees: &[CompactTree], values: &[f64]) -> Vec<f64> {
+        let d = self.n_features;
+        debug_assert!(d <= S);
+        let depth = self.compact_depth();
+        let bottom = 1usize << depth;
+        let mask = COMPACT_SLOTS - 1;
+        let mut out = Vec::with_capacity(values.len() / d);
+        let mut sums = [0f64; BLOCK];
+        let mut keys = vec![[0u64; S]; BLOCK];
+        for block in values.chunks(BLOCK * d) {
+            let b = block.len() / d;
+            for (k, row) in keys.iter_mut().zip(block.chunks_exact(d)) {
+                for (k, &v) in k.iter_mut().zip(row) {
+                    *k = order_key(v);
+                }
+            }
+            sums[..b].fill(0.0);
+            for t in trees {
+                let mut quads = keys[..b].chunks_exact(4);
+                let mut r = 0;
+                for quad in quads.by_ref() {
+                    let (x0, x1, x2, x3) = (&quad[0], &quad[1], &quad[2], &quad[3]);
+                    let (mut i0, mut i1, mut i2, mut i3) = (1usize, 1usize, 1usize, 1usize);
+                    for _ in 0..depth {
+                        let (j0, j1, j2, j3) = (i0 & mask, i1 & mask, i2 & mask, i3 & mask);
+                        i0 = 2 * i0 + usize::from(x0[t.feature[j0] as usize & (S - 1)] > t.split[j0]);
+                        i1 = 2 * i1 + usize::from(x1[t.feature[j1] as usize & (S - 1)] > t.split[j1]);
+                        i2 = 2 * i2 + usize::from(x2[t.feature[j2] as usize & (S - 1)] > t.split[j2]);
+                        i3 = 2 * i3 + usize::from(x3[t.feature[j3] as usize & (S - 1)] > t.split[j3]);
+                    }
+                    sums[r] += t.leaf[(i0 - bottom) & mask];
+                    sums[r + 1] += t.leaf[(i1 - bottom) & mask];
+                    sums[r + 2] += t.leaf[(i2 - bottom) & mask];
+                    sums[r + 3] += t.leaf[(i3 - bottom) & mask];
+                    r += 4;
+                }
+                for x in quads.remainder() {
+                    let mut i = 1usize;
+                    for _ in 0..depth {
+                        let j = i & mask;
+                        i = 2 * i + usize::from(x[t.feature[j] as usize & (S - 1)] > t.split[j]);
+                    }
+                    sums[r] += t.leaf[(i - bottom) & mask];
+                    r += 1;
+                }
+            }
+            out.extend(sums[..b].iter().map(|&s| self.to_score(s)));
+        }
+        out
+    }
+
+    /// Scores whole rows (row-major values).
     fn score_rows(&self, values: &[f64]) -> Vec<f64> {
+        let Some(trees) = &self.compact else {
+            return self.score_rows_generic(values);
+        };
+        match self.n_features {
+            1 => self.score_rows_compact::<1>(trees, values),
+            2 => self.score_rows_compact::<2>(trees, values),
+            3..=4 => self.score_rows_compact::<4>(trees, values),
+            5..=8 => self.score_rows_compact::<8>(trees, values),
+            9..=16 => self.score_rows_compact::<16>(trees, values),
+            17..=32 => self.score_rows_compact::<32>(trees, values),
+            33..=64 => self.score_rows_compact::<64>(trees, values),
+            _ => self.score_rows_generic(values),
+        }
+    }
+
+    /// Scores a block of whole rows (row-major values), tree by tree, level by level, on the
+    /// pointer layout (any depth).
+    fn score_rows_generic(&self, values: &[f64]) -> Vec<f64> {
         let d = self.n_features;
         let mut out = Vec::with_capacity(values.len() / d);
         let mut cur = [0u32; BLOCK];
@@ -545,7 +694,7 @@ impl IsolationForest {
         {
             return Err(bad(format!("contamination {c} out of range")));
         }
-        Ok(Self {
+        let mut forest = Self {
             n_features,
             sample_size,
             seed,
@@ -556,6 +705,9 @@ impl IsolationForest {
             tree_depth,
             contamination,
             threshold,
-        })
+            compact: None,
+        };
+        forest.compact = forest.build_compact();
+        Ok(forest)
     }
 }
