@@ -181,12 +181,21 @@ impl Ecod {
             EcodAggregation::Paper => vec![FamilySums::default(); n],
             _ => Vec::new(),
         };
-        let inv_n = n as f64;
-        for j in 0..d {
-            let column = values.iter().skip(j).step_by(d).copied();
-            let sign = skewness_sign(column.clone());
+        // −ln(k/n) for every count k, computed once and shared by all columns (a logarithm per
+        // distinct value per column would dominate the fit otherwise).
+        let neg_log: Vec<f64> = (0..=n).map(|k| -(k as f64 / n as f64).ln()).collect();
+        // One transposing pass, so every later pass over a column is contiguous.
+        let mut columns = vec![Vec::with_capacity(n); d];
+        for row in values.chunks_exact(d) {
+            for (c, &v) in columns.iter_mut().zip(row) {
+                c.push(v);
+            }
+        }
+        for column in columns {
+            let sign = skewness_sign(column.iter().copied());
             skew_signs.push(sign);
-            let (keys, order) = argsort_keys(column.map(order_key).collect());
+            let (keys, order) = argsort_keys(column.iter().map(|&v| order_key(v)).collect());
+            drop(column);
             let mut a = 0;
             while a < n {
                 let mut b = a + 1;
@@ -195,8 +204,8 @@ impl Ecod {
                 }
                 // Run [a, b) of equal values: #{≤ x} = b and #{≥ x} = n − a (ties count fully).
                 let tails = Tails {
-                    left: -(b as f64 / inv_n).ln(),
-                    right: -((n - a) as f64 / inv_n).ln(),
+                    left: neg_log[b],
+                    right: neg_log[n - a],
                 };
                 debug_assert!(tails.left >= 0.0 && tails.right >= 0.0);
                 if params.aggregation == EcodAggregation::Paper {
