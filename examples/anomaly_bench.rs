@@ -39,7 +39,9 @@ fn timed<T>(repeat: usize, mut f: impl FnMut() -> T) -> f64 {
 }
 
 fn main() {
-    let dir = std::env::args().nth(1).expect("usage: anomaly_bench DATA_DIR");
+    let dir = std::env::args()
+        .nth(1)
+        .expect("usage: anomaly_bench DATA_DIR");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for name in DATASETS {
         let x = load(&dir, name);

@@ -136,14 +136,14 @@ pub fn run_to(args: &ScoreArgs, out: &mut impl Write) -> anyhow::Result<()> {
                 aggregation,
                 ..EcodParams::default()
             };
-            let (model, train_scores) = Ecod::fit_with_training_scores(&train.x, &params)
-                .context("failed to fit ECOD")?;
+            let (model, train_scores) =
+                Ecod::fit_with_training_scores(&train.x, &params).context("failed to fit ECOD")?;
             match &to_score {
-                Some(s) => s
-                    .x
-                    .rows()
-                    .map(|row| model.score_one(row))
-                    .collect::<Result<Vec<_>, _>>()?,
+                Some(s) => {
+                    s.x.rows()
+                        .map(|row| model.score_one(row))
+                        .collect::<Result<Vec<_>, _>>()?
+                }
                 None => train_scores,
             }
         }
@@ -166,8 +166,8 @@ struct Table {
 
 /// Reads a numeric CSV with a header row; a column named `label` is dropped.
 fn read_csv(path: &Path) -> anyhow::Result<Table> {
-    let text = fs::read_to_string(path)
-        .with_context(|| format!("failed to read {}", path.display()))?;
+    let text =
+        fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))?;
     parse_csv(path, &text)
 }
 
@@ -181,7 +181,10 @@ fn clean(field: &str) -> &str {
 
 fn parse_csv(path: &Path, text: &str) -> anyhow::Result<Table> {
     let p = path.display();
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
     let Some((_, header)) = lines.next() else {
         bail!("{p}: file is empty (expected a header row)");
     };

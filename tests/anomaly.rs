@@ -5,8 +5,8 @@ use std::fs;
 use std::path::PathBuf;
 
 use picket::anomaly::{
-    AnomalyError, AnomalyModel, Ecod, EcodAggregation, EcodParams, IForestParams,
-    IsolationForest, Matrix, roc_auc,
+    AnomalyError, AnomalyModel, Ecod, EcodAggregation, EcodParams, IForestParams, IsolationForest,
+    Matrix, roc_auc,
 };
 
 const DATASETS: [&str; 9] = [
@@ -53,7 +53,9 @@ fn load(name: &str) -> Dataset {
 
 /// Reference scores: one per line after a header line.
 fn reference(name: &str, kind: &str) -> Vec<f64> {
-    let path = fixtures().join("reference").join(format!("{name}.{kind}.csv"));
+    let path = fixtures()
+        .join("reference")
+        .join(format!("{name}.{kind}.csv"));
     let text = fs::read_to_string(path).unwrap();
     text.lines()
         .skip(1)
@@ -158,15 +160,12 @@ fn iforest_same_seed_same_scores() {
     assert_eq!(scores_a, scores_b);
     // Pinned value: the generators are our own, so this must not change across runs or
     // dependency upgrades (the tolerance only allows for a platform's last-bit `exp2`).
-    assert!((scores_a[0] - PINNED_WBC_SEED7_ROW0).abs() < 1e-12, "{}", scores_a[0]);
-    let other = IsolationForest::fit(
-        &data.x,
-        &IForestParams {
-            seed: 8,
-            ..params
-        },
-    )
-    .unwrap();
+    assert!(
+        (scores_a[0] - PINNED_WBC_SEED7_ROW0).abs() < 1e-12,
+        "{}",
+        scores_a[0]
+    );
+    let other = IsolationForest::fit(&data.x, &IForestParams { seed: 8, ..params }).unwrap();
     assert_ne!(a, other);
 }
 
@@ -208,7 +207,12 @@ fn copod_training_scores_match_pyod() {
             ..EcodParams::default()
         };
         let (_, scores) = Ecod::fit_with_training_scores(&data.x, &params).unwrap();
-        assert_close(name, "copod_train", &scores, &reference(name, "copod_train"));
+        assert_close(
+            name,
+            "copod_train",
+            &scores,
+            &reference(name, "copod_train"),
+        );
     }
 }
 
@@ -226,7 +230,12 @@ fn ecod_paper_aggregation_is_max_of_sums() {
     assert!(train.iter().zip(&pyod).any(|(p, s)| (p - s).abs() > 1e-6));
     // Explanation terms of the winning family sum to the streaming score.
     let row = data.x.row(0);
-    let total: f64 = model.explain(row).unwrap().iter().map(|c| c.contribution).sum();
+    let total: f64 = model
+        .explain(row)
+        .unwrap()
+        .iter()
+        .map(|c| c.contribution)
+        .sum();
     assert!((total - model.score_one(row).unwrap()).abs() < 1e-9);
 }
 
@@ -241,7 +250,11 @@ fn ecod_explanation_sums_to_score_and_names_the_tail() {
     assert_eq!(explanation[0].tail, Some(picket::anomaly::Tail::High));
     let total: f64 = explanation.iter().map(|c| c.contribution).sum();
     assert!((total - model.score_one(&row).unwrap()).abs() < 1e-9);
-    assert!(explanation.windows(2).all(|w| w[0].contribution >= w[1].contribution));
+    assert!(
+        explanation
+            .windows(2)
+            .all(|w| w[0].contribution >= w[1].contribution)
+    );
 }
 
 #[test]
@@ -288,7 +301,10 @@ fn models_round_trip_through_bytes() {
         let bytes = model.to_bytes();
         let back = AnomalyModel::from_bytes(&bytes).unwrap();
         assert_eq!(back, model);
-        assert_eq!(back.score_batch(&data.x).unwrap(), model.score_batch(&data.x).unwrap());
+        assert_eq!(
+            back.score_batch(&data.x).unwrap(),
+            model.score_batch(&data.x).unwrap()
+        );
         assert_eq!(back.threshold(), model.threshold());
         // Truncation, a wrong version and trailing bytes are rejected, never a panic.
         for cut in [0, 5, bytes.len() / 2, bytes.len() - 1] {
@@ -317,8 +333,14 @@ fn input_errors_are_precise() {
     assert_eq!(err.to_string(), "row 1, column 1 (`V4`): value is NaN");
     let err = Matrix::new(vec![1.0, f64::NEG_INFINITY], 2).unwrap_err();
     assert_eq!(err.to_string(), "row 0, column 1: value is -inf");
-    assert!(matches!(Matrix::new(vec![], 3), Err(AnomalyError::Empty(_))));
-    assert!(matches!(Matrix::new(vec![1.0], 0), Err(AnomalyError::Empty(_))));
+    assert!(matches!(
+        Matrix::new(vec![], 3),
+        Err(AnomalyError::Empty(_))
+    ));
+    assert!(matches!(
+        Matrix::new(vec![1.0], 0),
+        Err(AnomalyError::Empty(_))
+    ));
     let ragged = Matrix::from_rows(&[vec![1.0, 2.0], vec![3.0]]).unwrap_err();
     assert_eq!(ragged.to_string(), "row 1: expected 2 values, found 1");
 
@@ -332,7 +354,10 @@ fn input_errors_are_precise() {
             .score_batch(&Matrix::from_rows(&[[1.0]]).unwrap())
             .unwrap_err(),
     ] {
-        assert!(matches!(err, AnomalyError::DimensionMismatch { .. }), "{err}");
+        assert!(
+            matches!(err, AnomalyError::DimensionMismatch { .. }),
+            "{err}"
+        );
     }
     assert!(matches!(
         ecod.score_one(&[f64::INFINITY, 0.0]),
@@ -407,7 +432,8 @@ mod cli {
     }
 
     fn run(argv: &[&str]) -> anyhow::Result<Vec<f64>> {
-        let args = Wrap::try_parse_from(std::iter::once("picket").chain(argv.iter().copied()))?.args;
+        let args =
+            Wrap::try_parse_from(std::iter::once("picket").chain(argv.iter().copied()))?.args;
         let mut out = Vec::new();
         run_to(&args, &mut out)?;
         Ok(String::from_utf8(out)?

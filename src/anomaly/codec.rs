@@ -61,16 +61,24 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> AnomalyResult<u16> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> AnomalyResult<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> AnomalyResult<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn f64(&mut self) -> AnomalyResult<f64> {
-        Ok(f64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(f64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     /// A count that must fit the remaining input at `item_size` bytes per item.
     fn count(&mut self, item_size: usize) -> AnomalyResult<usize> {
@@ -161,7 +169,9 @@ pub(crate) fn decode(bytes: &[u8]) -> AnomalyResult<Decoded> {
             let contamination = r.f64()?;
             let threshold = r.f64()?;
             let n_trees1 = r.count(4)?;
-            let tree_start = (0..n_trees1).map(|_| r.u32()).collect::<AnomalyResult<_>>()?;
+            let tree_start = (0..n_trees1)
+                .map(|_| r.u32())
+                .collect::<AnomalyResult<_>>()?;
             let n_nodes = r.count(20)?;
             let mut nodes = Vec::with_capacity(n_nodes);
             let mut n_samples = Vec::with_capacity(n_nodes);
@@ -202,7 +212,9 @@ pub(crate) fn decode(bytes: &[u8]) -> AnomalyResult<Decoded> {
             let skew_signs = (0..n_features)
                 .map(|_| r.u8().map(|b| b as i8))
                 .collect::<AnomalyResult<_>>()?;
-            let sorted = (0..total / 8).map(|_| r.f64()).collect::<AnomalyResult<_>>()?;
+            let sorted = (0..total / 8)
+                .map(|_| r.f64())
+                .collect::<AnomalyResult<_>>()?;
             Decoded::Ecod(Ecod::from_parts(
                 n_rows,
                 n_features,
@@ -216,7 +228,9 @@ pub(crate) fn decode(bytes: &[u8]) -> AnomalyResult<Decoded> {
         k => return Err(AnomalyError::Decode(format!("unknown model kind {k}"))),
     };
     if !r.rest.is_empty() {
-        return Err(AnomalyError::Decode("trailing bytes after the model".into()));
+        return Err(AnomalyError::Decode(
+            "trailing bytes after the model".into(),
+        ));
     }
     Ok(decoded)
 }

@@ -417,9 +417,10 @@ impl Ecod {
         if skew_signs.iter().any(|s| !(-1..=1).contains(s)) {
             return Err(bad("skewness sign out of range"));
         }
-        if sorted.chunks_exact(n_rows).any(|c| {
-            c.iter().any(|v| !v.is_finite()) || c.windows(2).any(|w| w[0] > w[1])
-        }) {
+        if sorted
+            .chunks_exact(n_rows)
+            .any(|c| c.iter().any(|v| !v.is_finite()) || c.windows(2).any(|w| w[0] > w[1]))
+        {
             return Err(bad("training column not finite or not sorted"));
         }
         check_contamination(contamination).map_err(|e| bad(&e.to_string()))?;

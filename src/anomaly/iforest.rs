@@ -127,9 +127,19 @@ impl CompactTree {
         t
     }
 
-    fn fill(&mut self, forest: &IsolationForest, node: usize, heap: usize, level: usize, depth: usize) {
+    fn fill(
+        &mut self,
+        forest: &IsolationForest,
+        node: usize,
+        heap: usize,
+        level: usize,
+        depth: usize,
+    ) {
         if level == depth {
-            debug_assert_eq!(forest.nodes[node].left as usize, node, "bottom must be a leaf");
+            debug_assert_eq!(
+                forest.nodes[node].left as usize, node,
+                "bottom must be a leaf"
+            );
             self.leaf[heap - (1 << depth)] = forest.leaf_value[node];
             return;
         }
@@ -372,9 +382,10 @@ impl IsolationForest {
             let base = forest.nodes.len() as u32;
             forest.tree_start.push(base);
             forest.tree_depth.push(b.depth as u8);
-            forest
-                .nodes
-                .extend(b.nodes.iter().map(|node| Node { left: node.left + base, ..*node }));
+            forest.nodes.extend(b.nodes.iter().map(|node| Node {
+                left: node.left + base,
+                ..*node
+            }));
             forest.n_samples.extend(b.n_samples);
             forest.leaf_value.extend(b.leaf_value);
         }
@@ -438,7 +449,11 @@ impl IsolationForest {
     /// [`order_key`]; `x > τ` exactly when `key(x) > key(τ)` for finite x), which compiles
     /// to a compare and an add-with-carry. Rows are copied into fixed-width `[u64; S]` arrays
     /// (S = d rounded up to a power of two) so feature lookups need no bounds check.
-    fn score_rows_compact<const S: usize>(&self, trees: &[CompactTree], values: &[f64]) -> Vec<f64> {
+    fn score_rows_compact<const S: usize>(
+        &self,
+        trees: &[CompactTree],
+        values: &[f64],
+    ) -> Vec<f64> {
         let d = self.n_features;
         debug_assert!(d <= S);
         let depth = self.compact_depth();
@@ -446,7 +461,7 @@ impl IsolationForest {
         let mask = COMPACT_SLOTS - 1;
         let mut out = Vec::with_capacity(values.len() / d);
         let mut sums = [0f64; BLOCK];
-        let mut keys = vec![[0u64; S]; BLOCK];
+        let mut keys = [[0u64; S]; BLOCK];
         for block in values.chunks(BLOCK * d) {
             let b = block.len() / d;
             for (k, row) in keys.iter_mut().zip(block.chunks_exact(d)) {
@@ -463,10 +478,14 @@ impl IsolationForest {
                     let (mut i0, mut i1, mut i2, mut i3) = (1usize, 1usize, 1usize, 1usize);
                     for _ in 0..depth {
                         let (j0, j1, j2, j3) = (i0 & mask, i1 & mask, i2 & mask, i3 & mask);
-                        i0 = 2 * i0 + usize::from(x0[t.feature[j0] as usize & (S - 1)] > t.split[j0]);
-                        i1 = 2 * i1 + usize::from(x1[t.feature[j1] as usize & (S - 1)] > t.split[j1]);
-                        i2 = 2 * i2 + usize::from(x2[t.feature[j2] as usize & (S - 1)] > t.split[j2]);
-                        i3 = 2 * i3 + usize::from(x3[t.feature[j3] as usize & (S - 1)] > t.split[j3]);
+                        i0 = 2 * i0
+                            + usize::from(x0[t.feature[j0] as usize & (S - 1)] > t.split[j0]);
+                        i1 = 2 * i1
+                            + usize::from(x1[t.feature[j1] as usize & (S - 1)] > t.split[j1]);
+                        i2 = 2 * i2
+                            + usize::from(x2[t.feature[j2] as usize & (S - 1)] > t.split[j2]);
+                        i3 = 2 * i3
+                            + usize::from(x3[t.feature[j3] as usize & (S - 1)] > t.split[j3]);
                     }
                     sums[r] += t.leaf[(i0 - bottom) & mask];
                     sums[r + 1] += t.leaf[(i1 - bottom) & mask];
@@ -577,7 +596,8 @@ impl IsolationForest {
                 }
                 let f = node.feature as usize;
                 let next = node.left as usize + usize::from(row[f] > node.split);
-                credit[f] += (f64::from(self.n_samples[i]) / f64::from(self.n_samples[next])).log2();
+                credit[f] +=
+                    (f64::from(self.n_samples[i]) / f64::from(self.n_samples[next])).log2();
                 i = next;
             }
         }
@@ -637,6 +657,8 @@ impl IsolationForest {
     /// Rebuilds a forest from decoded parts, re-deriving leaf values and depths and checking
     /// that every tree is a proper tree (children after parents, inside the tree, features in
     /// range, depth within the height limit).
+    // One argument per decoded field, in format order; a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_parts(
         n_features: usize,
         sample_size: usize,
@@ -709,5 +731,48 @@ impl IsolationForest {
         };
         forest.compact = forest.build_compact();
         Ok(forest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::anomaly::iforest::{IForestParams, IsolationForest, height_limit};
+    use crate::anomaly::matrix::Matrix;
+    use crate::anomaly::rng::Rng;
+
+    #[test]
+    fn height_limit_is_ceil_log2() {
+        assert_eq!(height_limit(1), 1);
+        assert_eq!(height_limit(2), 1);
+        assert_eq!(height_limit(3), 2);
+        assert_eq!(height_limit(256), 8);
+        assert_eq!(height_limit(257), 9);
+    }
+
+    #[test]
+    fn compact_layout_scores_like_the_pointer_layout() {
+        let mut rng = Rng::new(1);
+        for d in [1usize, 3, 9, 17, 70] {
+            let values: Vec<f64> = (0..600 * d).map(|_| rng.next_f64() * 10.0 - 5.0).collect();
+            let x = Matrix::new(values, d).unwrap();
+            let forest = IsolationForest::fit(&x, &IForestParams::default()).unwrap();
+            assert!(forest.compact.is_some());
+            let fast = forest.score_batch(&x).unwrap();
+            let slow = forest.score_rows_generic(x.values());
+            assert_eq!(fast, slow, "d = {d}");
+        }
+        // ψ > 256 grows deeper trees and uses the pointer layout.
+        let values: Vec<f64> = (0..2000).map(|_| rng.next_f64()).collect();
+        let x = Matrix::new(values, 2).unwrap();
+        let params = IForestParams {
+            sample_size: Some(1000),
+            ..IForestParams::default()
+        };
+        let forest = IsolationForest::fit(&x, &params).unwrap();
+        assert!(forest.compact.is_none());
+        assert_eq!(
+            forest.score_one(x.row(3)).unwrap(),
+            forest.score_batch(&x).unwrap()[3]
+        );
     }
 }

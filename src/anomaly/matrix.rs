@@ -34,7 +34,7 @@ impl Matrix {
         if values.is_empty() {
             return Err(AnomalyError::Empty("no rows"));
         }
-        if values.len() % n_cols != 0 {
+        if !values.len().is_multiple_of(n_cols) {
             let n_rows = values.len() / n_cols;
             return Err(AnomalyError::Ragged {
                 row: n_rows,

@@ -71,3 +71,30 @@ pub(crate) fn argsort_keys(keys: Vec<u64>) -> (Vec<u64>, Vec<u32>) {
     debug_assert!(keys.windows(2).all(|w| w[0] <= w[1]));
     (keys, idx)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::anomaly::sort::{argsort_keys, key_value, order_key};
+
+    #[test]
+    fn keys_preserve_order_and_round_trip() {
+        let v = [-1e300, -2.5, -0.0, 0.0, 1e-300, 3.0, f64::INFINITY];
+        assert!(v.windows(2).all(|w| order_key(w[0]) <= order_key(w[1])));
+        assert_eq!(order_key(-0.0), order_key(0.0));
+        for x in v {
+            assert_eq!(key_value(order_key(x)), x + 0.0);
+        }
+    }
+
+    #[test]
+    fn argsort_small_and_large_agree_with_std() {
+        for n in [5usize, 3000] {
+            let keys: Vec<u64> = (0..n as u64).map(|i| (i * 7919) % 1000).collect();
+            let (sorted, order) = argsort_keys(keys.clone());
+            let mut want: Vec<(u64, u32)> = keys.iter().copied().zip(0u32..).collect();
+            want.sort();
+            assert_eq!(sorted, want.iter().map(|p| p.0).collect::<Vec<_>>());
+            assert_eq!(order, want.iter().map(|p| p.1).collect::<Vec<_>>());
+        }
+    }
+}

@@ -107,3 +107,39 @@ pub fn roc_auc(scores: &[f64], labels: &[bool]) -> f64 {
     }
     (rank_sum_pos - n_pos * (n_pos + 1.0) / 2.0) / (n_pos * n_neg)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::anomaly::stats::{average_path_length, percentile, roc_auc, skewness_sign};
+
+    #[test]
+    fn path_length_conventions() {
+        assert_eq!(average_path_length(0), 0.0);
+        assert_eq!(average_path_length(1), 0.0);
+        assert_eq!(average_path_length(2), 1.0);
+        // scikit-learn's value for 256.
+        assert!((average_path_length(256) - 10.244_770_920_119_917).abs() < 1e-12);
+    }
+
+    #[test]
+    fn percentile_matches_numpy_linear() {
+        let v = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert_eq!(percentile(&v, 100.0), 4.0);
+        assert!((percentile(&v, 90.0) - 3.7).abs() < 1e-12);
+    }
+
+    #[test]
+    fn auc_with_ties() {
+        assert_eq!(roc_auc(&[0.1, 0.9], &[false, true]), 1.0);
+        assert_eq!(roc_auc(&[0.5, 0.5], &[false, true]), 0.5);
+    }
+
+    #[test]
+    fn skew_signs() {
+        assert_eq!(skewness_sign([1.0, 1.0, 1.0].into_iter()), 0);
+        assert_eq!(skewness_sign([0.0, 0.0, 0.0, 10.0].into_iter()), 1);
+        assert_eq!(skewness_sign([0.0, 10.0, 10.0, 10.0].into_iter()), -1);
+        assert_eq!(skewness_sign([0.0, 1.0, 0.0, 1.0].into_iter()), 0);
+    }
+}
