@@ -47,6 +47,16 @@ pub enum Command {
     /// Administer tenants and API keys directly in the store.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Try the anomaly models on your own CSV data.
+    #[command(subcommand)]
+    Anomaly(AnomalyCommand),
+}
+
+/// `picket anomaly …`
+#[derive(Debug, Subcommand)]
+pub enum AnomalyCommand {
+    /// Fit a model on --train and print one score per line (higher = more anomalous).
+    Score(crate::cli_anomaly::ScoreArgs),
 }
 
 /// Which store to act on.
@@ -151,6 +161,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin(cmd) => admin_command(cmd).await,
+        Command::Anomaly(AnomalyCommand::Score(args)) => crate::cli_anomaly::run(&args),
     }
 }
 

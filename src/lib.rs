@@ -10,6 +10,7 @@
 //! - [`grpc`]: generated code (`grpc::pb`), conversions, status mapping, services.
 //! - [`http`]: `/healthz`, `/metrics`, request metrics.
 //! - [`ingest`]: the batching write path and the post-commit hand-off.
+//! - [`cli_anomaly`]: `picket anomaly score` (CSV in, scores out).
 //! - [`config`], [`telemetry`], [`startup`], [`shutdown`], [`cli`]: the process around it.
 #![forbid(unsafe_code)]
 
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod anomaly;
 pub mod auth;
 pub mod cli;
+pub mod cli_anomaly;
 pub mod config;
 pub mod domain;
 pub mod error;
