@@ -47,9 +47,23 @@ pub enum Command {
     /// Administer tenants and API keys directly in the store.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Send a JSON-lines file of events through IngestStream (`-` for stdin).
+    Ingest(crate::client::ingest::IngestArgs),
+    /// Follow newly committed events live.
+    Tail(crate::client::tail::TailArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Try the anomaly models on your own CSV data.
     #[command(subcommand)]
     Anomaly(AnomalyCommand),
+}
+
+/// `picket bench …`
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Ingest throughput and ack latency against the raw SQL ceiling.
+    Ingest(crate::client::bench::BenchIngestArgs),
 }
 
 /// `picket anomaly …`
@@ -162,6 +176,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Admin(cmd) => admin_command(cmd).await,
         Command::Anomaly(AnomalyCommand::Score(args)) => crate::cli_anomaly::run(&args),
+        Command::Ingest(args) => crate::client::ingest::run(args).await,
+        Command::Tail(args) => crate::client::tail::run(args).await,
+        Command::Bench(BenchCommand::Ingest(args)) => crate::client::bench::run(args).await,
     }
 }
 

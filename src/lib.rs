@@ -10,6 +10,7 @@
 //! - [`grpc`]: generated code (`grpc::pb`), conversions, status mapping, services.
 //! - [`http`]: `/healthz`, `/metrics`, request metrics.
 //! - [`ingest`]: the batching write path and the post-commit hand-off.
+//! - [`client`]: the CLI's gRPC client side: `picket ingest`, `tail`, `bench`.
 //! - [`cli_anomaly`]: `picket anomaly score` (CSV in, scores out).
 //! - [`config`], [`telemetry`], [`startup`], [`shutdown`], [`cli`]: the process around it.
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod anomaly;
 pub mod auth;
 pub mod cli;
 pub mod cli_anomaly;
+pub mod client;
 pub mod config;
 pub mod domain;
 pub mod error;

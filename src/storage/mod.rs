@@ -7,6 +7,7 @@
 //! always read and written through a method that takes the caller's
 //! [`TenantId`]; on Postgres, row-level security enforces it a second time.
 
+pub mod ceiling;
 mod postgres;
 mod sqlite;
 

@@ -1,0 +1,80 @@
+//! The command line's gRPC client side: `picket ingest`, `picket tail` and the
+//! `picket bench` load generator. Talks to a server through the generated
+//! clients exactly like any other client would.
+
+pub mod bench;
+pub mod ingest;
+pub mod json;
+pub mod tail;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::{ExposeSecret, SecretString};
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+
+/// Where the server is and how to authenticate.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// Server address.
+    #[arg(long, env = "PICKET_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// API key (`pk_…`).
+    #[arg(long, env = "PICKET_API_KEY", hide_env_values = true, value_parser = secret)]
+    pub api_key: SecretString,
+}
+
+fn secret(s: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(s.to_owned()))
+}
+
+impl ServerArgs {
+    /// Connects to the server.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Endpoint::from_shared(self.server.clone())
+            .context("invalid --server address")?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("failed to connect to {}", self.server))
+    }
+
+    /// Wraps `msg` with the API key.
+    pub fn request<T>(&self, msg: T) -> anyhow::Result<Request<T>> {
+        with_key(msg, self.api_key.expose_secret())
+    }
+}
+
+/// Wraps `msg` in a request carrying `key` as `x-api-key`.
+pub fn with_key<T>(msg: T, key: &str) -> anyhow::Result<Request<T>> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        crate::auth::API_KEY_HEADER,
+        MetadataValue::try_from(key)
+            .context("the API key contains characters not allowed in metadata")?,
+    );
+    Ok(r)
+}
+
+/// Whether a status means "resend later" rather than "this input is wrong".
+pub fn is_retryable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Aborted
+            | tonic::Code::Cancelled
+    )
+}
+
+/// The server's advised retry delay, or `fallback`.
+pub fn retry_delay(status: &tonic::Status, fallback: Duration) -> Duration {
+    use tonic_types::StatusExt;
+    status
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .unwrap_or(fallback)
+}
