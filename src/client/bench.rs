@@ -387,7 +387,8 @@ pub async fn bench(args: &BenchIngestArgs) -> anyhow::Result<BenchReport> {
     })
 }
 
-/// One client: a stream with a window of `in_flight` batches; returns ack latencies in µs.
+/// One client: a paced sender and a concurrent ack reader sharing a window of
+/// `in_flight` batches; returns ack latencies (send → ack) in µs.
 async fn client_run(
     id: usize,
     endpoint: String,
@@ -397,6 +398,7 @@ async fn client_run(
     in_flight: usize,
     pace: Option<Duration>,
 ) -> anyhow::Result<Histogram<u64>> {
+    use std::sync::{Arc, Mutex};
     let channel = tonic::transport::Endpoint::from_shared(endpoint)?
         .tcp_nodelay(true)
         .connect()
@@ -407,38 +409,45 @@ async fn client_run(
         .ingest_stream(with_key(ReceiverStream::new(rx), &key)?)
         .await?
         .into_inner();
+    let window = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    let sent_at: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let batches: Vec<Vec<pb::Event>> = events.chunks(batch_size).map(|c| c.to_vec()).collect();
+    let total = batches.len();
+    let sender = {
+        let window = window.clone();
+        let sent_at = sent_at.clone();
+        tokio::spawn(async move {
+            let mut ticker = pace.map(|p| {
+                let mut i = tokio::time::interval(p);
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                i
+            });
+            for (n, batch) in batches.into_iter().enumerate() {
+                if let Some(t) = ticker.as_mut() {
+                    t.tick().await;
+                }
+                let permit = window.acquire().await.expect("window open");
+                permit.forget();
+                let seq = n as u64 + 1;
+                sent_at
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(seq, Instant::now());
+                if tx
+                    .send(pb::IngestStreamRequest {
+                        sequence: seq,
+                        events: batch,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        })
+    };
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static bounds");
-    let mut sent_at: HashMap<u64, Instant> = HashMap::new();
-    let mut batches = events.chunks(batch_size).map(|c| c.to_vec()).enumerate();
-    let mut ticker = pace.map(|p| {
-        let mut i = tokio::time::interval(p);
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        i
-    });
-    let mut tx = Some(tx);
-    loop {
-        while sent_at.len() < in_flight {
-            let Some((n, batch)) = batches.next() else {
-                tx.take();
-                break;
-            };
-            if let Some(t) = ticker.as_mut() {
-                t.tick().await;
-            }
-            let seq = n as u64 + 1;
-            sent_at.insert(seq, Instant::now());
-            if let Some(tx) = &tx {
-                tx.send(pb::IngestStreamRequest {
-                    sequence: seq,
-                    events: batch,
-                })
-                .await
-                .ok();
-            }
-        }
-        if sent_at.is_empty() {
-            break;
-        }
+    for _ in 0..total {
         let ack = acks
             .message()
             .await
@@ -455,9 +464,11 @@ async fn client_run(
             "client {id}: {} events rejected",
             ack.rejected
         );
-        if let Some(t) = sent_at.remove(&ack.sequence) {
+        if let Some(t) = sent_at.lock().expect("not poisoned").remove(&ack.sequence) {
             hist.record(t.elapsed().as_micros().max(1) as u64).ok();
         }
+        window.add_permits(1);
     }
+    sender.await.context("sender panicked")?;
     Ok(hist)
 }

@@ -5,5 +5,6 @@
 mod common;
 
 mod admin;
+mod crash;
 mod ingest;
 mod server;
