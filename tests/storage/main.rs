@@ -177,7 +177,7 @@ async fn key_fields_round_trip(backend: Backend) {
     assert_eq!(s.find_api_key(&k.id).await.unwrap(), Some(k));
 }
 
-both_backends!(
+crate::both_backends!(
     tenants_round_trip,
     tenants_page_by_name,
     settings_first_writer_wins,
@@ -337,4 +337,117 @@ async fn postgres_row_level_security_confines_the_app_role() {
     drop(tx);
     owner.close().await;
     s.close().await;
+}
+
+mod events {
+    use super::*;
+    use picket::domain::Severity;
+    use picket::domain::event::{EventDetails, EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, idempotency_digest};
+
+    fn event(key: &str, actor: &str, at_s: i64) -> NewEvent {
+        NewEvent {
+            id: uuid::Uuid::now_v7(),
+            idempotency_digest: idempotency_digest(key),
+            occurred_at: chrono::DateTime::from_timestamp(1_800_000_000 + at_s, 0).unwrap(),
+            received_at: chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap(),
+            event_type: "user.login".into(),
+            ocsf_class_uid: 3002,
+            ocsf_category_uid: 3,
+            actor: actor.into(),
+            action: "login".into(),
+            resource: "/login".into(),
+            outcome: Outcome::Failure,
+            severity: Severity::Medium,
+            source_ip: Some("203.0.113.5".parse().unwrap()),
+            destination_ip: None,
+            source_system: "test".into(),
+            service: "web".into(),
+            environment: "prod".into(),
+            details: EventDetails {
+                idempotency_key: key.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    async fn two_tenants(s: &dyn Store) -> (TenantId, TenantId) {
+        let a = tenant("a");
+        let b = tenant("b");
+        s.create_tenant(&a).await.unwrap();
+        s.create_tenant(&b).await.unwrap();
+        (a.id, b.id)
+    }
+
+    pub async fn insert_reports_accepted_and_duplicates(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let (a, b) = two_tenants(s.as_ref()).await;
+        let first = vec![event("k1", "x", 0), event("k2", "x", 1), event("k1", "x", 2)];
+        let other = vec![event("k1", "y", 0)];
+        let out = s.insert_events(&[(a, &first), (b, &other)]).await.unwrap();
+        assert_eq!(out[0][0], InsertOutcome::Accepted(first[0].id));
+        assert_eq!(out[0][1], InsertOutcome::Accepted(first[1].id));
+        assert_eq!(out[0][2], InsertOutcome::Duplicate(first[0].id), "same key later in one batch");
+        assert_eq!(out[1][0], InsertOutcome::Accepted(other[0].id), "keys are per tenant");
+        let again = vec![event("k2", "x", 5)];
+        assert_eq!(s.insert_events(&[(a, &again)]).await.unwrap()[0][0], InsertOutcome::Duplicate(first[1].id));
+        // Stored values round-trip.
+        let q = EventQuery { limit: 10, ..Default::default() };
+        let rows = s.query_events(a, &q).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        let stored = rows.iter().find(|r| r.event.id == first[0].id).unwrap();
+        assert_eq!(stored.event, first[0]);
+        assert_eq!(stored.tenant_id, a);
+    }
+
+    pub async fn feed_is_ordered_and_tenant_scoped(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let (a, b) = two_tenants(s.as_ref()).await;
+        for i in 0..5 {
+            let ea = vec![event(&format!("a{i}"), "x", i)];
+            let eb = vec![event(&format!("b{i}"), "y", i)];
+            s.insert_events(&[(a, &ea), (b, &eb)]).await.unwrap();
+        }
+        let all = s.events_after(a, FeedPosition::default(), 100).await.unwrap();
+        assert_eq!(all.len(), 5);
+        assert!(all.iter().all(|e| e.tenant_id == a));
+        assert!(all.windows(2).all(|w| w[0].position < w[1].position));
+        let keys: Vec<_> = all.iter().map(|e| e.event.details.idempotency_key.clone()).collect();
+        assert_eq!(keys, ["a0", "a1", "a2", "a3", "a4"]);
+        let rest = s.events_after(a, all[1].position, 2).await.unwrap();
+        assert_eq!(rest.iter().map(|e| e.position).collect::<Vec<_>>(), vec![all[2].position, all[3].position]);
+        assert_eq!(s.events_head(a).await.unwrap(), Some(all[4].position));
+        let c = tenant("c");
+        s.create_tenant(&c).await.unwrap();
+        assert_eq!(s.events_head(c.id).await.unwrap(), None);
+    }
+
+    pub async fn query_pages_and_purge(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let (a, _) = two_tenants(s.as_ref()).await;
+        let evs: Vec<_> = (0..10).map(|i| event(&format!("p{i}"), if i < 4 { "x" } else { "y" }, i)).collect();
+        s.insert_events(&[(a, &evs)]).await.unwrap();
+        let mut q = EventQuery { limit: 3, ..Default::default() };
+        let mut seen = Vec::new();
+        loop {
+            let page = s.query_events(a, &q).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            let last = &page[page.len() - 1].event;
+            q.before = Some((last.occurred_at, last.id));
+            seen.extend(page.into_iter().map(|r| r.event.details.idempotency_key));
+        }
+        assert_eq!(seen, (0..10).rev().map(|i| format!("p{i}")).collect::<Vec<_>>());
+        let x = EventQuery { actor: Some("x".into()), limit: 100, ..Default::default() };
+        assert_eq!(s.query_events(a, &x).await.unwrap().len(), 4);
+        let purged = s.purge_events(a, evs[4].occurred_at).await.unwrap();
+        assert_eq!(purged, 4);
+        assert_eq!(s.query_events(a, &EventQuery { limit: 100, ..Default::default() }).await.unwrap().len(), 6);
+    }
+
+    crate::both_backends!(
+        insert_reports_accepted_and_duplicates,
+        feed_is_ordered_and_tenant_scoped,
+        query_pages_and_purge,
+    );
 }
