@@ -28,7 +28,12 @@ pub struct Cli {
     )]
     pub log_format: LogFormat,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `info,picket=debug`.
-    #[arg(long, global = true, env = "PICKET_LOG", default_value = "info,sqlx=warn")]
+    #[arg(
+        long,
+        global = true,
+        env = "PICKET_LOG",
+        default_value = "info,sqlx=warn"
+    )]
     pub log: String,
     /// What to do.
     #[command(subcommand)]

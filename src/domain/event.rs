@@ -196,7 +196,7 @@ pub struct EventDetails {
 }
 
 /// A validated, normalized event ready to store.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewEvent {
     /// Id assigned at validation (UUIDv7).
     pub id: Uuid,

@@ -4,6 +4,7 @@
 //! Constructors validate ("parse, don't validate"): a value of these types is
 //! always well-formed.
 
+pub mod alert;
 pub mod event;
 pub mod tenant;
 
@@ -30,7 +31,19 @@ impl FieldViolation {
 }
 
 /// Severity, ordered from least to most severe (matches `picket.v1.Severity`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum Severity {
     /// Routine activity.
     #[default]

@@ -8,7 +8,9 @@ use uuid::Uuid;
 use crate::domain::FieldViolation;
 
 /// Identifier of a tenant. Every tenant-owned row carries one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct TenantId(pub Uuid);
 
 impl TenantId {

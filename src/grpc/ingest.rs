@@ -13,10 +13,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
-use crate::domain::event::{FeedPosition, InsertOutcome, MAX_BATCH_EVENTS, NewEvent};
+use crate::domain::event::{EventQuery, FeedPosition, InsertOutcome, MAX_BATCH_EVENTS, NewEvent};
 use crate::domain::{FieldViolation, Scope, TenantId};
 use crate::error::{AppError, AppResult};
-use crate::grpc::convert::{page_size, timestamp};
+use crate::grpc::convert::page_size;
 use crate::grpc::events::{
     EventPageToken, decode_cursor, decode_page_token, encode_cursor, encode_page_token,
     event_from_pb, event_to_pb, query_from_pb,
@@ -24,15 +24,11 @@ use crate::grpc::events::{
 use crate::grpc::pb::ingest_service_server::IngestService;
 use crate::grpc::placeholder::BoxStream;
 use crate::grpc::status::to_status;
-use crate::grpc::{ApiContext, pb};
+use crate::grpc::{ApiContext, pb, watch};
+use crate::storage::Store;
 
 /// Cursor kind of the event feed.
 const EVENTS_CURSOR: &str = "ev";
-/// Most events read from the store per tail round trip.
-const TAIL_READ: u32 = 256;
-/// How often a tail re-reads the store even without a local commit signal
-/// (commits by other replicas, rows that became readable later).
-const TAIL_POLL: Duration = Duration::from_millis(500);
 
 /// IngestService implementation.
 pub struct IngestApi {
@@ -335,7 +331,7 @@ impl IngestService for IngestApi {
             .limits
             .heartbeat_interval(options.heartbeat_interval_seconds)
             .map_err(to_status)?;
-        let mut position = if options.after_cursor.is_empty() {
+        let position = if options.after_cursor.is_empty() {
             self.ctx
                 .store
                 .events_head(tenant)
@@ -351,65 +347,74 @@ impl IngestService for IngestApi {
             )
             .map_err(to_status)?
         };
-        let ctx = self.ctx.clone();
-        // Small buffer: a slow reader only holds this much in memory; it reads
-        // the store at its own pace and never slows ingest.
-        let (tx, rx) = mpsc::channel::<Result<pb::TailEventsResponse, Status>>(64);
-        metrics::gauge!("picket_tail_streams_open").increment(1.0);
-        tokio::spawn(async move {
-            let mut commits = ctx.ingest.commits();
-            let mut last_sent = tokio::time::Instant::now();
-            'outer: loop {
-                let batch = match ctx.store.events_after(tenant, position, TAIL_READ).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _ = tx.send(Err(to_status(e.into()))).await;
-                        break;
-                    }
-                };
-                let full = batch.len() == TAIL_READ as usize;
-                for stored in batch {
-                    position = stored.position;
-                    if !filter.matches(&stored.event) {
-                        continue;
-                    }
-                    let item = pb::TailEventsResponse {
-                        cursor: encode_cursor(EVENTS_CURSOR, tenant, position),
-                        item: Some(pb::tail_events_response::Item::Event(event_to_pb(
-                            &stored.event,
-                        ))),
-                    };
-                    tokio::select! {
-                        sent = tx.send(Ok(item)) => if sent.is_err() { break 'outer },
-                        () = ctx.shutdown.cancelled() => break 'outer,
-                    }
-                    last_sent = tokio::time::Instant::now();
-                }
-                if full {
-                    continue;
-                }
-                let next_heartbeat = last_sent + heartbeat;
-                tokio::select! {
-                    changed = commits.changed() => if changed.is_err() { break },
-                    () = tokio::time::sleep(TAIL_POLL) => {}
-                    () = tokio::time::sleep_until(next_heartbeat) => {
-                        let head = ctx.store.events_head(tenant).await.ok().flatten();
-                        let hb = pb::TailEventsResponse {
-                            cursor: String::new(),
-                            item: Some(pb::tail_events_response::Item::Heartbeat(pb::Heartbeat {
-                                server_time: Some(timestamp(Utc::now())),
-                                head_cursor: head.map(|p: FeedPosition| encode_cursor(EVENTS_CURSOR, tenant, p)).unwrap_or_default(),
-                            })),
-                        };
-                        if tx.send(Ok(hb)).await.is_err() { break }
-                        last_sent = tokio::time::Instant::now();
-                    }
-                    () = ctx.shutdown.cancelled() => break,
-                    () = tx.closed() => break,
-                }
-            }
-            metrics::gauge!("picket_tail_streams_open").decrement(1.0);
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let feed = EventFeed {
+            store: self.ctx.store.clone(),
+            tenant,
+            filter,
+        };
+        Ok(Response::new(watch::follow(
+            feed,
+            position,
+            heartbeat,
+            self.ctx.ingest.commits(),
+            self.ctx.shutdown.clone(),
+            "tail_events",
+        )))
+    }
+}
+
+/// The event feed as TailEvents follows it.
+struct EventFeed {
+    /// Where events are read.
+    store: Arc<dyn Store>,
+    /// The caller's tenant.
+    tenant: TenantId,
+    /// Which events to deliver.
+    filter: EventQuery,
+}
+
+#[tonic::async_trait]
+impl watch::Feed for EventFeed {
+    type Msg = pb::TailEventsResponse;
+
+    async fn read_after(
+        &self,
+        after: FeedPosition,
+        limit: u32,
+    ) -> AppResult<Vec<(FeedPosition, Option<Self::Msg>)>> {
+        let rows = self.store.events_after(self.tenant, after, limit).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let msg = self
+                    .filter
+                    .matches(&r.event)
+                    .then(|| pb::TailEventsResponse {
+                        cursor: String::new(),
+                        item: Some(pb::tail_events_response::Item::Event(event_to_pb(&r.event))),
+                    });
+                (r.position, msg)
+            })
+            .collect())
+    }
+
+    async fn head(&self) -> AppResult<Option<FeedPosition>> {
+        Ok(self.store.events_head(self.tenant).await?)
+    }
+
+    fn cursor(&self, at: FeedPosition) -> String {
+        encode_cursor(EVENTS_CURSOR, self.tenant, at)
+    }
+
+    fn heartbeat(&self, hb: pb::Heartbeat) -> Self::Msg {
+        pb::TailEventsResponse {
+            cursor: String::new(),
+            item: Some(pb::tail_events_response::Item::Heartbeat(hb)),
+        }
+    }
+
+    fn with_cursor(&self, mut msg: Self::Msg, cursor: String) -> Self::Msg {
+        msg.cursor = cursor;
+        msg
     }
 }

@@ -10,6 +10,7 @@ pub mod health;
 pub mod ingest;
 pub mod placeholder;
 pub mod status;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;

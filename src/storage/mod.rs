@@ -17,6 +17,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{EventQuery, FeedPosition, InsertOutcome, NewEvent, StoredEvent};
 use crate::domain::{ApiKey, ApiKeyId, Tenant, TenantId};
 
@@ -86,7 +87,7 @@ impl Backend {
 /// Everything Picket persists. Implementations must behave identically; the
 /// conformance suite in `tests/storage` is the definition of "identically".
 #[async_trait]
-pub trait Store: EventStore + Send + Sync + 'static {
+pub trait Store: EventStore + AlertStore + Send + Sync + 'static {
     /// Which backend this is.
     fn backend(&self) -> Backend;
 
@@ -172,6 +173,62 @@ pub trait EventStore: Send + Sync {
 
     /// Deletes the tenant's events that occurred before `before`; returns how many.
     async fn purge_events(&self, tenant: TenantId, before: DateTime<Utc>) -> StoreResult<u64>;
+
+    /// The tenant's events with these ids (missing ids are skipped).
+    async fn get_events(
+        &self,
+        tenant: TenantId,
+        ids: &[uuid::Uuid],
+    ) -> StoreResult<Vec<StoredEvent>>;
+}
+
+/// Alert storage and the ordered change log behind every watch stream.
+#[async_trait]
+pub trait AlertStore: Send + Sync {
+    /// Raises an alert, or folds it into the open alert (new or acknowledged)
+    /// with the same fingerprint whose last_seen is within `suppression` of the
+    /// detection's first_seen. Appends the resulting state to the change log in
+    /// the same transaction. Returns the alert and whether it was created.
+    async fn raise_alert(
+        &self,
+        tenant: TenantId,
+        new: NewAlert,
+        suppression: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> StoreResult<(Alert, bool)>;
+
+    /// One alert.
+    async fn get_alert(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<Alert>;
+
+    /// Alerts matching `query`, newest last_seen first.
+    async fn list_alerts(&self, tenant: TenantId, query: &AlertQuery) -> StoreResult<Vec<Alert>>;
+
+    /// Changes an alert's status, recording who, when and why, and logs the change.
+    async fn update_alert_status(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        status: AlertStatus,
+        by: &str,
+        note: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Alert>;
+
+    /// Change-log entries of `stream` strictly after `after`, in commit order.
+    async fn changes_after(
+        &self,
+        tenant: TenantId,
+        stream: &str,
+        after: FeedPosition,
+        limit: u32,
+    ) -> StoreResult<Vec<Change>>;
+
+    /// The newest readable change-log position of `stream`.
+    async fn changes_head(
+        &self,
+        tenant: TenantId,
+        stream: &str,
+    ) -> StoreResult<Option<FeedPosition>>;
 }
 
 /// The default embedded database: `./picket-data/picket.db`.

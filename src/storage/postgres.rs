@@ -12,11 +12,12 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Connection, Executor, PgConnection, PgPool, Postgres, Row, Transaction};
 
+use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{
     EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
 };
 use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
-use crate::storage::{Backend, EventStore, Store, StoreError, StoreResult};
+use crate::storage::{AlertStore, Backend, EventStore, Store, StoreError, StoreResult};
 
 /// Runs the Postgres migrations on a dedicated connection as the owner role.
 pub async fn migrate(url: &str) -> anyhow::Result<()> {
@@ -636,6 +637,30 @@ impl EventStore for PgStore {
         }))
     }
 
+    async fn get_events(
+        &self,
+        tenant: TenantId,
+        ids: &[uuid::Uuid],
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let classify = |e| StoreError::classify(e, "events", "failed to read events");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE tenant_id = $1 AND id = ANY($2) ORDER BY occurred_at, id"
+        ))
+        .bind(tenant.0)
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        rows.iter()
+            .map(event_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(classify)
+    }
+
     async fn purge_events(&self, tenant: TenantId, before: DateTime<Utc>) -> StoreResult<u64> {
         let ctx = "failed to purge events";
         let classify = |e| StoreError::classify(e, "events", ctx);
@@ -648,5 +673,263 @@ impl EventStore for PgStore {
             .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
         Ok(done.rows_affected())
+    }
+}
+
+fn alert_from_doc(doc: serde_json::Value) -> Result<Alert, sqlx::Error> {
+    serde_json::from_value(doc).map_err(|e| sqlx::Error::Decode(e.into()))
+}
+
+fn doc_of(alert: &Alert) -> Result<serde_json::Value, sqlx::Error> {
+    serde_json::to_value(alert).map_err(|e| sqlx::Error::Encode(e.into()))
+}
+
+impl PgStore {
+    /// Writes an alert row (insert or update) and its change-log entry inside `tx`.
+    async fn save_alert(
+        tx: &mut Transaction<'static, Postgres>,
+        alert: &Alert,
+        kind: &str,
+        insert: bool,
+    ) -> Result<(), sqlx::Error> {
+        let doc = doc_of(alert)?;
+        let sql = if insert {
+            "INSERT INTO alerts (tenant_id, id, fingerprint, severity, status, category, last_seen, created_at, incident_id, doc) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        } else {
+            "UPDATE alerts SET fingerprint = $3, severity = $4, status = $5, category = $6, last_seen = $7, \
+             created_at = $8, incident_id = $9, doc = $10 WHERE tenant_id = $1 AND id = $2"
+        };
+        sqlx::query(sql)
+            .bind(alert.tenant_id.0)
+            .bind(alert.id)
+            .bind(&alert.fingerprint)
+            .bind(alert.severity.as_i16())
+            .bind(alert.status.as_i16())
+            .bind(&alert.category)
+            .bind(alert.last_seen)
+            .bind(alert.created_at)
+            .bind(alert.incident_id)
+            .bind(&doc)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("INSERT INTO change_log (tenant_id, stream, subject_id, kind, payload) VALUES ($1, 'alerts', $2, $3, $4)")
+            .bind(alert.tenant_id.0)
+            .bind(alert.id)
+            .bind(kind)
+            .bind(&doc)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl AlertStore for PgStore {
+    async fn raise_alert(
+        &self,
+        tenant: TenantId,
+        new: NewAlert,
+        suppression: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> StoreResult<(Alert, bool)> {
+        let classify = |e| StoreError::classify(e, "alert", "failed to raise an alert");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        // Serialize raises of one fingerprint so concurrent detections fold into one alert.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("{}/{}", tenant.0, new.fingerprint))
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let existing: Option<serde_json::Value> = sqlx::query_scalar(
+            "SELECT doc FROM alerts WHERE tenant_id = $1 AND fingerprint = $2 AND status IN (1, 2) \
+             AND last_seen >= $3 ORDER BY last_seen DESC LIMIT 1",
+        )
+        .bind(tenant.0)
+        .bind(&new.fingerprint)
+        .bind(new.first_seen - suppression)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let (alert, created) = match existing {
+            Some(doc) => {
+                let mut alert = alert_from_doc(doc).map_err(classify)?;
+                alert.fold(new, now);
+                Self::save_alert(&mut tx, &alert, "updated", false)
+                    .await
+                    .map_err(classify)?;
+                (alert, false)
+            }
+            None => {
+                let alert = Alert::from_new(tenant, new, now);
+                Self::save_alert(&mut tx, &alert, "created", true)
+                    .await
+                    .map_err(classify)?;
+                (alert, true)
+            }
+        };
+        tx.commit().await.map_err(classify)?;
+        Ok((alert, created))
+    }
+
+    async fn get_alert(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<Alert> {
+        let what = format!("alert {id}");
+        let classify = |e| StoreError::classify(e, &what, "failed to read an alert");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let doc: serde_json::Value =
+            sqlx::query_scalar("SELECT doc FROM alerts WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant.0)
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        alert_from_doc(doc).map_err(classify)
+    }
+
+    async fn list_alerts(&self, tenant: TenantId, q: &AlertQuery) -> StoreResult<Vec<Alert>> {
+        let classify = |e| StoreError::classify(e, "alerts", "failed to list alerts");
+        let mut b =
+            sqlx::QueryBuilder::<Postgres>::new("SELECT doc FROM alerts WHERE tenant_id = ");
+        b.push_bind(tenant.0);
+        if let Some(s) = q.min_severity {
+            b.push(" AND severity >= ").push_bind(s.as_i16());
+        }
+        if !q.statuses.is_empty() {
+            let v: Vec<i16> = q.statuses.iter().map(|s| s.as_i16()).collect();
+            b.push(" AND status = ANY(").push_bind(v).push(")");
+        }
+        if let Some(c) = &q.category {
+            b.push(" AND category = ").push_bind(c.clone());
+        }
+        if let Some(e) = &q.entity {
+            let needle = serde_json::json!({ "body": { "entities": [e] } });
+            b.push(" AND doc @> ").push_bind(needle);
+        }
+        if let Some(t) = q.start {
+            b.push(" AND last_seen >= ").push_bind(t);
+        }
+        if let Some(t) = q.end {
+            b.push(" AND last_seen < ").push_bind(t);
+        }
+        if let Some((t, id)) = q.before {
+            b.push(" AND (last_seen, id) < (")
+                .push_bind(t)
+                .push(", ")
+                .push_bind(id)
+                .push(")");
+        }
+        b.push(" ORDER BY last_seen DESC, id DESC LIMIT ")
+            .push_bind(i64::from(q.limit));
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let docs: Vec<serde_json::Value> = b
+            .build_query_scalar()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        docs.into_iter()
+            .map(alert_from_doc)
+            .collect::<Result<_, _>>()
+            .map_err(classify)
+    }
+
+    async fn update_alert_status(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        status: AlertStatus,
+        by: &str,
+        note: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Alert> {
+        let what = format!("alert {id}");
+        let classify = |e| StoreError::classify(e, &what, "failed to update an alert");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let doc: serde_json::Value = sqlx::query_scalar(
+            "SELECT doc FROM alerts WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+        )
+        .bind(tenant.0)
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let mut alert = alert_from_doc(doc).map_err(classify)?;
+        alert.body.history.push(crate::domain::alert::StatusChange {
+            from: alert.status,
+            to: status,
+            by: by.to_owned(),
+            at: now,
+            note: note.to_owned(),
+        });
+        alert.status = status;
+        alert.updated_at = now;
+        Self::save_alert(&mut tx, &alert, "updated", false)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(alert)
+    }
+
+    async fn changes_after(
+        &self,
+        tenant: TenantId,
+        stream: &str,
+        after: FeedPosition,
+        limit: u32,
+    ) -> StoreResult<Vec<Change>> {
+        let classify = |e| StoreError::classify(e, "changes", "failed to read the change log");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let rows: Vec<(String, i64, String, uuid::Uuid, String, serde_json::Value)> =
+            sqlx::query_as(
+                "SELECT xid::text, seq, stream, subject_id, kind, payload FROM change_log \
+             WHERE tenant_id = $1 AND stream = $2 AND (xid, seq) > ($3::text::xid8, $4) \
+             AND xid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY xid, seq LIMIT $5",
+            )
+            .bind(tenant.0)
+            .bind(stream)
+            .bind(after.xid.to_string())
+            .bind(after.seq)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(xid, seq, stream, subject_id, kind, payload)| Change {
+                position: FeedPosition {
+                    xid: xid.parse().unwrap_or(0),
+                    seq,
+                },
+                stream,
+                subject_id,
+                kind,
+                payload,
+            })
+            .collect())
+    }
+
+    async fn changes_head(
+        &self,
+        tenant: TenantId,
+        stream: &str,
+    ) -> StoreResult<Option<FeedPosition>> {
+        let classify = |e| StoreError::classify(e, "changes", "failed to read the change log head");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let row: Option<(String, i64)> = sqlx::query_as(
+            "SELECT xid::text, seq FROM change_log WHERE tenant_id = $1 AND stream = $2 \
+             AND xid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY xid DESC, seq DESC LIMIT 1",
+        )
+        .bind(tenant.0)
+        .bind(stream)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(row.map(|(xid, seq)| FeedPosition {
+            xid: xid.parse().unwrap_or(0),
+            seq,
+        }))
     }
 }

@@ -16,11 +16,12 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection, Row};
 use uuid::Uuid;
 
+use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{
     EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
 };
 use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
-use crate::storage::{Backend, EventStore, Store, StoreError, StoreResult};
+use crate::storage::{AlertStore, Backend, EventStore, Store, StoreError, StoreResult};
 
 /// Connection options for `url`, creating the file's directory if needed.
 fn options(url: &str) -> anyhow::Result<SqliteConnectOptions> {
@@ -555,6 +556,36 @@ impl EventStore for SqliteStore {
         Ok(seq.map(|seq| FeedPosition { xid: 0, seq }))
     }
 
+    async fn get_events(
+        &self,
+        tenant: TenantId,
+        ids: &[uuid::Uuid],
+    ) -> StoreResult<Vec<StoredEvent>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut b = sqlx::QueryBuilder::<sqlx::Sqlite>::new(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM events WHERE tenant_id = "
+        ));
+        b.push_bind(tenant.0.to_string()).push(" AND id IN (");
+        let mut sep = b.separated(", ");
+        for id in ids {
+            sep.push_bind(id.to_string());
+        }
+        b.push(") ORDER BY occurred_at, id");
+        let rows = b
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| StoreError::classify(e, "events", "failed to read events"))?;
+        rows.iter()
+            .map(event_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(|e| StoreError::classify(e, "events", "failed to decode events"))
+    }
+
     async fn purge_events(&self, tenant: TenantId, before: DateTime<Utc>) -> StoreResult<u64> {
         let done = sqlx::query("DELETE FROM events WHERE tenant_id = ?1 AND occurred_at < ?2")
             .bind(tenant.0.to_string())
@@ -563,5 +594,255 @@ impl EventStore for SqliteStore {
             .await
             .map_err(|e| StoreError::classify(e, "events", "failed to purge events"))?;
         Ok(done.rows_affected())
+    }
+}
+
+fn alert_from_doc(doc: &str) -> Result<Alert, sqlx::Error> {
+    serde_json::from_str(doc).map_err(|e| sqlx::Error::Decode(e.into()))
+}
+
+/// Writes an alert row (insert or update) and its change-log entry inside `tx`.
+async fn save_alert(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    alert: &Alert,
+    kind: &str,
+    insert: bool,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let doc = serde_json::to_string(alert).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    let sql = if insert {
+        "INSERT INTO alerts (tenant_id, id, fingerprint, severity, status, category, last_seen, created_at, incident_id, doc) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+    } else {
+        "UPDATE alerts SET fingerprint = ?3, severity = ?4, status = ?5, category = ?6, last_seen = ?7, \
+         created_at = ?8, incident_id = ?9, doc = ?10 WHERE tenant_id = ?1 AND id = ?2"
+    };
+    sqlx::query(sql)
+        .bind(alert.tenant_id.0.to_string())
+        .bind(alert.id.to_string())
+        .bind(&alert.fingerprint)
+        .bind(alert.severity.as_i16())
+        .bind(alert.status.as_i16())
+        .bind(&alert.category)
+        .bind(micros(alert.last_seen))
+        .bind(micros(alert.created_at))
+        .bind(alert.incident_id.map(|i| i.to_string()))
+        .bind(&doc)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO change_log (tenant_id, stream, subject_id, kind, payload, created_at) VALUES (?1, 'alerts', ?2, ?3, ?4, ?5)",
+    )
+    .bind(alert.tenant_id.0.to_string())
+    .bind(alert.id.to_string())
+    .bind(kind)
+    .bind(&doc)
+    .bind(micros(now))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl AlertStore for SqliteStore {
+    async fn raise_alert(
+        &self,
+        tenant: TenantId,
+        new: NewAlert,
+        suppression: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> StoreResult<(Alert, bool)> {
+        let classify = |e| StoreError::classify(e, "alert", "failed to raise an alert");
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(classify)?;
+        let existing: Option<String> = sqlx::query_scalar(
+            "SELECT doc FROM alerts WHERE tenant_id = ?1 AND fingerprint = ?2 AND status IN (1, 2) \
+             AND last_seen >= ?3 ORDER BY last_seen DESC LIMIT 1",
+        )
+        .bind(tenant.0.to_string())
+        .bind(&new.fingerprint)
+        .bind(micros(new.first_seen - suppression))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let (alert, created) = match existing {
+            Some(doc) => {
+                let mut alert = alert_from_doc(&doc).map_err(classify)?;
+                alert.fold(new, now);
+                save_alert(&mut tx, &alert, "updated", false, now)
+                    .await
+                    .map_err(classify)?;
+                (alert, false)
+            }
+            None => {
+                let alert = Alert::from_new(tenant, new, now);
+                save_alert(&mut tx, &alert, "created", true, now)
+                    .await
+                    .map_err(classify)?;
+                (alert, true)
+            }
+        };
+        tx.commit().await.map_err(classify)?;
+        Ok((alert, created))
+    }
+
+    async fn get_alert(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<Alert> {
+        let what = format!("alert {id}");
+        let doc: String =
+            sqlx::query_scalar("SELECT doc FROM alerts WHERE tenant_id = ?1 AND id = ?2")
+                .bind(tenant.0.to_string())
+                .bind(id.to_string())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| StoreError::classify(e, &what, "failed to read an alert"))?;
+        alert_from_doc(&doc)
+            .map_err(|e| StoreError::classify(e, &what, "failed to decode an alert"))
+    }
+
+    async fn list_alerts(&self, tenant: TenantId, q: &AlertQuery) -> StoreResult<Vec<Alert>> {
+        let classify = |e| StoreError::classify(e, "alerts", "failed to list alerts");
+        let mut b =
+            sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT doc FROM alerts WHERE tenant_id = ");
+        b.push_bind(tenant.0.to_string());
+        if let Some(s) = q.min_severity {
+            b.push(" AND severity >= ").push_bind(s.as_i16());
+        }
+        if !q.statuses.is_empty() {
+            b.push(" AND status IN (");
+            let mut sep = b.separated(", ");
+            for s in &q.statuses {
+                sep.push_bind(s.as_i16());
+            }
+            b.push(")");
+        }
+        if let Some(c) = &q.category {
+            b.push(" AND category = ").push_bind(c.clone());
+        }
+        if let Some(e) = &q.entity {
+            let kind =
+                serde_json::to_value(e.kind).map_err(|e| StoreError::Unexpected(e.into()))?;
+            b.push(" AND EXISTS (SELECT 1 FROM json_each(doc, '$.body.entities') j WHERE json_extract(j.value, '$.kind') = ")
+                .push_bind(kind.as_str().unwrap_or_default().to_owned())
+                .push(" AND json_extract(j.value, '$.value') = ")
+                .push_bind(e.value.clone())
+                .push(")");
+        }
+        if let Some(t) = q.start {
+            b.push(" AND last_seen >= ").push_bind(micros(t));
+        }
+        if let Some(t) = q.end {
+            b.push(" AND last_seen < ").push_bind(micros(t));
+        }
+        if let Some((t, id)) = q.before {
+            b.push(" AND (last_seen, id) < (")
+                .push_bind(micros(t))
+                .push(", ")
+                .push_bind(id.to_string())
+                .push(")");
+        }
+        b.push(" ORDER BY last_seen DESC, id DESC LIMIT ")
+            .push_bind(i64::from(q.limit));
+        let docs: Vec<String> = b
+            .build_query_scalar()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        docs.iter()
+            .map(|d| alert_from_doc(d))
+            .collect::<Result<_, _>>()
+            .map_err(classify)
+    }
+
+    async fn update_alert_status(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        status: AlertStatus,
+        by: &str,
+        note: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Alert> {
+        let what = format!("alert {id}");
+        let classify = |e| StoreError::classify(e, &what, "failed to update an alert");
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(classify)?;
+        let doc: String =
+            sqlx::query_scalar("SELECT doc FROM alerts WHERE tenant_id = ?1 AND id = ?2")
+                .bind(tenant.0.to_string())
+                .bind(id.to_string())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+        let mut alert = alert_from_doc(&doc).map_err(classify)?;
+        alert.body.history.push(crate::domain::alert::StatusChange {
+            from: alert.status,
+            to: status,
+            by: by.to_owned(),
+            at: now,
+            note: note.to_owned(),
+        });
+        alert.status = status;
+        alert.updated_at = now;
+        save_alert(&mut tx, &alert, "updated", false, now)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(alert)
+    }
+
+    async fn changes_after(
+        &self,
+        tenant: TenantId,
+        stream: &str,
+        after: FeedPosition,
+        limit: u32,
+    ) -> StoreResult<Vec<Change>> {
+        let classify = |e| StoreError::classify(e, "changes", "failed to read the change log");
+        let rows: Vec<(i64, String, String, String, String)> = sqlx::query_as(
+            "SELECT seq, stream, subject_id, kind, payload FROM change_log \
+             WHERE tenant_id = ?1 AND stream = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
+        )
+        .bind(tenant.0.to_string())
+        .bind(stream)
+        .bind(after.seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.into_iter()
+            .map(|(seq, stream, subject, kind, payload)| {
+                Ok(Change {
+                    position: FeedPosition { xid: 0, seq },
+                    stream,
+                    subject_id: parse_uuid(&subject)?,
+                    kind,
+                    payload: serde_json::from_str(&payload)
+                        .map_err(|e| sqlx::Error::Decode(e.into()))?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(classify)
+    }
+
+    async fn changes_head(
+        &self,
+        tenant: TenantId,
+        stream: &str,
+    ) -> StoreResult<Option<FeedPosition>> {
+        let seq: Option<i64> = sqlx::query_scalar(
+            "SELECT max(seq) FROM change_log WHERE tenant_id = ?1 AND stream = ?2",
+        )
+        .bind(tenant.0.to_string())
+        .bind(stream)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| StoreError::classify(e, "changes", "failed to read the change log head"))?;
+        Ok(seq.map(|seq| FeedPosition { xid: 0, seq }))
     }
 }

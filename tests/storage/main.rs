@@ -342,14 +342,18 @@ async fn postgres_row_level_security_confines_the_app_role() {
 mod events {
     use super::*;
     use picket::domain::Severity;
-    use picket::domain::event::{EventDetails, EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, idempotency_digest};
+    use picket::domain::event::{
+        EventDetails, EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome,
+        idempotency_digest,
+    };
 
     fn event(key: &str, actor: &str, at_s: i64) -> NewEvent {
         NewEvent {
             id: uuid::Uuid::now_v7(),
             idempotency_digest: idempotency_digest(key),
             occurred_at: chrono::DateTime::from_timestamp(1_800_000_000 + at_s, 0).unwrap(),
-            received_at: chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap(),
+            received_at: chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros())
+                .unwrap(),
             event_type: "user.login".into(),
             ocsf_class_uid: 3002,
             ocsf_category_uid: 3,
@@ -381,17 +385,35 @@ mod events {
     pub async fn insert_reports_accepted_and_duplicates(backend: Backend) {
         let (s, _db) = store(backend).await;
         let (a, b) = two_tenants(s.as_ref()).await;
-        let first = vec![event("k1", "x", 0), event("k2", "x", 1), event("k1", "x", 2)];
+        let first = vec![
+            event("k1", "x", 0),
+            event("k2", "x", 1),
+            event("k1", "x", 2),
+        ];
         let other = vec![event("k1", "y", 0)];
         let out = s.insert_events(&[(a, &first), (b, &other)]).await.unwrap();
         assert_eq!(out[0][0], InsertOutcome::Accepted(first[0].id));
         assert_eq!(out[0][1], InsertOutcome::Accepted(first[1].id));
-        assert_eq!(out[0][2], InsertOutcome::Duplicate(first[0].id), "same key later in one batch");
-        assert_eq!(out[1][0], InsertOutcome::Accepted(other[0].id), "keys are per tenant");
+        assert_eq!(
+            out[0][2],
+            InsertOutcome::Duplicate(first[0].id),
+            "same key later in one batch"
+        );
+        assert_eq!(
+            out[1][0],
+            InsertOutcome::Accepted(other[0].id),
+            "keys are per tenant"
+        );
         let again = vec![event("k2", "x", 5)];
-        assert_eq!(s.insert_events(&[(a, &again)]).await.unwrap()[0][0], InsertOutcome::Duplicate(first[1].id));
+        assert_eq!(
+            s.insert_events(&[(a, &again)]).await.unwrap()[0][0],
+            InsertOutcome::Duplicate(first[1].id)
+        );
         // Stored values round-trip.
-        let q = EventQuery { limit: 10, ..Default::default() };
+        let q = EventQuery {
+            limit: 10,
+            ..Default::default()
+        };
         let rows = s.query_events(a, &q).await.unwrap();
         assert_eq!(rows.len(), 2);
         let stored = rows.iter().find(|r| r.event.id == first[0].id).unwrap();
@@ -407,14 +429,23 @@ mod events {
             let eb = vec![event(&format!("b{i}"), "y", i)];
             s.insert_events(&[(a, &ea), (b, &eb)]).await.unwrap();
         }
-        let all = s.events_after(a, FeedPosition::default(), 100).await.unwrap();
+        let all = s
+            .events_after(a, FeedPosition::default(), 100)
+            .await
+            .unwrap();
         assert_eq!(all.len(), 5);
         assert!(all.iter().all(|e| e.tenant_id == a));
         assert!(all.windows(2).all(|w| w[0].position < w[1].position));
-        let keys: Vec<_> = all.iter().map(|e| e.event.details.idempotency_key.clone()).collect();
+        let keys: Vec<_> = all
+            .iter()
+            .map(|e| e.event.details.idempotency_key.clone())
+            .collect();
         assert_eq!(keys, ["a0", "a1", "a2", "a3", "a4"]);
         let rest = s.events_after(a, all[1].position, 2).await.unwrap();
-        assert_eq!(rest.iter().map(|e| e.position).collect::<Vec<_>>(), vec![all[2].position, all[3].position]);
+        assert_eq!(
+            rest.iter().map(|e| e.position).collect::<Vec<_>>(),
+            vec![all[2].position, all[3].position]
+        );
         assert_eq!(s.events_head(a).await.unwrap(), Some(all[4].position));
         let c = tenant("c");
         s.create_tenant(&c).await.unwrap();
@@ -424,9 +455,14 @@ mod events {
     pub async fn query_pages_and_purge(backend: Backend) {
         let (s, _db) = store(backend).await;
         let (a, _) = two_tenants(s.as_ref()).await;
-        let evs: Vec<_> = (0..10).map(|i| event(&format!("p{i}"), if i < 4 { "x" } else { "y" }, i)).collect();
+        let evs: Vec<_> = (0..10)
+            .map(|i| event(&format!("p{i}"), if i < 4 { "x" } else { "y" }, i))
+            .collect();
         s.insert_events(&[(a, &evs)]).await.unwrap();
-        let mut q = EventQuery { limit: 3, ..Default::default() };
+        let mut q = EventQuery {
+            limit: 3,
+            ..Default::default()
+        };
         let mut seen = Vec::new();
         loop {
             let page = s.query_events(a, &q).await.unwrap();
@@ -437,12 +473,31 @@ mod events {
             q.before = Some((last.occurred_at, last.id));
             seen.extend(page.into_iter().map(|r| r.event.details.idempotency_key));
         }
-        assert_eq!(seen, (0..10).rev().map(|i| format!("p{i}")).collect::<Vec<_>>());
-        let x = EventQuery { actor: Some("x".into()), limit: 100, ..Default::default() };
+        assert_eq!(
+            seen,
+            (0..10).rev().map(|i| format!("p{i}")).collect::<Vec<_>>()
+        );
+        let x = EventQuery {
+            actor: Some("x".into()),
+            limit: 100,
+            ..Default::default()
+        };
         assert_eq!(s.query_events(a, &x).await.unwrap().len(), 4);
         let purged = s.purge_events(a, evs[4].occurred_at).await.unwrap();
         assert_eq!(purged, 4);
-        assert_eq!(s.query_events(a, &EventQuery { limit: 100, ..Default::default() }).await.unwrap().len(), 6);
+        assert_eq!(
+            s.query_events(
+                a,
+                &EventQuery {
+                    limit: 100,
+                    ..Default::default()
+                }
+            )
+            .await
+            .unwrap()
+            .len(),
+            6
+        );
     }
 
     crate::both_backends!(
