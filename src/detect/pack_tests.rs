@@ -736,3 +736,42 @@ fn replaying_events_rebuilds_state() {
         ids(&after_restart.observe(tenant(), &next))
     );
 }
+
+#[test]
+fn logsource_category_and_product_restrict_rules() {
+    // Failed HTTP requests are not failed authentications.
+    let mut ev = evaluator();
+    let out = run(
+        &mut ev,
+        (0..10).map(|i| {
+            let mut e = event("http_request");
+            e.actor = "pat".into();
+            e.source_ip = Some("192.0.2.33".parse().unwrap());
+            e.outcome = Outcome::Failure;
+            e.occurred_at = at(i);
+            e
+        }),
+    );
+    assert!(out.is_empty(), "{out:#?}");
+    // A rule for another product never matches Picket events.
+    let windows = "title: Windows logon
+id: dded9623-b560-4eb4-b963-3372853c4660
+logsource:
+    product: windows
+    service: security
+detection:
+    selection:
+        EventType|contains: login
+    condition: selection
+level: high
+";
+    ev.set_tenant_rules(
+        tenant(),
+        TenantRules {
+            extra: vec![RuleSource::new("w", RuleOrigin::Directory, windows)],
+            disabled: HashSet::new(),
+        },
+    );
+    let out = ev.observe(tenant(), &login("pat", "192.0.2.33", Outcome::Success, 20));
+    assert!(out.is_empty(), "{out:#?}");
+}
