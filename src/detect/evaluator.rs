@@ -397,6 +397,7 @@ impl TenantState {
         }
         if !e.resource.is_empty() {
             entities.push(Entity::new(EntityKind::Resource, &e.resource));
+            key.push(("Resource".to_string(), e.resource.clone()));
         }
         entities.sort();
         entities.dedup();

@@ -775,3 +775,26 @@ level: high
     let out = ev.observe(tenant(), &login("pat", "192.0.2.33", Outcome::Success, 20));
     assert!(out.is_empty(), "{out:#?}");
 }
+
+#[test]
+fn the_evaluator_can_move_between_threads() {
+    fn send<T: Send + Sync>() {}
+    send::<Evaluator>();
+    send::<RuleSet>();
+}
+
+#[test]
+fn single_event_fingerprints_follow_actor_ip_and_resource() {
+    let mut ev = evaluator();
+    let delete = |resource: &str| {
+        let mut e = event("tenant.delete");
+        e.actor = "ops".into();
+        e.resource = resource.into();
+        e
+    };
+    let a1 = ev.observe(tenant(), &delete("acme")).remove(0);
+    let a2 = ev.observe(tenant(), &delete("acme")).remove(0);
+    let b = ev.observe(tenant(), &delete("globex")).remove(0);
+    assert_eq!(a1.fingerprint, a2.fingerprint);
+    assert_ne!(a1.fingerprint, b.fingerprint);
+}
