@@ -5,6 +5,8 @@
 //! table for rule authors.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use rsigma_eval::{Event, EventValue, JsonEvent};
 use serde_json::{Map, Value};
@@ -144,20 +146,24 @@ pub fn normalize(name: &str) -> String {
 /// The canonical field a rule's field name reads, or `None` if it names no
 /// known field (then it is looked up as an attribute).
 pub fn canonical_field(name: &str) -> Option<&'static str> {
-    if FIELDS.contains(&name) {
-        return FIELDS.iter().copied().find(|f| *f == name);
+    static LOOKUP: OnceLock<(
+        HashMap<&'static str, &'static str>,
+        HashMap<String, &'static str>,
+    )> = OnceLock::new();
+    let (exact, normalized) = LOOKUP.get_or_init(|| {
+        let exact = FIELDS.iter().map(|f| (*f, *f)).collect();
+        let mut normalized: HashMap<String, &'static str> = ALIASES
+            .iter()
+            .map(|(alias, canonical)| (normalize(alias), *canonical))
+            .collect();
+        // Canonical names win over aliases that normalize the same way.
+        normalized.extend(FIELDS.iter().map(|f| (normalize(f), *f)));
+        (exact, normalized)
+    });
+    if let Some(c) = exact.get(name) {
+        return Some(c);
     }
-    let n = normalize(name);
-    FIELDS
-        .iter()
-        .copied()
-        .find(|f| normalize(f) == n)
-        .or_else(|| {
-            ALIASES
-                .iter()
-                .find(|(alias, _)| normalize(alias) == n)
-                .map(|(_, canonical)| *canonical)
-        })
+    normalized.get(&normalize(name)).copied()
 }
 
 /// Whether a rule may name this field: a canonical field, an alias, or an
