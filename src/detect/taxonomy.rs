@@ -143,13 +143,16 @@ pub fn normalize(name: &str) -> String {
         .collect()
 }
 
+/// Exact canonical names, and normalized names and aliases → canonical name.
+type FieldLookup = (
+    HashMap<&'static str, &'static str>,
+    HashMap<String, &'static str>,
+);
+
 /// The canonical field a rule's field name reads, or `None` if it names no
 /// known field (then it is looked up as an attribute).
 pub fn canonical_field(name: &str) -> Option<&'static str> {
-    static LOOKUP: OnceLock<(
-        HashMap<&'static str, &'static str>,
-        HashMap<String, &'static str>,
-    )> = OnceLock::new();
+    static LOOKUP: OnceLock<FieldLookup> = OnceLock::new();
     let (exact, normalized) = LOOKUP.get_or_init(|| {
         let exact = FIELDS.iter().map(|f| (*f, *f)).collect();
         let mut normalized: HashMap<String, &'static str> = ALIASES
