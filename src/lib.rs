@@ -4,6 +4,8 @@
 //!
 //! - [`domain`]: tenants, keys, scopes, severities; no IO.
 //! - [`anomaly`]: Isolation Forest and ECOD; pure math, no IO.
+//! - [`detect`]: Sigma rules (rsigma), the default rule pack, behavioural
+//!   detectors and the per-tenant evaluator; no IO except `detect::load_dir`.
 //! - [`auth`]: API keys, keyed hashing, the operator token, [`auth::Caller`].
 //! - [`admin`]: tenant and key administration shared by gRPC and the CLI.
 //! - [`storage`]: the [`storage::Store`] trait and its Postgres and SQLite backends.
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod cli_anomaly;
 pub mod client;
 pub mod config;
+pub mod detect;
 pub mod domain;
 pub mod error;
 pub mod grpc;

@@ -1,0 +1,226 @@
+//! Detection: Sigma rules (evaluated with `rsigma-eval`) and behavioural
+//! detectors over the event stream, per tenant, in event time.
+//!
+//! - [`rules`]: parsing and validating Sigma text into a [`RuleSet`], the
+//!   embedded default pack, and [`load_dir`] (the only IO in this module).
+//! - [`taxonomy`]: how an event looks to rules (logsource and field names).
+//! - [`evaluator`]: per-tenant correlation state and the [`Evaluator`].
+//! - [`behavior`]: detectors Sigma cannot express (new VPN network, data
+//!   exfiltration volume, unusual hour).
+//!
+//! **Architecture invariant:** nothing here but [`load_dir`] does IO; the
+//! evaluator's memory is bounded by [`EvaluatorConfig`], and its state can be
+//! rebuilt by replaying the last [`Evaluator::max_lookback`] of events.
+
+pub mod behavior;
+pub mod evaluator;
+pub mod rules;
+pub mod taxonomy;
+
+#[cfg(test)]
+mod pack_tests;
+#[cfg(test)]
+pub(crate) mod testing;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::domain::Severity;
+
+pub use evaluator::{Evaluator, EvaluatorConfig, EvaluatorStats, TenantRules};
+pub use rules::{
+    RuleError, RuleInfo, RuleKind, RuleLoadError, RuleOrigin, RuleSet, RuleSource, builtin_sources,
+    load_dir, validate,
+};
+
+/// Most evidence event ids one detection carries.
+pub const MAX_EVIDENCE: usize = 100;
+
+/// Errors at the detection module's boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    /// A rules directory could not be read.
+    #[error("failed to read rules from {path}")]
+    Io {
+        /// The file or directory.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result alias for [`DetectError`].
+pub type DetectResult<T> = Result<T, DetectError>;
+
+/// Kind of thing a detection is about (mirrors `picket.v1.EntityKind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EntityKind {
+    /// A user or service identity.
+    Actor,
+    /// An IP address in canonical text form.
+    Ip,
+    /// A named service.
+    Service,
+    /// A host name.
+    Host,
+    /// A resource: URL path, table, tenant, rule id.
+    Resource,
+}
+
+/// A thing a detection is about.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Entity {
+    /// What kind of thing.
+    pub kind: EntityKind,
+    /// Its identifier (at most 256 bytes).
+    pub value: String,
+}
+
+impl Entity {
+    /// An entity; the value is cut to 256 bytes on a character boundary.
+    pub fn new(kind: EntityKind, value: impl Into<String>) -> Self {
+        let mut value = value.into();
+        if value.len() > 256 {
+            let mut end = 256;
+            while !value.is_char_boundary(end) {
+                end -= 1;
+            }
+            value.truncate(end);
+        }
+        Self { kind, value }
+    }
+}
+
+/// What produced a detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DetectionKind {
+    /// A single-event Sigma detection rule.
+    Rule,
+    /// A Sigma correlation rule (event_count, value_count, temporal, …).
+    Correlation,
+    /// A behavioural detector in [`behavior`].
+    Behavior,
+}
+
+/// Something a rule or detector found: what the server turns into an alert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detection {
+    /// Rule id (the Sigma `id`, or a behavioural detector's fixed id).
+    pub rule_id: String,
+    /// Rule title.
+    pub rule_title: String,
+    /// What produced it.
+    pub kind: DetectionKind,
+    /// From the Sigma `level` (informational → Info; missing → Medium).
+    pub severity: Severity,
+    /// Threat category: the first ATT&CK tactic tag (`attack.credential-access`
+    /// → `credential_access`), else the rule's logsource category.
+    pub category: String,
+    /// ATT&CK technique ids from `attack.tNNNN[.NNN]` tags, e.g. `T1110.003`.
+    pub attack_techniques: Vec<String>,
+    /// Affected actors, IPs, services, resources; sorted, no duplicates.
+    pub entities: Vec<Entity>,
+    /// Ids of evidence events, oldest first, at most [`MAX_EVIDENCE`].
+    pub evidence: Vec<Uuid>,
+    /// Occurred-at of the earliest evidence (second resolution for
+    /// correlation evidence other than the triggering event).
+    pub first_seen: DateTime<Utc>,
+    /// Occurred-at of the latest evidence (the triggering event).
+    pub last_seen: DateTime<Utc>,
+    /// Stable hex hash of the rule id and the group-by values (or entities),
+    /// for suppression and de-duplication.
+    pub fingerprint: String,
+    /// One paragraph saying what was seen, at most 4,096 bytes.
+    pub summary: String,
+}
+
+/// ATT&CK technique ids from Sigma tags (`attack.t1110.003` → `T1110.003`).
+pub fn attack_techniques(tags: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = tags
+        .iter()
+        .filter_map(|t| {
+            let rest = t.strip_prefix("attack.")?;
+            let id = rest.strip_prefix('t').or_else(|| rest.strip_prefix('T'))?;
+            let (main, sub) = match id.split_once('.') {
+                Some((m, s)) => (m, Some(s)),
+                None => (id, None),
+            };
+            let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+            if !digits(main, 4) || sub.is_some_and(|s| !digits(s, 3)) {
+                return None;
+            }
+            Some(match sub {
+                Some(s) => format!("T{main}.{s}"),
+                None => format!("T{main}"),
+            })
+        })
+        .collect();
+    out.dedup();
+    out
+}
+
+/// The first ATT&CK tactic among Sigma tags, in snake case
+/// (`attack.privilege-escalation` → `privilege_escalation`).
+pub fn attack_tactic(tags: &[String]) -> Option<String> {
+    tags.iter().find_map(|t| {
+        let rest = t.strip_prefix("attack.")?;
+        let is_tactic = rest
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b == b'-' || b == b'_')
+            && !rest.is_empty();
+        is_tactic.then(|| rest.replace('-', "_"))
+    })
+}
+
+/// A stable fingerprint: hex SHA-256 (first 16 bytes) of the rule id and the
+/// sorted `(name, value)` pairs.
+pub fn fingerprint(rule_id: &str, parts: &[(String, String)]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut parts: Vec<&(String, String)> = parts.iter().collect();
+    parts.sort();
+    let mut h = Sha256::new();
+    h.update(rule_id.as_bytes());
+    for (k, v) in parts {
+        h.update([0u8]);
+        h.update(k.as_bytes());
+        h.update([1u8]);
+        h.update(v.as_bytes());
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn techniques_and_tactics_come_from_tags() {
+        let tags: Vec<String> = [
+            "attack.credential-access",
+            "attack.t1110.003",
+            "attack.T1078",
+            "attack.t11",
+            "cve.2021-1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(attack_techniques(&tags), vec!["T1110.003", "T1078"]);
+        assert_eq!(attack_tactic(&tags).as_deref(), Some("credential_access"));
+    }
+
+    #[test]
+    fn fingerprints_ignore_part_order() {
+        let a = ("Actor".to_string(), "alice".to_string());
+        let b = ("SourceIp".to_string(), "1.2.3.4".to_string());
+        assert_eq!(
+            fingerprint("r", &[a.clone(), b.clone()]),
+            fingerprint("r", &[b.clone(), a.clone()])
+        );
+        assert_ne!(
+            fingerprint("r", std::slice::from_ref(&a)),
+            fingerprint("s", &[a])
+        );
+    }
+}
