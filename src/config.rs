@@ -92,6 +92,24 @@ pub struct Settings {
     )]
     pub retention_interval_seconds: u64,
 
+    /// Directory of extra Sigma rules (`*.yml`) loaded at start, beside the built-in pack.
+    #[arg(long, env = "PICKET_RULES_DIR")]
+    pub rules_dir: Option<std::path::PathBuf>,
+
+    /// Repeats of an alert fingerprint within this many seconds fold into one alert.
+    #[arg(long, env = "PICKET_ALERT_SUPPRESSION_SECONDS", default_value_t = 3600)]
+    pub alert_suppression_seconds: u64,
+
+    /// After a correlation rule fires for a group, the engine stays quiet for
+    /// this many seconds (so a flood is not one alert write per event); later
+    /// firings fold into the open alert. 0 lets every firing through.
+    #[arg(long, env = "PICKET_DETECT_REFIRE_SECONDS", default_value_t = 60)]
+    pub detect_refire_seconds: u64,
+
+    /// How many hours of events are replayed at start to rebuild detection windows.
+    #[arg(long, env = "PICKET_DETECT_REPLAY_HOURS", default_value_t = 24)]
+    pub detect_replay_hours: u64,
+
     /// Origins allowed to call from a browser (grpc-web), comma-separated; `*` allows any.
     #[arg(
         long,
@@ -167,6 +185,19 @@ impl Settings {
                 "retention_interval_seconds = {}",
                 self.retention_interval_seconds
             ),
+            format!(
+                "rules_dir = {}",
+                self.rules_dir
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "[built-in pack only]".into())
+            ),
+            format!(
+                "alert_suppression_seconds = {}",
+                self.alert_suppression_seconds
+            ),
+            format!("detect_refire_seconds = {}", self.detect_refire_seconds),
+            format!("detect_replay_hours = {}", self.detect_replay_hours),
             format!("cors_origins = {}", self.cors_origins.join(",")),
         ]
         .join("\n")

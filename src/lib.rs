@@ -12,6 +12,8 @@
 //! - [`grpc`]: generated code (`grpc::pb`), conversions, status mapping, services.
 //! - [`http`]: `/healthz`, `/metrics`, request metrics.
 //! - [`ingest`]: the batching write path and the post-commit hand-off.
+//! - [`detect`]: Sigma rules (rsigma) and behavioural detectors; no IO but `load_dir`.
+//! - [`pipeline`]: follows committed events, evaluates rules, raises alerts.
 //! - [`client`]: the CLI's gRPC client side: `picket ingest`, `tail`, `bench`.
 //! - [`cli_anomaly`]: `picket anomaly score` (CSV in, scores out).
 //! - [`config`], [`telemetry`], [`startup`], [`shutdown`], [`cli`]: the process around it.
@@ -30,6 +32,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod ingest;
+pub mod pipeline;
 pub mod retention;
 pub mod shutdown;
 pub mod startup;

@@ -21,7 +21,9 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{self, Authenticator};
 use crate::config::Settings;
+use crate::detect::{Evaluator, EvaluatorConfig, RuleSet};
 use crate::grpc::admin::AdminApi;
+use crate::grpc::alerts::AlertApi;
 use crate::grpc::health::HealthState;
 use crate::grpc::ingest::IngestApi;
 use crate::grpc::pb::admin_service_server::AdminServiceServer;
@@ -30,10 +32,11 @@ use crate::grpc::pb::incident_service_server::IncidentServiceServer;
 use crate::grpc::pb::ingest_service_server::IngestServiceServer;
 use crate::grpc::pb::playbook_service_server::PlaybookServiceServer;
 use crate::grpc::pb::report_service_server::ReportServiceServer;
-use crate::grpc::placeholder::{AlertApi, IncidentApi, PlaybookApi, ReportApi};
+use crate::grpc::placeholder::{IncidentApi, PlaybookApi, ReportApi};
 use crate::grpc::{self, ApiContext, StreamLimits};
 use crate::http::{self, HttpState};
 use crate::ingest::{IngestWriter, WriterConfig};
+use crate::pipeline::{DetectionPipeline, PipelineConfig};
 use crate::retention;
 use crate::storage::{self, Store};
 use crate::telemetry;
@@ -135,6 +138,9 @@ impl Application {
             },
             &tracker,
         );
+        let rules = load_rules(settings.rules_dir.as_deref())?;
+        let changes = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let handoff = ingest.subscribe();
         let ctx = Arc::new(ApiContext {
             store: store.clone(),
             auth,
@@ -146,7 +152,25 @@ impl Application {
                     settings.heartbeat_seconds.max(1),
                 ),
             },
+            changes: changes.clone(),
         });
+        let pipeline = DetectionPipeline::new(
+            store.clone(),
+            Evaluator::new(
+                rules,
+                EvaluatorConfig {
+                    suppress: chrono::Duration::seconds(settings.detect_refire_seconds as i64),
+                    ..EvaluatorConfig::default()
+                },
+            ),
+            changes,
+            PipelineConfig {
+                replay: chrono::Duration::hours(settings.detect_replay_hours as i64),
+                suppression: chrono::Duration::seconds(settings.alert_suppression_seconds as i64),
+                ..PipelineConfig::default()
+            },
+        );
+        tracker.spawn(pipeline.run(handoff, token.clone()));
         tracker.spawn(retention::run(
             store.clone(),
             std::time::Duration::from_secs(settings.retention_interval_seconds.max(1)),
@@ -248,6 +272,22 @@ impl Application {
         tracing::info!("picket stopped");
         outcome
     }
+}
+
+/// The built-in rule pack plus the rules directory, if any. Bad rules are
+/// logged and skipped; they never stop the others from loading.
+fn load_rules(dir: Option<&std::path::Path>) -> anyhow::Result<RuleSet> {
+    let Some(dir) = dir else {
+        return Ok(RuleSet::builtin().clone());
+    };
+    let sources = crate::detect::load_dir(dir)
+        .with_context(|| format!("failed to read rules from {}", dir.display()))?;
+    let (set, errors) = RuleSet::builtin().extend(sources);
+    for e in &errors {
+        tracing::warn!(source = %e.source, rule = ?e.rule_id, errors = ?e.errors, "rule rejected");
+    }
+    tracing::info!(rules = set.len(), rejected = errors.len(), dir = %dir.display(), "rules loaded");
+    Ok(set)
 }
 
 /// CORS for browsers calling over grpc-web: preflight answered, the gRPC

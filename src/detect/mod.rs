@@ -53,44 +53,7 @@ pub enum DetectError {
 /// Result alias for [`DetectError`].
 pub type DetectResult<T> = Result<T, DetectError>;
 
-/// Kind of thing a detection is about (mirrors `picket.v1.EntityKind`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum EntityKind {
-    /// A user or service identity.
-    Actor,
-    /// An IP address in canonical text form.
-    Ip,
-    /// A named service.
-    Service,
-    /// A host name.
-    Host,
-    /// A resource: URL path, table, tenant, rule id.
-    Resource,
-}
-
-/// A thing a detection is about.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Entity {
-    /// What kind of thing.
-    pub kind: EntityKind,
-    /// Its identifier (at most 256 bytes).
-    pub value: String,
-}
-
-impl Entity {
-    /// An entity; the value is cut to 256 bytes on a character boundary.
-    pub fn new(kind: EntityKind, value: impl Into<String>) -> Self {
-        let mut value = value.into();
-        if value.len() > 256 {
-            let mut end = 256;
-            while !value.is_char_boundary(end) {
-                end -= 1;
-            }
-            value.truncate(end);
-        }
-        Self { kind, value }
-    }
-}
+pub use crate::domain::alert::{Entity, EntityKind};
 
 /// What produced a detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -102,6 +102,21 @@ pub struct Entity {
     pub value: String,
 }
 
+impl Entity {
+    /// An entity; the value is cut to 256 bytes on a character boundary.
+    pub fn new(kind: EntityKind, value: impl Into<String>) -> Self {
+        let mut value = value.into();
+        if value.len() > 256 {
+            let mut end = 256;
+            while !value.is_char_boundary(end) {
+                end -= 1;
+            }
+            value.truncate(end);
+        }
+        Self { kind, value }
+    }
+}
+
 /// One evidence event: id plus the event as it was when the alert was raised.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
@@ -304,6 +319,8 @@ pub struct AlertQuery {
     pub category: Option<String>,
     /// Naming this entity.
     pub entity: Option<Entity>,
+    /// Exact fingerprint.
+    pub fingerprint: Option<String>,
     /// last_seen ≥ start.
     pub start: Option<DateTime<Utc>>,
     /// last_seen < end.

@@ -4,6 +4,7 @@
 //! **Architecture invariant:** only this module knows tonic and prost.
 
 pub mod admin;
+pub mod alerts;
 pub mod convert;
 pub mod events;
 pub mod health;
@@ -46,6 +47,8 @@ pub struct ApiContext {
     pub ingest: IngestWriter,
     /// Per-stream limits and defaults.
     pub limits: StreamLimits,
+    /// Bumped after every change-log write in this process; watch streams wait on it.
+    pub changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// Limits and defaults of streaming RPCs.

@@ -58,21 +58,6 @@ macro_rules! placeholder_service {
 }
 
 placeholder_service! {
-    /// `picket.v1.AlertService` until the detection pipeline lands.
-    AlertApi: pb::alert_service_server::AlertService, "alerts are not implemented yet (issue #5)";
-    unary {
-        list_alerts(ListAlertsRequest) -> ListAlertsResponse, Read;
-        get_alert(GetAlertRequest) -> GetAlertResponse, Read;
-        get_alert_context(GetAlertContextRequest) -> GetAlertContextResponse, Read;
-        update_alert(UpdateAlertRequest) -> UpdateAlertResponse, Respond;
-        run_detection(RunDetectionRequest) -> RunDetectionResponse, Respond;
-    }
-    streaming {
-        watch_alerts(pb::WatchAlertsRequest) -> WatchAlertsResponse as WatchAlertsStream, Read;
-    }
-}
-
-placeholder_service! {
     /// `picket.v1.IncidentService` until incidents land.
     IncidentApi: pb::incident_service_server::IncidentService, "incidents are not implemented yet (issue #6)";
     unary {

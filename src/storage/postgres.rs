@@ -743,7 +743,7 @@ impl AlertStore for PgStore {
             .map_err(classify)?;
         let existing: Option<serde_json::Value> = sqlx::query_scalar(
             "SELECT doc FROM alerts WHERE tenant_id = $1 AND fingerprint = $2 AND status IN (1, 2) \
-             AND last_seen >= $3 ORDER BY last_seen DESC LIMIT 1",
+             AND last_seen >= $3 ORDER BY last_seen DESC LIMIT 1 FOR UPDATE",
         )
         .bind(tenant.0)
         .bind(&new.fingerprint)
@@ -801,6 +801,9 @@ impl AlertStore for PgStore {
         }
         if let Some(c) = &q.category {
             b.push(" AND category = ").push_bind(c.clone());
+        }
+        if let Some(fp) = &q.fingerprint {
+            b.push(" AND fingerprint = ").push_bind(fp.clone());
         }
         if let Some(e) = &q.entity {
             let needle = serde_json::json!({ "body": { "entities": [e] } });

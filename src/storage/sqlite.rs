@@ -721,6 +721,9 @@ impl AlertStore for SqliteStore {
         if let Some(c) = &q.category {
             b.push(" AND category = ").push_bind(c.clone());
         }
+        if let Some(fp) = &q.fingerprint {
+            b.push(" AND fingerprint = ").push_bind(fp.clone());
+        }
         if let Some(e) = &q.entity {
             let kind =
                 serde_json::to_value(e.kind).map_err(|e| StoreError::Unexpected(e.into()))?;

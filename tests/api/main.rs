@@ -5,6 +5,7 @@
 mod common;
 
 mod admin;
+mod alerts;
 mod crash;
 mod ingest;
 mod server;

@@ -69,6 +69,17 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// An empty stand-in, for moving a database out of a stopped app.
+    pub fn placeholder() -> Self {
+        Self {
+            url: String::new(),
+            pg: None,
+            _dir: None,
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some((admin, name)) = self.pg.take() {
@@ -106,6 +117,8 @@ pub fn test_settings(db: &TestDb) -> Settings {
     s.admin_token = Some(SecretString::from(OPERATOR_TOKEN.to_owned()));
     s.key_pepper = Some(SecretString::from(KEY_PEPPER.to_owned()));
     s.shutdown_grace_seconds = 5;
+    // Every firing reaches the alert store, so folding is what tests observe.
+    s.detect_refire_seconds = 0;
     s
 }
 
@@ -134,6 +147,10 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
 
 /// Starts the real server with explicit settings.
 pub async fn spawn_with(db: TestDb, settings: Settings) -> TestApp {
+    // Logs on demand: PICKET_TEST_LOG=info cargo test …
+    if let Ok(filter) = std::env::var("PICKET_TEST_LOG") {
+        picket::telemetry::init_tracing(picket::telemetry::LogFormat::Human, &filter);
+    }
     let app = Application::build(settings).await.expect("build app");
     let addr = app.local_addr();
     let store = app.store();

@@ -1,0 +1,278 @@
+//! The detection pipeline: follows each tenant's committed events in the
+//! store (woken by the ingest hand-off), evaluates them with the rule engine in
+//! event time, and raises alerts (folding repeats by fingerprint).
+//!
+//! The store is the source of truth: the hand-off only says which tenant has
+//! new events, and the pipeline reads them from its per-tenant feed position.
+//! If it lags behind the hand-off it misses nothing; the lag is counted in
+//! `picket_ingest_handoff_lagged_total` and it catches up from the store.
+//!
+//! Restart: window state is **rebuilt**, not persisted. At start the pipeline
+//! records each tenant's feed head, replays the tenant's events of the last
+//! `replay` (at most `replay_max_events`, oldest first) through the engine, and
+//! raises only detections that no stored alert already covers (same
+//! fingerprint with last_seen at or after the detection's). Correlation windows
+//! (minutes) are thereby restored exactly; behavioural baselines (30 days) are
+//! restored as far as the replay reaches.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::detect::{Detection, Evaluator};
+use crate::domain::TenantId;
+use crate::domain::alert::{AlertQuery, Evidence, NewAlert, SourceKind};
+use crate::domain::event::{EventQuery, FeedPosition, NewEvent, StoredEvent};
+use crate::ingest::CommittedEvents;
+use crate::storage::{Store, StoreResult};
+
+/// Events read from a tenant's feed per round trip.
+const READ: u32 = 1000;
+
+/// Pipeline tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineConfig {
+    /// How far back state is rebuilt at start.
+    pub replay: chrono::Duration,
+    /// Most events replayed per tenant at start.
+    pub replay_max_events: usize,
+    /// Repeats of a fingerprint within this long fold into one alert.
+    pub suppression: chrono::Duration,
+    /// Fallback re-read of every tenant's feed and window expiry.
+    pub poll: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            replay: chrono::Duration::hours(24),
+            replay_max_events: 200_000,
+            suppression: chrono::Duration::hours(1),
+            poll: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The detection pipeline's state.
+pub struct DetectionPipeline {
+    /// Where events are read and alerts written.
+    store: Arc<dyn Store>,
+    /// Rule and behaviour evaluation, per tenant.
+    evaluator: Evaluator,
+    /// Next feed position per known tenant.
+    positions: HashMap<TenantId, FeedPosition>,
+    /// Bumped after alerts change, to wake watch streams.
+    changes: Arc<watch::Sender<u64>>,
+    /// Tuning.
+    config: PipelineConfig,
+}
+
+impl DetectionPipeline {
+    /// A pipeline with no state yet; call [`DetectionPipeline::rebuild`] first.
+    pub fn new(
+        store: Arc<dyn Store>,
+        evaluator: Evaluator,
+        changes: Arc<watch::Sender<u64>>,
+        config: PipelineConfig,
+    ) -> Self {
+        Self {
+            store,
+            evaluator,
+            positions: HashMap::new(),
+            changes,
+            config,
+        }
+    }
+
+    /// Rebuilds window state from recent events (see the module docs) and
+    /// positions every tenant at its current feed head. Returns alerts raised.
+    pub async fn rebuild(&mut self, now: DateTime<Utc>) -> StoreResult<usize> {
+        let since = now - self.config.replay.min(self.evaluator.max_lookback());
+        let mut raised = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let tenants = self.store.list_tenants(after.as_deref(), 500).await?;
+            for t in &tenants {
+                let head = self.store.events_head(t.id).await?.unwrap_or_default();
+                self.positions.insert(t.id, head);
+                // Newest first, then reversed: the engine sees them oldest first.
+                let mut q = EventQuery {
+                    start: Some(since),
+                    limit: READ,
+                    ..Default::default()
+                };
+                let mut events: Vec<StoredEvent> = Vec::new();
+                loop {
+                    let page = self.store.query_events(t.id, &q).await?;
+                    let Some(last) = page.last() else { break };
+                    q.before = Some((last.event.occurred_at, last.event.id));
+                    let done = page.len() < READ as usize;
+                    events.extend(page);
+                    if done || events.len() >= self.config.replay_max_events {
+                        break;
+                    }
+                }
+                events.truncate(self.config.replay_max_events);
+                events.reverse();
+                for e in &events {
+                    for d in self.evaluator.observe(t.id, &e.event) {
+                        if !self.already_alerted(t.id, &d).await? {
+                            self.raise(t.id, d, None).await?;
+                            raised += 1;
+                        }
+                    }
+                }
+                if !events.is_empty() {
+                    tracing::info!(tenant_id = %t.id, replayed = events.len(), "detection state rebuilt");
+                }
+            }
+            match tenants.last() {
+                Some(t) if tenants.len() == 500 => after = Some(t.name.clone()),
+                _ => break,
+            }
+        }
+        Ok(raised)
+    }
+
+    async fn already_alerted(&self, tenant: TenantId, d: &Detection) -> StoreResult<bool> {
+        let q = AlertQuery {
+            fingerprint: Some(d.fingerprint.clone()),
+            limit: 1,
+            ..Default::default()
+        };
+        Ok(self
+            .store
+            .list_alerts(tenant, &q)
+            .await?
+            .first()
+            .is_some_and(|a| a.last_seen >= d.last_seen))
+    }
+
+    /// Evaluates everything new in `tenant`'s feed; returns alerts raised or updated.
+    pub async fn process_tenant(&mut self, tenant: TenantId) -> StoreResult<usize> {
+        let mut raised = 0;
+        loop {
+            let pos = self.positions.get(&tenant).copied().unwrap_or_default();
+            let batch = self.store.events_after(tenant, pos, READ).await?;
+            let Some(last) = batch.last().map(|e| e.position) else {
+                break;
+            };
+            for stored in &batch {
+                metrics::counter!("picket_detect_events_total").increment(1);
+                for d in self.evaluator.observe(tenant, &stored.event) {
+                    self.raise(tenant, d, Some(&stored.event)).await?;
+                    raised += 1;
+                }
+            }
+            self.positions.insert(tenant, last);
+            if batch.len() < READ as usize {
+                break;
+            }
+        }
+        Ok(raised)
+    }
+
+    /// One pass over every known tenant plus window expiry (tests call this).
+    pub async fn run_once(&mut self) -> StoreResult<usize> {
+        self.evaluator.advance(Utc::now());
+        let tenants: Vec<TenantId> = self.positions.keys().copied().collect();
+        let mut raised = 0;
+        for t in tenants {
+            raised += self.process_tenant(t).await?;
+        }
+        Ok(raised)
+    }
+
+    async fn raise(
+        &self,
+        tenant: TenantId,
+        d: Detection,
+        trigger: Option<&NewEvent>,
+    ) -> StoreResult<()> {
+        let started = Instant::now();
+        let stored = self.store.get_events(tenant, &d.evidence).await?;
+        let mut by_id: HashMap<uuid::Uuid, NewEvent> =
+            stored.into_iter().map(|e| (e.event.id, e.event)).collect();
+        let evidence = d
+            .evidence
+            .iter()
+            .map(|id| Evidence {
+                event_id: *id,
+                snapshot: by_id.remove(id),
+            })
+            .collect();
+        let new = NewAlert {
+            title: d.rule_title.clone(),
+            summary: d.summary.clone(),
+            severity: d.severity,
+            category: d.category.clone(),
+            source_kind: SourceKind::Rule,
+            source_name: d.rule_id.clone(),
+            anomaly_score: 0.0,
+            anomaly_threshold: 0.0,
+            entities: d.entities.clone(),
+            evidence,
+            features: Vec::new(),
+            attack_techniques: d.attack_techniques.clone(),
+            first_seen: d.first_seen,
+            last_seen: d.last_seen,
+            fingerprint: d.fingerprint.clone(),
+        };
+        let (alert, created) = self
+            .store
+            .raise_alert(tenant, new, self.config.suppression, Utc::now())
+            .await?;
+        self.changes.send_modify(|n| *n += 1);
+        metrics::counter!("picket_alerts_raised_total", "source" => "rule", "new" => if created { "true" } else { "false" })
+            .increment(1);
+        metrics::histogram!("picket_alert_write_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        if let Some(e) = trigger {
+            let lag = (Utc::now() - e.received_at).to_std().unwrap_or_default();
+            metrics::histogram!("picket_detect_latency_seconds").record(lag.as_secs_f64());
+        }
+        tracing::info!(
+            tenant_id = %tenant, alert_id = %alert.id, rule = %d.rule_id, created,
+            occurrences = alert.occurrence_count, "alert raised"
+        );
+        Ok(())
+    }
+
+    /// Runs until shutdown: wakes on the ingest hand-off, or every `poll`.
+    pub async fn run(
+        mut self,
+        mut handoff: broadcast::Receiver<Arc<CommittedEvents>>,
+        shutdown: CancellationToken,
+    ) {
+        if let Err(e) = self.rebuild(Utc::now()).await {
+            tracing::error!(error = ?anyhow::Error::from(e), "detection state rebuild failed; continuing from the feed heads");
+        }
+        let mut ticker = tokio::time::interval(self.config.poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let result = tokio::select! {
+                msg = handoff.recv() => match msg {
+                    Ok(c) => self.process_tenant(c.tenant).await,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        metrics::counter!("picket_ingest_handoff_lagged_total").increment(n);
+                        tracing::warn!(missed = n, "detection fell behind the ingest hand-off; catching up from the store");
+                        self.run_once().await
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = ticker.tick() => self.run_once().await,
+                () = shutdown.cancelled() => break,
+            };
+            if let Err(e) = result {
+                tracing::error!(error = ?anyhow::Error::from(e), "detection pass failed; will retry");
+            }
+            let stats = self.evaluator.stats();
+            metrics::gauge!("picket_detect_correlation_groups")
+                .set(stats.correlation_groups as f64);
+        }
+    }
+}
