@@ -433,8 +433,7 @@ async fn alert_context(
             }
         }
     }
-    surrounding
-        .sort_by(|a, b| (b.event.occurred_at, b.event.id).cmp(&(a.event.occurred_at, a.event.id)));
+    surrounding.sort_by_key(|e| std::cmp::Reverse((e.event.occurred_at, e.event.id)));
     surrounding.truncate(limit as usize);
     Ok((
         evidence.iter().map(|e| event_to_pb(&e.event)).collect(),

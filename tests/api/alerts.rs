@@ -40,10 +40,10 @@ async fn next_alert(
 ) -> (pb::Alert, String) {
     loop {
         let item = stream.message().await.unwrap().expect("watch stream ended");
-        if let Some(pb::watch_alerts_response::Item::Alert(a)) = item.item {
-            if pred(&a) {
-                return (a, item.cursor);
-            }
+        if let Some(pb::watch_alerts_response::Item::Alert(a)) = item.item
+            && pred(&a)
+        {
+            return (a, item.cursor);
         }
     }
 }

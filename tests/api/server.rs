@@ -274,15 +274,15 @@ async fn unknown_method_is_unimplemented(backend: Backend) {
 
     // RPCs of later issues answer UNIMPLEMENTED, after authentication.
     let (_, key) = app.tenant_with_key("later", &[pb::Scope::Read]).await;
-    let err = app
-        .ingest()
-        .query_events(with_key(pb::QueryEventsRequest::default(), &key))
+    let mut playbooks =
+        pb::playbook_service_client::PlaybookServiceClient::new(app.channel.clone());
+    let err = playbooks
+        .list_playbooks(with_key(pb::ListPlaybooksRequest::default(), &key))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
-    let err = app
-        .ingest()
-        .query_events(pb::QueryEventsRequest::default())
+    let err = playbooks
+        .list_playbooks(pb::ListPlaybooksRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
