@@ -92,6 +92,11 @@ pub struct Settings {
     )]
     pub retention_interval_seconds: u64,
 
+    /// Run the detection pipeline (rules and behavioural detectors on every
+    /// committed event). `--detection false` turns it off.
+    #[arg(long, env = "PICKET_DETECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub detection: bool,
+
     /// Directory of extra Sigma rules (`*.yml`) loaded at start, beside the built-in pack.
     #[arg(long, env = "PICKET_RULES_DIR")]
     pub rules_dir: Option<std::path::PathBuf>,
@@ -196,6 +201,7 @@ impl Settings {
                 "alert_suppression_seconds = {}",
                 self.alert_suppression_seconds
             ),
+            format!("detection = {}", self.detection),
             format!("detect_refire_seconds = {}", self.detect_refire_seconds),
             format!("detect_replay_hours = {}", self.detect_replay_hours),
             format!("cors_origins = {}", self.cors_origins.join(",")),

@@ -69,6 +69,8 @@ pub struct DetectionPipeline {
     changes: Arc<watch::Sender<u64>>,
     /// Tuning.
     config: PipelineConfig,
+    /// Cancelled at shutdown; long passes stop between batches.
+    shutdown: CancellationToken,
 }
 
 impl DetectionPipeline {
@@ -78,6 +80,7 @@ impl DetectionPipeline {
         evaluator: Evaluator,
         changes: Arc<watch::Sender<u64>>,
         config: PipelineConfig,
+        shutdown: CancellationToken,
     ) -> Self {
         Self {
             store,
@@ -85,6 +88,7 @@ impl DetectionPipeline {
             positions: HashMap::new(),
             changes,
             config,
+            shutdown,
         }
     }
 
@@ -97,6 +101,9 @@ impl DetectionPipeline {
         loop {
             let tenants = self.store.list_tenants(after.as_deref(), 500).await?;
             for t in &tenants {
+                if self.shutdown.is_cancelled() {
+                    return Ok(raised);
+                }
                 let head = self.store.events_head(t.id).await?.unwrap_or_default();
                 self.positions.insert(t.id, head);
                 // Newest first, then reversed: the engine sees them oldest first.
@@ -155,7 +162,7 @@ impl DetectionPipeline {
     /// Evaluates everything new in `tenant`'s feed; returns alerts raised or updated.
     pub async fn process_tenant(&mut self, tenant: TenantId) -> StoreResult<usize> {
         let mut raised = 0;
-        loop {
+        while !self.shutdown.is_cancelled() {
             let pos = self.positions.get(&tenant).copied().unwrap_or_default();
             let batch = self.store.events_after(tenant, pos, READ).await?;
             let Some(last) = batch.last().map(|e| e.position) else {
@@ -243,11 +250,8 @@ impl DetectionPipeline {
     }
 
     /// Runs until shutdown: wakes on the ingest hand-off, or every `poll`.
-    pub async fn run(
-        mut self,
-        mut handoff: broadcast::Receiver<Arc<CommittedEvents>>,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run(mut self, mut handoff: broadcast::Receiver<Arc<CommittedEvents>>) {
+        let shutdown = self.shutdown.clone();
         if let Err(e) = self.rebuild(Utc::now()).await {
             tracing::error!(error = ?anyhow::Error::from(e), "detection state rebuild failed; continuing from the feed heads");
         }

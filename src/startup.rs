@@ -154,23 +154,31 @@ impl Application {
             },
             changes: changes.clone(),
         });
-        let pipeline = DetectionPipeline::new(
-            store.clone(),
-            Evaluator::new(
-                rules,
-                EvaluatorConfig {
-                    suppress: chrono::Duration::seconds(settings.detect_refire_seconds as i64),
-                    ..EvaluatorConfig::default()
+        if settings.detection {
+            let pipeline = DetectionPipeline::new(
+                store.clone(),
+                Evaluator::new(
+                    rules,
+                    EvaluatorConfig {
+                        suppress: chrono::Duration::seconds(settings.detect_refire_seconds as i64),
+                        ..EvaluatorConfig::default()
+                    },
+                ),
+                changes,
+                PipelineConfig {
+                    replay: chrono::Duration::hours(settings.detect_replay_hours as i64),
+                    suppression: chrono::Duration::seconds(
+                        settings.alert_suppression_seconds as i64,
+                    ),
+                    ..PipelineConfig::default()
                 },
-            ),
-            changes,
-            PipelineConfig {
-                replay: chrono::Duration::hours(settings.detect_replay_hours as i64),
-                suppression: chrono::Duration::seconds(settings.alert_suppression_seconds as i64),
-                ..PipelineConfig::default()
-            },
-        );
-        tracker.spawn(pipeline.run(handoff, token.clone()));
+                token.clone(),
+            );
+            tracker.spawn(pipeline.run(handoff));
+        } else {
+            drop(handoff);
+            tracing::warn!("detection pipeline disabled (--detection false)");
+        }
         tracker.spawn(retention::run(
             store.clone(),
             std::time::Duration::from_secs(settings.retention_interval_seconds.max(1)),

@@ -57,6 +57,10 @@ pub struct BenchIngestArgs {
     /// Server ingest writer tasks.
     #[arg(long, default_value_t = 2)]
     pub writers: usize,
+    /// Also run the detection pipeline in the server during the run (off by
+    /// default: it competes for the same database and CPU).
+    #[arg(long)]
+    pub with_detection: bool,
     /// Print a machine-readable JSON summary instead of text.
     #[arg(long)]
     pub json: bool,
@@ -262,6 +266,7 @@ pub async fn bench(args: &BenchIngestArgs) -> anyhow::Result<BenchReport> {
     settings.listen = "127.0.0.1:0".parse().expect("static address");
     settings.admin_token = Some(SecretString::from(operator.clone()));
     settings.ingest_writers = args.writers;
+    settings.detection = args.with_detection;
     let app = Application::build(settings)
         .await
         .context("failed to start the server")?;
