@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::detect::{Detection, Evaluator};
+use crate::detect::{Detection, Evaluator, RuleOrigin, RuleSource, TenantRules};
 use crate::domain::TenantId;
 use crate::domain::alert::{AlertQuery, Evidence, NewAlert, SourceKind};
 use crate::domain::event::{EventQuery, FeedPosition, NewEvent, StoredEvent};
@@ -71,6 +71,8 @@ pub struct DetectionPipeline {
     config: PipelineConfig,
     /// Cancelled at shutdown; long passes stop between batches.
     shutdown: CancellationToken,
+    /// Tenants whose rules changed through the API.
+    rule_updates: Option<tokio::sync::mpsc::UnboundedReceiver<TenantId>>,
 }
 
 impl DetectionPipeline {
@@ -89,7 +91,44 @@ impl DetectionPipeline {
             changes,
             config,
             shutdown,
+            rule_updates: None,
         }
+    }
+
+    /// Receives "this tenant's rules changed" notices from the API.
+    pub fn with_rule_updates(mut self, rx: tokio::sync::mpsc::UnboundedReceiver<TenantId>) -> Self {
+        self.rule_updates = Some(rx);
+        self
+    }
+
+    /// Loads a tenant's own rules and overrides into the evaluator. Bad rules
+    /// are logged and skipped; they never stop the tenant's other rules.
+    pub async fn reload_rules(&mut self, tenant: TenantId) -> StoreResult<()> {
+        let own = self.store.list_tenant_rules(tenant).await?;
+        let extra = own
+            .iter()
+            .filter_map(|r| {
+                r.sigma_yaml.as_ref().map(|y| {
+                    RuleSource::new(
+                        format!("tenant:{}", r.rule_id),
+                        RuleOrigin::Tenant,
+                        y.clone(),
+                    )
+                })
+            })
+            .collect();
+        let disabled = own
+            .iter()
+            .filter(|r| !r.enabled)
+            .map(|r| r.rule_id.clone())
+            .collect();
+        for e in self
+            .evaluator
+            .set_tenant_rules(tenant, TenantRules { extra, disabled })
+        {
+            tracing::warn!(tenant_id = %tenant, source = %e.source, errors = ?e.errors, "tenant rule rejected");
+        }
+        Ok(())
     }
 
     /// Rebuilds window state from recent events (see the module docs) and
@@ -106,6 +145,7 @@ impl DetectionPipeline {
                 }
                 let head = self.store.events_head(t.id).await?.unwrap_or_default();
                 self.positions.insert(t.id, head);
+                self.reload_rules(t.id).await?;
                 // Newest first, then reversed: the engine sees them oldest first.
                 let mut q = EventQuery {
                     start: Some(since),
@@ -162,6 +202,10 @@ impl DetectionPipeline {
     /// Evaluates everything new in `tenant`'s feed; returns alerts raised or updated.
     pub async fn process_tenant(&mut self, tenant: TenantId) -> StoreResult<usize> {
         let mut raised = 0;
+        if !self.positions.contains_key(&tenant) {
+            self.reload_rules(tenant).await?;
+            self.positions.insert(tenant, FeedPosition::default());
+        }
         while !self.shutdown.is_cancelled() {
             let pos = self.positions.get(&tenant).copied().unwrap_or_default();
             let batch = self.store.events_after(tenant, pos, READ).await?;
@@ -255,6 +299,7 @@ impl DetectionPipeline {
         if let Err(e) = self.rebuild(Utc::now()).await {
             tracing::error!(error = ?anyhow::Error::from(e), "detection state rebuild failed; continuing from the feed heads");
         }
+        let mut rule_updates = self.rule_updates.take();
         let mut ticker = tokio::time::interval(self.config.poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -268,6 +313,9 @@ impl DetectionPipeline {
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
+                Some(tenant) = async { match rule_updates.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                    self.reload_rules(tenant).await.map(|()| 0)
+                }
                 _ = ticker.tick() => self.run_once().await,
                 () = shutdown.cancelled() => break,
             };

@@ -139,6 +139,7 @@ impl Application {
             &tracker,
         );
         let rules = load_rules(settings.rules_dir.as_deref())?;
+        let (rules_changed, rule_updates) = tokio::sync::mpsc::unbounded_channel();
         let changes = Arc::new(tokio::sync::watch::Sender::new(0u64));
         let handoff = ingest.subscribe();
         let ctx = Arc::new(ApiContext {
@@ -153,6 +154,8 @@ impl Application {
                 ),
             },
             changes: changes.clone(),
+            rules: Arc::new(rules.clone()),
+            rules_changed,
         });
         if settings.detection {
             let pipeline = DetectionPipeline::new(
@@ -173,7 +176,8 @@ impl Application {
                     ..PipelineConfig::default()
                 },
                 token.clone(),
-            );
+            )
+            .with_rule_updates(rule_updates);
             tracker.spawn(pipeline.run(handoff));
         } else {
             drop(handoff);

@@ -6,6 +6,7 @@
 
 pub mod alert;
 pub mod event;
+pub mod rule;
 pub mod tenant;
 
 pub use tenant::{ApiKey, ApiKeyId, NewApiKey, Scope, ScopeSet, Tenant, TenantId, TenantName};

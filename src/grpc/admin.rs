@@ -1,5 +1,5 @@
-//! `picket.v1.AdminService`: tenants, API keys and event purge (webhook sources
-//! and rules arrive with the issues that build them and answer UNIMPLEMENTED until then).
+//! `picket.v1.AdminService`: tenants, API keys, rules and event purge (webhook
+//! sources arrive with the issues that build them and answer UNIMPLEMENTED until then).
 
 use std::sync::Arc;
 
@@ -18,7 +18,7 @@ use crate::grpc::convert::{
 };
 use crate::grpc::pb::admin_service_server::AdminService;
 use crate::grpc::status::to_status;
-use crate::grpc::{ApiContext, pb};
+use crate::grpc::{ApiContext, pb, rules};
 
 /// AdminService implementation.
 pub struct AdminApi {
@@ -340,74 +340,112 @@ impl AdminService for AdminApi {
         ))
     }
 
+    #[instrument(skip_all, fields(rpc = "AdminService.CreateRule", tenant))]
     async fn create_rule(
         &self,
         request: Request<pb::CreateRuleRequest>,
     ) -> Result<Response<pb::CreateRuleResponse>, Status> {
-        self.ctx.caller(&request, Scope::Admin).await?;
-        Err(not_yet(
-            "detection rules arrive with the detection pipeline (issue #5)",
-        ))
+        let caller = self.ctx.caller(&request, Scope::Admin).await?;
+        let req = request.into_inner();
+        let tenant = caller
+            .tenant_for(&req.tenant_id, "tenant_id")
+            .map_err(to_status)?;
+        let rule = rules::create(&self.ctx, tenant, &req.sigma_yaml, req.enabled)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::CreateRuleResponse { rule: Some(rule) }))
     }
 
+    #[instrument(skip_all, fields(rpc = "AdminService.GetRule", tenant))]
     async fn get_rule(
         &self,
         request: Request<pb::GetRuleRequest>,
     ) -> Result<Response<pb::GetRuleResponse>, Status> {
-        self.ctx.caller(&request, Scope::Admin).await?;
-        Err(not_yet(
-            "detection rules arrive with the detection pipeline (issue #5)",
-        ))
+        let caller = self.ctx.caller(&request, Scope::Admin).await?;
+        let req = request.into_inner();
+        let tenant = caller
+            .tenant_for(&req.tenant_id, "tenant_id")
+            .map_err(to_status)?;
+        let rule = rules::get(&self.ctx, tenant, &req.rule_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetRuleResponse { rule: Some(rule) }))
     }
 
+    #[instrument(skip_all, fields(rpc = "AdminService.ListRules", tenant))]
     async fn list_rules(
         &self,
         request: Request<pb::ListRulesRequest>,
     ) -> Result<Response<pb::ListRulesResponse>, Status> {
-        self.ctx.caller(&request, Scope::Admin).await?;
-        Err(not_yet(
-            "detection rules arrive with the detection pipeline (issue #5)",
-        ))
+        let caller = self.ctx.caller(&request, Scope::Admin).await?;
+        let tenant = caller
+            .tenant_for(&request.get_ref().tenant_id, "tenant_id")
+            .map_err(to_status)?;
+        let rules = rules::list(&self.ctx, tenant).await.map_err(to_status)?;
+        Ok(Response::new(pb::ListRulesResponse { rules }))
     }
 
+    #[instrument(skip_all, fields(rpc = "AdminService.UpdateRule", tenant))]
     async fn update_rule(
         &self,
         request: Request<pb::UpdateRuleRequest>,
     ) -> Result<Response<pb::UpdateRuleResponse>, Status> {
-        self.ctx.caller(&request, Scope::Admin).await?;
-        Err(not_yet(
-            "detection rules arrive with the detection pipeline (issue #5)",
-        ))
+        let caller = self.ctx.caller(&request, Scope::Admin).await?;
+        let req = request.into_inner();
+        let tenant = caller
+            .tenant_for(&req.tenant_id, "tenant_id")
+            .map_err(to_status)?;
+        let rule = rules::update(&self.ctx, tenant, &req.rule_id, &req.sigma_yaml)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::UpdateRuleResponse { rule: Some(rule) }))
     }
 
+    #[instrument(skip_all, fields(rpc = "AdminService.SetRuleEnabled", tenant))]
     async fn set_rule_enabled(
         &self,
         request: Request<pb::SetRuleEnabledRequest>,
     ) -> Result<Response<pb::SetRuleEnabledResponse>, Status> {
-        self.ctx.caller(&request, Scope::Admin).await?;
-        Err(not_yet(
-            "detection rules arrive with the detection pipeline (issue #5)",
-        ))
+        let caller = self.ctx.caller(&request, Scope::Admin).await?;
+        let req = request.into_inner();
+        let tenant = caller
+            .tenant_for(&req.tenant_id, "tenant_id")
+            .map_err(to_status)?;
+        let rule = rules::set_enabled(&self.ctx, tenant, &req.rule_id, req.enabled)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SetRuleEnabledResponse {
+            rule: Some(rule),
+        }))
     }
 
+    #[instrument(skip_all, fields(rpc = "AdminService.ValidateRule", tenant))]
     async fn validate_rule(
         &self,
         request: Request<pb::ValidateRuleRequest>,
     ) -> Result<Response<pb::ValidateRuleResponse>, Status> {
         self.ctx.caller(&request, Scope::Admin).await?;
-        Err(not_yet(
-            "detection rules arrive with the detection pipeline (issue #5)",
-        ))
+        let errors = rules::validate(&self.ctx.rules, &request.get_ref().sigma_yaml);
+        Ok(Response::new(pb::ValidateRuleResponse {
+            valid: errors.is_empty(),
+            errors,
+        }))
     }
 
+    #[instrument(skip_all, fields(rpc = "AdminService.DeleteRule", tenant))]
     async fn delete_rule(
         &self,
         request: Request<pb::DeleteRuleRequest>,
     ) -> Result<Response<pb::DeleteRuleResponse>, Status> {
-        self.ctx.caller(&request, Scope::Admin).await?;
-        Err(not_yet(
-            "detection rules arrive with the detection pipeline (issue #5)",
-        ))
+        let caller = self.ctx.caller(&request, Scope::Admin).await?;
+        let req = request.into_inner();
+        let tenant = caller
+            .tenant_for(&req.tenant_id, "tenant_id")
+            .map_err(to_status)?;
+        rules::delete(&self.ctx, tenant, &req.rule_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DeleteRuleResponse {}))
     }
 
     #[instrument(skip_all, fields(rpc = "AdminService.PurgeEvents", tenant))]

@@ -10,6 +10,7 @@ pub mod events;
 pub mod health;
 pub mod ingest;
 pub mod placeholder;
+pub mod rules;
 pub mod status;
 pub mod watch;
 
@@ -49,6 +50,10 @@ pub struct ApiContext {
     pub limits: StreamLimits,
     /// Bumped after every change-log write in this process; watch streams wait on it.
     pub changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The server's built-in and directory rules.
+    pub rules: Arc<crate::detect::RuleSet>,
+    /// Tells the detection pipeline that a tenant's rules changed.
+    pub rules_changed: tokio::sync::mpsc::UnboundedSender<crate::domain::TenantId>,
 }
 
 /// Limits and defaults of streaming RPCs.

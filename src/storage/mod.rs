@@ -19,6 +19,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{EventQuery, FeedPosition, InsertOutcome, NewEvent, StoredEvent};
+use crate::domain::rule::TenantRule;
 use crate::domain::{ApiKey, ApiKeyId, Tenant, TenantId};
 
 pub use postgres::PgStore;
@@ -87,7 +88,7 @@ impl Backend {
 /// Everything Picket persists. Implementations must behave identically; the
 /// conformance suite in `tests/storage` is the definition of "identically".
 #[async_trait]
-pub trait Store: EventStore + AlertStore + Send + Sync + 'static {
+pub trait Store: EventStore + AlertStore + RuleStore + Send + Sync + 'static {
     /// Which backend this is.
     fn backend(&self) -> Backend;
 
@@ -229,6 +230,22 @@ pub trait AlertStore: Send + Sync {
         tenant: TenantId,
         stream: &str,
     ) -> StoreResult<Option<FeedPosition>>;
+}
+
+/// Per-tenant detection rules and overrides.
+#[async_trait]
+pub trait RuleStore: Send + Sync {
+    /// Stores a new tenant rule or override; `Conflict` if the id exists for the tenant.
+    async fn insert_tenant_rule(&self, rule: &TenantRule) -> StoreResult<()>;
+
+    /// Inserts or replaces a tenant rule or override.
+    async fn save_tenant_rule(&self, rule: &TenantRule) -> StoreResult<()>;
+
+    /// The tenant's rules and overrides, by rule id.
+    async fn list_tenant_rules(&self, tenant: TenantId) -> StoreResult<Vec<TenantRule>>;
+
+    /// Deletes one; `NotFound` if absent.
+    async fn delete_tenant_rule(&self, tenant: TenantId, rule_id: &str) -> StoreResult<()>;
 }
 
 /// The default embedded database: `./picket-data/picket.db`.

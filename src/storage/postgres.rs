@@ -16,8 +16,9 @@ use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{
     EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
 };
+use crate::domain::rule::TenantRule;
 use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
-use crate::storage::{AlertStore, Backend, EventStore, Store, StoreError, StoreResult};
+use crate::storage::{AlertStore, Backend, EventStore, RuleStore, Store, StoreError, StoreResult};
 
 /// Runs the Postgres migrations on a dedicated connection as the owner role.
 pub async fn migrate(url: &str) -> anyhow::Result<()> {
@@ -934,5 +935,98 @@ impl AlertStore for PgStore {
             xid: xid.parse().unwrap_or(0),
             seq,
         }))
+    }
+}
+
+fn rule_from_row(row: &PgRow) -> Result<TenantRule, sqlx::Error> {
+    Ok(TenantRule {
+        tenant_id: TenantId(row.try_get("tenant_id")?),
+        rule_id: row.try_get("rule_id")?,
+        title: row.try_get("title")?,
+        sigma_yaml: row.try_get("sigma_yaml")?,
+        enabled: row.try_get("enabled")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+#[async_trait]
+impl RuleStore for PgStore {
+    async fn insert_tenant_rule(&self, r: &TenantRule) -> StoreResult<()> {
+        let what = format!("rule {}", r.rule_id);
+        let classify = |e| StoreError::classify(e, &what, "failed to store a rule");
+        let mut tx = self.tenant_tx(r.tenant_id).await.map_err(classify)?;
+        sqlx::query(
+            "INSERT INTO tenant_rules (tenant_id, rule_id, title, sigma_yaml, enabled, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(r.tenant_id.0)
+        .bind(&r.rule_id)
+        .bind(&r.title)
+        .bind(&r.sigma_yaml)
+        .bind(r.enabled)
+        .bind(r.created_at)
+        .bind(r.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn save_tenant_rule(&self, r: &TenantRule) -> StoreResult<()> {
+        let what = format!("rule {}", r.rule_id);
+        let classify = |e| StoreError::classify(e, &what, "failed to store a rule");
+        let mut tx = self.tenant_tx(r.tenant_id).await.map_err(classify)?;
+        sqlx::query(
+            "INSERT INTO tenant_rules (tenant_id, rule_id, title, sigma_yaml, enabled, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (tenant_id, rule_id) DO UPDATE SET \
+             title = EXCLUDED.title, sigma_yaml = EXCLUDED.sigma_yaml, enabled = EXCLUDED.enabled, updated_at = EXCLUDED.updated_at",
+        )
+        .bind(r.tenant_id.0)
+        .bind(&r.rule_id)
+        .bind(&r.title)
+        .bind(&r.sigma_yaml)
+        .bind(r.enabled)
+        .bind(r.created_at)
+        .bind(r.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn list_tenant_rules(&self, tenant: TenantId) -> StoreResult<Vec<TenantRule>> {
+        let classify = |e| StoreError::classify(e, "rules", "failed to list rules");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let rows = sqlx::query(
+            "SELECT tenant_id, rule_id, title, sigma_yaml, enabled, created_at, updated_at FROM tenant_rules \
+             WHERE tenant_id = $1 ORDER BY rule_id",
+        )
+        .bind(tenant.0)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        rows.iter()
+            .map(rule_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(classify)
+    }
+
+    async fn delete_tenant_rule(&self, tenant: TenantId, rule_id: &str) -> StoreResult<()> {
+        let what = format!("rule {rule_id}");
+        let classify = |e| StoreError::classify(e, &what, "failed to delete a rule");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let done = sqlx::query("DELETE FROM tenant_rules WHERE tenant_id = $1 AND rule_id = $2")
+            .bind(tenant.0)
+            .bind(rule_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(what));
+        }
+        Ok(())
     }
 }

@@ -20,8 +20,9 @@ use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{
     EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
 };
+use crate::domain::rule::TenantRule;
 use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
-use crate::storage::{AlertStore, Backend, EventStore, Store, StoreError, StoreResult};
+use crate::storage::{AlertStore, Backend, EventStore, RuleStore, Store, StoreError, StoreResult};
 
 /// Connection options for `url`, creating the file's directory if needed.
 fn options(url: &str) -> anyhow::Result<SqliteConnectOptions> {
@@ -847,5 +848,88 @@ impl AlertStore for SqliteStore {
         .await
         .map_err(|e| StoreError::classify(e, "changes", "failed to read the change log head"))?;
         Ok(seq.map(|seq| FeedPosition { xid: 0, seq }))
+    }
+}
+
+fn rule_from_row(row: &SqliteRow) -> Result<TenantRule, sqlx::Error> {
+    Ok(TenantRule {
+        tenant_id: TenantId(parse_uuid(row.try_get("tenant_id")?)?),
+        rule_id: row.try_get("rule_id")?,
+        title: row.try_get("title")?,
+        sigma_yaml: row.try_get("sigma_yaml")?,
+        enabled: row.try_get("enabled")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+#[async_trait]
+impl RuleStore for SqliteStore {
+    async fn insert_tenant_rule(&self, r: &TenantRule) -> StoreResult<()> {
+        let what = format!("rule {}", r.rule_id);
+        sqlx::query(
+            "INSERT INTO tenant_rules (tenant_id, rule_id, title, sigma_yaml, enabled, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .bind(r.tenant_id.0.to_string())
+        .bind(&r.rule_id)
+        .bind(&r.title)
+        .bind(&r.sigma_yaml)
+        .bind(r.enabled)
+        .bind(r.created_at)
+        .bind(r.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::classify(e, &what, "failed to store a rule"))?;
+        Ok(())
+    }
+
+    async fn save_tenant_rule(&self, r: &TenantRule) -> StoreResult<()> {
+        let what = format!("rule {}", r.rule_id);
+        sqlx::query(
+            "INSERT INTO tenant_rules (tenant_id, rule_id, title, sigma_yaml, enabled, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (tenant_id, rule_id) DO UPDATE SET \
+             title = excluded.title, sigma_yaml = excluded.sigma_yaml, enabled = excluded.enabled, updated_at = excluded.updated_at",
+        )
+        .bind(r.tenant_id.0.to_string())
+        .bind(&r.rule_id)
+        .bind(&r.title)
+        .bind(&r.sigma_yaml)
+        .bind(r.enabled)
+        .bind(r.created_at)
+        .bind(r.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::classify(e, &what, "failed to store a rule"))?;
+        Ok(())
+    }
+
+    async fn list_tenant_rules(&self, tenant: TenantId) -> StoreResult<Vec<TenantRule>> {
+        let rows = sqlx::query(
+            "SELECT tenant_id, rule_id, title, sigma_yaml, enabled, created_at, updated_at FROM tenant_rules \
+             WHERE tenant_id = ?1 ORDER BY rule_id",
+        )
+        .bind(tenant.0.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| StoreError::classify(e, "rules", "failed to list rules"))?;
+        rows.iter()
+            .map(rule_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(|e| StoreError::classify(e, "rules", "failed to decode rules"))
+    }
+
+    async fn delete_tenant_rule(&self, tenant: TenantId, rule_id: &str) -> StoreResult<()> {
+        let what = format!("rule {rule_id}");
+        let done = sqlx::query("DELETE FROM tenant_rules WHERE tenant_id = ?1 AND rule_id = ?2")
+            .bind(tenant.0.to_string())
+            .bind(rule_id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StoreError::classify(e, &what, "failed to delete a rule"))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(what));
+        }
+        Ok(())
     }
 }

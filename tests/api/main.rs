@@ -8,4 +8,5 @@ mod admin;
 mod alerts;
 mod crash;
 mod ingest;
+mod rules;
 mod server;

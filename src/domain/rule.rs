@@ -1,0 +1,25 @@
+//! A tenant's detection rule settings.
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::TenantId;
+
+/// A tenant's own Sigma rule, or its enable/disable override of a built-in or
+/// directory rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantRule {
+    /// Owner.
+    pub tenant_id: TenantId,
+    /// The Sigma `id`.
+    pub rule_id: String,
+    /// The Sigma `title`.
+    pub title: String,
+    /// The rule text for the tenant's own rules; `None` for an override.
+    pub sigma_yaml: Option<String>,
+    /// Whether it is evaluated for the tenant.
+    pub enabled: bool,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last changed.
+    pub updated_at: DateTime<Utc>,
+}
