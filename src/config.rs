@@ -111,6 +111,27 @@ pub struct Settings {
     #[arg(long, env = "PICKET_DETECT_REFIRE_SECONDS", default_value_t = 60)]
     pub detect_refire_seconds: u64,
 
+    /// Model that scores entity windows live.
+    #[arg(
+        long,
+        env = "PICKET_ANOMALY_ALGORITHM",
+        value_enum,
+        default_value = "ecod"
+    )]
+    pub anomaly_algorithm: crate::scoring::Algorithm,
+
+    /// Share of baseline windows the anomaly threshold leaves above it.
+    #[arg(long, env = "PICKET_ANOMALY_CONTAMINATION", default_value_t = 0.002)]
+    pub anomaly_contamination: f64,
+
+    /// Length of the per-entity behaviour windows, in seconds.
+    #[arg(long, env = "PICKET_ANOMALY_WINDOW_SECONDS", default_value_t = 300)]
+    pub anomaly_window_seconds: u64,
+
+    /// Windows a tenant needs before its first anomaly model is trained.
+    #[arg(long, env = "PICKET_ANOMALY_MIN_WINDOWS", default_value_t = 200)]
+    pub anomaly_min_windows: usize,
+
     /// How many hours of events are replayed at start to rebuild detection windows.
     #[arg(long, env = "PICKET_DETECT_REPLAY_HOURS", default_value_t = 24)]
     pub detect_replay_hours: u64,
@@ -204,6 +225,10 @@ impl Settings {
             format!("detection = {}", self.detection),
             format!("detect_refire_seconds = {}", self.detect_refire_seconds),
             format!("detect_replay_hours = {}", self.detect_replay_hours),
+            format!("anomaly_algorithm = {:?}", self.anomaly_algorithm),
+            format!("anomaly_contamination = {}", self.anomaly_contamination),
+            format!("anomaly_window_seconds = {}", self.anomaly_window_seconds),
+            format!("anomaly_min_windows = {}", self.anomaly_min_windows),
             format!("cors_origins = {}", self.cors_origins.join(",")),
         ]
         .join("\n")
@@ -221,6 +246,19 @@ pub fn redact_url(url: &str) -> String {
             None => url.to_owned(),
         },
         None => url.to_owned(),
+    }
+}
+
+impl Settings {
+    /// The anomaly scoring settings.
+    pub fn scoring(&self) -> crate::scoring::ScoringConfig {
+        crate::scoring::ScoringConfig {
+            algorithm: self.anomaly_algorithm,
+            window: chrono::Duration::seconds(self.anomaly_window_seconds.max(1) as i64),
+            contamination: self.anomaly_contamination.clamp(0.0001, 0.5),
+            min_windows: self.anomaly_min_windows.max(10),
+            ..crate::scoring::ScoringConfig::default()
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 //! - [`ingest`]: the batching write path and the post-commit hand-off.
 //! - [`detect`]: Sigma rules (rsigma) and behavioural detectors; no IO but `load_dir`.
 //! - [`pipeline`]: follows committed events, evaluates rules, raises alerts.
+//! - [`scoring`]: per-entity windows scored by per-tenant anomaly models.
 //! - [`client`]: the CLI's gRPC client side: `picket ingest`, `tail`, `bench`.
 //! - [`cli_anomaly`]: `picket anomaly score` (CSV in, scores out).
 //! - [`config`], [`telemetry`], [`startup`], [`shutdown`], [`cli`]: the process around it.
@@ -34,6 +35,7 @@ pub mod http;
 pub mod ingest;
 pub mod pipeline;
 pub mod retention;
+pub mod scoring;
 pub mod shutdown;
 pub mod startup;
 pub mod storage;

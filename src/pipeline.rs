@@ -23,11 +23,13 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::detect::features::ClosedWindow;
 use crate::detect::{Detection, Evaluator, RuleOrigin, RuleSource, TenantRules};
 use crate::domain::TenantId;
 use crate::domain::alert::{AlertQuery, Evidence, NewAlert, SourceKind};
-use crate::domain::event::{EventQuery, FeedPosition, NewEvent, StoredEvent};
+use crate::domain::event::{FeedPosition, NewEvent};
 use crate::ingest::CommittedEvents;
+use crate::scoring::{AnomalyScorer, ScoringConfig};
 use crate::storage::{Store, StoreResult};
 
 /// Events read from a tenant's feed per round trip.
@@ -73,6 +75,8 @@ pub struct DetectionPipeline {
     shutdown: CancellationToken,
     /// Tenants whose rules changed through the API.
     rule_updates: Option<tokio::sync::mpsc::UnboundedReceiver<TenantId>>,
+    /// Per-entity windows and anomaly models.
+    scorer: AnomalyScorer,
 }
 
 impl DetectionPipeline {
@@ -92,7 +96,40 @@ impl DetectionPipeline {
             config,
             shutdown,
             rule_updates: None,
+            scorer: AnomalyScorer::new(ScoringConfig::default()),
         }
+    }
+
+    /// Uses these anomaly scoring settings.
+    pub fn with_scoring(mut self, config: ScoringConfig) -> Self {
+        self.scorer = AnomalyScorer::new(config);
+        self
+    }
+
+    /// Scores closed windows and raises alerts for anomalous ones.
+    async fn score_windows(
+        &mut self,
+        windows: Vec<ClosedWindow>,
+        raise: bool,
+    ) -> StoreResult<usize> {
+        let mut raised = 0;
+        for w in windows {
+            if let Some(a) = self.scorer.on_closed(self.store.as_ref(), &w).await?
+                && raise
+            {
+                let new = crate::scoring::anomaly_alert(self.store.as_ref(), &a).await?;
+                let (alert, created) = self
+                    .store
+                    .raise_alert(w.tenant, new, self.config.suppression, Utc::now())
+                    .await?;
+                self.changes.send_modify(|n| *n += 1);
+                metrics::counter!("picket_alerts_raised_total", "source" => "model", "new" => if created { "true" } else { "false" })
+                    .increment(1);
+                tracing::info!(tenant_id = %w.tenant, alert_id = %alert.id, score = a.score, threshold = a.threshold, "anomaly alert");
+                raised += 1;
+            }
+        }
+        Ok(raised)
     }
 
     /// Receives "this tenant's rules changed" notices from the API.
@@ -146,26 +183,19 @@ impl DetectionPipeline {
                 let head = self.store.events_head(t.id).await?.unwrap_or_default();
                 self.positions.insert(t.id, head);
                 self.reload_rules(t.id).await?;
-                // Newest first, then reversed: the engine sees them oldest first.
-                let mut q = EventQuery {
-                    start: Some(since),
-                    limit: READ,
-                    ..Default::default()
-                };
-                let mut events: Vec<StoredEvent> = Vec::new();
-                loop {
-                    let page = self.store.query_events(t.id, &q).await?;
-                    let Some(last) = page.last() else { break };
-                    q.before = Some((last.event.occurred_at, last.event.id));
-                    let done = page.len() < READ as usize;
-                    events.extend(page);
-                    if done || events.len() >= self.config.replay_max_events {
-                        break;
-                    }
-                }
-                events.truncate(self.config.replay_max_events);
-                events.reverse();
+                self.scorer.load(self.store.as_ref(), t.id).await?;
+                let events = crate::scoring::events_in_range(
+                    self.store.as_ref(),
+                    t.id,
+                    since,
+                    None,
+                    self.config.replay_max_events,
+                )
+                .await?;
                 for e in &events {
+                    // Windows that close during replay were scored before the restart.
+                    let closed = self.scorer.observe(t.id, &e.event);
+                    self.score_windows(closed, false).await?;
                     for d in self.evaluator.observe(t.id, &e.event) {
                         if !self.already_alerted(t.id, &d).await? {
                             self.raise(t.id, d, None).await?;
@@ -204,6 +234,7 @@ impl DetectionPipeline {
         let mut raised = 0;
         if !self.positions.contains_key(&tenant) {
             self.reload_rules(tenant).await?;
+            self.scorer.load(self.store.as_ref(), tenant).await?;
             self.positions.insert(tenant, FeedPosition::default());
         }
         while !self.shutdown.is_cancelled() {
@@ -218,6 +249,8 @@ impl DetectionPipeline {
                     self.raise(tenant, d, Some(&stored.event)).await?;
                     raised += 1;
                 }
+                let closed = self.scorer.observe(tenant, &stored.event);
+                raised += self.score_windows(closed, true).await?;
             }
             self.positions.insert(tenant, last);
             if batch.len() < READ as usize {
@@ -232,6 +265,8 @@ impl DetectionPipeline {
         self.evaluator.advance(Utc::now());
         let tenants: Vec<TenantId> = self.positions.keys().copied().collect();
         let mut raised = 0;
+        let quiet = self.scorer.close_by_clock(Utc::now());
+        raised += self.score_windows(quiet, true).await?;
         for t in tenants {
             raised += self.process_tenant(t).await?;
         }

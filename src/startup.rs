@@ -155,6 +155,8 @@ impl Application {
             },
             changes: changes.clone(),
             rules: Arc::new(rules.clone()),
+            scoring: settings.scoring(),
+            alert_suppression: chrono::Duration::seconds(settings.alert_suppression_seconds as i64),
             rules_changed,
         });
         if settings.detection {
@@ -177,7 +179,8 @@ impl Application {
                 },
                 token.clone(),
             )
-            .with_rule_updates(rule_updates);
+            .with_rule_updates(rule_updates)
+            .with_scoring(settings.scoring());
             tracker.spawn(pipeline.run(handoff));
         } else {
             drop(handoff);

@@ -14,6 +14,7 @@
 
 pub mod behavior;
 pub mod evaluator;
+pub mod features;
 pub mod rules;
 pub mod taxonomy;
 

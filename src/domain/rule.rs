@@ -23,3 +23,20 @@ pub struct TenantRule {
     /// Last changed.
     pub updated_at: DateTime<Utc>,
 }
+
+/// A fitted anomaly model as stored per tenant and algorithm.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredModel {
+    /// Owner.
+    pub tenant_id: TenantId,
+    /// `ecod` or `iforest`.
+    pub algorithm: String,
+    /// When it was trained.
+    pub trained_at: DateTime<Utc>,
+    /// How many windows it was trained on.
+    pub windows: u32,
+    /// Its contamination-based threshold.
+    pub threshold: f64,
+    /// The model in the anomaly module's versioned byte format.
+    pub bytes: Vec<u8>,
+}

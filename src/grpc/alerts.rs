@@ -390,14 +390,84 @@ impl AlertService for AlertApi {
         )))
     }
 
+    #[instrument(skip_all, fields(rpc = "AlertService.RunDetection", tenant))]
     async fn run_detection(
         &self,
         request: Request<pb::RunDetectionRequest>,
     ) -> Result<Response<pb::RunDetectionResponse>, Status> {
-        self.ctx.caller(&request, Scope::Respond).await?;
-        Err(to_status(AppError::Unimplemented(
-            "on-demand anomaly detection is not implemented yet (issue #5)",
-        )))
+        let caller = self.ctx.caller(&request, Scope::Respond).await?;
+        let tenant = caller.data_tenant().map_err(to_status)?;
+        let req = request.into_inner();
+        let range = req
+            .time_range
+            .as_ref()
+            .ok_or_else(|| to_status(AppError::invalid("time_range", "required")))?;
+        let start = range
+            .start
+            .as_ref()
+            .ok_or_else(|| to_status(AppError::invalid("time_range.start", "required")))
+            .and_then(|t| from_timestamp(t, "time_range.start").map_err(to_status))?;
+        let end = match &range.end {
+            Some(t) => from_timestamp(t, "time_range.end").map_err(to_status)?,
+            None => Utc::now(),
+        };
+        if end <= start || end - start > chrono::Duration::days(30) {
+            return Err(to_status(AppError::invalid(
+                "time_range",
+                "end must be after start, at most 30 days later",
+            )));
+        }
+        let algorithm = match pb::AnomalyAlgorithm::try_from(req.algorithm) {
+            Ok(pb::AnomalyAlgorithm::Unspecified) | Ok(pb::AnomalyAlgorithm::Ecod) => {
+                crate::scoring::Algorithm::Ecod
+            }
+            Ok(pb::AnomalyAlgorithm::IsolationForest) => crate::scoring::Algorithm::Iforest,
+            Err(_) => {
+                return Err(to_status(AppError::invalid(
+                    "algorithm",
+                    "unknown algorithm",
+                )));
+            }
+        };
+        if !req.threshold.is_finite() || req.threshold < 0.0 {
+            return Err(to_status(AppError::invalid(
+                "threshold",
+                "must be a finite, non-negative number",
+            )));
+        }
+        let threshold = (req.threshold > 0.0).then_some(req.threshold);
+        let store = self.ctx.store.as_ref();
+        let analysis = crate::scoring::analyse(store, tenant, algorithm, self.ctx.scoring, start, end, threshold)
+            .await
+            .map_err(|e| to_status(e.into()))?
+            .ok_or_else(|| {
+                to_status(AppError::FailedPrecondition(format!(
+                    "not enough history to train a model: need at least {} entity windows in the week before the range",
+                    self.ctx.scoring.min_windows
+                )))
+            })?;
+        let mut alert_ids = Vec::new();
+        for a in &analysis.anomalies {
+            let new = crate::scoring::anomaly_alert(store, a)
+                .await
+                .map_err(|e| to_status(e.into()))?;
+            let (alert, _) = store
+                .raise_alert(tenant, new, self.ctx.alert_suppression, Utc::now())
+                .await
+                .map_err(|e| to_status(e.into()))?;
+            if !alert_ids.contains(&alert.id.to_string()) {
+                alert_ids.push(alert.id.to_string());
+            }
+        }
+        if !alert_ids.is_empty() {
+            self.ctx.changes.send_modify(|n| *n += 1);
+        }
+        Ok(Response::new(pb::RunDetectionResponse {
+            windows_analysed: analysis.windows as u32,
+            anomalies_found: analysis.anomalies.len() as u32,
+            alert_ids,
+            threshold: analysis.threshold,
+        }))
     }
 }
 

@@ -52,6 +52,10 @@ pub struct ApiContext {
     pub changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// The server's built-in and directory rules.
     pub rules: Arc<crate::detect::RuleSet>,
+    /// Anomaly scoring settings (RunDetection uses them too).
+    pub scoring: crate::scoring::ScoringConfig,
+    /// Repeats of an alert fingerprint within this long fold into one alert.
+    pub alert_suppression: chrono::Duration,
     /// Tells the detection pipeline that a tenant's rules changed.
     pub rules_changed: tokio::sync::mpsc::UnboundedSender<crate::domain::TenantId>,
 }

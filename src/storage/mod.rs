@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{EventQuery, FeedPosition, InsertOutcome, NewEvent, StoredEvent};
-use crate::domain::rule::TenantRule;
+use crate::domain::rule::{StoredModel, TenantRule};
 use crate::domain::{ApiKey, ApiKeyId, Tenant, TenantId};
 
 pub use postgres::PgStore;
@@ -88,7 +88,7 @@ impl Backend {
 /// Everything Picket persists. Implementations must behave identically; the
 /// conformance suite in `tests/storage` is the definition of "identically".
 #[async_trait]
-pub trait Store: EventStore + AlertStore + RuleStore + Send + Sync + 'static {
+pub trait Store: EventStore + AlertStore + RuleStore + ModelStore + Send + Sync + 'static {
     /// Which backend this is.
     fn backend(&self) -> Backend;
 
@@ -246,6 +246,20 @@ pub trait RuleStore: Send + Sync {
 
     /// Deletes one; `NotFound` if absent.
     async fn delete_tenant_rule(&self, tenant: TenantId, rule_id: &str) -> StoreResult<()>;
+}
+
+/// Fitted anomaly models, one per tenant and algorithm.
+#[async_trait]
+pub trait ModelStore: Send + Sync {
+    /// Stores (or replaces) a model.
+    async fn save_model(&self, model: &StoredModel) -> StoreResult<()>;
+
+    /// The tenant's model for `algorithm`, if trained.
+    async fn load_model(
+        &self,
+        tenant: TenantId,
+        algorithm: &str,
+    ) -> StoreResult<Option<StoredModel>>;
 }
 
 /// The default embedded database: `./picket-data/picket.db`.

@@ -16,9 +16,11 @@ use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{
     EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
 };
-use crate::domain::rule::TenantRule;
+use crate::domain::rule::{StoredModel, TenantRule};
 use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
-use crate::storage::{AlertStore, Backend, EventStore, RuleStore, Store, StoreError, StoreResult};
+use crate::storage::{
+    AlertStore, Backend, EventStore, ModelStore, RuleStore, Store, StoreError, StoreResult,
+};
 
 /// Runs the Postgres migrations on a dedicated connection as the owner role.
 pub async fn migrate(url: &str) -> anyhow::Result<()> {
@@ -1028,5 +1030,56 @@ impl RuleStore for PgStore {
             return Err(StoreError::NotFound(what));
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl ModelStore for PgStore {
+    async fn save_model(&self, m: &StoredModel) -> StoreResult<()> {
+        let classify = |e| StoreError::classify(e, "model", "failed to store a model");
+        let mut tx = self.tenant_tx(m.tenant_id).await.map_err(classify)?;
+        sqlx::query(
+            "INSERT INTO anomaly_models (tenant_id, algorithm, trained_at, windows, threshold, model) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, algorithm) DO UPDATE SET \
+             trained_at = EXCLUDED.trained_at, windows = EXCLUDED.windows, threshold = EXCLUDED.threshold, model = EXCLUDED.model",
+        )
+        .bind(m.tenant_id.0)
+        .bind(&m.algorithm)
+        .bind(m.trained_at)
+        .bind(m.windows as i32)
+        .bind(m.threshold)
+        .bind(&m.bytes)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn load_model(
+        &self,
+        tenant: TenantId,
+        algorithm: &str,
+    ) -> StoreResult<Option<StoredModel>> {
+        let classify = |e| StoreError::classify(e, "model", "failed to load a model");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let row: Option<(DateTime<Utc>, i32, f64, Vec<u8>)> = sqlx::query_as(
+            "SELECT trained_at, windows, threshold, model FROM anomaly_models WHERE tenant_id = $1 AND algorithm = $2",
+        )
+        .bind(tenant.0)
+        .bind(algorithm)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(
+            row.map(|(trained_at, windows, threshold, bytes)| StoredModel {
+                tenant_id: tenant,
+                algorithm: algorithm.to_owned(),
+                trained_at,
+                windows: windows.max(0) as u32,
+                threshold,
+                bytes,
+            }),
+        )
     }
 }

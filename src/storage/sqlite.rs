@@ -20,9 +20,11 @@ use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{
     EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
 };
-use crate::domain::rule::TenantRule;
+use crate::domain::rule::{StoredModel, TenantRule};
 use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
-use crate::storage::{AlertStore, Backend, EventStore, RuleStore, Store, StoreError, StoreResult};
+use crate::storage::{
+    AlertStore, Backend, EventStore, ModelStore, RuleStore, Store, StoreError, StoreResult,
+};
 
 /// Connection options for `url`, creating the file's directory if needed.
 fn options(url: &str) -> anyhow::Result<SqliteConnectOptions> {
@@ -931,5 +933,51 @@ impl RuleStore for SqliteStore {
             return Err(StoreError::NotFound(what));
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl ModelStore for SqliteStore {
+    async fn save_model(&self, m: &StoredModel) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO anomaly_models (tenant_id, algorithm, trained_at, windows, threshold, model) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (tenant_id, algorithm) DO UPDATE SET \
+             trained_at = excluded.trained_at, windows = excluded.windows, threshold = excluded.threshold, model = excluded.model",
+        )
+        .bind(m.tenant_id.0.to_string())
+        .bind(&m.algorithm)
+        .bind(m.trained_at)
+        .bind(i64::from(m.windows))
+        .bind(m.threshold)
+        .bind(&m.bytes)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| StoreError::classify(e, "model", "failed to store a model"))?;
+        Ok(())
+    }
+
+    async fn load_model(
+        &self,
+        tenant: TenantId,
+        algorithm: &str,
+    ) -> StoreResult<Option<StoredModel>> {
+        let row: Option<(DateTime<Utc>, i64, f64, Vec<u8>)> = sqlx::query_as(
+            "SELECT trained_at, windows, threshold, model FROM anomaly_models WHERE tenant_id = ?1 AND algorithm = ?2",
+        )
+        .bind(tenant.0.to_string())
+        .bind(algorithm)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| StoreError::classify(e, "model", "failed to load a model"))?;
+        Ok(
+            row.map(|(trained_at, windows, threshold, bytes)| StoredModel {
+                tenant_id: tenant,
+                algorithm: algorithm.to_owned(),
+                trained_at,
+                windows: windows.max(0) as u32,
+                threshold,
+                bytes,
+            }),
+        )
     }
 }

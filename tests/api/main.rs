@@ -6,6 +6,7 @@ mod common;
 
 mod admin;
 mod alerts;
+mod anomaly;
 mod crash;
 mod ingest;
 mod rules;

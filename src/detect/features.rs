@@ -1,0 +1,369 @@
+//! Per-entity behaviour windows for anomaly scoring (pure, no IO).
+//!
+//! Every event is counted into a tumbling window (default 5 minutes, in event
+//! time) of its actor and of its source IP. A window closes once the newest
+//! event time seen for the tenant is past its end plus an allowed lateness;
+//! its counts become a fixed feature vector that the anomaly models score.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, Duration, Timelike, Utc};
+use uuid::Uuid;
+
+use crate::domain::TenantId;
+use crate::domain::alert::{Entity, EntityKind};
+use crate::domain::event::{NewEvent, Outcome};
+
+/// Names of the features, in vector order.
+pub const FEATURE_NAMES: [&str; 10] = [
+    "log_request_count",
+    "failure_ratio",
+    "log_distinct_resources",
+    "log_distinct_source_ips",
+    "http_4xx_ratio",
+    "http_5xx_ratio",
+    "log_bytes_out",
+    "off_hours_fraction",
+    "log_privileged_actions",
+    "log_distinct_actors",
+];
+
+/// Most distinct values counted per set (bounds memory; counts saturate).
+const MAX_DISTINCT: usize = 256;
+/// Most evidence event ids kept per window.
+const MAX_EVENTS: usize = 100;
+
+/// Raw counts of one entity window.
+#[derive(Debug, Clone, Default)]
+struct Counts {
+    events: u64,
+    failures: u64,
+    resources: HashSet<String>,
+    source_ips: HashSet<String>,
+    actors: HashSet<String>,
+    http: u64,
+    http_4xx: u64,
+    http_5xx: u64,
+    bytes_out: u64,
+    off_hours: u64,
+    privileged: u64,
+    event_ids: Vec<Uuid>,
+}
+
+fn insert_capped(set: &mut HashSet<String>, v: &str) {
+    if !v.is_empty() && set.len() < MAX_DISTINCT {
+        set.insert(v.to_owned());
+    }
+}
+
+/// Whether an event is a privileged action (role/permission/config/tenant
+/// changes, or a change carrying a privilege).
+pub fn is_privileged(e: &NewEvent) -> bool {
+    let head = e.event_type.split(['.', '_']).next().unwrap_or("");
+    matches!(
+        head,
+        "role" | "permission" | "privilege" | "config" | "configuration" | "tenant" | "firewall"
+    ) || e
+        .details
+        .change
+        .as_ref()
+        .is_some_and(|c| !c.privilege.is_empty())
+}
+
+impl Counts {
+    fn add(&mut self, e: &NewEvent) {
+        self.events += 1;
+        if e.outcome == Outcome::Failure {
+            self.failures += 1;
+        }
+        insert_capped(&mut self.resources, &e.resource);
+        if let Some(ip) = e.source_ip {
+            insert_capped(&mut self.source_ips, &ip.to_string());
+        }
+        insert_capped(&mut self.actors, &e.actor);
+        if let Some(h) = &e.details.http {
+            self.http += 1;
+            match h.status_code {
+                400..=499 => self.http_4xx += 1,
+                500..=599 => self.http_5xx += 1,
+                _ => {}
+            }
+            self.bytes_out += h.bytes_out;
+        }
+        if let Some(n) = &e.details.network {
+            self.bytes_out += n.bytes_sent;
+        }
+        let hour = e.occurred_at.hour();
+        if !(8..18).contains(&hour) {
+            self.off_hours += 1;
+        }
+        if is_privileged(e) {
+            self.privileged += 1;
+        }
+        if self.event_ids.len() < MAX_EVENTS {
+            self.event_ids.push(e.id);
+        }
+    }
+
+    fn features(&self) -> [f64; 10] {
+        let n = self.events.max(1) as f64;
+        let http = self.http.max(1) as f64;
+        let ln = |v: f64| v.ln_1p();
+        [
+            ln(self.events as f64),
+            self.failures as f64 / n,
+            ln(self.resources.len() as f64),
+            ln(self.source_ips.len() as f64),
+            self.http_4xx as f64 / http,
+            self.http_5xx as f64 / http,
+            ln(self.bytes_out as f64),
+            self.off_hours as f64 / n,
+            ln(self.privileged as f64),
+            ln(self.actors.len() as f64),
+        ]
+    }
+}
+
+/// A closed window, ready to score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClosedWindow {
+    /// Owner.
+    pub tenant: TenantId,
+    /// The actor or source IP it is about.
+    pub entity: Entity,
+    /// Window start (inclusive).
+    pub start: DateTime<Utc>,
+    /// Window end (exclusive).
+    pub end: DateTime<Utc>,
+    /// Feature vector, in [`FEATURE_NAMES`] order.
+    pub features: [f64; 10],
+    /// Events counted.
+    pub events: u64,
+    /// Ids of (up to 100 of) its events.
+    pub event_ids: Vec<Uuid>,
+}
+
+/// Aggregates events into per-entity tumbling windows.
+#[derive(Debug)]
+pub struct WindowAggregator {
+    /// Window length.
+    width: Duration,
+    /// How long after a window's end late events are still counted.
+    lateness: Duration,
+    /// Most open windows per tenant (oldest closed early beyond it).
+    max_open: usize,
+    /// Open windows per tenant, by (start, entity).
+    open: HashMap<TenantId, BTreeMap<(DateTime<Utc>, Entity), Counts>>,
+    /// Newest event time seen per tenant.
+    watermark: HashMap<TenantId, DateTime<Utc>>,
+    /// Newest server receive time seen per tenant (quietness, for clock closing).
+    arrival: HashMap<TenantId, DateTime<Utc>>,
+}
+
+impl WindowAggregator {
+    /// Windows of `width`, accepting events up to `lateness` after a window ends.
+    pub fn new(width: Duration, lateness: Duration, max_open: usize) -> Self {
+        Self {
+            width,
+            lateness,
+            max_open: max_open.max(1),
+            open: HashMap::new(),
+            watermark: HashMap::new(),
+            arrival: HashMap::new(),
+        }
+    }
+
+    /// The window start containing `t`.
+    pub fn window_start(&self, t: DateTime<Utc>) -> DateTime<Utc> {
+        let w = self.width.num_seconds().max(1);
+        let s = t.timestamp().div_euclid(w) * w;
+        DateTime::from_timestamp(s, 0).unwrap_or(t)
+    }
+
+    /// Counts an event; returns windows that closed because event time moved on.
+    pub fn observe(&mut self, tenant: TenantId, e: &NewEvent) -> Vec<ClosedWindow> {
+        let start = self.window_start(e.occurred_at);
+        let arrived = self.arrival.entry(tenant).or_insert(e.received_at);
+        if e.received_at > *arrived {
+            *arrived = e.received_at;
+        }
+        let wm = self.watermark.entry(tenant).or_insert(e.occurred_at);
+        if e.occurred_at > *wm {
+            *wm = e.occurred_at;
+        }
+        let watermark = *wm;
+        // Too late for its window: it was already scored.
+        if start + self.width + self.lateness <= watermark {
+            return self.close_until(tenant, watermark);
+        }
+        let open = self.open.entry(tenant).or_default();
+        let mut entities = Vec::with_capacity(2);
+        if !e.actor.is_empty() {
+            entities.push(Entity::new(EntityKind::Actor, e.actor.clone()));
+        }
+        if let Some(ip) = e.source_ip {
+            entities.push(Entity::new(EntityKind::Ip, ip.to_string()));
+        }
+        for entity in entities {
+            open.entry((start, entity)).or_default().add(e);
+        }
+        let mut closed = self.close_until(tenant, watermark);
+        // Bound memory: close the oldest windows beyond the cap.
+        let max_open = self.max_open;
+        let open = self.open.entry(tenant).or_default();
+        let mut evicted = Vec::new();
+        while open.len() > max_open {
+            let Some(w) = open.pop_first() else { break };
+            evicted.push(w);
+        }
+        for ((s, entity), counts) in evicted {
+            closed.push(self.closed(tenant, s, entity, &counts));
+        }
+        closed
+    }
+
+    /// Closes the tenant's windows that ended before `watermark - lateness`.
+    pub fn close_until(&mut self, tenant: TenantId, watermark: DateTime<Utc>) -> Vec<ClosedWindow> {
+        let cutoff = watermark - self.lateness - self.width;
+        let Some(open) = self.open.get_mut(&tenant) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        while let Some(((s, _), _)) = open.first_key_value() {
+            if *s > cutoff {
+                break;
+            }
+            let ((s, entity), counts) = open.pop_first().expect("checked non-empty");
+            out.push((s, entity, counts));
+        }
+        out.into_iter()
+            .map(|(s, e, c)| self.closed(tenant, s, e, &c))
+            .collect()
+    }
+
+    /// Closes every open window of every tenant (on demand analysis, shutdown).
+    pub fn close_all(&mut self) -> Vec<ClosedWindow> {
+        let all: Vec<_> = self.open.drain().collect();
+        let mut out = Vec::new();
+        for (tenant, windows) in all {
+            for ((s, e), c) in windows {
+                out.push(self.closed(tenant, s, e, &c));
+            }
+        }
+        out
+    }
+
+    /// Closes the windows of tenants that have been quiet (nothing received
+    /// for the lateness period) as of wall-clock `now`, so their last windows
+    /// are scored too. Tenants still sending (including historical backfills)
+    /// close windows by event time only.
+    pub fn close_by_clock(&mut self, now: DateTime<Utc>) -> Vec<ClosedWindow> {
+        let lateness = self.lateness;
+        let tenants: Vec<TenantId> = self
+            .open
+            .keys()
+            .copied()
+            .filter(|t| self.arrival.get(t).is_none_or(|a| *a + lateness <= now))
+            .collect();
+        tenants
+            .into_iter()
+            .flat_map(|t| self.close_until(t, now))
+            .collect()
+    }
+
+    fn closed(
+        &self,
+        tenant: TenantId,
+        start: DateTime<Utc>,
+        entity: Entity,
+        c: &Counts,
+    ) -> ClosedWindow {
+        ClosedWindow {
+            tenant,
+            entity,
+            start,
+            end: start + self.width,
+            features: c.features(),
+            events: c.events,
+            event_ids: c.event_ids.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::event::{EventDetails, HttpDetails};
+
+    fn ev(at: i64, actor: &str, ok: bool, bytes: u64) -> NewEvent {
+        NewEvent {
+            id: Uuid::now_v7(),
+            idempotency_digest: [0; 16],
+            occurred_at: DateTime::from_timestamp(1_800_000_000 + at, 0).unwrap(),
+            received_at: Utc::now(),
+            event_type: "http_request".into(),
+            ocsf_class_uid: 4002,
+            ocsf_category_uid: 4,
+            actor: actor.into(),
+            action: "GET".into(),
+            resource: format!("/r/{}", at % 7),
+            outcome: if ok {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            },
+            severity: Default::default(),
+            source_ip: Some("10.0.0.1".parse().unwrap()),
+            destination_ip: None,
+            source_system: String::new(),
+            service: String::new(),
+            environment: String::new(),
+            details: EventDetails {
+                http: Some(HttpDetails {
+                    status_code: if ok { 200 } else { 403 },
+                    bytes_out: bytes,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn windows_close_after_lateness_and_count_features() {
+        let t = TenantId::new();
+        let mut agg = WindowAggregator::new(Duration::minutes(5), Duration::minutes(1), 10_000);
+        // 1_800_000_000 is a multiple of 300: window [0, 300).
+        assert!(agg.observe(t, &ev(10, "alice", true, 100)).is_empty());
+        assert!(agg.observe(t, &ev(20, "alice", false, 300)).is_empty());
+        // Still within lateness (300 + 60 > 340): nothing closes.
+        assert!(agg.observe(t, &ev(340, "bob", true, 1)).is_empty());
+        // Past end + lateness: alice's and the IP's windows close.
+        let closed = agg.observe(t, &ev(361, "bob", true, 1));
+        assert_eq!(closed.len(), 2);
+        let alice = closed
+            .iter()
+            .find(|w| w.entity.kind == EntityKind::Actor)
+            .unwrap();
+        assert_eq!(alice.events, 2);
+        assert!((alice.features[1] - 0.5).abs() < 1e-12, "failure ratio");
+        assert!((alice.features[4] - 0.5).abs() < 1e-12, "4xx ratio");
+        assert!(
+            (alice.features[6] - 400f64.ln_1p()).abs() < 1e-12,
+            "bytes out"
+        );
+        assert_eq!(alice.event_ids.len(), 2);
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let t = TenantId::new();
+        let mut agg = WindowAggregator::new(Duration::minutes(5), Duration::minutes(1), 10);
+        let mut closed = 0;
+        for i in 0..100 {
+            closed += agg.observe(t, &ev(1, &format!("u{i}"), true, 1)).len();
+        }
+        assert!(agg.open[&t].len() <= 10);
+        assert!(closed > 0);
+    }
+}
