@@ -132,6 +132,15 @@ pub struct Settings {
     #[arg(long, env = "PICKET_ANOMALY_MIN_WINDOWS", default_value_t = 200)]
     pub anomaly_min_windows: usize,
 
+    /// An alert joins an open incident sharing its actor or IP updated within this many seconds.
+    #[arg(long, env = "PICKET_INCIDENT_WINDOW_SECONDS", default_value_t = 3600)]
+    pub incident_window_seconds: u64,
+
+    /// An alert reopens a resolved incident sharing its actor or IP resolved
+    /// within this many seconds; 0 never reopens.
+    #[arg(long, env = "PICKET_INCIDENT_REOPEN_SECONDS", default_value_t = 86_400)]
+    pub incident_reopen_seconds: u64,
+
     /// How many hours of events are replayed at start to rebuild detection windows.
     #[arg(long, env = "PICKET_DETECT_REPLAY_HOURS", default_value_t = 24)]
     pub detect_replay_hours: u64,
@@ -225,6 +234,8 @@ impl Settings {
             format!("detection = {}", self.detection),
             format!("detect_refire_seconds = {}", self.detect_refire_seconds),
             format!("detect_replay_hours = {}", self.detect_replay_hours),
+            format!("incident_window_seconds = {}", self.incident_window_seconds),
+            format!("incident_reopen_seconds = {}", self.incident_reopen_seconds),
             format!("anomaly_algorithm = {:?}", self.anomaly_algorithm),
             format!("anomaly_contamination = {}", self.anomaly_contamination),
             format!("anomaly_window_seconds = {}", self.anomaly_window_seconds),

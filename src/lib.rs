@@ -13,6 +13,7 @@
 //! - [`http`]: `/healthz`, `/metrics`, request metrics.
 //! - [`ingest`]: the batching write path and the post-commit hand-off.
 //! - [`detect`]: Sigma rules (rsigma) and behavioural detectors; no IO but `load_dir`.
+//! - [`incidents`]: correlation of alerts into incidents and manual incident changes.
 //! - [`pipeline`]: follows committed events, evaluates rules, raises alerts.
 //! - [`scoring`]: per-entity windows scored by per-tenant anomaly models.
 //! - [`client`]: the CLI's gRPC client side: `picket ingest`, `tail`, `bench`.
@@ -32,6 +33,7 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod incidents;
 pub mod ingest;
 pub mod pipeline;
 pub mod retention;

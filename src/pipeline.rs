@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::detect::features::ClosedWindow;
 use crate::detect::{Detection, Evaluator, RuleOrigin, RuleSource, TenantRules};
 use crate::domain::TenantId;
-use crate::domain::alert::{AlertQuery, Evidence, NewAlert, SourceKind};
+use crate::domain::alert::{AlertQuery, Entity, EntityKind, Evidence, NewAlert, SourceKind};
 use crate::domain::event::{FeedPosition, NewEvent};
 use crate::ingest::CommittedEvents;
 use crate::scoring::{AnomalyScorer, ScoringConfig};
@@ -34,6 +34,8 @@ use crate::storage::{Store, StoreResult};
 
 /// Events read from a tenant's feed per round trip.
 const READ: u32 = 1000;
+/// Most entities named on one alert.
+const MAX_ENTITIES: usize = 20;
 
 /// Pipeline tuning.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +48,8 @@ pub struct PipelineConfig {
     pub suppression: chrono::Duration,
     /// Fallback re-read of every tenant's feed and window expiry.
     pub poll: Duration,
+    /// How alerts are grouped into incidents.
+    pub correlation: crate::incidents::CorrelationConfig,
 }
 
 impl Default for PipelineConfig {
@@ -55,6 +59,7 @@ impl Default for PipelineConfig {
             replay_max_events: 200_000,
             suppression: chrono::Duration::hours(1),
             poll: Duration::from_secs(2),
+            correlation: crate::incidents::CorrelationConfig::default(),
         }
     }
 }
@@ -106,6 +111,20 @@ impl DetectionPipeline {
         self
     }
 
+    /// Groups a new alert into an incident; failures are logged, the alert stays.
+    async fn group(&self, alert: &crate::domain::alert::Alert) {
+        if let Err(e) = crate::incidents::correlate(
+            self.store.as_ref(),
+            alert,
+            self.config.correlation,
+            Utc::now(),
+        )
+        .await
+        {
+            tracing::error!(alert_id = %alert.id, error = %e, "incident correlation failed");
+        }
+    }
+
     /// Scores closed windows and raises alerts for anomalous ones.
     async fn score_windows(
         &mut self,
@@ -122,6 +141,7 @@ impl DetectionPipeline {
                     .store
                     .raise_alert(w.tenant, new, self.config.suppression, Utc::now())
                     .await?;
+                self.group(&alert).await;
                 self.changes.send_modify(|n| *n += 1);
                 metrics::counter!("picket_alerts_raised_total", "source" => "model", "new" => if created { "true" } else { "false" })
                     .increment(1);
@@ -283,6 +303,21 @@ impl DetectionPipeline {
         let stored = self.store.get_events(tenant, &d.evidence).await?;
         let mut by_id: HashMap<uuid::Uuid, NewEvent> =
             stored.into_iter().map(|e| (e.event.id, e.event)).collect();
+        // Affected entities: the rule's own plus the actors and IPs of its evidence.
+        let mut entities = d.entities.clone();
+        for e in by_id.values() {
+            let found = [
+                (!e.actor.is_empty()).then(|| Entity::new(EntityKind::Actor, e.actor.clone())),
+                e.source_ip
+                    .map(|ip| Entity::new(EntityKind::Ip, ip.to_string())),
+            ];
+            for ent in found.into_iter().flatten() {
+                if entities.len() < MAX_ENTITIES && !entities.contains(&ent) {
+                    entities.push(ent);
+                }
+            }
+        }
+        entities.sort();
         let evidence = d
             .evidence
             .iter()
@@ -300,7 +335,7 @@ impl DetectionPipeline {
             source_name: d.rule_id.clone(),
             anomaly_score: 0.0,
             anomaly_threshold: 0.0,
-            entities: d.entities.clone(),
+            entities,
             evidence,
             features: Vec::new(),
             attack_techniques: d.attack_techniques.clone(),
@@ -312,6 +347,7 @@ impl DetectionPipeline {
             .store
             .raise_alert(tenant, new, self.config.suppression, Utc::now())
             .await?;
+        self.group(&alert).await;
         self.changes.send_modify(|n| *n += 1);
         metrics::counter!("picket_alerts_raised_total", "source" => "rule", "new" => if created { "true" } else { "false" })
             .increment(1);

@@ -25,6 +25,7 @@ use crate::detect::{Evaluator, EvaluatorConfig, RuleSet};
 use crate::grpc::admin::AdminApi;
 use crate::grpc::alerts::AlertApi;
 use crate::grpc::health::HealthState;
+use crate::grpc::incidents::IncidentApi;
 use crate::grpc::ingest::IngestApi;
 use crate::grpc::pb::admin_service_server::AdminServiceServer;
 use crate::grpc::pb::alert_service_server::AlertServiceServer;
@@ -32,7 +33,7 @@ use crate::grpc::pb::incident_service_server::IncidentServiceServer;
 use crate::grpc::pb::ingest_service_server::IngestServiceServer;
 use crate::grpc::pb::playbook_service_server::PlaybookServiceServer;
 use crate::grpc::pb::report_service_server::ReportServiceServer;
-use crate::grpc::placeholder::{IncidentApi, PlaybookApi, ReportApi};
+use crate::grpc::placeholder::{PlaybookApi, ReportApi};
 use crate::grpc::{self, ApiContext, StreamLimits};
 use crate::http::{self, HttpState};
 use crate::ingest::{IngestWriter, WriterConfig};
@@ -175,6 +176,10 @@ impl Application {
                     suppression: chrono::Duration::seconds(
                         settings.alert_suppression_seconds as i64,
                     ),
+                    correlation: crate::incidents::CorrelationConfig {
+                        window: chrono::Duration::seconds(settings.incident_window_seconds as i64),
+                        reopen: chrono::Duration::seconds(settings.incident_reopen_seconds as i64),
+                    },
                     ..PipelineConfig::default()
                 },
                 token.clone(),

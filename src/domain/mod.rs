@@ -6,6 +6,7 @@
 
 pub mod alert;
 pub mod event;
+pub mod incident;
 pub mod rule;
 pub mod tenant;
 

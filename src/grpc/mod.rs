@@ -8,6 +8,7 @@ pub mod alerts;
 pub mod convert;
 pub mod events;
 pub mod health;
+pub mod incidents;
 pub mod ingest;
 pub mod placeholder;
 pub mod rules;

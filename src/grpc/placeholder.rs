@@ -58,25 +58,6 @@ macro_rules! placeholder_service {
 }
 
 placeholder_service! {
-    /// `picket.v1.IncidentService` until incidents land.
-    IncidentApi: pb::incident_service_server::IncidentService, "incidents are not implemented yet (issue #6)";
-    unary {
-        create_incident(CreateIncidentRequest) -> CreateIncidentResponse, Respond;
-        get_incident(GetIncidentRequest) -> GetIncidentResponse, Read;
-        list_incidents(ListIncidentsRequest) -> ListIncidentsResponse, Read;
-        update_incident(UpdateIncidentRequest) -> UpdateIncidentResponse, Respond;
-        add_note(AddNoteRequest) -> AddNoteResponse, Respond;
-        link_alerts(LinkAlertsRequest) -> LinkAlertsResponse, Respond;
-        unlink_alerts(UnlinkAlertsRequest) -> UnlinkAlertsResponse, Respond;
-        merge_incidents(MergeIncidentsRequest) -> MergeIncidentsResponse, Respond;
-    }
-    streaming {
-        watch_incident(pb::WatchIncidentRequest) -> WatchIncidentResponse as WatchIncidentStream, Read;
-        watch_incidents(pb::WatchIncidentsRequest) -> WatchIncidentsResponse as WatchIncidentsStream, Read;
-    }
-}
-
-placeholder_service! {
     /// `picket.v1.PlaybookService` until playbooks land.
     PlaybookApi: pb::playbook_service_server::PlaybookService, "playbooks are not implemented yet";
     unary {

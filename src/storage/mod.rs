@@ -19,6 +19,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{EventQuery, FeedPosition, InsertOutcome, NewEvent, StoredEvent};
+use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
 use crate::domain::rule::{StoredModel, TenantRule};
 use crate::domain::{ApiKey, ApiKeyId, Tenant, TenantId};
 
@@ -88,7 +89,9 @@ impl Backend {
 /// Everything Picket persists. Implementations must behave identically; the
 /// conformance suite in `tests/storage` is the definition of "identically".
 #[async_trait]
-pub trait Store: EventStore + AlertStore + RuleStore + ModelStore + Send + Sync + 'static {
+pub trait Store:
+    EventStore + AlertStore + RuleStore + ModelStore + IncidentStore + Send + Sync + 'static
+{
     /// Which backend this is.
     fn backend(&self) -> Backend;
 
@@ -260,6 +263,56 @@ pub trait ModelStore: Send + Sync {
         tenant: TenantId,
         algorithm: &str,
     ) -> StoreResult<Option<StoredModel>>;
+}
+
+/// Incidents. Saves are optimistic: an update names the version it read and
+/// fails with `Conflict` if the incident changed since.
+#[async_trait]
+pub trait IncidentStore: Send + Sync {
+    /// Stores a new incident (version 1) and logs `entry`.
+    async fn insert_incident(
+        &self,
+        incident: &Incident,
+        entry: &TimelineEntry,
+    ) -> StoreResult<Incident>;
+
+    /// Saves a changed incident if it is still at `incident.version`; logs
+    /// `entry`; returns it at its new version.
+    async fn update_incident(
+        &self,
+        incident: &Incident,
+        entry: &TimelineEntry,
+    ) -> StoreResult<Incident>;
+
+    /// One incident.
+    async fn get_incident(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<Incident>;
+
+    /// Incidents matching `query`, most recently updated first.
+    async fn list_incidents(
+        &self,
+        tenant: TenantId,
+        query: &IncidentQuery,
+    ) -> StoreResult<Vec<Incident>>;
+
+    /// Records which incident an alert belongs to (logged as an alert change).
+    async fn set_alert_incident(
+        &self,
+        tenant: TenantId,
+        alert_id: uuid::Uuid,
+        incident: Option<uuid::Uuid>,
+    ) -> StoreResult<()>;
+}
+
+/// The change-log payload of an incident change: its state (without the
+/// timeline, which grows) and the entry that describes the change.
+pub fn incident_change_payload(
+    incident: &Incident,
+    entry: &TimelineEntry,
+    kind: &str,
+) -> serde_json::Value {
+    let mut slim = incident.clone();
+    slim.timeline.clear();
+    serde_json::json!({ "kind": kind, "incident": slim, "entry": entry })
 }
 
 /// The default embedded database: `./picket-data/picket.db`.

@@ -16,10 +16,12 @@ use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{
     EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
 };
+use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
 use crate::domain::rule::{StoredModel, TenantRule};
 use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
 use crate::storage::{
-    AlertStore, Backend, EventStore, ModelStore, RuleStore, Store, StoreError, StoreResult,
+    AlertStore, Backend, EventStore, IncidentStore, ModelStore, RuleStore, Store, StoreError,
+    StoreResult,
 };
 
 /// Runs the Postgres migrations on a dedicated connection as the owner role.
@@ -1081,5 +1083,196 @@ impl ModelStore for PgStore {
                 bytes,
             }),
         )
+    }
+}
+
+impl PgStore {
+    async fn log_incident(
+        tx: &mut Transaction<'static, Postgres>,
+        i: &Incident,
+        entry: &TimelineEntry,
+        kind: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO change_log (tenant_id, stream, subject_id, kind, payload) VALUES ($1, 'incidents', $2, $3, $4)")
+            .bind(i.tenant_id.0)
+            .bind(i.id)
+            .bind(kind)
+            .bind(crate::storage::incident_change_payload(i, entry, kind))
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+fn incident_doc(i: &Incident) -> Result<serde_json::Value, sqlx::Error> {
+    serde_json::to_value(i).map_err(|e| sqlx::Error::Encode(e.into()))
+}
+
+#[async_trait]
+impl IncidentStore for PgStore {
+    async fn insert_incident(
+        &self,
+        incident: &Incident,
+        entry: &TimelineEntry,
+    ) -> StoreResult<Incident> {
+        let classify = |e| StoreError::classify(e, "incident", "failed to create an incident");
+        let mut i = incident.clone();
+        i.version = 1;
+        let mut tx = self.tenant_tx(i.tenant_id).await.map_err(classify)?;
+        sqlx::query(
+            "INSERT INTO incidents (tenant_id, id, version, status, severity, assignee, created_at, updated_at, doc) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(i.tenant_id.0)
+        .bind(i.id)
+        .bind(i.version)
+        .bind(i.status.as_i16())
+        .bind(i.severity.as_i16())
+        .bind(&i.assignee)
+        .bind(i.created_at)
+        .bind(i.updated_at)
+        .bind(incident_doc(&i).map_err(classify)?)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        Self::log_incident(&mut tx, &i, entry, "created")
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(i)
+    }
+
+    async fn update_incident(
+        &self,
+        incident: &Incident,
+        entry: &TimelineEntry,
+    ) -> StoreResult<Incident> {
+        let what = format!("incident {}", incident.id);
+        let classify = |e| StoreError::classify(e, &what, "failed to update an incident");
+        let mut i = incident.clone();
+        i.version = incident.version + 1;
+        let mut tx = self.tenant_tx(i.tenant_id).await.map_err(classify)?;
+        let done = sqlx::query(
+            "UPDATE incidents SET version = $3, status = $4, severity = $5, assignee = $6, updated_at = $7, doc = $8 \
+             WHERE tenant_id = $1 AND id = $2 AND version = $9",
+        )
+        .bind(i.tenant_id.0)
+        .bind(i.id)
+        .bind(i.version)
+        .bind(i.status.as_i16())
+        .bind(i.severity.as_i16())
+        .bind(&i.assignee)
+        .bind(i.updated_at)
+        .bind(incident_doc(&i).map_err(classify)?)
+        .bind(incident.version)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!(
+                "{what} (changed concurrently)"
+            )));
+        }
+        Self::log_incident(&mut tx, &i, entry, "updated")
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(i)
+    }
+
+    async fn get_incident(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<Incident> {
+        let what = format!("incident {id}");
+        let classify = |e| StoreError::classify(e, &what, "failed to read an incident");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let doc: serde_json::Value =
+            sqlx::query_scalar("SELECT doc FROM incidents WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant.0)
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        serde_json::from_value(doc)
+            .map_err(|e| StoreError::Unexpected(anyhow::Error::new(e).context("bad incident doc")))
+    }
+
+    async fn list_incidents(
+        &self,
+        tenant: TenantId,
+        q: &IncidentQuery,
+    ) -> StoreResult<Vec<Incident>> {
+        let classify = |e| StoreError::classify(e, "incidents", "failed to list incidents");
+        let mut b =
+            sqlx::QueryBuilder::<Postgres>::new("SELECT doc FROM incidents WHERE tenant_id = ");
+        b.push_bind(tenant.0);
+        if !q.statuses.is_empty() {
+            let v: Vec<i16> = q.statuses.iter().map(|s| s.as_i16()).collect();
+            b.push(" AND status = ANY(").push_bind(v).push(")");
+        }
+        if let Some(s) = q.min_severity {
+            b.push(" AND severity >= ").push_bind(s.as_i16());
+        }
+        if let Some(a) = &q.assignee {
+            b.push(" AND assignee = ").push_bind(a.clone());
+        }
+        if let Some(e) = &q.entity {
+            b.push(" AND doc @> ")
+                .push_bind(serde_json::json!({ "entities": [e] }));
+        }
+        if let Some(t) = q.start {
+            b.push(" AND updated_at >= ").push_bind(t);
+        }
+        if let Some(t) = q.end {
+            b.push(" AND updated_at < ").push_bind(t);
+        }
+        if let Some((t, id)) = q.before {
+            b.push(" AND (updated_at, id) < (")
+                .push_bind(t)
+                .push(", ")
+                .push_bind(id)
+                .push(")");
+        }
+        b.push(" ORDER BY updated_at DESC, id DESC LIMIT ")
+            .push_bind(i64::from(q.limit));
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let docs: Vec<serde_json::Value> = b
+            .build_query_scalar()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        docs.into_iter()
+            .map(|d| {
+                serde_json::from_value(d).map_err(|e| {
+                    StoreError::Unexpected(anyhow::Error::new(e).context("bad incident doc"))
+                })
+            })
+            .collect()
+    }
+
+    async fn set_alert_incident(
+        &self,
+        tenant: TenantId,
+        alert_id: uuid::Uuid,
+        incident: Option<uuid::Uuid>,
+    ) -> StoreResult<()> {
+        let what = format!("alert {alert_id}");
+        let classify = |e| StoreError::classify(e, &what, "failed to link an alert");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let doc: serde_json::Value = sqlx::query_scalar(
+            "SELECT doc FROM alerts WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+        )
+        .bind(tenant.0)
+        .bind(alert_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let mut alert = alert_from_doc(doc).map_err(classify)?;
+        alert.incident_id = incident;
+        alert.updated_at = Utc::now();
+        Self::save_alert(&mut tx, &alert, "updated", false)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)
     }
 }

@@ -20,10 +20,12 @@ use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{
     EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
 };
+use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
 use crate::domain::rule::{StoredModel, TenantRule};
 use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
 use crate::storage::{
-    AlertStore, Backend, EventStore, ModelStore, RuleStore, Store, StoreError, StoreResult,
+    AlertStore, Backend, EventStore, IncidentStore, ModelStore, RuleStore, Store, StoreError,
+    StoreResult,
 };
 
 /// Connection options for `url`, creating the file's directory if needed.
@@ -979,5 +981,210 @@ impl ModelStore for SqliteStore {
                 bytes,
             }),
         )
+    }
+}
+
+async fn log_incident(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    i: &Incident,
+    entry: &TimelineEntry,
+    kind: &str,
+) -> Result<(), sqlx::Error> {
+    let payload = crate::storage::incident_change_payload(i, entry, kind).to_string();
+    sqlx::query(
+        "INSERT INTO change_log (tenant_id, stream, subject_id, kind, payload, created_at) VALUES (?1, 'incidents', ?2, ?3, ?4, ?5)",
+    )
+    .bind(i.tenant_id.0.to_string())
+    .bind(i.id.to_string())
+    .bind(kind)
+    .bind(payload)
+    .bind(micros(Utc::now()))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn incident_from_doc(doc: &str) -> StoreResult<Incident> {
+    serde_json::from_str(doc)
+        .map_err(|e| StoreError::Unexpected(anyhow::Error::new(e).context("bad incident doc")))
+}
+
+#[async_trait]
+impl IncidentStore for SqliteStore {
+    async fn insert_incident(
+        &self,
+        incident: &Incident,
+        entry: &TimelineEntry,
+    ) -> StoreResult<Incident> {
+        let classify = |e| StoreError::classify(e, "incident", "failed to create an incident");
+        let mut i = incident.clone();
+        i.version = 1;
+        let doc = serde_json::to_string(&i).map_err(|e| StoreError::Unexpected(e.into()))?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(classify)?;
+        sqlx::query(
+            "INSERT INTO incidents (tenant_id, id, version, status, severity, assignee, created_at, updated_at, doc) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .bind(i.tenant_id.0.to_string())
+        .bind(i.id.to_string())
+        .bind(i.version)
+        .bind(i.status.as_i16())
+        .bind(i.severity.as_i16())
+        .bind(&i.assignee)
+        .bind(micros(i.created_at))
+        .bind(micros(i.updated_at))
+        .bind(doc)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        log_incident(&mut tx, &i, entry, "created")
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(i)
+    }
+
+    async fn update_incident(
+        &self,
+        incident: &Incident,
+        entry: &TimelineEntry,
+    ) -> StoreResult<Incident> {
+        let what = format!("incident {}", incident.id);
+        let classify = |e| StoreError::classify(e, &what, "failed to update an incident");
+        let mut i = incident.clone();
+        i.version = incident.version + 1;
+        let doc = serde_json::to_string(&i).map_err(|e| StoreError::Unexpected(e.into()))?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(classify)?;
+        let done = sqlx::query(
+            "UPDATE incidents SET version = ?3, status = ?4, severity = ?5, assignee = ?6, updated_at = ?7, doc = ?8 \
+             WHERE tenant_id = ?1 AND id = ?2 AND version = ?9",
+        )
+        .bind(i.tenant_id.0.to_string())
+        .bind(i.id.to_string())
+        .bind(i.version)
+        .bind(i.status.as_i16())
+        .bind(i.severity.as_i16())
+        .bind(&i.assignee)
+        .bind(micros(i.updated_at))
+        .bind(doc)
+        .bind(incident.version)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!(
+                "{what} (changed concurrently)"
+            )));
+        }
+        log_incident(&mut tx, &i, entry, "updated")
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(i)
+    }
+
+    async fn get_incident(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<Incident> {
+        let what = format!("incident {id}");
+        let doc: String =
+            sqlx::query_scalar("SELECT doc FROM incidents WHERE tenant_id = ?1 AND id = ?2")
+                .bind(tenant.0.to_string())
+                .bind(id.to_string())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| StoreError::classify(e, &what, "failed to read an incident"))?;
+        incident_from_doc(&doc)
+    }
+
+    async fn list_incidents(
+        &self,
+        tenant: TenantId,
+        q: &IncidentQuery,
+    ) -> StoreResult<Vec<Incident>> {
+        let classify = |e| StoreError::classify(e, "incidents", "failed to list incidents");
+        let mut b =
+            sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT doc FROM incidents WHERE tenant_id = ");
+        b.push_bind(tenant.0.to_string());
+        if !q.statuses.is_empty() {
+            b.push(" AND status IN (");
+            let mut sep = b.separated(", ");
+            for s in &q.statuses {
+                sep.push_bind(s.as_i16());
+            }
+            b.push(")");
+        }
+        if let Some(s) = q.min_severity {
+            b.push(" AND severity >= ").push_bind(s.as_i16());
+        }
+        if let Some(a) = &q.assignee {
+            b.push(" AND assignee = ").push_bind(a.clone());
+        }
+        if let Some(e) = &q.entity {
+            let kind =
+                serde_json::to_value(e.kind).map_err(|e| StoreError::Unexpected(e.into()))?;
+            b.push(" AND EXISTS (SELECT 1 FROM json_each(doc, '$.entities') j WHERE json_extract(j.value, '$.kind') = ")
+                .push_bind(kind.as_str().unwrap_or_default().to_owned())
+                .push(" AND json_extract(j.value, '$.value') = ")
+                .push_bind(e.value.clone())
+                .push(")");
+        }
+        if let Some(t) = q.start {
+            b.push(" AND updated_at >= ").push_bind(micros(t));
+        }
+        if let Some(t) = q.end {
+            b.push(" AND updated_at < ").push_bind(micros(t));
+        }
+        if let Some((t, id)) = q.before {
+            b.push(" AND (updated_at, id) < (")
+                .push_bind(micros(t))
+                .push(", ")
+                .push_bind(id.to_string())
+                .push(")");
+        }
+        b.push(" ORDER BY updated_at DESC, id DESC LIMIT ")
+            .push_bind(i64::from(q.limit));
+        let docs: Vec<String> = b
+            .build_query_scalar()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        docs.iter().map(|d| incident_from_doc(d)).collect()
+    }
+
+    async fn set_alert_incident(
+        &self,
+        tenant: TenantId,
+        alert_id: uuid::Uuid,
+        incident: Option<uuid::Uuid>,
+    ) -> StoreResult<()> {
+        let what = format!("alert {alert_id}");
+        let classify = |e| StoreError::classify(e, &what, "failed to link an alert");
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(classify)?;
+        let doc: String =
+            sqlx::query_scalar("SELECT doc FROM alerts WHERE tenant_id = ?1 AND id = ?2")
+                .bind(tenant.0.to_string())
+                .bind(alert_id.to_string())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+        let mut alert = alert_from_doc(&doc).map_err(classify)?;
+        alert.incident_id = incident;
+        let now = Utc::now();
+        alert.updated_at = now;
+        save_alert(&mut tx, &alert, "updated", false, now)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)
     }
 }

@@ -8,6 +8,7 @@ mod admin;
 mod alerts;
 mod anomaly;
 mod crash;
+mod incidents;
 mod ingest;
 mod rules;
 mod server;

@@ -1,0 +1,374 @@
+//! Incident logic shared by the detection pipeline (correlation) and
+//! IncidentService (manual changes). Every change is read → modify → save at
+//! the version read; a concurrent change makes the save fail with `Conflict`
+//! and the operation is retried on fresh state.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::domain::Severity;
+use crate::domain::TenantId;
+use crate::domain::alert::{Alert, Entity, EntityKind};
+use crate::domain::incident::{
+    Incident, IncidentQuery, IncidentStatus, TimelineEntry, TimelineKind,
+};
+use crate::error::{AppError, AppResult};
+use crate::storage::{Store, StoreError};
+
+/// Attempts per operation before giving up on concurrent changes.
+const ATTEMPTS: usize = 5;
+
+/// How alerts are grouped.
+#[derive(Debug, Clone, Copy)]
+pub struct CorrelationConfig {
+    /// An alert joins an active incident sharing an entity updated this recently.
+    pub window: chrono::Duration,
+    /// An alert reopens a resolved incident sharing an entity resolved this
+    /// recently; zero disables reopening.
+    pub reopen: chrono::Duration,
+}
+
+impl Default for CorrelationConfig {
+    fn default() -> Self {
+        Self {
+            window: chrono::Duration::hours(1),
+            reopen: chrono::Duration::hours(24),
+        }
+    }
+}
+
+/// The entities incidents are correlated on: actors and IPs.
+fn keys(alert: &Alert) -> Vec<Entity> {
+    alert
+        .body
+        .entities
+        .iter()
+        .filter(|e| matches!(e.kind, EntityKind::Actor | EntityKind::Ip))
+        .cloned()
+        .collect()
+}
+
+fn retrying<T>(r: Result<T, StoreError>) -> Option<AppResult<T>> {
+    match r {
+        Ok(v) => Some(Ok(v)),
+        Err(StoreError::Conflict(_)) => None,
+        Err(e) => Some(Err(e.into())),
+    }
+}
+
+fn gave_up() -> AppError {
+    AppError::Unavailable {
+        message: "the incident kept changing concurrently; retry".into(),
+        retry_after: std::time::Duration::from_millis(100),
+    }
+}
+
+/// Groups a new alert into an incident: joins an active incident sharing an
+/// actor or IP, reopens a recently resolved one, or opens a new one.
+/// Returns the incident, or `None` for alerts without actor or IP.
+pub async fn correlate(
+    store: &dyn Store,
+    alert: &Alert,
+    cfg: CorrelationConfig,
+    now: DateTime<Utc>,
+) -> AppResult<Option<Incident>> {
+    if alert.incident_id.is_some() {
+        return Ok(None);
+    }
+    let keys = keys(alert);
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    for _ in 0..ATTEMPTS {
+        let since = now - cfg.window.max(cfg.reopen);
+        let candidates = store
+            .list_incidents(
+                alert.tenant_id,
+                &IncidentQuery {
+                    start: Some(since),
+                    limit: 500,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let chosen = candidates.into_iter().find(|i| {
+            i.merged_into.is_none()
+                && i.shares_entity(&keys)
+                && ((i.status.is_active() && i.updated_at >= now - cfg.window)
+                    || (i.status == IncidentStatus::Resolved
+                        && cfg.reopen > chrono::Duration::zero()
+                        && i.resolved_at.is_some_and(|r| r >= now - cfg.reopen)))
+        });
+        let saved = match chosen {
+            Some(mut inc) => {
+                if inc.status == IncidentStatus::Resolved {
+                    inc.status = IncidentStatus::Open;
+                    inc.record(
+                        "system",
+                        TimelineKind::Reopened,
+                        format!("reopened by alert \"{}\"", alert.title),
+                        alert.id.to_string(),
+                        now,
+                    );
+                }
+                link_into(&mut inc, alert, now);
+                let entry = inc.timeline.last().cloned().expect("just recorded");
+                store.update_incident(&inc, &entry).await
+            }
+            None => {
+                let subject = keys.first().map(|e| e.value.clone()).unwrap_or_default();
+                let mut inc = Incident::new(
+                    alert.tenant_id,
+                    format!("{} — {subject}", alert.title),
+                    alert.summary.clone(),
+                    alert.severity,
+                    now,
+                );
+                let created = inc.record(
+                    "system",
+                    TimelineKind::Created,
+                    "opened by correlation".into(),
+                    String::new(),
+                    now,
+                );
+                link_into(&mut inc, alert, now);
+                store.insert_incident(&inc, &created).await
+            }
+        };
+        if let Some(r) = retrying(saved) {
+            let inc = r?;
+            store
+                .set_alert_incident(alert.tenant_id, alert.id, Some(inc.id))
+                .await?;
+            metrics::counter!("picket_incident_correlations_total").increment(1);
+            return Ok(Some(inc));
+        }
+    }
+    Err(gave_up())
+}
+
+/// Adds an alert to an incident (ids, entities, severity) with a timeline entry.
+fn link_into(inc: &mut Incident, alert: &Alert, now: DateTime<Utc>) {
+    if !inc.alert_ids.contains(&alert.id) {
+        inc.alert_ids.push(alert.id);
+    }
+    for e in &alert.body.entities {
+        if !inc.entities.contains(e) {
+            inc.entities.push(e.clone());
+        }
+    }
+    inc.severity = inc.severity.max(alert.severity);
+    inc.record(
+        "system",
+        TimelineKind::AlertLinked,
+        format!("alert \"{}\" linked", alert.title),
+        alert.id.to_string(),
+        now,
+    );
+}
+
+/// What a person reports when opening an incident by hand.
+#[derive(Debug, Clone)]
+pub struct ManualIncident {
+    /// Title.
+    pub title: String,
+    /// Description.
+    pub description: String,
+    /// Severity.
+    pub severity: Severity,
+    /// Entities it is about.
+    pub entities: Vec<Entity>,
+}
+
+/// Opens an incident by hand.
+pub async fn create(
+    store: &dyn Store,
+    tenant: TenantId,
+    new: ManualIncident,
+    alert_ids: &[Uuid],
+    actor: &str,
+) -> AppResult<Incident> {
+    let now = Utc::now();
+    let mut inc = Incident::new(tenant, new.title, new.description, new.severity, now);
+    inc.entities = new.entities;
+    let created = inc.record(
+        actor,
+        TimelineKind::Created,
+        "opened by hand".into(),
+        String::new(),
+        now,
+    );
+    let mut inc = store.insert_incident(&inc, &created).await?;
+    if !alert_ids.is_empty() {
+        inc = link(store, tenant, inc.id, alert_ids, actor).await?;
+    }
+    Ok(inc)
+}
+
+/// Applies `change` to the incident's fresh state and saves it, retrying on
+/// concurrent changes. `change` returns the timeline entries it recorded
+/// (the last one is logged) or an error to stop.
+pub async fn modify(
+    store: &dyn Store,
+    tenant: TenantId,
+    id: Uuid,
+    mut change: impl FnMut(&mut Incident) -> AppResult<TimelineEntry>,
+) -> AppResult<Incident> {
+    for _ in 0..ATTEMPTS {
+        let mut inc = store.get_incident(tenant, id).await?;
+        let entry = change(&mut inc)?;
+        if let Some(r) = retrying(store.update_incident(&inc, &entry).await) {
+            return r;
+        }
+    }
+    Err(gave_up())
+}
+
+/// Links alerts (moving them from any other incident).
+pub async fn link(
+    store: &dyn Store,
+    tenant: TenantId,
+    id: Uuid,
+    alert_ids: &[Uuid],
+    actor: &str,
+) -> AppResult<Incident> {
+    let mut alerts = Vec::with_capacity(alert_ids.len());
+    for a in alert_ids {
+        alerts.push(store.get_alert(tenant, *a).await?);
+    }
+    let now = Utc::now();
+    let inc = modify(store, tenant, id, |inc| {
+        if inc.status == IncidentStatus::Closed {
+            return Err(AppError::FailedPrecondition(
+                "the incident is closed".into(),
+            ));
+        }
+        let mut last = None;
+        for a in &alerts {
+            link_into(inc, a, now);
+            if let Some(e) = inc.timeline.last_mut() {
+                e.actor = actor.to_owned();
+                last = Some(e.clone());
+            }
+        }
+        last.ok_or_else(|| AppError::invalid("alert_ids", "at least one alert is required"))
+    })
+    .await?;
+    for a in &alerts {
+        if let Some(old) = a.incident_id.filter(|o| *o != id) {
+            let _ = modify(store, tenant, old, |o| {
+                o.alert_ids.retain(|x| *x != a.id);
+                Ok(o.record(
+                    actor,
+                    TimelineKind::AlertUnlinked,
+                    format!("alert \"{}\" moved to incident {id}", a.title),
+                    a.id.to_string(),
+                    now,
+                ))
+            })
+            .await;
+        }
+        store.set_alert_incident(tenant, a.id, Some(id)).await?;
+    }
+    Ok(inc)
+}
+
+/// Unlinks alerts.
+pub async fn unlink(
+    store: &dyn Store,
+    tenant: TenantId,
+    id: Uuid,
+    alert_ids: &[Uuid],
+    actor: &str,
+) -> AppResult<Incident> {
+    let now = Utc::now();
+    let inc = modify(store, tenant, id, |inc| {
+        let mut last = None;
+        for a in alert_ids {
+            if !inc.alert_ids.contains(a) {
+                return Err(AppError::invalid(
+                    "alert_ids",
+                    format!("alert {a} is not linked to this incident"),
+                ));
+            }
+            inc.alert_ids.retain(|x| x != a);
+            last = Some(inc.record(
+                actor,
+                TimelineKind::AlertUnlinked,
+                format!("alert {a} unlinked"),
+                a.to_string(),
+                now,
+            ));
+        }
+        last.ok_or_else(|| AppError::invalid("alert_ids", "at least one alert is required"))
+    })
+    .await?;
+    for a in alert_ids {
+        store.set_alert_incident(tenant, *a, None).await?;
+    }
+    Ok(inc)
+}
+
+/// Merges `sources` into `target`: their alerts move, they close with `merged_into` set.
+pub async fn merge(
+    store: &dyn Store,
+    tenant: TenantId,
+    target: Uuid,
+    sources: &[Uuid],
+    actor: &str,
+) -> AppResult<Incident> {
+    if sources.is_empty() || sources.contains(&target) {
+        return Err(AppError::invalid(
+            "source_incident_ids",
+            "1..100 incidents, not including the target",
+        ));
+    }
+    let now = Utc::now();
+    let mut moved: Vec<Uuid> = Vec::new();
+    for s in sources {
+        let closed = modify(store, tenant, *s, |src| {
+            if src.merged_into.is_some() {
+                return Err(AppError::FailedPrecondition(format!(
+                    "incident {s} was already merged"
+                )));
+            }
+            src.status = IncidentStatus::Closed;
+            src.merged_into = Some(target);
+            Ok(src.record(
+                actor,
+                TimelineKind::Merged,
+                format!("merged into incident {target}"),
+                target.to_string(),
+                now,
+            ))
+        })
+        .await?;
+        moved.extend(closed.alert_ids.iter().copied());
+        let entities = closed.entities.clone();
+        modify(store, tenant, target, |t| {
+            for a in &closed.alert_ids {
+                if !t.alert_ids.contains(a) {
+                    t.alert_ids.push(*a);
+                }
+            }
+            for e in &entities {
+                if !t.entities.contains(e) {
+                    t.entities.push(e.clone());
+                }
+            }
+            t.severity = t.severity.max(closed.severity);
+            Ok(t.record(
+                actor,
+                TimelineKind::Merged,
+                format!("incident {s} merged in"),
+                s.to_string(),
+                now,
+            ))
+        })
+        .await?;
+    }
+    for a in moved {
+        store.set_alert_incident(tenant, a, Some(target)).await?;
+    }
+    Ok(store.get_incident(tenant, target).await?)
+}
