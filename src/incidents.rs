@@ -113,7 +113,7 @@ pub async fn correlate(
                 }
                 link_into(&mut inc, alert, now);
                 let entry = inc.timeline.last().cloned().expect("just recorded");
-                store.update_incident(&inc, &entry).await
+                store.update_incident(&inc, &entry, &[alert.id]).await
             }
             None => {
                 let subject = keys.first().map(|e| e.value.clone()).unwrap_or_default();
@@ -132,7 +132,7 @@ pub async fn correlate(
                     now,
                 );
                 link_into(&mut inc, alert, now);
-                store.insert_incident(&inc, &created).await
+                store.insert_incident(&inc, &created, &[alert.id]).await
             }
         };
         if let Some(r) = retrying(saved) {
@@ -198,7 +198,7 @@ pub async fn create(
         String::new(),
         now,
     );
-    let mut inc = store.insert_incident(&inc, &created).await?;
+    let mut inc = store.insert_incident(&inc, &created, &[]).await?;
     if !alert_ids.is_empty() {
         inc = link(store, tenant, inc.id, alert_ids, actor).await?;
     }
@@ -217,7 +217,7 @@ pub async fn modify(
     for _ in 0..ATTEMPTS {
         let mut inc = store.get_incident(tenant, id).await?;
         let entry = change(&mut inc)?;
-        if let Some(r) = retrying(store.update_incident(&inc, &entry).await) {
+        if let Some(r) = retrying(store.update_incident(&inc, &entry, &[]).await) {
             return r;
         }
     }

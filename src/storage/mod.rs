@@ -274,6 +274,7 @@ pub trait IncidentStore: Send + Sync {
         &self,
         incident: &Incident,
         entry: &TimelineEntry,
+        link: &[uuid::Uuid],
     ) -> StoreResult<Incident>;
 
     /// Saves a changed incident if it is still at `incident.version`; logs
@@ -282,6 +283,7 @@ pub trait IncidentStore: Send + Sync {
         &self,
         incident: &Incident,
         entry: &TimelineEntry,
+        link: &[uuid::Uuid],
     ) -> StoreResult<Incident>;
 
     /// One incident.

@@ -1087,6 +1087,26 @@ impl ModelStore for PgStore {
 }
 
 impl PgStore {
+    /// Points an alert at an incident (or none) inside `tx`, logging the alert change.
+    async fn link_alert(
+        tx: &mut Transaction<'static, Postgres>,
+        tenant: TenantId,
+        alert_id: uuid::Uuid,
+        incident: Option<uuid::Uuid>,
+    ) -> Result<(), sqlx::Error> {
+        let doc: serde_json::Value = sqlx::query_scalar(
+            "SELECT doc FROM alerts WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+        )
+        .bind(tenant.0)
+        .bind(alert_id)
+        .fetch_one(&mut **tx)
+        .await?;
+        let mut alert = alert_from_doc(doc)?;
+        alert.incident_id = incident;
+        alert.updated_at = Utc::now();
+        Self::save_alert(tx, &alert, "updated", false).await
+    }
+
     async fn log_incident(
         tx: &mut Transaction<'static, Postgres>,
         i: &Incident,
@@ -1114,6 +1134,7 @@ impl IncidentStore for PgStore {
         &self,
         incident: &Incident,
         entry: &TimelineEntry,
+        link: &[uuid::Uuid],
     ) -> StoreResult<Incident> {
         let classify = |e| StoreError::classify(e, "incident", "failed to create an incident");
         let mut i = incident.clone();
@@ -1138,6 +1159,11 @@ impl IncidentStore for PgStore {
         Self::log_incident(&mut tx, &i, entry, "created")
             .await
             .map_err(classify)?;
+        for a in link {
+            Self::link_alert(&mut tx, i.tenant_id, *a, Some(i.id))
+                .await
+                .map_err(classify)?;
+        }
         tx.commit().await.map_err(classify)?;
         Ok(i)
     }
@@ -1146,6 +1172,7 @@ impl IncidentStore for PgStore {
         &self,
         incident: &Incident,
         entry: &TimelineEntry,
+        link: &[uuid::Uuid],
     ) -> StoreResult<Incident> {
         let what = format!("incident {}", incident.id);
         let classify = |e| StoreError::classify(e, &what, "failed to update an incident");
@@ -1176,6 +1203,11 @@ impl IncidentStore for PgStore {
         Self::log_incident(&mut tx, &i, entry, "updated")
             .await
             .map_err(classify)?;
+        for a in link {
+            Self::link_alert(&mut tx, i.tenant_id, *a, Some(i.id))
+                .await
+                .map_err(classify)?;
+        }
         tx.commit().await.map_err(classify)?;
         Ok(i)
     }
@@ -1259,18 +1291,7 @@ impl IncidentStore for PgStore {
         let what = format!("alert {alert_id}");
         let classify = |e| StoreError::classify(e, &what, "failed to link an alert");
         let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
-        let doc: serde_json::Value = sqlx::query_scalar(
-            "SELECT doc FROM alerts WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
-        )
-        .bind(tenant.0)
-        .bind(alert_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(classify)?;
-        let mut alert = alert_from_doc(doc).map_err(classify)?;
-        alert.incident_id = incident;
-        alert.updated_at = Utc::now();
-        Self::save_alert(&mut tx, &alert, "updated", false)
+        Self::link_alert(&mut tx, tenant, alert_id, incident)
             .await
             .map_err(classify)?;
         tx.commit().await.map_err(classify)

@@ -984,6 +984,25 @@ impl ModelStore for SqliteStore {
     }
 }
 
+/// Points an alert at an incident (or none) inside `tx`, logging the alert change.
+async fn link_alert(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    tenant: TenantId,
+    alert_id: uuid::Uuid,
+    incident: Option<uuid::Uuid>,
+) -> Result<(), sqlx::Error> {
+    let doc: String = sqlx::query_scalar("SELECT doc FROM alerts WHERE tenant_id = ?1 AND id = ?2")
+        .bind(tenant.0.to_string())
+        .bind(alert_id.to_string())
+        .fetch_one(&mut **tx)
+        .await?;
+    let mut alert = alert_from_doc(&doc)?;
+    alert.incident_id = incident;
+    let now = Utc::now();
+    alert.updated_at = now;
+    save_alert(tx, &alert, "updated", false, now).await
+}
+
 async fn log_incident(
     tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
     i: &Incident,
@@ -1015,6 +1034,7 @@ impl IncidentStore for SqliteStore {
         &self,
         incident: &Incident,
         entry: &TimelineEntry,
+        link: &[uuid::Uuid],
     ) -> StoreResult<Incident> {
         let classify = |e| StoreError::classify(e, "incident", "failed to create an incident");
         let mut i = incident.clone();
@@ -1044,6 +1064,11 @@ impl IncidentStore for SqliteStore {
         log_incident(&mut tx, &i, entry, "created")
             .await
             .map_err(classify)?;
+        for a in link {
+            link_alert(&mut tx, i.tenant_id, *a, Some(i.id))
+                .await
+                .map_err(classify)?;
+        }
         tx.commit().await.map_err(classify)?;
         Ok(i)
     }
@@ -1052,6 +1077,7 @@ impl IncidentStore for SqliteStore {
         &self,
         incident: &Incident,
         entry: &TimelineEntry,
+        link: &[uuid::Uuid],
     ) -> StoreResult<Incident> {
         let what = format!("incident {}", incident.id);
         let classify = |e| StoreError::classify(e, &what, "failed to update an incident");
@@ -1087,6 +1113,11 @@ impl IncidentStore for SqliteStore {
         log_incident(&mut tx, &i, entry, "updated")
             .await
             .map_err(classify)?;
+        for a in link {
+            link_alert(&mut tx, i.tenant_id, *a, Some(i.id))
+                .await
+                .map_err(classify)?;
+        }
         tx.commit().await.map_err(classify)?;
         Ok(i)
     }
@@ -1171,18 +1202,7 @@ impl IncidentStore for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(classify)?;
-        let doc: String =
-            sqlx::query_scalar("SELECT doc FROM alerts WHERE tenant_id = ?1 AND id = ?2")
-                .bind(tenant.0.to_string())
-                .bind(alert_id.to_string())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(classify)?;
-        let mut alert = alert_from_doc(&doc).map_err(classify)?;
-        alert.incident_id = incident;
-        let now = Utc::now();
-        alert.updated_at = now;
-        save_alert(&mut tx, &alert, "updated", false, now)
+        link_alert(&mut tx, tenant, alert_id, incident)
             .await
             .map_err(classify)?;
         tx.commit().await.map_err(classify)
