@@ -59,6 +59,9 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Simulate a tenant's benign activity plus injected attacks against an
+    /// in-process server and report detection rate, latency and false alerts.
+    Simulate(crate::client::simulate::SimulateArgs),
     /// Try the anomaly models on your own CSV data.
     #[command(subcommand)]
     Anomaly(AnomalyCommand),
@@ -69,6 +72,8 @@ pub enum Command {
 pub enum BenchCommand {
     /// Ingest throughput and ack latency against the raw SQL ceiling.
     Ingest(crate::client::bench::BenchIngestArgs),
+    /// Detection latency: failed-login burst → alert on WatchAlerts.
+    Detect(crate::client::bench_detect::BenchDetectArgs),
 }
 
 /// `picket anomaly …`
@@ -184,6 +189,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ingest(args) => crate::client::ingest::run(args).await,
         Command::Tail(args) => crate::client::tail::run(args).await,
         Command::Bench(BenchCommand::Ingest(args)) => crate::client::bench::run(args).await,
+        Command::Bench(BenchCommand::Detect(args)) => crate::client::bench_detect::run(args).await,
+        Command::Simulate(args) => crate::client::simulate::run(args).await,
     }
 }
 

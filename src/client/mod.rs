@@ -1,10 +1,13 @@
 //! The command line's gRPC client side: `picket ingest`, `picket tail` and the
-//! `picket bench` load generator. Talks to a server through the generated
+//! `picket bench` load generators and the `picket simulate` scenario
+//! simulator. Talks to a server through the generated
 //! clients exactly like any other client would.
 
 pub mod bench;
+pub mod bench_detect;
 pub mod ingest;
 pub mod json;
+pub mod simulate;
 pub mod tail;
 
 use std::time::Duration;
