@@ -8,6 +8,7 @@ pub mod alert;
 pub mod event;
 pub mod rule;
 pub mod tenant;
+pub mod webhook;
 
 pub use tenant::{ApiKey, ApiKeyId, NewApiKey, Scope, ScopeSet, Tenant, TenantId, TenantName};
 
