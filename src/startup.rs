@@ -139,6 +139,7 @@ impl Application {
             &tracker,
         );
         let rules = load_rules(settings.rules_dir.as_deref())?;
+        let secrets = crate::webhook::SecretBox::new(auth.hasher());
         let (rules_changed, rule_updates) = tokio::sync::mpsc::unbounded_channel();
         let changes = Arc::new(tokio::sync::watch::Sender::new(0u64));
         let handoff = ingest.subscribe();
@@ -158,6 +159,7 @@ impl Application {
             scoring: settings.scoring(),
             alert_suppression: chrono::Duration::seconds(settings.alert_suppression_seconds as i64),
             rules_changed,
+            secrets,
         });
         if settings.detection {
             let pipeline = DetectionPipeline::new(
@@ -236,6 +238,9 @@ impl Application {
             store: store.clone(),
             metrics: telemetry::metrics_handle(),
             shutdown: token.clone(),
+            secrets: ctx.secrets.clone(),
+            changes: ctx.changes.clone(),
+            alert_suppression: ctx.alert_suppression,
         };
         let router = grpc_routes
             .into_axum_router()
