@@ -125,7 +125,7 @@ pub async fn create_source(
     allow_body_only_signature: bool,
 ) -> AppResult<(WebhookSource, SecretString)> {
     let name = WebhookSourceName::parse(name, "name")?;
-    let now = Utc::now();
+    let now = now_micros();
     let id = Uuid::now_v7();
     let secret = generate_secret();
     let source = WebhookSource {
@@ -140,6 +140,13 @@ pub async fn create_source(
     store.create_webhook_source(&source).await?;
     tracing::info!(tenant_id = %tenant, source_id = %id, source = %source.name, allow_body_only_signature, "webhook source created");
     Ok((source, secret))
+}
+
+/// Now, in whole microseconds (what both backends keep), so the record a call
+/// returns equals the one stored.
+fn now_micros() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
 }
 
 /// The tenant that owns source `id`: `restrict` (a tenant admin's own tenant)
@@ -173,7 +180,7 @@ pub async fn rotate_secret(
             tenant,
             id,
             &secrets.seal(id, secret.expose_secret()),
-            Utc::now(),
+            now_micros(),
         )
         .await?;
     tracing::info!(tenant_id = %tenant, source_id = %id, "webhook secret rotated");

@@ -11,3 +11,4 @@ mod crash;
 mod ingest;
 mod rules;
 mod server;
+mod webhooks;
