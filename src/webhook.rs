@@ -188,7 +188,11 @@ pub async fn rotate_secret(
 }
 
 /// Deletes a source; deliveries to it then get 404.
-pub async fn delete_source(store: &dyn Store, restrict: Option<TenantId>, id: Uuid) -> AppResult<()> {
+pub async fn delete_source(
+    store: &dyn Store,
+    restrict: Option<TenantId>,
+    id: Uuid,
+) -> AppResult<()> {
     let tenant = owner(store, restrict, id).await?;
     store.delete_webhook_source(tenant, id).await?;
     tracing::info!(tenant_id = %tenant, source_id = %id, "webhook source deleted");
@@ -199,10 +203,14 @@ pub async fn delete_source(store: &dyn Store, restrict: Option<TenantId>, id: Uu
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
     /// Neither signature header (or only the legacy one, not enabled for the source).
-    #[error("missing signature: send X-Picket-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">")]
+    #[error(
+        "missing signature: send X-Picket-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">"
+    )]
     Missing,
     /// The legacy header was sent but the source does not accept it.
-    #[error("the body-only X-Signature form is not enabled for this source; send X-Picket-Signature")]
+    #[error(
+        "the body-only X-Signature form is not enabled for this source; send X-Picket-Signature"
+    )]
     LegacyNotAllowed,
     /// The header is not of the documented form.
     #[error("malformed {0} header")]
@@ -246,9 +254,9 @@ pub fn verify_signature(
         mac.update(t_str.as_bytes());
         mac.update(b".");
         mac.update(body);
-        let ok = v1.iter().any(|v| {
-            hex::decode(v).is_ok_and(|sig| mac.clone().verify_slice(&sig).is_ok())
-        });
+        let ok = v1
+            .iter()
+            .any(|v| hex::decode(v).is_ok_and(|sig| mac.clone().verify_slice(&sig).is_ok()));
         if !ok {
             return Err(SignatureError::Mismatch);
         }
@@ -277,7 +285,8 @@ pub fn verify_signature(
 }
 
 fn hmac_of(secret: &[u8]) -> Hmac<Sha256> {
-    <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(secret).expect("HMAC accepts keys of any length")
+    <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(secret)
+        .expect("HMAC accepts keys of any length")
 }
 
 /// Checks an `X-Picket-Delivery` value: 1..=128 visible ASCII characters.
@@ -411,9 +420,7 @@ fn parse_severity(v: &serde_json::Value) -> Option<Severity> {
             "critical" => Severity::Critical,
             _ => return None,
         }),
-        serde_json::Value::Number(n) => {
-            Severity::from_i16(i16::try_from(n.as_i64()?).ok()?)
-        }
+        serde_json::Value::Number(n) => Severity::from_i16(i16::try_from(n.as_i64()?).ok()?),
         _ => None,
     }
 }
@@ -474,7 +481,10 @@ mod tests {
         let now = Utc::now();
         let body = br#"{"a":1}"#;
         let good = sign(b"k", now.timestamp(), body);
-        assert_eq!(verify_signature(b"k", Some(&good), None, body, false, now), Ok(()));
+        assert_eq!(
+            verify_signature(b"k", Some(&good), None, body, false, now),
+            Ok(())
+        );
         assert_eq!(
             verify_signature(b"other", Some(&good), None, body, false, now),
             Err(SignatureError::Mismatch)
@@ -508,7 +518,10 @@ mod tests {
             verify_signature(b"k", None, Some(&legacy), b"{}", false, now),
             Err(SignatureError::LegacyNotAllowed)
         );
-        assert_eq!(verify_signature(b"k", None, Some(&legacy), b"{}", true, now), Ok(()));
+        assert_eq!(
+            verify_signature(b"k", None, Some(&legacy), b"{}", true, now),
+            Ok(())
+        );
         assert_eq!(
             verify_signature(b"k", None, Some(&legacy), b"{ }", true, now),
             Err(SignatureError::Mismatch)
@@ -521,11 +534,26 @@ mod tests {
         let cases: [(&str, &str); 7] = [
             ("{", "malformed JSON"),
             ("[]", "JSON object"),
-            (r#"{"title":"t","severity":"high","entity":{"kind":"ip","value":"1.2.3.4"},"raw":{}}"#, "`type`"),
-            (r#"{"type":"x","title":"t","entity":{"kind":"ip","value":"1"},"raw":{}}"#, "`severity`"),
-            (r#"{"type":"x","title":"t","severity":"bad","entity":{"kind":"ip","value":"1"},"raw":{}}"#, "`severity`"),
-            (r#"{"type":"x","title":"t","severity":"low","entity":{"kind":"cat","value":"1"},"raw":{}}"#, "`entity.kind`"),
-            (r#"{"type":"x","title":"t","severity":"low","entity":{"kind":"ip","value":"1"}}"#, "`raw`"),
+            (
+                r#"{"title":"t","severity":"high","entity":{"kind":"ip","value":"1.2.3.4"},"raw":{}}"#,
+                "`type`",
+            ),
+            (
+                r#"{"type":"x","title":"t","entity":{"kind":"ip","value":"1"},"raw":{}}"#,
+                "`severity`",
+            ),
+            (
+                r#"{"type":"x","title":"t","severity":"bad","entity":{"kind":"ip","value":"1"},"raw":{}}"#,
+                "`severity`",
+            ),
+            (
+                r#"{"type":"x","title":"t","severity":"low","entity":{"kind":"cat","value":"1"},"raw":{}}"#,
+                "`entity.kind`",
+            ),
+            (
+                r#"{"type":"x","title":"t","severity":"low","entity":{"kind":"ip","value":"1"}}"#,
+                "`raw`",
+            ),
         ];
         for (body, expected) in cases {
             let err = parse_payload("s", body.as_bytes(), now).unwrap_err();

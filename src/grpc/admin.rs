@@ -8,7 +8,6 @@ use secrecy::ExposeSecret;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::{admin, webhook};
 use crate::auth::Caller;
 use crate::domain::{NewApiKey, Scope};
 use crate::error::AppError;
@@ -19,6 +18,7 @@ use crate::grpc::convert::{
 use crate::grpc::pb::admin_service_server::AdminService;
 use crate::grpc::status::to_status;
 use crate::grpc::{ApiContext, pb, rules};
+use crate::{admin, webhook};
 
 /// AdminService implementation.
 pub struct AdminApi {
@@ -293,9 +293,13 @@ impl AdminService for AdminApi {
         request: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
         let caller = self.ctx.caller(&request, Scope::Admin).await?;
-        let key = admin::revoke_key(self.ctx.store.as_ref(), own_tenant(&caller), &request.get_ref().key_id)
-            .await
-            .map_err(to_status)?;
+        let key = admin::revoke_key(
+            self.ctx.store.as_ref(),
+            own_tenant(&caller),
+            &request.get_ref().key_id,
+        )
+        .await
+        .map_err(to_status)?;
         Ok(Response::new(pb::RevokeApiKeyResponse {
             key: Some(key_to_pb(&key)),
         }))

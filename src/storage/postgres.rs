@@ -1147,7 +1147,8 @@ impl WebhookStore for PgStore {
     }
 
     async fn list_webhook_sources(&self, tenant: TenantId) -> StoreResult<Vec<WebhookSource>> {
-        let classify = |e| StoreError::classify(e, "webhook sources", "failed to list webhook sources");
+        let classify =
+            |e| StoreError::classify(e, "webhook sources", "failed to list webhook sources");
         let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
         let rows = sqlx::query(concat!(
             "SELECT ",
@@ -1166,7 +1167,8 @@ impl WebhookStore for PgStore {
     }
 
     async fn find_webhook_source(&self, name: &str) -> StoreResult<Option<WebhookSource>> {
-        let classify = |e| StoreError::classify(e, "webhook source", "failed to look up a webhook source");
+        let classify =
+            |e| StoreError::classify(e, "webhook source", "failed to look up a webhook source");
         let row = sqlx::query(concat!(
             "SELECT ",
             source_columns!(),
@@ -1176,7 +1178,10 @@ impl WebhookStore for PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(classify)?;
-        row.as_ref().map(source_from_row).transpose().map_err(classify)
+        row.as_ref()
+            .map(source_from_row)
+            .transpose()
+            .map_err(classify)
     }
 
     async fn webhook_source_tenant(&self, id: uuid::Uuid) -> StoreResult<Option<TenantId>> {
@@ -1242,7 +1247,8 @@ impl WebhookStore for PgStore {
         suppression: chrono::Duration,
         now: DateTime<Utc>,
     ) -> StoreResult<DeliveryOutcome> {
-        let classify = |e| StoreError::classify(e, "webhook delivery", "failed to record a webhook delivery");
+        let classify =
+            |e| StoreError::classify(e, "webhook delivery", "failed to record a webhook delivery");
         let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
         if let Some(delivery) = delivery_id {
             // A concurrent insert of the same id waits here for the first

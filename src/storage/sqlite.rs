@@ -1134,9 +1134,8 @@ impl WebhookStore for SqliteStore {
         suppression: chrono::Duration,
         now: DateTime<Utc>,
     ) -> StoreResult<DeliveryOutcome> {
-        let classify = |e| {
-            StoreError::classify(e, "webhook delivery", "failed to record a webhook delivery")
-        };
+        let classify =
+            |e| StoreError::classify(e, "webhook delivery", "failed to record a webhook delivery");
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")

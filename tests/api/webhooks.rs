@@ -155,8 +155,15 @@ async fn valid_signature_raises_a_listed_alert(backend: Backend) {
             .unwrap();
         (
             (),
-            String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec())
-                .unwrap(),
+            String::from_utf8(
+                resp.into_body()
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_bytes()
+                    .to_vec(),
+            )
+            .unwrap(),
         )
     };
     assert!(
@@ -180,7 +187,12 @@ async fn bad_or_missing_signature_is_401_and_stores_nothing(backend: Backend) {
     assert!(json["error"].as_str().unwrap().contains("does not match"));
     let (status, json) = post(&app, "hooks", &[], body.clone()).await;
     assert_eq!(status, 401);
-    assert!(json["error"].as_str().unwrap().contains("missing signature"));
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap()
+            .contains("missing signature")
+    );
     // Signed over a different body.
     let (status, _) = post(
         &app,
@@ -198,7 +210,8 @@ async fn stale_timestamp_is_refused_with_a_clear_message(backend: Backend) {
     let (_, key, _, secret) = setup(&app, "acme", "hooks", false).await;
     let body = payload("203.0.113.9");
     for t in [now() - 301 - 60, now() + 400] {
-        let (status, json) = post(&app, "hooks", &[signature(&secret, t, &body)], body.clone()).await;
+        let (status, json) =
+            post(&app, "hooks", &[signature(&secret, t, &body)], body.clone()).await;
         assert_eq!(status, 401, "{json}");
         let msg = json["error"].as_str().unwrap();
         assert!(msg.contains("timestamp") && msg.contains("300"), "{msg}");
@@ -221,7 +234,10 @@ async fn replayed_delivery_is_a_duplicate(backend: Backend) {
     assert_eq!(again, serde_json::json!({"status": "duplicate"}));
     let listed = alerts(&app, &key).await;
     assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].occurrence_count, 1, "the replay folded nothing in");
+    assert_eq!(
+        listed[0].occurrence_count, 1,
+        "the replay folded nothing in"
+    );
 
     // A different delivery id of the same finding folds into the same alert.
     let headers = [
@@ -263,7 +279,10 @@ async fn legacy_signature_only_when_enabled(backend: Backend) {
     };
     let (status, json) = post(&app, "strict", &[header(&strict_secret)], body.clone()).await;
     assert_eq!(status, 401);
-    assert!(json["error"].as_str().unwrap().contains("not enabled"), "{json}");
+    assert!(
+        json["error"].as_str().unwrap().contains("not enabled"),
+        "{json}"
+    );
     let (status, json) = post(&app, "legacy", &[header("whsec_wrong")], body.clone()).await;
     assert_eq!(status, 401, "{json}");
     let (status, json) = post(&app, "legacy", &[header(&legacy.secret)], body.clone()).await;
@@ -282,7 +301,10 @@ async fn oversized_malformed_and_unknown_are_refused(backend: Backend) {
     let bad = b"{\"type\": ".to_vec();
     let (status, json) = post(&app, "hooks", &[signature(&secret, now(), &bad)], bad).await;
     assert_eq!(status, 400);
-    assert!(json["error"].as_str().unwrap().contains("malformed JSON"), "{json}");
+    assert!(
+        json["error"].as_str().unwrap().contains("malformed JSON"),
+        "{json}"
+    );
 
     let missing = serde_json::json!({
         "type": "x.y", "severity": "low", "entity": {"kind": "host", "value": "h1"}, "raw": null
@@ -297,7 +319,10 @@ async fn oversized_malformed_and_unknown_are_refused(backend: Backend) {
     )
     .await;
     assert_eq!(status, 400);
-    assert!(json["error"].as_str().unwrap().contains("`title`"), "{json}");
+    assert!(
+        json["error"].as_str().unwrap().contains("`title`"),
+        "{json}"
+    );
 
     let body = payload("192.0.2.2");
     let (status, json) = post(&app, "nope", &[signature(&secret, now(), &body)], body).await;
@@ -324,11 +349,15 @@ async fn rotation_invalidates_the_old_secret(backend: Backend) {
         .into_inner();
     assert_ne!(rotated.secret, old);
     let s = rotated.source.unwrap();
-    assert!(
-        s.secret_rotated_at.unwrap().seconds >= source.secret_rotated_at.unwrap().seconds
-    );
+    assert!(s.secret_rotated_at.unwrap().seconds >= source.secret_rotated_at.unwrap().seconds);
     let body = payload("192.0.2.3");
-    let (status, _) = post(&app, "hooks", &[signature(&old, now(), &body)], body.clone()).await;
+    let (status, _) = post(
+        &app,
+        "hooks",
+        &[signature(&old, now(), &body)],
+        body.clone(),
+    )
+    .await;
     assert_eq!(status, 401);
     let (status, json) = post(
         &app,
@@ -406,14 +435,20 @@ async fn tenants_manage_only_their_own_sources(backend: Backend) {
     // A key without the admin scope may not manage sources.
     let read_only = app.key_for(&a_id, &[pb::Scope::Read]).await;
     let err = admin
-        .list_webhook_sources(with_key(pb::ListWebhookSourcesRequest::default(), &read_only))
+        .list_webhook_sources(with_key(
+            pb::ListWebhookSourcesRequest::default(),
+            &read_only,
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
 
     // The operator must name the tenant, and may manage any source by id.
     let err = admin
-        .list_webhook_sources(with_key(pb::ListWebhookSourcesRequest::default(), OPERATOR_TOKEN))
+        .list_webhook_sources(with_key(
+            pb::ListWebhookSourcesRequest::default(),
+            OPERATOR_TOKEN,
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
