@@ -446,7 +446,7 @@ fn parse_entity(v: &serde_json::Value, field: &str) -> Result<Entity, String> {
     };
     match o.get("value").and_then(|k| k.as_str()) {
         None => Err(format!("missing field `{field}.value`")),
-        Some(s) if s.is_empty() => Err(format!("field `{field}.value` must not be empty")),
+        Some("") => Err(format!("field `{field}.value` must not be empty")),
         Some(s) => Ok(Entity::new(kind, s)),
     }
 }
