@@ -12,7 +12,7 @@ use crate::domain::{NewApiKey, ScopeSet};
 use crate::startup::Application;
 use crate::storage::{self, DEFAULT_DATABASE_URL};
 use crate::telemetry::{self, LogFormat};
-use crate::{admin, auth, shutdown};
+use crate::{admin, auth, shutdown, webhook};
 
 /// Picket: a gRPC-first security event platform.
 #[derive(Debug, Parser)]
@@ -49,7 +49,7 @@ pub enum Command {
     Migrate(StoreArgs),
     /// Print the effective configuration, secrets redacted.
     Config(Settings),
-    /// Administer tenants and API keys directly in the store.
+    /// Administer tenants, API keys and webhook sources directly in the store.
     #[command(subcommand)]
     Admin(AdminCommand),
     /// Send a JSON-lines file of events through IngestStream (`-` for stdin).
@@ -107,6 +107,49 @@ pub enum AdminCommand {
     /// API keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Webhook sources.
+    #[command(subcommand)]
+    Webhook(WebhookCommand),
+}
+
+/// `picket admin webhook …`
+#[derive(Debug, Subcommand)]
+pub enum WebhookCommand {
+    /// Create a webhook source and print its signing secret (shown once).
+    Create {
+        /// Tenant id or name.
+        #[arg(long)]
+        tenant: String,
+        /// Name used in the URL (`/v1/webhooks/NAME`): a-z, 0-9 and '-', unique on the server.
+        name: String,
+        /// Also accept the replayable body-only `X-Signature: sha256=<hex>` form.
+        #[arg(long)]
+        allow_body_only_signature: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List a tenant's webhook sources (never their secrets).
+    List {
+        /// Tenant id or name.
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Replace a source's signing secret and print the new one (the old one stops working).
+    Rotate {
+        /// Source id.
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Delete a webhook source.
+    Delete {
+        /// Source id.
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 /// `picket admin tenant …`
@@ -299,6 +342,75 @@ async fn admin_command(cmd: AdminCommand) -> anyhow::Result<()> {
                 };
                 println!("{}\t{}\t{}\t{}", k.id, k.scopes, state, k.name);
             }
+            s.close().await;
+        }
+        AdminCommand::Webhook(cmd) => webhook_command(cmd).await?,
+    }
+    Ok(())
+}
+
+async fn webhook_command(cmd: WebhookCommand) -> anyhow::Result<()> {
+    match cmd {
+        WebhookCommand::Create {
+            tenant,
+            name,
+            allow_body_only_signature,
+            store,
+        } => {
+            let (s, hasher) = open(&store).await?;
+            let t = admin::resolve_tenant(s.as_ref(), &tenant).await?;
+            let (source, secret) = webhook::create_source(
+                s.as_ref(),
+                &webhook::SecretBox::new(&hasher),
+                t.id,
+                &name,
+                allow_body_only_signature,
+            )
+            .await
+            .context("failed to create the webhook source")?;
+            eprintln!(
+                "webhook source {} (id {}) for tenant {}: POST /v1/webhooks/{}; the signing secret is shown once:",
+                source.name, source.id, t.name, source.name
+            );
+            println!("{}", secret.expose_secret());
+            s.close().await;
+        }
+        WebhookCommand::List { tenant, store } => {
+            let (s, _) = open(&store).await?;
+            let t = admin::resolve_tenant(s.as_ref(), &tenant).await?;
+            for w in s
+                .list_webhook_sources(t.id)
+                .await
+                .map_err(anyhow::Error::from)?
+            {
+                println!(
+                    "{}\t{}\tbody_only_signature={}\tsecret_rotated_at={}",
+                    w.id,
+                    w.name,
+                    w.allow_body_only_signature,
+                    w.secret_rotated_at.to_rfc3339()
+                );
+            }
+            s.close().await;
+        }
+        WebhookCommand::Rotate { id, store } => {
+            let id = webhook::parse_source_id(&id, "id")?;
+            let (s, hasher) = open(&store).await?;
+            let (source, secret) =
+                webhook::rotate_secret(s.as_ref(), &webhook::SecretBox::new(&hasher), None, id)
+                    .await?;
+            eprintln!(
+                "new signing secret for webhook source {} (the old one no longer works); shown once:",
+                source.name
+            );
+            println!("{}", secret.expose_secret());
+            s.close().await;
+        }
+        WebhookCommand::Delete { id, store } => {
+            let id = webhook::parse_source_id(&id, "id")?;
+            let (s, _) = open(&store).await?;
+            webhook::delete_source(s.as_ref(), None, id).await?;
+            println!("webhook source {id} deleted");
             s.close().await;
         }
     }

@@ -10,7 +10,9 @@
 //! - [`admin`]: tenant and key administration shared by gRPC and the CLI.
 //! - [`storage`]: the [`storage::Store`] trait and its Postgres and SQLite backends.
 //! - [`grpc`]: generated code (`grpc::pb`), conversions, status mapping, services.
-//! - [`http`]: `/healthz`, `/metrics`, request metrics.
+//! - [`http`]: `/healthz`, `/metrics`, webhook intake, request metrics.
+//! - [`webhook`]: webhook secrets (sealed at rest), source administration,
+//!   signature verification, the payload that becomes an alert.
 //! - [`ingest`]: the batching write path and the post-commit hand-off.
 //! - [`detect`]: Sigma rules (rsigma) and behavioural detectors; no IO but `load_dir`.
 //! - [`incidents`]: correlation of alerts into incidents and manual incident changes.
@@ -42,3 +44,4 @@ pub mod shutdown;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;
+pub mod webhook;

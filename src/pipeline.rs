@@ -342,6 +342,7 @@ impl DetectionPipeline {
             first_seen: d.first_seen,
             last_seen: d.last_seen,
             fingerprint: d.fingerprint.clone(),
+            raw: None,
         };
         let (alert, created) = self
             .store

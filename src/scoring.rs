@@ -200,6 +200,7 @@ pub async fn anomaly_alert(store: &dyn Store, a: &Anomaly) -> StoreResult<NewAle
         first_seen: a.window.start,
         last_seen: a.window.end,
         fingerprint: hex::encode(&h.finalize()[..16]),
+        raw: None,
     })
 }
 

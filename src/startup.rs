@@ -140,6 +140,7 @@ impl Application {
             &tracker,
         );
         let rules = load_rules(settings.rules_dir.as_deref())?;
+        let secrets = crate::webhook::SecretBox::new(auth.hasher());
         let (rules_changed, rule_updates) = tokio::sync::mpsc::unbounded_channel();
         let changes = Arc::new(tokio::sync::watch::Sender::new(0u64));
         let handoff = ingest.subscribe();
@@ -159,6 +160,7 @@ impl Application {
             scoring: settings.scoring(),
             alert_suppression: chrono::Duration::seconds(settings.alert_suppression_seconds as i64),
             rules_changed,
+            secrets,
         });
         if settings.detection {
             let pipeline = DetectionPipeline::new(
@@ -241,6 +243,13 @@ impl Application {
             store: store.clone(),
             metrics: telemetry::metrics_handle(),
             shutdown: token.clone(),
+            secrets: ctx.secrets.clone(),
+            changes: ctx.changes.clone(),
+            alert_suppression: ctx.alert_suppression,
+            correlation: crate::incidents::CorrelationConfig {
+                window: chrono::Duration::seconds(settings.incident_window_seconds as i64),
+                reopen: chrono::Duration::seconds(settings.incident_reopen_seconds as i64),
+            },
         };
         let router = grpc_routes
             .into_axum_router()

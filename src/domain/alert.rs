@@ -185,6 +185,8 @@ pub struct NewAlert {
     pub last_seen: DateTime<Utc>,
     /// Suppression key: same fingerprint within the window folds into one alert.
     pub fingerprint: String,
+    /// The sender's own JSON (webhooks), kept with the alert as delivered.
+    pub raw: Option<serde_json::Value>,
 }
 
 /// The parts of an alert stored as one JSON document.
@@ -200,6 +202,10 @@ pub struct AlertBody {
     pub attack_techniques: Vec<String>,
     /// Status history.
     pub history: Vec<StatusChange>,
+    /// The sender's JSON of the latest webhook delivery folded in (webhook
+    /// alerts only; kept in the stored document, not yet in the API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<serde_json::Value>,
 }
 
 /// A stored alert.
@@ -275,6 +281,7 @@ impl Alert {
                 features: new.features,
                 attack_techniques: new.attack_techniques,
                 history: Vec::new(),
+                raw: new.raw,
             },
         }
     }
@@ -303,6 +310,9 @@ impl Alert {
         }
         if !new.features.is_empty() {
             self.body.features = new.features;
+        }
+        if new.raw.is_some() {
+            self.body.raw = new.raw;
         }
         self.updated_at = now;
     }

@@ -9,6 +9,7 @@ pub mod event;
 pub mod incident;
 pub mod rule;
 pub mod tenant;
+pub mod webhook;
 
 pub use tenant::{ApiKey, ApiKeyId, NewApiKey, Scope, ScopeSet, Tenant, TenantId, TenantName};
 

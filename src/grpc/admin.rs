@@ -1,5 +1,4 @@
-//! `picket.v1.AdminService`: tenants, API keys, rules and event purge (webhook
-//! sources arrive with the issues that build them and answer UNIMPLEMENTED until then).
+//! `picket.v1.AdminService`: tenants, API keys, webhook sources, rules and event purge.
 
 use std::sync::Arc;
 
@@ -9,16 +8,17 @@ use secrecy::ExposeSecret;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::admin;
 use crate::auth::Caller;
 use crate::domain::{NewApiKey, Scope};
 use crate::error::AppError;
 use crate::grpc::convert::{
     from_timestamp, key_to_pb, page_size, scope_to_pb, scopes_from_pb, tenant_to_pb,
+    webhook_source_to_pb,
 };
 use crate::grpc::pb::admin_service_server::AdminService;
 use crate::grpc::status::to_status;
 use crate::grpc::{ApiContext, pb, rules};
+use crate::{admin, webhook};
 
 /// AdminService implementation.
 pub struct AdminApi {
@@ -33,8 +33,13 @@ impl AdminApi {
     }
 }
 
-fn not_yet(what: &'static str) -> Status {
-    to_status(AppError::Unimplemented(what))
+/// The tenant a by-id request is confined to: a tenant key's own (another
+/// tenant's id is then NOT_FOUND); `None` for the operator, who may act on any.
+fn own_tenant(caller: &Caller) -> Option<crate::domain::TenantId> {
+    match caller {
+        Caller::Operator => None,
+        Caller::Key { tenant_id, .. } => Some(*tenant_id),
+    }
 }
 
 #[tonic::async_trait]
@@ -288,56 +293,97 @@ impl AdminService for AdminApi {
         request: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
         let caller = self.ctx.caller(&request, Scope::Admin).await?;
-        let restrict = match &caller {
-            Caller::Operator => None,
-            Caller::Key { tenant_id, .. } => Some(*tenant_id),
-        };
-        let key = admin::revoke_key(self.ctx.store.as_ref(), restrict, &request.get_ref().key_id)
-            .await
-            .map_err(to_status)?;
+        let key = admin::revoke_key(
+            self.ctx.store.as_ref(),
+            own_tenant(&caller),
+            &request.get_ref().key_id,
+        )
+        .await
+        .map_err(to_status)?;
         Ok(Response::new(pb::RevokeApiKeyResponse {
             key: Some(key_to_pb(&key)),
         }))
     }
 
+    #[instrument(skip_all, fields(rpc = "AdminService.CreateWebhookSource", tenant))]
     async fn create_webhook_source(
         &self,
         request: Request<pb::CreateWebhookSourceRequest>,
     ) -> Result<Response<pb::CreateWebhookSourceResponse>, Status> {
-        self.ctx.caller(&request, Scope::Admin).await?;
-        Err(not_yet(
-            "webhook sources arrive with signed webhooks (issue #6)",
-        ))
+        let caller = self.ctx.caller(&request, Scope::Admin).await?;
+        let req = request.into_inner();
+        let tenant = caller
+            .tenant_for(&req.tenant_id, "tenant_id")
+            .map_err(to_status)?;
+        let (source, secret) = webhook::create_source(
+            self.ctx.store.as_ref(),
+            &self.ctx.secrets,
+            tenant,
+            &req.name,
+            req.allow_body_only_signature,
+        )
+        .await
+        .map_err(to_status)?;
+        Ok(Response::new(pb::CreateWebhookSourceResponse {
+            source: Some(webhook_source_to_pb(&source)),
+            secret: secret.expose_secret().to_owned(),
+        }))
     }
 
+    #[instrument(skip_all, fields(rpc = "AdminService.ListWebhookSources", tenant))]
     async fn list_webhook_sources(
         &self,
         request: Request<pb::ListWebhookSourcesRequest>,
     ) -> Result<Response<pb::ListWebhookSourcesResponse>, Status> {
-        self.ctx.caller(&request, Scope::Admin).await?;
-        Err(not_yet(
-            "webhook sources arrive with signed webhooks (issue #6)",
-        ))
+        let caller = self.ctx.caller(&request, Scope::Admin).await?;
+        let tenant = caller
+            .tenant_for(&request.get_ref().tenant_id, "tenant_id")
+            .map_err(to_status)?;
+        let sources = self
+            .ctx
+            .store
+            .list_webhook_sources(tenant)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        Ok(Response::new(pb::ListWebhookSourcesResponse {
+            sources: sources.iter().map(webhook_source_to_pb).collect(),
+        }))
     }
 
+    #[instrument(skip_all, fields(rpc = "AdminService.RotateWebhookSecret", tenant))]
     async fn rotate_webhook_secret(
         &self,
         request: Request<pb::RotateWebhookSecretRequest>,
     ) -> Result<Response<pb::RotateWebhookSecretResponse>, Status> {
-        self.ctx.caller(&request, Scope::Admin).await?;
-        Err(not_yet(
-            "webhook sources arrive with signed webhooks (issue #6)",
-        ))
+        let caller = self.ctx.caller(&request, Scope::Admin).await?;
+        let id = webhook::parse_source_id(&request.get_ref().source_id, "source_id")
+            .map_err(to_status)?;
+        let (source, secret) = webhook::rotate_secret(
+            self.ctx.store.as_ref(),
+            &self.ctx.secrets,
+            own_tenant(&caller),
+            id,
+        )
+        .await
+        .map_err(to_status)?;
+        Ok(Response::new(pb::RotateWebhookSecretResponse {
+            source: Some(webhook_source_to_pb(&source)),
+            secret: secret.expose_secret().to_owned(),
+        }))
     }
 
+    #[instrument(skip_all, fields(rpc = "AdminService.DeleteWebhookSource", tenant))]
     async fn delete_webhook_source(
         &self,
         request: Request<pb::DeleteWebhookSourceRequest>,
     ) -> Result<Response<pb::DeleteWebhookSourceResponse>, Status> {
-        self.ctx.caller(&request, Scope::Admin).await?;
-        Err(not_yet(
-            "webhook sources arrive with signed webhooks (issue #6)",
-        ))
+        let caller = self.ctx.caller(&request, Scope::Admin).await?;
+        let id = webhook::parse_source_id(&request.get_ref().source_id, "source_id")
+            .map_err(to_status)?;
+        webhook::delete_source(self.ctx.store.as_ref(), own_tenant(&caller), id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DeleteWebhookSourceResponse {}))
     }
 
     #[instrument(skip_all, fields(rpc = "AdminService.CreateRule", tenant))]

@@ -81,6 +81,18 @@ pub fn key_to_pb(k: &ApiKey) -> pb::ApiKey {
     }
 }
 
+/// Domain webhook source (never its secret) to protobuf.
+pub fn webhook_source_to_pb(w: &crate::domain::webhook::WebhookSource) -> pb::WebhookSource {
+    pb::WebhookSource {
+        id: w.id.to_string(),
+        tenant_id: w.tenant_id.to_string(),
+        name: w.name.clone(),
+        allow_body_only_signature: w.allow_body_only_signature,
+        created_at: Some(timestamp(w.created_at)),
+        secret_rotated_at: Some(timestamp(w.secret_rotated_at)),
+    }
+}
+
 /// Page size from a request: 0 means `default`, above `max` is an error.
 pub fn page_size(requested: u32, default: u32, max: u32) -> AppResult<u32> {
     match requested {

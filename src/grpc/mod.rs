@@ -59,6 +59,8 @@ pub struct ApiContext {
     pub alert_suppression: chrono::Duration,
     /// Tells the detection pipeline that a tenant's rules changed.
     pub rules_changed: tokio::sync::mpsc::UnboundedSender<crate::domain::TenantId>,
+    /// Seals and opens webhook signing secrets.
+    pub secrets: crate::webhook::SecretBox,
 }
 
 /// Limits and defaults of streaming RPCs.

@@ -1,15 +1,19 @@
-//! Plain HTTP on the gRPC port: `/healthz`, `/metrics`, and the request-metrics
+//! Plain HTTP on the gRPC port: `/healthz`, `/metrics`, webhook intake
+//! (`POST /v1/webhooks/{source}`, see [`webhooks`]), and the request-metrics
 //! middleware that wraps every route (gRPC included).
+
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +28,14 @@ pub struct HttpState {
     pub metrics: PrometheusHandle,
     /// Cancelled on shutdown; `/healthz` then answers 503.
     pub shutdown: CancellationToken,
+    /// Opens webhook signing secrets.
+    pub secrets: crate::webhook::SecretBox,
+    /// Bumped after a webhook raises an alert, so WatchAlerts streams wake.
+    pub changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Repeats of an alert fingerprint within this long fold into one alert.
+    pub alert_suppression: chrono::Duration,
+    /// How webhook alerts are grouped into incidents.
+    pub correlation: crate::incidents::CorrelationConfig,
 }
 
 /// The plain HTTP routes (no fallback: they are merged with the gRPC routes).
@@ -31,6 +43,10 @@ pub fn routes(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
+        .route(
+            "/v1/webhooks/{source}",
+            post(webhooks::deliver).layer(DefaultBodyLimit::max(crate::webhook::MAX_BODY_BYTES)),
+        )
         .with_state(state)
 }
 

@@ -21,6 +21,7 @@ use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{EventQuery, FeedPosition, InsertOutcome, NewEvent, StoredEvent};
 use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
 use crate::domain::rule::{StoredModel, TenantRule};
+use crate::domain::webhook::{DeliveryOutcome, WebhookSource};
 use crate::domain::{ApiKey, ApiKeyId, Tenant, TenantId};
 
 pub use postgres::PgStore;
@@ -90,7 +91,15 @@ impl Backend {
 /// conformance suite in `tests/storage` is the definition of "identically".
 #[async_trait]
 pub trait Store:
-    EventStore + AlertStore + RuleStore + ModelStore + IncidentStore + Send + Sync + 'static
+    EventStore
+    + AlertStore
+    + RuleStore
+    + ModelStore
+    + IncidentStore
+    + WebhookStore
+    + Send
+    + Sync
+    + 'static
 {
     /// Which backend this is.
     fn backend(&self) -> Backend;
@@ -315,6 +324,52 @@ pub fn incident_change_payload(
     let mut slim = incident.clone();
     slim.timeline.clear();
     serde_json::json!({ "kind": kind, "incident": slim, "entry": entry })
+}
+
+/// Webhook sources and the delivery ids already processed.
+#[async_trait]
+pub trait WebhookStore: Send + Sync {
+    /// Stores a new source (its tenant must exist); `Conflict` if the name is
+    /// taken by any tenant.
+    async fn create_webhook_source(&self, source: &WebhookSource) -> StoreResult<()>;
+
+    /// A tenant's sources, by name.
+    async fn list_webhook_sources(&self, tenant: TenantId) -> StoreResult<Vec<WebhookSource>>;
+
+    /// Looks a source up by name across tenants: a delivery names its source
+    /// before the tenant is known (Postgres: through a definer-rights function).
+    async fn find_webhook_source(&self, name: &str) -> StoreResult<Option<WebhookSource>>;
+
+    /// The tenant owning source `id`, if it exists (operator commands that name
+    /// only the source).
+    async fn webhook_source_tenant(&self, id: uuid::Uuid) -> StoreResult<Option<TenantId>>;
+
+    /// Replaces a tenant's source's sealed secret; `NotFound` if the tenant has
+    /// no such source.
+    async fn rotate_webhook_secret(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        sealed_secret: &[u8],
+        at: DateTime<Utc>,
+    ) -> StoreResult<WebhookSource>;
+
+    /// Deletes a tenant's source and its delivery records; `NotFound` if absent.
+    async fn delete_webhook_source(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<()>;
+
+    /// Records delivery `delivery_id` of `source` (if given) and raises `new`
+    /// exactly as [`AlertStore::raise_alert`] does, in ONE transaction: a
+    /// delivery id already recorded for the source writes nothing and returns
+    /// `Duplicate`. Returns only after the transaction has committed.
+    async fn raise_webhook_alert(
+        &self,
+        tenant: TenantId,
+        source: uuid::Uuid,
+        delivery_id: Option<&str>,
+        new: NewAlert,
+        suppression: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> StoreResult<DeliveryOutcome>;
 }
 
 /// The default embedded database: `./picket-data/picket.db`.

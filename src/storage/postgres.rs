@@ -18,10 +18,11 @@ use crate::domain::event::{
 };
 use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
 use crate::domain::rule::{StoredModel, TenantRule};
+use crate::domain::webhook::{DeliveryOutcome, WebhookSource};
 use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
 use crate::storage::{
     AlertStore, Backend, EventStore, IncidentStore, ModelStore, RuleStore, Store, StoreError,
-    StoreResult,
+    StoreResult, WebhookStore,
 };
 
 /// Runs the Postgres migrations on a dedicated connection as the owner role.
@@ -690,6 +691,43 @@ fn doc_of(alert: &Alert) -> Result<serde_json::Value, sqlx::Error> {
 }
 
 impl PgStore {
+    /// Raises or folds `new` inside `tx` (see [`AlertStore::raise_alert`]).
+    async fn raise_in(
+        tx: &mut Transaction<'static, Postgres>,
+        tenant: TenantId,
+        new: NewAlert,
+        suppression: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> Result<(Alert, bool), sqlx::Error> {
+        // Serialize raises of one fingerprint so concurrent detections fold into one alert.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("{}/{}", tenant.0, new.fingerprint))
+            .execute(&mut **tx)
+            .await?;
+        let existing: Option<serde_json::Value> = sqlx::query_scalar(
+            "SELECT doc FROM alerts WHERE tenant_id = $1 AND fingerprint = $2 AND status IN (1, 2) \
+             AND last_seen >= $3 ORDER BY last_seen DESC LIMIT 1 FOR UPDATE",
+        )
+        .bind(tenant.0)
+        .bind(&new.fingerprint)
+        .bind(new.first_seen - suppression)
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(match existing {
+            Some(doc) => {
+                let mut alert = alert_from_doc(doc)?;
+                alert.fold(new, now);
+                Self::save_alert(tx, &alert, "updated", false).await?;
+                (alert, false)
+            }
+            None => {
+                let alert = Alert::from_new(tenant, new, now);
+                Self::save_alert(tx, &alert, "created", true).await?;
+                (alert, true)
+            }
+        })
+    }
+
     /// Writes an alert row (insert or update) and its change-log entry inside `tx`.
     async fn save_alert(
         tx: &mut Transaction<'static, Postgres>,
@@ -740,41 +778,11 @@ impl AlertStore for PgStore {
     ) -> StoreResult<(Alert, bool)> {
         let classify = |e| StoreError::classify(e, "alert", "failed to raise an alert");
         let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
-        // Serialize raises of one fingerprint so concurrent detections fold into one alert.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(format!("{}/{}", tenant.0, new.fingerprint))
-            .execute(&mut *tx)
+        let raised = Self::raise_in(&mut tx, tenant, new, suppression, now)
             .await
             .map_err(classify)?;
-        let existing: Option<serde_json::Value> = sqlx::query_scalar(
-            "SELECT doc FROM alerts WHERE tenant_id = $1 AND fingerprint = $2 AND status IN (1, 2) \
-             AND last_seen >= $3 ORDER BY last_seen DESC LIMIT 1 FOR UPDATE",
-        )
-        .bind(tenant.0)
-        .bind(&new.fingerprint)
-        .bind(new.first_seen - suppression)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(classify)?;
-        let (alert, created) = match existing {
-            Some(doc) => {
-                let mut alert = alert_from_doc(doc).map_err(classify)?;
-                alert.fold(new, now);
-                Self::save_alert(&mut tx, &alert, "updated", false)
-                    .await
-                    .map_err(classify)?;
-                (alert, false)
-            }
-            None => {
-                let alert = Alert::from_new(tenant, new, now);
-                Self::save_alert(&mut tx, &alert, "created", true)
-                    .await
-                    .map_err(classify)?;
-                (alert, true)
-            }
-        };
         tx.commit().await.map_err(classify)?;
-        Ok((alert, created))
+        Ok(raised)
     }
 
     async fn get_alert(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<Alert> {
@@ -1083,6 +1091,195 @@ impl ModelStore for PgStore {
                 bytes,
             }),
         )
+    }
+}
+
+fn source_from_row(row: &PgRow) -> Result<WebhookSource, sqlx::Error> {
+    Ok(WebhookSource {
+        tenant_id: TenantId(row.try_get("tenant_id")?),
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        sealed_secret: row.try_get("secret")?,
+        allow_body_only_signature: row.try_get("allow_body_only_signature")?,
+        created_at: row.try_get("created_at")?,
+        secret_rotated_at: row.try_get("secret_rotated_at")?,
+    })
+}
+
+macro_rules! source_columns {
+    () => {
+        "tenant_id, id, name, secret, allow_body_only_signature, created_at, secret_rotated_at"
+    };
+}
+
+#[async_trait]
+impl WebhookStore for PgStore {
+    async fn create_webhook_source(&self, w: &WebhookSource) -> StoreResult<()> {
+        let ctx = "failed to insert a webhook source";
+        let what = format!("webhook source `{}`", w.name);
+        let mut tx = self
+            .tenant_tx(w.tenant_id)
+            .await
+            .map_err(|e| StoreError::classify(e, &what, ctx))?;
+        sqlx::query(concat!(
+            "INSERT INTO webhook_sources (",
+            source_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ))
+        .bind(w.tenant_id.0)
+        .bind(w.id)
+        .bind(&w.name)
+        .bind(&w.sealed_secret)
+        .bind(w.allow_body_only_signature)
+        .bind(w.created_at)
+        .bind(w.secret_rotated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                StoreError::NotFound(format!("tenant {}", w.tenant_id))
+            }
+            _ => StoreError::classify(e, &what, ctx),
+        })?;
+        tx.commit()
+            .await
+            .map_err(|e| StoreError::classify(e, &what, ctx))?;
+        Ok(())
+    }
+
+    async fn list_webhook_sources(&self, tenant: TenantId) -> StoreResult<Vec<WebhookSource>> {
+        let classify =
+            |e| StoreError::classify(e, "webhook sources", "failed to list webhook sources");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            source_columns!(),
+            " FROM webhook_sources WHERE tenant_id = $1 ORDER BY name"
+        ))
+        .bind(tenant.0)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        rows.iter()
+            .map(source_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(classify)
+    }
+
+    async fn find_webhook_source(&self, name: &str) -> StoreResult<Option<WebhookSource>> {
+        let classify =
+            |e| StoreError::classify(e, "webhook source", "failed to look up a webhook source");
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            source_columns!(),
+            " FROM picket_find_webhook_source($1)"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        row.as_ref()
+            .map(source_from_row)
+            .transpose()
+            .map_err(classify)
+    }
+
+    async fn webhook_source_tenant(&self, id: uuid::Uuid) -> StoreResult<Option<TenantId>> {
+        let tenant: Option<uuid::Uuid> =
+            sqlx::query_scalar("SELECT picket_webhook_source_tenant($1)")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| {
+                    StoreError::classify(e, "webhook source", "failed to look up a webhook source")
+                })?;
+        Ok(tenant.map(TenantId))
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        sealed_secret: &[u8],
+        at: DateTime<Utc>,
+    ) -> StoreResult<WebhookSource> {
+        let what = format!("webhook source {id}");
+        let classify = |e| StoreError::classify(e, &what, "failed to rotate a webhook secret");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let row = sqlx::query(concat!(
+            "UPDATE webhook_sources SET secret = $3, secret_rotated_at = $4 WHERE tenant_id = $1 AND id = $2 RETURNING ",
+            source_columns!()
+        ))
+        .bind(tenant.0)
+        .bind(id)
+        .bind(sealed_secret)
+        .bind(at)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        source_from_row(&row).map_err(classify)
+    }
+
+    async fn delete_webhook_source(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<()> {
+        let what = format!("webhook source {id}");
+        let classify = |e| StoreError::classify(e, &what, "failed to delete a webhook source");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        let done = sqlx::query("DELETE FROM webhook_sources WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant.0)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(what));
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn raise_webhook_alert(
+        &self,
+        tenant: TenantId,
+        source: uuid::Uuid,
+        delivery_id: Option<&str>,
+        new: NewAlert,
+        suppression: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> StoreResult<DeliveryOutcome> {
+        let classify =
+            |e| StoreError::classify(e, "webhook delivery", "failed to record a webhook delivery");
+        let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
+        if let Some(delivery) = delivery_id {
+            // A concurrent insert of the same id waits here for the first
+            // transaction, then conflicts: exactly one of them raises.
+            let done = sqlx::query(
+                "INSERT INTO webhook_deliveries (tenant_id, source_id, delivery_id, received_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (source_id, delivery_id) DO NOTHING",
+            )
+            .bind(tenant.0)
+            .bind(source)
+            .bind(delivery)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                    StoreError::NotFound(format!("webhook source {source}"))
+                }
+                _ => classify(e),
+            })?;
+            if done.rows_affected() == 0 {
+                tx.rollback().await.map_err(classify)?;
+                return Ok(DeliveryOutcome::Duplicate);
+            }
+        }
+        let (alert, created) = Self::raise_in(&mut tx, tenant, new, suppression, now)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(DeliveryOutcome::Raised(Box::new(alert), created))
     }
 }
 

@@ -22,10 +22,11 @@ use crate::domain::event::{
 };
 use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
 use crate::domain::rule::{StoredModel, TenantRule};
+use crate::domain::webhook::{DeliveryOutcome, WebhookSource};
 use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
 use crate::storage::{
     AlertStore, Backend, EventStore, IncidentStore, ModelStore, RuleStore, Store, StoreError,
-    StoreResult,
+    StoreResult, WebhookStore,
 };
 
 /// Connection options for `url`, creating the file's directory if needed.
@@ -606,6 +607,38 @@ fn alert_from_doc(doc: &str) -> Result<Alert, sqlx::Error> {
     serde_json::from_str(doc).map_err(|e| sqlx::Error::Decode(e.into()))
 }
 
+/// Raises or folds `new` inside `tx` (see [`AlertStore::raise_alert`]).
+async fn raise_in(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    tenant: TenantId,
+    new: NewAlert,
+    suppression: chrono::Duration,
+    now: DateTime<Utc>,
+) -> Result<(Alert, bool), sqlx::Error> {
+    let existing: Option<String> = sqlx::query_scalar(
+        "SELECT doc FROM alerts WHERE tenant_id = ?1 AND fingerprint = ?2 AND status IN (1, 2) \
+         AND last_seen >= ?3 ORDER BY last_seen DESC LIMIT 1",
+    )
+    .bind(tenant.0.to_string())
+    .bind(&new.fingerprint)
+    .bind(micros(new.first_seen - suppression))
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(match existing {
+        Some(doc) => {
+            let mut alert = alert_from_doc(&doc)?;
+            alert.fold(new, now);
+            save_alert(tx, &alert, "updated", false, now).await?;
+            (alert, false)
+        }
+        None => {
+            let alert = Alert::from_new(tenant, new, now);
+            save_alert(tx, &alert, "created", true, now).await?;
+            (alert, true)
+        }
+    })
+}
+
 /// Writes an alert row (insert or update) and its change-log entry inside `tx`.
 async fn save_alert(
     tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
@@ -663,35 +696,11 @@ impl AlertStore for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(classify)?;
-        let existing: Option<String> = sqlx::query_scalar(
-            "SELECT doc FROM alerts WHERE tenant_id = ?1 AND fingerprint = ?2 AND status IN (1, 2) \
-             AND last_seen >= ?3 ORDER BY last_seen DESC LIMIT 1",
-        )
-        .bind(tenant.0.to_string())
-        .bind(&new.fingerprint)
-        .bind(micros(new.first_seen - suppression))
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(classify)?;
-        let (alert, created) = match existing {
-            Some(doc) => {
-                let mut alert = alert_from_doc(&doc).map_err(classify)?;
-                alert.fold(new, now);
-                save_alert(&mut tx, &alert, "updated", false, now)
-                    .await
-                    .map_err(classify)?;
-                (alert, false)
-            }
-            None => {
-                let alert = Alert::from_new(tenant, new, now);
-                save_alert(&mut tx, &alert, "created", true, now)
-                    .await
-                    .map_err(classify)?;
-                (alert, true)
-            }
-        };
+        let raised = raise_in(&mut tx, tenant, new, suppression, now)
+            .await
+            .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
-        Ok((alert, created))
+        Ok(raised)
     }
 
     async fn get_alert(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<Alert> {
@@ -981,6 +990,185 @@ impl ModelStore for SqliteStore {
                 bytes,
             }),
         )
+    }
+}
+
+fn source_from_row(row: &SqliteRow) -> Result<WebhookSource, sqlx::Error> {
+    Ok(WebhookSource {
+        tenant_id: TenantId(parse_uuid(row.try_get("tenant_id")?)?),
+        id: parse_uuid(row.try_get("id")?)?,
+        name: row.try_get("name")?,
+        sealed_secret: row.try_get("secret")?,
+        allow_body_only_signature: row.try_get("allow_body_only_signature")?,
+        created_at: row.try_get("created_at")?,
+        secret_rotated_at: row.try_get("secret_rotated_at")?,
+    })
+}
+
+macro_rules! source_columns {
+    () => {
+        "tenant_id, id, name, secret, allow_body_only_signature, created_at, secret_rotated_at"
+    };
+}
+
+#[async_trait]
+impl WebhookStore for SqliteStore {
+    async fn create_webhook_source(&self, w: &WebhookSource) -> StoreResult<()> {
+        let what = format!("webhook source `{}`", w.name);
+        sqlx::query(concat!(
+            "INSERT INTO webhook_sources (",
+            source_columns!(),
+            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        ))
+        .bind(w.tenant_id.0.to_string())
+        .bind(w.id.to_string())
+        .bind(&w.name)
+        .bind(&w.sealed_secret)
+        .bind(w.allow_body_only_signature)
+        .bind(w.created_at)
+        .bind(w.secret_rotated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                StoreError::NotFound(format!("tenant {}", w.tenant_id))
+            }
+            _ => StoreError::classify(e, &what, "failed to insert a webhook source"),
+        })?;
+        Ok(())
+    }
+
+    async fn list_webhook_sources(&self, tenant: TenantId) -> StoreResult<Vec<WebhookSource>> {
+        let classify =
+            |e| StoreError::classify(e, "webhook sources", "failed to list webhook sources");
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            source_columns!(),
+            " FROM webhook_sources WHERE tenant_id = ?1 ORDER BY name"
+        ))
+        .bind(tenant.0.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter()
+            .map(source_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(classify)
+    }
+
+    async fn find_webhook_source(&self, name: &str) -> StoreResult<Option<WebhookSource>> {
+        let classify =
+            |e| StoreError::classify(e, "webhook source", "failed to look up a webhook source");
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            source_columns!(),
+            " FROM webhook_sources WHERE name = ?1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        row.as_ref()
+            .map(source_from_row)
+            .transpose()
+            .map_err(classify)
+    }
+
+    async fn webhook_source_tenant(&self, id: uuid::Uuid) -> StoreResult<Option<TenantId>> {
+        let classify =
+            |e| StoreError::classify(e, "webhook source", "failed to look up a webhook source");
+        let tenant: Option<String> =
+            sqlx::query_scalar("SELECT tenant_id FROM webhook_sources WHERE id = ?1")
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)?;
+        tenant
+            .map(|t| parse_uuid(&t).map(TenantId))
+            .transpose()
+            .map_err(classify)
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        sealed_secret: &[u8],
+        at: DateTime<Utc>,
+    ) -> StoreResult<WebhookSource> {
+        let what = format!("webhook source {id}");
+        let classify = |e| StoreError::classify(e, &what, "failed to rotate a webhook secret");
+        let row = sqlx::query(concat!(
+            "UPDATE webhook_sources SET secret = ?3, secret_rotated_at = ?4 WHERE tenant_id = ?1 AND id = ?2 RETURNING ",
+            source_columns!()
+        ))
+        .bind(tenant.0.to_string())
+        .bind(id.to_string())
+        .bind(sealed_secret)
+        .bind(at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        source_from_row(&row).map_err(classify)
+    }
+
+    async fn delete_webhook_source(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<()> {
+        let what = format!("webhook source {id}");
+        let done = sqlx::query("DELETE FROM webhook_sources WHERE tenant_id = ?1 AND id = ?2")
+            .bind(tenant.0.to_string())
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StoreError::classify(e, &what, "failed to delete a webhook source"))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(what));
+        }
+        Ok(())
+    }
+
+    async fn raise_webhook_alert(
+        &self,
+        tenant: TenantId,
+        source: uuid::Uuid,
+        delivery_id: Option<&str>,
+        new: NewAlert,
+        suppression: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> StoreResult<DeliveryOutcome> {
+        let classify =
+            |e| StoreError::classify(e, "webhook delivery", "failed to record a webhook delivery");
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(classify)?;
+        if let Some(delivery) = delivery_id {
+            let done = sqlx::query(
+                "INSERT INTO webhook_deliveries (tenant_id, source_id, delivery_id, received_at) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (source_id, delivery_id) DO NOTHING",
+            )
+            .bind(tenant.0.to_string())
+            .bind(source.to_string())
+            .bind(delivery)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                    StoreError::NotFound(format!("webhook source {source}"))
+                }
+                _ => classify(e),
+            })?;
+            if done.rows_affected() == 0 {
+                tx.rollback().await.map_err(classify)?;
+                return Ok(DeliveryOutcome::Duplicate);
+            }
+        }
+        let (alert, created) = raise_in(&mut tx, tenant, new, suppression, now)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(DeliveryOutcome::Raised(Box::new(alert), created))
     }
 }
 

@@ -12,3 +12,4 @@ mod incidents;
 mod ingest;
 mod rules;
 mod server;
+mod webhooks;

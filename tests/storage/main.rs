@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use chrono::{Duration, Utc};
 use common::TestDb;
-use picket::domain::{ApiKey, ApiKeyId, Scope, ScopeSet, Tenant, TenantId};
-use picket::storage::{self, Backend, Store, StoreError};
+use picket::domain::alert::{Entity, EntityKind, NewAlert, SourceKind};
+use picket::domain::webhook::{DeliveryOutcome, WebhookSource};
+use picket::domain::{ApiKey, ApiKeyId, Scope, ScopeSet, Severity, Tenant, TenantId};
+use picket::storage::{self, Backend, Store, StoreError, WebhookStore};
 
 async fn store(backend: Backend) -> (Arc<dyn Store>, TestDb) {
     let db = TestDb::new(backend).await;
@@ -177,12 +179,223 @@ async fn key_fields_round_trip(backend: Backend) {
     assert_eq!(s.find_api_key(&k.id).await.unwrap(), Some(k));
 }
 
+fn source(tenant: TenantId, name: &str) -> WebhookSource {
+    let now = chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
+    WebhookSource {
+        tenant_id: tenant,
+        id: uuid::Uuid::now_v7(),
+        name: name.into(),
+        sealed_secret: vec![1, 2, 3, name.len() as u8],
+        allow_body_only_signature: name.ends_with("legacy"),
+        created_at: now,
+        secret_rotated_at: now,
+    }
+}
+
+fn webhook_alert(source: &str, ip: &str) -> NewAlert {
+    let now = Utc::now();
+    NewAlert {
+        title: "t".into(),
+        summary: String::new(),
+        severity: Severity::High,
+        category: "authentication".into(),
+        source_kind: SourceKind::Webhook,
+        source_name: source.into(),
+        anomaly_score: 0.0,
+        anomaly_threshold: 0.0,
+        entities: vec![Entity::new(EntityKind::Ip, ip)],
+        evidence: Vec::new(),
+        features: Vec::new(),
+        attack_techniques: Vec::new(),
+        first_seen: now,
+        last_seen: now,
+        fingerprint: format!("webhook:{source}:{ip}"),
+        raw: Some(serde_json::json!({"ip": ip})),
+    }
+}
+
+async fn webhook_sources_are_tenant_scoped(backend: Backend) {
+    let (s, _db) = store(backend).await;
+    let a = tenant("a");
+    let b = tenant("b");
+    s.create_tenant(&a).await.unwrap();
+    s.create_tenant(&b).await.unwrap();
+    let a2 = source(a.id, "a-two");
+    let a1 = source(a.id, "a-one-legacy");
+    let b1 = source(b.id, "b-one");
+    for w in [&a2, &a1, &b1] {
+        s.create_webhook_source(w).await.unwrap();
+    }
+    // Names are unique across tenants; the tenant must exist.
+    assert!(matches!(
+        s.create_webhook_source(&source(b.id, "a-two")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.create_webhook_source(&source(TenantId::new(), "ghost"))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        s.list_webhook_sources(a.id).await.unwrap(),
+        vec![a1.clone(), a2.clone()],
+        "by name, only the tenant's own"
+    );
+    // Lookup by name and the owner of an id work across tenants.
+    assert_eq!(
+        s.find_webhook_source("b-one").await.unwrap(),
+        Some(b1.clone())
+    );
+    assert_eq!(s.find_webhook_source("nope").await.unwrap(), None);
+    assert_eq!(s.webhook_source_tenant(b1.id).await.unwrap(), Some(b.id));
+    assert_eq!(
+        s.webhook_source_tenant(uuid::Uuid::new_v4()).await.unwrap(),
+        None
+    );
+
+    // Another tenant can neither rotate nor delete it.
+    let at = a1.created_at + Duration::seconds(5);
+    assert!(matches!(
+        s.rotate_webhook_secret(b.id, a1.id, &[9], at).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        s.delete_webhook_source(b.id, a1.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let rotated = s
+        .rotate_webhook_secret(a.id, a1.id, &[9, 9], at)
+        .await
+        .unwrap();
+    assert_eq!(rotated.sealed_secret, vec![9, 9]);
+    assert_eq!(rotated.secret_rotated_at, at);
+    assert_eq!(rotated.created_at, a1.created_at);
+    assert_eq!(
+        s.find_webhook_source(&a1.name).await.unwrap(),
+        Some(rotated)
+    );
+
+    s.delete_webhook_source(a.id, a1.id).await.unwrap();
+    assert_eq!(s.find_webhook_source(&a1.name).await.unwrap(), None);
+    assert!(matches!(
+        s.delete_webhook_source(a.id, a1.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(s.list_webhook_sources(a.id).await.unwrap(), vec![a2]);
+}
+
+async fn webhook_deliveries_are_deduplicated_with_the_alert(backend: Backend) {
+    let (s, _db) = store(backend).await;
+    let a = tenant("a");
+    s.create_tenant(&a).await.unwrap();
+    let w = source(a.id, "hooks");
+    let other = source(a.id, "other");
+    s.create_webhook_source(&w).await.unwrap();
+    s.create_webhook_source(&other).await.unwrap();
+    let supp = Duration::minutes(10);
+    let now = Utc::now();
+
+    let first = s
+        .raise_webhook_alert(
+            a.id,
+            w.id,
+            Some("d1"),
+            webhook_alert("hooks", "10.0.0.1"),
+            supp,
+            now,
+        )
+        .await
+        .unwrap();
+    let DeliveryOutcome::Raised(alert, true) = first else {
+        panic!("expected a created alert, got {first:?}");
+    };
+    assert_eq!(alert.body.raw, Some(serde_json::json!({"ip": "10.0.0.1"})));
+    assert_eq!(s.get_alert(a.id, alert.id).await.unwrap(), *alert);
+    // The same delivery id: nothing written.
+    let again = s
+        .raise_webhook_alert(
+            a.id,
+            w.id,
+            Some("d1"),
+            webhook_alert("hooks", "10.0.0.9"),
+            supp,
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, DeliveryOutcome::Duplicate);
+    let all = s
+        .list_alerts(
+            a.id,
+            &picket::domain::alert::AlertQuery {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].occurrence_count, 1);
+    // Ids are per source; no id means no dedupe; the same fingerprint folds.
+    let DeliveryOutcome::Raised(_, true) = s
+        .raise_webhook_alert(
+            a.id,
+            other.id,
+            Some("d1"),
+            webhook_alert("other", "10.0.0.1"),
+            supp,
+            now,
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("another source's d1 is not a duplicate");
+    };
+    for _ in 0..2 {
+        let DeliveryOutcome::Raised(folded, false) = s
+            .raise_webhook_alert(
+                a.id,
+                w.id,
+                None,
+                webhook_alert("hooks", "10.0.0.1"),
+                supp,
+                now,
+            )
+            .await
+            .unwrap()
+        else {
+            panic!("expected a fold");
+        };
+        assert_eq!(folded.id, alert.id);
+    }
+    assert_eq!(
+        s.get_alert(a.id, alert.id).await.unwrap().occurrence_count,
+        3
+    );
+    // A deleted source's delivery ids go with it.
+    s.delete_webhook_source(a.id, w.id).await.unwrap();
+    assert!(matches!(
+        s.raise_webhook_alert(
+            a.id,
+            w.id,
+            Some("d2"),
+            webhook_alert("hooks", "10.0.0.1"),
+            supp,
+            now
+        )
+        .await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
 crate::both_backends!(
     tenants_round_trip,
     tenants_page_by_name,
     settings_first_writer_wins,
     api_keys_are_tenant_scoped,
     key_fields_round_trip,
+    webhook_sources_are_tenant_scoped,
+    webhook_deliveries_are_deduplicated_with_the_alert,
 );
 
 /// Tables and their columns, sorted, without sqlx's own bookkeeping table.
@@ -260,10 +473,26 @@ async fn postgres_row_level_security_confines_the_app_role() {
     s.create_api_key(&key(b.id, "00000000000000b1", 0))
         .await
         .unwrap();
+    for (t, name) in [(a.id, "a-hook"), (b.id, "b-hook")] {
+        let w = source(t, name);
+        s.create_webhook_source(&w).await.unwrap();
+        s.raise_webhook_alert(
+            t,
+            w.id,
+            Some("d1"),
+            webhook_alert(name, "10.0.0.1"),
+            Duration::minutes(1),
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    }
 
     let owner = sqlx::PgPool::connect(&db.url).await.unwrap();
     let tables = tenant_tables(&owner).await;
-    assert!(tables.contains(&"api_keys".to_string()));
+    for t in ["api_keys", "webhook_sources", "webhook_deliveries"] {
+        assert!(tables.contains(&t.to_string()), "{t}");
+    }
 
     // Every tenant-owned table has RLS enabled.
     for t in &tables {
@@ -341,7 +570,6 @@ async fn postgres_row_level_security_confines_the_app_role() {
 
 mod events {
     use super::*;
-    use picket::domain::Severity;
     use picket::domain::event::{
         EventDetails, EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome,
         idempotency_digest,
