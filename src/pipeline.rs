@@ -282,7 +282,10 @@ impl DetectionPipeline {
 
     /// One pass over every known tenant plus window expiry (tests call this).
     pub async fn run_once(&mut self) -> StoreResult<usize> {
-        self.evaluator.advance(Utc::now());
+        // Expire only state older than the replay horizon: events may arrive
+        // back-dated (backfills, late senders) and their windows must still
+        // work; memory stays bounded by the engine's caps.
+        self.evaluator.advance(Utc::now() - self.config.replay);
         let tenants: Vec<TenantId> = self.positions.keys().copied().collect();
         let mut raised = 0;
         let quiet = self.scorer.close_by_clock(Utc::now());

@@ -37,6 +37,12 @@ use crate::domain::event::{NewEvent, Outcome};
 pub const VPN_NEW_NETWORK_ID: &str = "32f01260-afd0-41f6-aedc-71d10f6bcc1a";
 /// Id of the data-exfiltration-volume detector.
 pub const EXFILTRATION_ID: &str = "027f9081-6ea6-4cd2-a737-70bd3771fd76";
+/// Seconds in a day.
+const DAY_SECS: i64 = 86_400;
+/// An actor active in at least this many distinct hours of the day works
+/// round the clock: no hour is unusual for it.
+const ROUND_THE_CLOCK_HOURS: usize = 20;
+
 /// Id of the unusual-hour detector.
 pub const UNUSUAL_HOUR_ID: &str = "290ebb4f-8c96-4b9e-9805-1e2630dc87b3";
 
@@ -114,6 +120,9 @@ pub struct BehaviorConfig {
     pub unusual_hour_min_events: u64,
     /// An hour-of-day under this fraction of the actor's accesses is unusual.
     pub unusual_hour_rare_fraction: f64,
+    /// Days of history an actor needs (first to latest access) before
+    /// unusual hours alert: 50 events can come from a single day.
+    pub unusual_hour_min_history_days: i64,
 }
 
 impl Default for BehaviorConfig {
@@ -131,6 +140,7 @@ impl Default for BehaviorConfig {
             exfil_baseline_hours: 168,
             unusual_hour_min_events: 50,
             unusual_hour_rare_fraction: 0.01,
+            unusual_hour_min_history_days: 7,
         }
     }
 }
@@ -209,6 +219,8 @@ struct HourActor {
     counts: [u32; 24],
     total: u64,
     last_fired: Option<i64>,
+    /// Event time of the first access seen (history must span days, not just events).
+    first_seen: i64,
 }
 
 /// One tenant's behavioural state.
@@ -459,23 +471,31 @@ impl BehaviorState {
         e: &NewEvent,
         category: &str,
     ) -> Option<Detection> {
-        let access = matches!(
+        // Every activity (failed ones too) teaches the actor's usual hours;
+        // only successful access can alert.
+        let activity = matches!(
             category,
             "authentication" | "vpn" | "http" | "api" | "database"
-        ) && e.outcome != Outcome::Failure;
-        if !access {
+        );
+        if !activity {
             return None;
         }
+        let succeeded = e.outcome != Outcome::Failure;
         let t = e.occurred_at.timestamp();
         let h = e.occurred_at.hour() as usize;
         let a = self.hours.entry(&e.actor, t, || HourActor {
             counts: [0; 24],
             total: 0,
             last_fired: None,
+            first_seen: t,
         });
+        a.first_seen = a.first_seen.min(t);
+        let active_hours = a.counts.iter().filter(|c| **c > 0).count();
         let rare = a.total >= config.unusual_hour_min_events
+            && t - a.first_seen >= config.unusual_hour_min_history_days * DAY_SECS
+            && active_hours < ROUND_THE_CLOCK_HOURS
             && (f64::from(a.counts[h]) < config.unusual_hour_rare_fraction * a.total as f64);
-        let fire = rare && a.last_fired.is_none_or(|f| t - f >= 3600);
+        let fire = succeeded && rare && a.last_fired.is_none_or(|f| t - f >= 3600);
         let seen_before = a.counts[h];
         let total = a.total;
         a.counts[h] = a.counts[h].saturating_add(1);
@@ -725,6 +745,59 @@ mod tests {
         let mut failed = login(63 * DAY + 4 * 3600);
         failed.outcome = Outcome::Failure;
         assert!(feed(&mut s, &c, &failed).is_empty());
+    }
+
+    #[test]
+    fn unusual_hours_learn_from_failures_and_need_days_of_history() {
+        let c = BehaviorConfig::default();
+        let at_hour = |actor: &str, day: i64, hour: i64, ok: bool| {
+            let mut e = event("user.login");
+            e.actor = actor.into();
+            e.outcome = if ok {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            };
+            e.occurred_at = at(day * DAY + hour * 3600 + 60);
+            e
+        };
+        // 100 accesses within one day are not enough history.
+        let mut s = BehaviorState::new(&c);
+        for i in 0..100 {
+            feed(&mut s, &c, &at_hour("ivan", 0, 9 + (i % 2), true));
+        }
+        assert!(
+            feed(&mut s, &c, &at_hour("ivan", 0, 3, true)).is_empty(),
+            "one day of history alerted"
+        );
+        // A service identity active round the clock (some hours only failing) never alerts.
+        let mut s = BehaviorState::new(&c);
+        for d in 0..10 {
+            for h in 0..24 {
+                feed(&mut s, &c, &at_hour("svc:etl", d, h, h % 5 != 0));
+            }
+        }
+        assert!(
+            feed(&mut s, &c, &at_hour("svc:etl", 11, 5, true)).is_empty(),
+            "round-the-clock actor alerted"
+        );
+        // Hours seen only with failures are still usual hours.
+        let mut s = BehaviorState::new(&c);
+        for d in 0..10 {
+            for _ in 0..6 {
+                feed(&mut s, &c, &at_hour("judy", d, 9, true));
+            }
+            feed(&mut s, &c, &at_hour("judy", d, 14, false));
+        }
+        assert!(
+            feed(&mut s, &c, &at_hour("judy", 11, 14, true)).is_empty(),
+            "an hour seen with failures alerted"
+        );
+        assert_eq!(
+            feed(&mut s, &c, &at_hour("judy", 11, 3, true)).len(),
+            1,
+            "a truly unusual hour must still alert"
+        );
     }
 
     #[test]
