@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 use uuid::Uuid;
@@ -13,7 +11,9 @@ use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Entity, EntityKind, S
 use crate::domain::event::{EventQuery, FeedPosition};
 use crate::domain::{Scope, TenantId};
 use crate::error::{AppError, AppResult};
-use crate::grpc::convert::{from_timestamp, page_size, timestamp};
+use crate::grpc::convert::{
+    from_timestamp, keyset_token, page_size, parse_keyset_token, timestamp,
+};
 use crate::grpc::events::{
     decode_cursor, encode_cursor, event_to_pb, severity_from_pb, severity_to_pb,
 };
@@ -206,23 +206,6 @@ fn parse_id(s: &str, field: &str) -> AppResult<Uuid> {
     Uuid::parse_str(s).map_err(|_| AppError::invalid(field, "not an id (UUID)"))
 }
 
-fn page_token(last: &Alert) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}.{}", last.last_seen.timestamp_micros(), last.id))
-}
-
-fn parse_page_token(token: &str) -> AppResult<(DateTime<Utc>, Uuid)> {
-    let bad = || AppError::invalid("page_token", "malformed page token");
-    let raw =
-        String::from_utf8(URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
-    let (t, id) = raw.split_once('.').ok_or_else(bad)?;
-    let t = t
-        .parse::<i64>()
-        .ok()
-        .and_then(DateTime::from_timestamp_micros)
-        .ok_or_else(bad)?;
-    Ok((t, Uuid::parse_str(id).map_err(|_| bad())?))
-}
-
 #[tonic::async_trait]
 impl AlertService for AlertApi {
     #[instrument(skip_all, fields(rpc = "AlertService.ListAlerts", tenant))]
@@ -236,7 +219,7 @@ impl AlertService for AlertApi {
         let limit = page_size(req.page_size, 100, 1000).map_err(to_status)?;
         let mut q = query_from_pb(req.filter.as_ref()).map_err(to_status)?;
         if !req.page_token.is_empty() {
-            q.before = Some(parse_page_token(&req.page_token).map_err(to_status)?);
+            q.before = Some(parse_keyset_token(&req.page_token).map_err(to_status)?);
         }
         q.limit = limit + 1;
         let mut alerts = self
@@ -247,7 +230,10 @@ impl AlertService for AlertApi {
             .map_err(|e| to_status(e.into()))?;
         let next_page_token = if alerts.len() > limit as usize {
             alerts.truncate(limit as usize);
-            page_token(&alerts[alerts.len() - 1])
+            {
+                let last = &alerts[alerts.len() - 1];
+                keyset_token(last.last_seen, last.id)
+            }
         } else {
             String::new()
         };

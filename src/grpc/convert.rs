@@ -101,3 +101,27 @@ pub fn page_size(requested: u32, default: u32, max: u32) -> AppResult<u32> {
         n => Ok(n),
     }
 }
+
+/// An opaque keyset page token for "strictly older than (time, id)".
+pub fn keyset_token(t: DateTime<Utc>, id: uuid::Uuid) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{}.{id}", t.timestamp_micros()))
+}
+
+/// Parses a token made by [`keyset_token`].
+pub fn parse_keyset_token(token: &str) -> AppResult<(DateTime<Utc>, uuid::Uuid)> {
+    use base64::Engine;
+    let bad = || AppError::invalid("page_token", "malformed page token");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let (t, id) = raw.split_once('.').ok_or_else(bad)?;
+    let t = t
+        .parse::<i64>()
+        .ok()
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(bad)?;
+    Ok((t, uuid::Uuid::parse_str(id).map_err(|_| bad())?))
+}

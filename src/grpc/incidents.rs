@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use futures::StreamExt;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -18,7 +16,9 @@ use crate::domain::incident::{
 use crate::domain::{Scope, Severity, TenantId};
 use crate::error::{AppError, AppResult};
 use crate::grpc::alerts::{alert_to_pb, entity_from_pb, entity_kind_to_pb};
-use crate::grpc::convert::{from_timestamp, page_size, timestamp};
+use crate::grpc::convert::{
+    from_timestamp, keyset_token, page_size, parse_keyset_token, timestamp,
+};
 use crate::grpc::events::{decode_cursor, encode_cursor, severity_from_pb, severity_to_pb};
 use crate::grpc::pb::incident_service_server::IncidentService;
 use crate::grpc::placeholder::BoxStream;
@@ -262,7 +262,7 @@ impl IncidentService for IncidentApi {
         let limit = page_size(req.page_size, 100, 1000).map_err(to_status)?;
         let mut q = query_from_pb(req.filter.as_ref()).map_err(to_status)?;
         if !req.page_token.is_empty() {
-            q.before = Some(parse_page_token(&req.page_token).map_err(to_status)?);
+            q.before = Some(parse_keyset_token(&req.page_token).map_err(to_status)?);
         }
         q.limit = limit + 1;
         let mut list = self
@@ -274,11 +274,7 @@ impl IncidentService for IncidentApi {
         let next_page_token = if list.len() > limit as usize {
             list.truncate(limit as usize);
             let last = &list[list.len() - 1];
-            URL_SAFE_NO_PAD.encode(format!(
-                "{}.{}",
-                last.updated_at.timestamp_micros(),
-                last.id
-            ))
+            keyset_token(last.updated_at, last.id)
         } else {
             String::new()
         };
@@ -592,19 +588,6 @@ impl IncidentService for IncidentApi {
             })
         }))))
     }
-}
-
-fn parse_page_token(token: &str) -> AppResult<(DateTime<Utc>, Uuid)> {
-    let bad = || AppError::invalid("page_token", "malformed page token");
-    let raw =
-        String::from_utf8(URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
-    let (t, id) = raw.split_once('.').ok_or_else(bad)?;
-    let t = t
-        .parse::<i64>()
-        .ok()
-        .and_then(DateTime::from_timestamp_micros)
-        .ok_or_else(bad)?;
-    Ok((t, Uuid::parse_str(id).map_err(|_| bad())?))
 }
 
 /// Which incidents a watch delivers.
