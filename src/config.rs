@@ -121,7 +121,7 @@ pub struct Settings {
     pub anomaly_algorithm: crate::scoring::Algorithm,
 
     /// Share of baseline windows the anomaly threshold leaves above it.
-    #[arg(long, env = "PICKET_ANOMALY_CONTAMINATION", default_value_t = 0.002)]
+    #[arg(long, env = "PICKET_ANOMALY_CONTAMINATION", default_value_t = 0.0005)]
     pub anomaly_contamination: f64,
 
     /// Length of the per-entity behaviour windows, in seconds.
@@ -266,7 +266,7 @@ impl Settings {
         crate::scoring::ScoringConfig {
             algorithm: self.anomaly_algorithm,
             window: chrono::Duration::seconds(self.anomaly_window_seconds.max(1) as i64),
-            contamination: self.anomaly_contamination.clamp(0.0001, 0.5),
+            contamination: self.anomaly_contamination.clamp(0.00001, 0.5),
             min_windows: self.anomaly_min_windows.max(10),
             ..crate::scoring::ScoringConfig::default()
         }

@@ -82,6 +82,13 @@ pub struct DetectionPipeline {
     rule_updates: Option<tokio::sync::mpsc::UnboundedReceiver<TenantId>>,
     /// Per-entity windows and anomaly models.
     scorer: AnomalyScorer,
+    /// The rules directory to watch, the shared rule set to update, and the
+    /// directory's last seen stamp.
+    rules_dir: Option<(
+        std::path::PathBuf,
+        crate::detect::SharedRules,
+        crate::detect::DirStamp,
+    )>,
 }
 
 impl DetectionPipeline {
@@ -102,6 +109,47 @@ impl DetectionPipeline {
             shutdown,
             rule_updates: None,
             scorer: AnomalyScorer::new(ScoringConfig::default()),
+            rules_dir: None,
+        }
+    }
+
+    /// Watches `dir` (if any) and reloads the built-in + directory rules when
+    /// its files change, publishing them to `shared`.
+    pub fn with_rules_dir(
+        mut self,
+        dir: Option<std::path::PathBuf>,
+        shared: crate::detect::SharedRules,
+    ) -> Self {
+        self.rules_dir = dir.map(|d| {
+            let stamp = crate::detect::dir_stamp(&d);
+            (d, shared, stamp)
+        });
+        self
+    }
+
+    /// Reloads the rules directory if its files changed since the last look.
+    /// A directory that fails to load keeps the rules in force.
+    pub fn reload_rules_dir_if_changed(&mut self) -> bool {
+        let Some((dir, shared, stamp)) = self.rules_dir.as_mut() else {
+            return false;
+        };
+        let now = crate::detect::dir_stamp(dir);
+        if now == *stamp {
+            return false;
+        }
+        *stamp = now;
+        match crate::startup::load_rules(Some(dir)) {
+            Ok(set) => {
+                shared.replace(set.clone());
+                self.evaluator.set_base_rules(set);
+                tracing::info!(dir = %dir.display(), "rules directory reloaded");
+                metrics::counter!("picket_rules_reloads_total").increment(1);
+                true
+            }
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = ?e, "rules directory reload failed; keeping the rules in force");
+                false
+            }
         }
     }
 
@@ -391,7 +439,10 @@ impl DetectionPipeline {
                 Some(tenant) = async { match rule_updates.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
                     self.reload_rules(tenant).await.map(|()| 0)
                 }
-                _ = ticker.tick() => self.run_once().await,
+                _ = ticker.tick() => {
+                    self.reload_rules_dir_if_changed();
+                    self.run_once().await
+                }
                 () = shutdown.cancelled() => break,
             };
             if let Err(e) = result {

@@ -52,6 +52,9 @@ pub struct ScoringConfig {
     pub retrain_every: usize,
     /// Most windows kept in a tenant's baseline (oldest dropped).
     pub max_baseline: usize,
+    /// Windows with fewer events never alert (they still train the baseline):
+    /// a handful of events is not a behaviour profile, and one 404 would look extreme.
+    pub min_window_events: u64,
 }
 
 impl Default for ScoringConfig {
@@ -59,10 +62,11 @@ impl Default for ScoringConfig {
         Self {
             algorithm: Algorithm::Ecod,
             window: chrono::Duration::minutes(5),
-            contamination: 0.002,
+            contamination: 0.0005,
             min_windows: 200,
             retrain_every: 500,
             max_baseline: 5000,
+            min_window_events: 10,
         }
     }
 }

@@ -142,6 +142,7 @@ impl Application {
         let rules = load_rules(settings.rules_dir.as_deref())?;
         let secrets = crate::webhook::SecretBox::new(auth.hasher());
         let (rules_changed, rule_updates) = tokio::sync::mpsc::unbounded_channel();
+        let shared_rules = crate::detect::SharedRules::new(rules.clone());
         let changes = Arc::new(tokio::sync::watch::Sender::new(0u64));
         let handoff = ingest.subscribe();
         let ctx = Arc::new(ApiContext {
@@ -156,7 +157,7 @@ impl Application {
                 ),
             },
             changes: changes.clone(),
-            rules: Arc::new(rules.clone()),
+            rules: shared_rules.clone(),
             scoring: settings.scoring(),
             alert_suppression: chrono::Duration::seconds(settings.alert_suppression_seconds as i64),
             rules_changed,
@@ -187,6 +188,7 @@ impl Application {
                 token.clone(),
             )
             .with_rule_updates(rule_updates)
+            .with_rules_dir(settings.rules_dir.clone(), shared_rules.clone())
             .with_scoring(settings.scoring());
             tracker.spawn(pipeline.run(handoff));
         } else {
@@ -305,7 +307,7 @@ impl Application {
 
 /// The built-in rule pack plus the rules directory, if any. Bad rules are
 /// logged and skipped; they never stop the others from loading.
-fn load_rules(dir: Option<&std::path::Path>) -> anyhow::Result<RuleSet> {
+pub fn load_rules(dir: Option<&std::path::Path>) -> anyhow::Result<RuleSet> {
     let Some(dir) = dir else {
         return Ok(RuleSet::builtin().clone());
     };

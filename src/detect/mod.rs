@@ -56,6 +56,58 @@ pub type DetectResult<T> = Result<T, DetectError>;
 
 pub use crate::domain::alert::{Entity, EntityKind};
 
+/// The server's current built-in + directory rules, shared between the
+/// pipeline (which reloads the directory) and the API (which lists them).
+#[derive(Debug, Clone)]
+pub struct SharedRules(std::sync::Arc<std::sync::RwLock<std::sync::Arc<RuleSet>>>);
+
+impl SharedRules {
+    /// Starts with `set`.
+    pub fn new(set: RuleSet) -> Self {
+        Self(std::sync::Arc::new(std::sync::RwLock::new(
+            std::sync::Arc::new(set),
+        )))
+    }
+
+    /// The current set.
+    pub fn current(&self) -> std::sync::Arc<RuleSet> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the set.
+    pub fn replace(&self, set: RuleSet) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(set);
+    }
+}
+
+/// A cheap fingerprint of a rules directory: name, size and modification time
+/// of each `.yml`/`.yaml` file.
+pub type DirStamp = Vec<(String, u64, Option<std::time::SystemTime>)>;
+
+/// The [`DirStamp`] of `dir`, to notice changes by polling.
+pub fn dir_stamp(dir: &std::path::Path) -> DirStamp {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.path()
+                .extension()
+                .is_some_and(|x| x == "yml" || x == "yaml")
+        })
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                m.len(),
+                m.modified().ok(),
+            ))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// What produced a detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DetectionKind {

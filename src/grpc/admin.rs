@@ -471,7 +471,7 @@ impl AdminService for AdminApi {
         request: Request<pb::ValidateRuleRequest>,
     ) -> Result<Response<pb::ValidateRuleResponse>, Status> {
         self.ctx.caller(&request, Scope::Admin).await?;
-        let errors = rules::validate(&self.ctx.rules, &request.get_ref().sigma_yaml);
+        let errors = rules::validate(&self.ctx.rules.current(), &request.get_ref().sigma_yaml);
         Ok(Response::new(pb::ValidateRuleResponse {
             valid: errors.is_empty(),
             errors,

@@ -52,7 +52,7 @@ pub struct ApiContext {
     /// Bumped after every change-log write in this process; watch streams wait on it.
     pub changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// The server's built-in and directory rules.
-    pub rules: Arc<crate::detect::RuleSet>,
+    pub rules: crate::detect::SharedRules,
     /// Anomaly scoring settings (RunDetection uses them too).
     pub scoring: crate::scoring::ScoringConfig,
     /// Repeats of an alert fingerprint within this long fold into one alert.

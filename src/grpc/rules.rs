@@ -95,7 +95,8 @@ pub async fn list(ctx: &ApiContext, tenant: TenantId) -> AppResult<Vec<pb::Rule>
             .find(|r| r.rule_id == id && r.sigma_yaml.is_none())
     };
     let mut out = Vec::new();
-    for info in ctx.rules.rules() {
+    let base = ctx.rules.current();
+    for info in base.rules() {
         let o = override_of(&info.id);
         out.push(pb::Rule {
             id: info.id.clone(),
@@ -138,12 +139,16 @@ pub async fn get(ctx: &ApiContext, tenant: TenantId, id: &str) -> AppResult<pb::
 }
 
 fn is_server_rule(ctx: &ApiContext, id: &str) -> Option<String> {
-    ctx.rules.get(id).map(|r| r.title.clone()).or_else(|| {
-        behavior::DETECTORS
-            .iter()
-            .find(|b| b.id == id)
-            .map(|b| b.title.to_owned())
-    })
+    ctx.rules
+        .current()
+        .get(id)
+        .map(|r| r.title.clone())
+        .or_else(|| {
+            behavior::DETECTORS
+                .iter()
+                .find(|b| b.id == id)
+                .map(|b| b.title.to_owned())
+        })
 }
 
 /// Adds a tenant rule.
@@ -153,7 +158,7 @@ pub async fn create(
     yaml: &str,
     enabled: bool,
 ) -> AppResult<pb::Rule> {
-    let (id, title) = compile(&ctx.rules, yaml)?;
+    let (id, title) = compile(&ctx.rules.current(), yaml)?;
     if is_server_rule(ctx, &id).is_some() {
         return Err(AppError::AlreadyExists(format!(
             "a built-in or directory rule already has id {id}"
@@ -199,7 +204,7 @@ pub async fn update(
         }
         _ => return Err(AppError::NotFound(format!("rule {id}"))),
     };
-    let (new_id, title) = compile(&ctx.rules, yaml)?;
+    let (new_id, title) = compile(&ctx.rules.current(), yaml)?;
     if new_id != id {
         return Err(AppError::invalid(
             "sigma_yaml",

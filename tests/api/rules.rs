@@ -7,7 +7,7 @@ use picket::storage::Backend;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::common::{TestApp, spawn_app, with_key};
+use crate::common::{self, TestApp, spawn_app, with_key};
 
 const RULE_ID: &str = "0b7e4f0e-5a63-4a53-9d6c-3f1f0f6f2a11";
 
@@ -249,3 +249,58 @@ async fn tenant_rules_validate_apply_and_stay_private(backend: Backend) {
 }
 
 crate::both_backends!(tenant_rules_validate_apply_and_stay_private);
+
+fn dir_rule(id: &str, title: &str, event_type: &str) -> String {
+    format!(
+        "title: {title}\nid: {id}\nstatus: test\nlogsource:\n    product: picket\n    category: database\n\
+         detection:\n    selection:\n        EventType: {event_type}\n    condition: selection\nlevel: medium\n"
+    )
+}
+
+#[tokio::test]
+async fn rules_directory_reloads_on_change_and_keeps_rules_on_bad_files() {
+    use picket::detect::{Evaluator, EvaluatorConfig, SharedRules};
+    use picket::pipeline::{DetectionPipeline, PipelineConfig};
+    let db = common::TestDb::new(Backend::Sqlite).await;
+    let store = picket::storage::connect(&db.url, 2).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let a = "5d2c1f0e-0000-4000-8000-00000000000a";
+    let b = "5d2c1f0e-0000-4000-8000-00000000000b";
+    std::fs::write(
+        dir.path().join("a.yml"),
+        dir_rule(a, "Dir rule A", "db.drop_table"),
+    )
+    .unwrap();
+    let initial = picket::startup::load_rules(Some(dir.path())).unwrap();
+    assert!(initial.get(a).is_some());
+    let shared = SharedRules::new(initial.clone());
+    let mut pipeline = DetectionPipeline::new(
+        store,
+        Evaluator::new(initial, EvaluatorConfig::default()),
+        std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+        PipelineConfig::default(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .with_rules_dir(Some(dir.path().to_path_buf()), shared.clone());
+    assert!(
+        !pipeline.reload_rules_dir_if_changed(),
+        "nothing changed yet"
+    );
+
+    std::fs::write(
+        dir.path().join("b.yml"),
+        dir_rule(b, "Dir rule B", "db.truncate"),
+    )
+    .unwrap();
+    assert!(pipeline.reload_rules_dir_if_changed());
+    assert!(shared.current().get(a).is_some() && shared.current().get(b).is_some());
+
+    // A broken file is rejected on its own; the other rules stay in force.
+    std::fs::write(dir.path().join("c.yml"), "title: [broken\n").unwrap();
+    pipeline.reload_rules_dir_if_changed();
+    assert!(shared.current().get(a).is_some() && shared.current().get(b).is_some());
+    // Removing a file removes its rule.
+    std::fs::remove_file(dir.path().join("a.yml")).unwrap();
+    assert!(pipeline.reload_rules_dir_if_changed());
+    assert!(shared.current().get(a).is_none() && shared.current().get(b).is_some());
+}
