@@ -269,10 +269,13 @@ impl AnomalyScorer {
         store: &dyn Store,
         w: &ClosedWindow,
     ) -> StoreResult<Option<Anomaly>> {
-        let hit = self
-            .models
-            .get(&w.tenant)
-            .and_then(|m| score(m, self.config.algorithm, w, None));
+        let hit = if w.events >= self.config.min_window_events {
+            self.models
+                .get(&w.tenant)
+                .and_then(|m| score(m, self.config.algorithm, w, None))
+        } else {
+            None
+        };
         metrics::counter!("picket_anomaly_windows_scored_total").increment(1);
         let base = self.baseline.entry(w.tenant).or_default();
         base.push_back(w.features);
