@@ -189,10 +189,16 @@ async fn alerts_correlate_into_incidents_with_a_timeline(backend: Backend) {
         .await
         .unwrap();
     burst(&app, &key, "b2", "203.0.113.50", "bob").await;
+    // The watch may still hold changes from before the resolve: the log is
+    // ordered, so the reopen is the first Open state after the Resolved one.
+    let mut resolved_seen = false;
     loop {
         let (c, _) = next_change(&mut all).await;
         let i = c.incident.unwrap();
-        if i.id == inc.id && i.status == pb::IncidentStatus::Open as i32 {
+        if i.id == inc.id && i.status == pb::IncidentStatus::Resolved as i32 {
+            resolved_seen = true;
+        }
+        if resolved_seen && i.id == inc.id && i.status == pb::IncidentStatus::Open as i32 {
             assert!(c.entry.is_some());
             let t = incidents(&app)
                 .get_incident(with_key(
