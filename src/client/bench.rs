@@ -210,7 +210,6 @@ pub fn generate(n: usize, run: &str, seed: u64) -> Vec<pb::Event> {
                     });
                 }
             }
-            let _ = i;
             e.attributes = HashMap::from([("region".to_string(), "eu-west-1".to_string())]);
             e
         })

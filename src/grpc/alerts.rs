@@ -18,9 +18,8 @@ use crate::grpc::events::{
     decode_cursor, encode_cursor, event_to_pb, severity_from_pb, severity_to_pb,
 };
 use crate::grpc::pb::alert_service_server::AlertService;
-use crate::grpc::placeholder::BoxStream;
 use crate::grpc::status::to_status;
-use crate::grpc::{ApiContext, pb, watch};
+use crate::grpc::{ApiContext, BoxStream, pb, watch};
 use crate::storage::Store;
 
 /// Cursor kind of the alert change stream.

@@ -14,7 +14,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_server::Health;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-use crate::grpc::placeholder::BoxStream;
+use crate::grpc::BoxStream;
 
 /// Serving state shared by the health service and the shutdown sequence.
 #[derive(Clone)]

@@ -21,9 +21,8 @@ use crate::grpc::convert::{
 };
 use crate::grpc::events::{decode_cursor, encode_cursor, severity_from_pb, severity_to_pb};
 use crate::grpc::pb::incident_service_server::IncidentService;
-use crate::grpc::placeholder::BoxStream;
 use crate::grpc::status::to_status;
-use crate::grpc::{ApiContext, pb, watch};
+use crate::grpc::{ApiContext, BoxStream, pb, watch};
 use crate::incidents;
 use crate::storage::Store;
 

@@ -22,9 +22,8 @@ use crate::grpc::events::{
     event_from_pb, event_to_pb, query_from_pb,
 };
 use crate::grpc::pb::ingest_service_server::IngestService;
-use crate::grpc::placeholder::BoxStream;
 use crate::grpc::status::to_status;
-use crate::grpc::{ApiContext, pb, watch};
+use crate::grpc::{ApiContext, BoxStream, pb, watch};
 use crate::storage::Store;
 
 /// Cursor kind of the event feed.

@@ -37,6 +37,10 @@ pub mod pb {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/picket_descriptor.bin"));
 
+/// A boxed response stream, as streaming RPCs return.
+pub type BoxStream<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send + 'static>>;
+
 /// What every service handler needs.
 pub struct ApiContext {
     /// The store.

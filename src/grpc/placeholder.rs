@@ -3,19 +3,14 @@
 //! UNIMPLEMENTED with a one-line message. Never fake data here: when an issue
 //! lands, its service moves to its own file and leaves this one.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::domain::Scope;
 use crate::error::AppError;
 use crate::grpc::status::to_status;
 use crate::grpc::{ApiContext, pb};
-
-/// A boxed response stream, as streaming RPCs return.
-pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 macro_rules! placeholder_service {
     (
@@ -38,7 +33,7 @@ macro_rules! placeholder_service {
 
         #[tonic::async_trait]
         impl $trait for $api {
-            $( type $assoc = BoxStream<pb::$sresp>; )*
+            $( type $assoc = crate::grpc::BoxStream<pb::$sresp>; )*
 
             $(
                 async fn $name(&self, request: Request<pb::$req>) -> Result<Response<pb::$resp>, Status> {

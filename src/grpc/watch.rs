@@ -17,9 +17,8 @@ use tonic::Status;
 use crate::domain::event::FeedPosition;
 use crate::error::AppResult;
 use crate::grpc::convert::timestamp;
-use crate::grpc::pb;
-use crate::grpc::placeholder::BoxStream;
 use crate::grpc::status::to_status;
+use crate::grpc::{BoxStream, pb};
 
 /// Items read from the store per round trip.
 const READ: u32 = 256;

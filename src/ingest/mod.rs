@@ -5,8 +5,8 @@
 //! pool of writer tasks takes whatever batches are queued (up to
 //! `max_batch_rows` rows), writes them in ONE transaction, and only after the
 //! commit replies to each waiting handler, bumps the commit counter that live
-//! tails wait on, and hands the accepted events to the detection pipeline's
-//! bounded broadcast. If that consumer lags, it is told how many it missed and
+//! tails wait on, and tells the detection pipeline's bounded broadcast which
+//! tenant has new events. If that consumer lags, it is told how many it missed and
 //! re-reads them from the store; ingest never waits for it.
 
 use std::collections::HashMap;
@@ -45,13 +45,15 @@ impl Default for WriterConfig {
     }
 }
 
-/// Events of one tenant that were committed together (accepted ones only).
+/// Notice that a tenant has newly committed events. Consumers read the events
+/// themselves from the store's feed (the source of truth), so the notice
+/// carries no event data and costs the write path no copies.
 #[derive(Debug)]
 pub struct CommittedEvents {
     /// Their tenant.
     pub tenant: TenantId,
-    /// The newly stored events.
-    pub events: Vec<NewEvent>,
+    /// How many new events were committed.
+    pub accepted: usize,
 }
 
 /// One handler's batch waiting to be written.
@@ -236,19 +238,15 @@ async fn write_jobs(
             commits.send_modify(|n| *n += 1);
             let mut accepted_total = 0u64;
             for tenant in &order {
-                let events = &by_tenant[tenant];
-                let outs = &per_tenant[tenant];
-                let accepted: Vec<NewEvent> = events
+                let accepted = per_tenant[tenant]
                     .iter()
-                    .zip(outs)
-                    .filter(|(_, o)| matches!(o, InsertOutcome::Accepted(_)))
-                    .map(|(e, _)| e.clone())
-                    .collect();
-                accepted_total += accepted.len() as u64;
-                if !accepted.is_empty() && handoff.receiver_count() > 0 {
+                    .filter(|o| matches!(o, InsertOutcome::Accepted(_)))
+                    .count();
+                accepted_total += accepted as u64;
+                if accepted > 0 && handoff.receiver_count() > 0 {
                     let _ = handoff.send(Arc::new(CommittedEvents {
                         tenant: *tenant,
-                        events: accepted,
+                        accepted,
                     }));
                 }
             }

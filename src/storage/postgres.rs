@@ -542,12 +542,7 @@ impl EventStore for PgStore {
             " FROM events WHERE tenant_id = "
         ));
         b.push_bind(tenant.0);
-        if let Some(t) = q.start {
-            b.push(" AND occurred_at >= ").push_bind(t);
-        }
-        if let Some(t) = q.end {
-            b.push(" AND occurred_at < ").push_bind(t);
-        }
+        push_range(&mut b, "occurred_at", q.start, q.end);
         if !q.event_types.is_empty() {
             b.push(" AND event_type = ANY(")
                 .push_bind(q.event_types.clone())
@@ -577,15 +572,7 @@ impl EventStore for PgStore {
         if let Some(t) = q.received_before {
             b.push(" AND received_at <= ").push_bind(t);
         }
-        if let Some((t, id)) = q.before {
-            b.push(" AND (occurred_at, id) < (")
-                .push_bind(t)
-                .push(", ")
-                .push_bind(id)
-                .push(")");
-        }
-        b.push(" ORDER BY occurred_at DESC, id DESC LIMIT ")
-            .push_bind(i64::from(q.limit));
+        push_newest_first(&mut b, "occurred_at", q.before, q.limit);
         let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
         let rows = b.build().fetch_all(&mut *tx).await.map_err(classify)?;
         tx.commit().await.map_err(classify)?;
@@ -822,21 +809,8 @@ impl AlertStore for PgStore {
             let needle = serde_json::json!({ "body": { "entities": [e] } });
             b.push(" AND doc @> ").push_bind(needle);
         }
-        if let Some(t) = q.start {
-            b.push(" AND last_seen >= ").push_bind(t);
-        }
-        if let Some(t) = q.end {
-            b.push(" AND last_seen < ").push_bind(t);
-        }
-        if let Some((t, id)) = q.before {
-            b.push(" AND (last_seen, id) < (")
-                .push_bind(t)
-                .push(", ")
-                .push_bind(id)
-                .push(")");
-        }
-        b.push(" ORDER BY last_seen DESC, id DESC LIMIT ")
-            .push_bind(i64::from(q.limit));
+        push_range(&mut b, "last_seen", q.start, q.end);
+        push_newest_first(&mut b, "last_seen", q.before, q.limit);
         let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
         let docs: Vec<serde_json::Value> = b
             .build_query_scalar()
@@ -1448,21 +1422,8 @@ impl IncidentStore for PgStore {
             b.push(" AND doc @> ")
                 .push_bind(serde_json::json!({ "entities": [e] }));
         }
-        if let Some(t) = q.start {
-            b.push(" AND updated_at >= ").push_bind(t);
-        }
-        if let Some(t) = q.end {
-            b.push(" AND updated_at < ").push_bind(t);
-        }
-        if let Some((t, id)) = q.before {
-            b.push(" AND (updated_at, id) < (")
-                .push_bind(t)
-                .push(", ")
-                .push_bind(id)
-                .push(")");
-        }
-        b.push(" ORDER BY updated_at DESC, id DESC LIMIT ")
-            .push_bind(i64::from(q.limit));
+        push_range(&mut b, "updated_at", q.start, q.end);
+        push_newest_first(&mut b, "updated_at", q.before, q.limit);
         let mut tx = self.tenant_tx(tenant).await.map_err(classify)?;
         let docs: Vec<serde_json::Value> = b
             .build_query_scalar()
@@ -1493,4 +1454,37 @@ impl IncidentStore for PgStore {
             .map_err(classify)?;
         tx.commit().await.map_err(classify)
     }
+}
+
+/// Appends `AND col >= start AND col < end` for the bounds that are set.
+fn push_range(
+    b: &mut sqlx::QueryBuilder<Postgres>,
+    col: &'static str,
+    start: Option<DateTime<Utc>>,
+    end: Option<DateTime<Utc>>,
+) {
+    if let Some(t) = start {
+        b.push(format_args!(" AND {col} >= ")).push_bind(t);
+    }
+    if let Some(t) = end {
+        b.push(format_args!(" AND {col} < ")).push_bind(t);
+    }
+}
+
+/// Appends the keyset condition `(col, id) < before`, newest-first order and the limit.
+fn push_newest_first(
+    b: &mut sqlx::QueryBuilder<Postgres>,
+    col: &'static str,
+    before: Option<(DateTime<Utc>, uuid::Uuid)>,
+    limit: u32,
+) {
+    if let Some((t, id)) = before {
+        b.push(format_args!(" AND ({col}, id) < ("))
+            .push_bind(t)
+            .push(", ")
+            .push_bind(id)
+            .push(")");
+    }
+    b.push(format_args!(" ORDER BY {col} DESC, id DESC LIMIT "))
+        .push_bind(i64::from(limit));
 }

@@ -467,12 +467,7 @@ impl EventStore for SqliteStore {
             " FROM events WHERE tenant_id = "
         ));
         b.push_bind(tenant.0.to_string());
-        if let Some(t) = q.start {
-            b.push(" AND occurred_at >= ").push_bind(micros(t));
-        }
-        if let Some(t) = q.end {
-            b.push(" AND occurred_at < ").push_bind(micros(t));
-        }
+        push_range(&mut b, "occurred_at", q.start, q.end);
         if !q.event_types.is_empty() {
             b.push(" AND event_type IN (");
             let mut sep = b.separated(", ");
@@ -510,15 +505,7 @@ impl EventStore for SqliteStore {
         if let Some(t) = q.received_before {
             b.push(" AND received_at <= ").push_bind(micros(t));
         }
-        if let Some((t, id)) = q.before {
-            b.push(" AND (occurred_at, id) < (")
-                .push_bind(micros(t))
-                .push(", ")
-                .push_bind(id.to_string())
-                .push(")");
-        }
-        b.push(" ORDER BY occurred_at DESC, id DESC LIMIT ")
-            .push_bind(i64::from(q.limit));
+        push_newest_first(&mut b, "occurred_at", q.before, q.limit);
         let rows = b.build().fetch_all(&self.pool).await.map_err(classify)?;
         rows.iter()
             .map(event_from_row)
@@ -747,21 +734,8 @@ impl AlertStore for SqliteStore {
                 .push_bind(e.value.clone())
                 .push(")");
         }
-        if let Some(t) = q.start {
-            b.push(" AND last_seen >= ").push_bind(micros(t));
-        }
-        if let Some(t) = q.end {
-            b.push(" AND last_seen < ").push_bind(micros(t));
-        }
-        if let Some((t, id)) = q.before {
-            b.push(" AND (last_seen, id) < (")
-                .push_bind(micros(t))
-                .push(", ")
-                .push_bind(id.to_string())
-                .push(")");
-        }
-        b.push(" ORDER BY last_seen DESC, id DESC LIMIT ")
-            .push_bind(i64::from(q.limit));
+        push_range(&mut b, "last_seen", q.start, q.end);
+        push_newest_first(&mut b, "last_seen", q.before, q.limit);
         let docs: Vec<String> = b
             .build_query_scalar()
             .fetch_all(&self.pool)
@@ -1354,21 +1328,8 @@ impl IncidentStore for SqliteStore {
                 .push_bind(e.value.clone())
                 .push(")");
         }
-        if let Some(t) = q.start {
-            b.push(" AND updated_at >= ").push_bind(micros(t));
-        }
-        if let Some(t) = q.end {
-            b.push(" AND updated_at < ").push_bind(micros(t));
-        }
-        if let Some((t, id)) = q.before {
-            b.push(" AND (updated_at, id) < (")
-                .push_bind(micros(t))
-                .push(", ")
-                .push_bind(id.to_string())
-                .push(")");
-        }
-        b.push(" ORDER BY updated_at DESC, id DESC LIMIT ")
-            .push_bind(i64::from(q.limit));
+        push_range(&mut b, "updated_at", q.start, q.end);
+        push_newest_first(&mut b, "updated_at", q.before, q.limit);
         let docs: Vec<String> = b
             .build_query_scalar()
             .fetch_all(&self.pool)
@@ -1395,4 +1356,37 @@ impl IncidentStore for SqliteStore {
             .map_err(classify)?;
         tx.commit().await.map_err(classify)
     }
+}
+
+/// Appends `AND col >= start AND col < end` (microseconds) for the bounds that are set.
+fn push_range(
+    b: &mut sqlx::QueryBuilder<sqlx::Sqlite>,
+    col: &'static str,
+    start: Option<DateTime<Utc>>,
+    end: Option<DateTime<Utc>>,
+) {
+    if let Some(t) = start {
+        b.push(format_args!(" AND {col} >= ")).push_bind(micros(t));
+    }
+    if let Some(t) = end {
+        b.push(format_args!(" AND {col} < ")).push_bind(micros(t));
+    }
+}
+
+/// Appends the keyset condition `(col, id) < before`, newest-first order and the limit.
+fn push_newest_first(
+    b: &mut sqlx::QueryBuilder<sqlx::Sqlite>,
+    col: &'static str,
+    before: Option<(DateTime<Utc>, uuid::Uuid)>,
+    limit: u32,
+) {
+    if let Some((t, id)) = before {
+        b.push(format_args!(" AND ({col}, id) < ("))
+            .push_bind(micros(t))
+            .push(", ")
+            .push_bind(id.to_string())
+            .push(")");
+    }
+    b.push(format_args!(" ORDER BY {col} DESC, id DESC LIMIT "))
+        .push_bind(i64::from(limit));
 }

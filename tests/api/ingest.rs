@@ -10,7 +10,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::common::{self, OPERATOR_TOKEN, TestApp, spawn_app, with_key};
+use crate::common::{self, TestApp, spawn_app, with_key};
 
 fn ts(t: chrono::DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -755,7 +755,6 @@ async fn retention_and_purge(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    let _ = OPERATOR_TOKEN;
 }
 
 crate::both_backends!(
