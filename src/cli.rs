@@ -74,6 +74,8 @@ pub enum BenchCommand {
     Ingest(crate::client::bench::BenchIngestArgs),
     /// Detection latency: failed-login burst → alert on WatchAlerts.
     Detect(crate::client::bench_detect::BenchDetectArgs),
+    /// Live fan-out: N WatchIncidents subscribers, each change to all of them.
+    Fanout(crate::client::bench_fanout::BenchFanoutArgs),
 }
 
 /// `picket anomaly …`
@@ -233,6 +235,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tail(args) => crate::client::tail::run(args).await,
         Command::Bench(BenchCommand::Ingest(args)) => crate::client::bench::run(args).await,
         Command::Bench(BenchCommand::Detect(args)) => crate::client::bench_detect::run(args).await,
+        Command::Bench(BenchCommand::Fanout(args)) => crate::client::bench_fanout::run(args).await,
         Command::Simulate(args) => crate::client::simulate::run(args).await,
     }
 }

@@ -83,6 +83,18 @@ pub struct Settings {
     #[arg(long, env = "PICKET_HEARTBEAT_SECONDS", default_value_t = 15)]
     pub heartbeat_seconds: u64,
 
+    /// How often watch and tail streams re-read the store without a wake-up
+    /// signal, in milliseconds: the delay bound for changes committed by
+    /// another replica while Redis is unavailable (or not configured).
+    #[arg(long, env = "PICKET_WATCH_POLL_MS", default_value_t = 500)]
+    pub watch_poll_ms: u64,
+
+    /// Redis URL (`redis://host:6379`) for running several replicas on one
+    /// Postgres: Redis pub/sub signals changes between them and remembers
+    /// webhook delivery ids. Without it, fan-out stays in this process.
+    #[arg(long, env = "PICKET_REDIS_URL", hide_env_values = true, value_parser = secret)]
+    pub redis_url: Option<SecretString>,
+
     /// How often tenant retention is applied (events older than a tenant's
     /// retention are deleted), in seconds.
     #[arg(
@@ -182,6 +194,14 @@ impl Settings {
         redact_url(&self.database_url())
     }
 
+    /// How alerts are grouped into incidents.
+    pub fn correlation(&self) -> crate::incidents::CorrelationConfig {
+        crate::incidents::CorrelationConfig {
+            window: chrono::Duration::seconds(self.incident_window_seconds as i64),
+            reopen: chrono::Duration::seconds(self.incident_reopen_seconds as i64),
+        }
+    }
+
     /// The shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_seconds)
@@ -216,6 +236,13 @@ impl Settings {
                 self.stream_max_in_flight_batches
             ),
             format!("heartbeat_seconds = {}", self.heartbeat_seconds),
+            format!("watch_poll_ms = {}", self.watch_poll_ms),
+            format!(
+                "redis_url = {}",
+                self.redis_url
+                    .as_ref()
+                    .map_or_else(|| "[not set]".to_owned(), |u| redact_url(u.expose_secret()))
+            ),
             format!(
                 "retention_interval_seconds = {}",
                 self.retention_interval_seconds

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::detect::features::ClosedWindow;
@@ -64,6 +64,66 @@ impl Default for PipelineConfig {
     }
 }
 
+/// Tenants whose rules changed (through this replica's API or a peer's),
+/// shared by the pipelines of successive leadership terms.
+pub type RuleUpdates = Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<TenantId>>>;
+
+/// How often a replica without the detection role tries to take it.
+pub const LEAD_RETRY: Duration = Duration::from_secs(3);
+
+/// Runs detection on exactly one replica per store: takes the `detection`
+/// role ([`Store::try_lead`]), runs a pipeline built by `build` (which
+/// rebuilds its windows by replay) until shutdown or until the role is lost,
+/// and otherwise retries every [`LEAD_RETRY`]. Several replicas on one
+/// Postgres therefore never raise the same alert twice, and another replica
+/// takes over within seconds when the leader stops.
+pub async fn lead(
+    store: Arc<dyn Store>,
+    build: impl Fn(CancellationToken) -> DetectionPipeline,
+    subscribe: impl Fn() -> broadcast::Receiver<Arc<CommittedEvents>>,
+    shutdown: CancellationToken,
+) {
+    let mut waiting_logged = false;
+    while !shutdown.is_cancelled() {
+        // Subscribe before taking the role, so no commit notice falls between.
+        let handoff = subscribe();
+        match store.try_lead("detection").await {
+            Ok(Some(role)) => {
+                tracing::info!("this replica runs detection");
+                metrics::gauge!("picket_detection_leader").set(1.0);
+                waiting_logged = false;
+                let term = shutdown.child_token();
+                let lost = role.lost();
+                let pipeline = build(term.clone());
+                let stop = term.clone();
+                tokio::select! {
+                    () = pipeline.run(handoff) => {}
+                    () = lost.cancelled() => {
+                        stop.cancel();
+                        tracing::warn!("detection role lost (its database connection failed); trying to take it again");
+                    }
+                }
+                metrics::gauge!("picket_detection_leader").set(0.0);
+                drop(role);
+            }
+            Ok(None) => {
+                metrics::gauge!("picket_detection_leader").set(0.0);
+                if !waiting_logged {
+                    tracing::info!("another replica runs detection; standing by");
+                    waiting_logged = true;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = ?anyhow::Error::from(e), "could not ask for the detection role; retrying");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(LEAD_RETRY) => {}
+            () = shutdown.cancelled() => {}
+        }
+    }
+}
+
 /// The detection pipeline's state.
 pub struct DetectionPipeline {
     /// Where events are read and alerts written.
@@ -73,13 +133,13 @@ pub struct DetectionPipeline {
     /// Next feed position per known tenant.
     positions: HashMap<TenantId, FeedPosition>,
     /// Bumped after alerts change, to wake watch streams.
-    changes: Arc<watch::Sender<u64>>,
+    changes: Arc<crate::signal::Signal>,
     /// Tuning.
     config: PipelineConfig,
     /// Cancelled at shutdown; long passes stop between batches.
     shutdown: CancellationToken,
     /// Tenants whose rules changed through the API.
-    rule_updates: Option<tokio::sync::mpsc::UnboundedReceiver<TenantId>>,
+    rule_updates: Option<RuleUpdates>,
     /// Per-entity windows and anomaly models.
     scorer: AnomalyScorer,
     /// The rules directory to watch, the shared rule set to update, and the
@@ -96,7 +156,7 @@ impl DetectionPipeline {
     pub fn new(
         store: Arc<dyn Store>,
         evaluator: Evaluator,
-        changes: Arc<watch::Sender<u64>>,
+        changes: Arc<crate::signal::Signal>,
         config: PipelineConfig,
         shutdown: CancellationToken,
     ) -> Self {
@@ -190,7 +250,7 @@ impl DetectionPipeline {
                     .raise_alert(w.tenant, new, self.config.suppression, Utc::now())
                     .await?;
                 self.group(&alert).await;
-                self.changes.send_modify(|n| *n += 1);
+                self.changes.notify();
                 metrics::counter!("picket_alerts_raised_total", "source" => "model", "new" => if created { "true" } else { "false" })
                     .increment(1);
                 tracing::info!(tenant_id = %w.tenant, alert_id = %alert.id, score = a.score, threshold = a.threshold, "anomaly alert");
@@ -201,7 +261,7 @@ impl DetectionPipeline {
     }
 
     /// Receives "this tenant's rules changed" notices from the API.
-    pub fn with_rule_updates(mut self, rx: tokio::sync::mpsc::UnboundedReceiver<TenantId>) -> Self {
+    pub fn with_rule_updates(mut self, rx: RuleUpdates) -> Self {
         self.rule_updates = Some(rx);
         self
     }
@@ -400,7 +460,7 @@ impl DetectionPipeline {
             .raise_alert(tenant, new, self.config.suppression, Utc::now())
             .await?;
         self.group(&alert).await;
-        self.changes.send_modify(|n| *n += 1);
+        self.changes.notify();
         metrics::counter!("picket_alerts_raised_total", "source" => "rule", "new" => if created { "true" } else { "false" })
             .increment(1);
         metrics::histogram!("picket_alert_write_duration_seconds")
@@ -422,7 +482,12 @@ impl DetectionPipeline {
         if let Err(e) = self.rebuild(Utc::now()).await {
             tracing::error!(error = ?anyhow::Error::from(e), "detection state rebuild failed; continuing from the feed heads");
         }
-        let mut rule_updates = self.rule_updates.take();
+        // One pipeline at a time reads the rule updates (a later leadership
+        // term takes them over).
+        let mut rule_updates = match self.rule_updates.take() {
+            Some(rx) => Some(rx.lock_owned().await),
+            None => None,
+        };
         let mut ticker = tokio::time::interval(self.config.poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

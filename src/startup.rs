@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::http::{HeaderName, HeaderValue, Method};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -127,6 +127,8 @@ impl Application {
             auth,
             ..
         } = self;
+        // The recorder first: background tasks record from their first step.
+        let metrics = telemetry::metrics_handle();
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
         let ingest = IngestWriter::start(
@@ -142,9 +144,23 @@ impl Application {
         let rules = load_rules(settings.rules_dir.as_deref())?;
         let secrets = crate::webhook::SecretBox::new(auth.hasher());
         let (rules_changed, rule_updates) = tokio::sync::mpsc::unbounded_channel();
-        let shared_rules = crate::detect::SharedRules::new(rules.clone());
-        let changes = Arc::new(tokio::sync::watch::Sender::new(0u64));
-        let handoff = ingest.subscribe();
+        let shared_rules = crate::detect::SharedRules::new(rules);
+        let changes = Arc::new(crate::signal::Signal::new());
+        let peers = match settings.redis_url.as_ref() {
+            None => crate::replicas::Peers::local(rules_changed),
+            Some(url) => {
+                let (bridge, peers) = crate::replicas::Bridge::new(
+                    url.expose_secret(),
+                    rules_changed,
+                    crate::replicas::Wiring {
+                        changes: changes.clone(),
+                        events: ingest.peer_wake(),
+                    },
+                )?;
+                tracker.spawn(bridge.run(token.clone()));
+                peers
+            }
+        };
         let ctx = Arc::new(ApiContext {
             store: store.clone(),
             auth,
@@ -155,44 +171,58 @@ impl Application {
                 default_heartbeat: std::time::Duration::from_secs(
                     settings.heartbeat_seconds.max(1),
                 ),
+                poll: std::time::Duration::from_millis(settings.watch_poll_ms.max(10)),
             },
             changes: changes.clone(),
             rules: shared_rules.clone(),
             scoring: settings.scoring(),
             alert_suppression: chrono::Duration::seconds(settings.alert_suppression_seconds as i64),
-            rules_changed,
+            hubs: Arc::default(),
+            peers,
             secrets,
         });
         if settings.detection {
-            let pipeline = DetectionPipeline::new(
+            let rule_updates: crate::pipeline::RuleUpdates =
+                Arc::new(tokio::sync::Mutex::new(rule_updates));
+            let events = ctx.ingest.peer_wake();
+            let build = {
+                let (store, settings) = (store.clone(), settings.clone());
+                let shared_rules = shared_rules.clone();
+                move |term: CancellationToken| {
+                    DetectionPipeline::new(
+                        store.clone(),
+                        Evaluator::new(
+                            (*shared_rules.current()).clone(),
+                            EvaluatorConfig {
+                                suppress: chrono::Duration::seconds(
+                                    settings.detect_refire_seconds as i64,
+                                ),
+                                ..EvaluatorConfig::default()
+                            },
+                        ),
+                        changes.clone(),
+                        PipelineConfig {
+                            replay: chrono::Duration::hours(settings.detect_replay_hours as i64),
+                            suppression: chrono::Duration::seconds(
+                                settings.alert_suppression_seconds as i64,
+                            ),
+                            correlation: settings.correlation(),
+                            ..PipelineConfig::default()
+                        },
+                        term,
+                    )
+                    .with_rule_updates(rule_updates.clone())
+                    .with_rules_dir(settings.rules_dir.clone(), shared_rules.clone())
+                    .with_scoring(settings.scoring())
+                }
+            };
+            tracker.spawn(crate::pipeline::lead(
                 store.clone(),
-                Evaluator::new(
-                    rules,
-                    EvaluatorConfig {
-                        suppress: chrono::Duration::seconds(settings.detect_refire_seconds as i64),
-                        ..EvaluatorConfig::default()
-                    },
-                ),
-                changes,
-                PipelineConfig {
-                    replay: chrono::Duration::hours(settings.detect_replay_hours as i64),
-                    suppression: chrono::Duration::seconds(
-                        settings.alert_suppression_seconds as i64,
-                    ),
-                    correlation: crate::incidents::CorrelationConfig {
-                        window: chrono::Duration::seconds(settings.incident_window_seconds as i64),
-                        reopen: chrono::Duration::seconds(settings.incident_reopen_seconds as i64),
-                    },
-                    ..PipelineConfig::default()
-                },
+                build,
+                move || events.subscribe(),
                 token.clone(),
-            )
-            .with_rule_updates(rule_updates)
-            .with_rules_dir(settings.rules_dir.clone(), shared_rules.clone())
-            .with_scoring(settings.scoring());
-            tracker.spawn(pipeline.run(handoff));
+            ));
         } else {
-            drop(handoff);
             tracing::warn!("detection pipeline disabled (--detection false)");
         }
         tracker.spawn(retention::run(
@@ -243,15 +273,13 @@ impl Application {
             .add_service(web.layer(reflection_v1alpha));
         let http_state = HttpState {
             store: store.clone(),
-            metrics: telemetry::metrics_handle(),
+            metrics,
             shutdown: token.clone(),
             secrets: ctx.secrets.clone(),
             changes: ctx.changes.clone(),
+            peers: ctx.peers.clone(),
             alert_suppression: ctx.alert_suppression,
-            correlation: crate::incidents::CorrelationConfig {
-                window: chrono::Duration::seconds(settings.incident_window_seconds as i64),
-                reopen: chrono::Duration::seconds(settings.incident_reopen_seconds as i64),
-            },
+            correlation: settings.correlation(),
         };
         let router = grpc_routes
             .into_axum_router()

@@ -90,4 +90,45 @@ fn describe_metrics() {
         "picket_up",
         "1 while the server is serving, 0 while it shuts down"
     );
+    describe_gauge!(
+        "picket_watch_streams_open",
+        "Open watch and tail streams, by stream"
+    );
+    describe_gauge!(
+        "picket_watch_hubs",
+        "Shared feed readers (one per stream and tenant with subscribers)"
+    );
+    describe_counter!(
+        "picket_watch_items_sent_total",
+        "Items sent on watch and tail streams, by stream"
+    );
+    describe_counter!(
+        "picket_watch_rewinds_total",
+        "Times a subscriber fell behind its feed's shared buffer and re-read the store"
+    );
+    describe_histogram!(
+        "picket_watch_hub_read_duration_seconds",
+        Unit::Seconds,
+        "Time a feed reader takes to read new entries from the store"
+    );
+    describe_gauge!(
+        "picket_redis_connected",
+        "1 while the replica signal subscription to Redis is up"
+    );
+    describe_counter!(
+        "picket_replica_signals_published_total",
+        "Change signals published to the other replicas"
+    );
+    describe_counter!(
+        "picket_replica_signals_received_total",
+        "Change signals received from other replicas, by outcome"
+    );
+    describe_counter!(
+        "picket_redis_errors_total",
+        "Failed Redis operations, by operation"
+    );
+    describe_gauge!(
+        "picket_detection_leader",
+        "1 on the replica that runs the detection pipeline, 0 on the others"
+    );
 }

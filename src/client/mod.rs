@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod bench_detect;
+pub mod bench_fanout;
 pub mod ingest;
 pub mod json;
 pub mod simulate;

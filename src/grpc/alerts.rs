@@ -321,7 +321,7 @@ impl AlertService for AlertApi {
             .update_alert_status(tenant, id, status, &caller.actor(), &req.note, Utc::now())
             .await
             .map_err(|e| to_status(e.into()))?;
-        self.ctx.changes.send_modify(|n| *n += 1);
+        self.ctx.changes.notify();
         Ok(Response::new(pb::UpdateAlertResponse {
             alert: Some(alert_to_pb(&alert)),
         }))
@@ -368,10 +368,10 @@ impl AlertService for AlertApi {
         Ok(Response::new(watch::follow(
             feed,
             start,
-            heartbeat,
+            self.ctx.limits.timing(heartbeat),
             self.ctx.changes.subscribe(),
+            self.ctx.hubs.clone(),
             self.ctx.shutdown.clone(),
-            "watch_alerts",
         )))
     }
 
@@ -445,7 +445,7 @@ impl AlertService for AlertApi {
             }
         }
         if !alert_ids.is_empty() {
-            self.ctx.changes.send_modify(|n| *n += 1);
+            self.ctx.changes.notify();
         }
         Ok(Response::new(pb::RunDetectionResponse {
             windows_analysed: analysis.windows as u32,
@@ -508,13 +508,19 @@ struct AlertFeed {
 
 #[tonic::async_trait]
 impl watch::Feed for AlertFeed {
+    const STREAM: &'static str = "alerts";
+    type Entry = Alert;
     type Msg = pb::WatchAlertsResponse;
+
+    fn tenant(&self) -> TenantId {
+        self.tenant
+    }
 
     async fn read_after(
         &self,
         after: FeedPosition,
         limit: u32,
-    ) -> AppResult<Vec<(FeedPosition, Option<Self::Msg>)>> {
+    ) -> AppResult<Vec<(FeedPosition, Self::Entry)>> {
         let changes = self
             .store
             .changes_after(self.tenant, ALERTS_STREAM, after, limit)
@@ -527,16 +533,16 @@ impl watch::Feed for AlertFeed {
                         anyhow::Error::new(e).context("failed to decode a logged alert"),
                     )
                 })?;
-                let msg = self
-                    .filter
-                    .matches(&alert)
-                    .then(|| pb::WatchAlertsResponse {
-                        cursor: String::new(),
-                        item: Some(pb::watch_alerts_response::Item::Alert(alert_to_pb(&alert))),
-                    });
-                Ok((c.position, msg))
+                Ok((c.position, alert))
             })
             .collect()
+    }
+
+    fn message(&self, alert: &Self::Entry) -> Option<Self::Msg> {
+        self.filter.matches(alert).then(|| pb::WatchAlertsResponse {
+            cursor: String::new(),
+            item: Some(pb::watch_alerts_response::Item::Alert(alert_to_pb(alert))),
+        })
     }
 
     async fn head(&self) -> AppResult<Option<FeedPosition>> {

@@ -217,7 +217,7 @@ impl IncidentService for IncidentApi {
             .await
         };
         let inc = run.await.map_err(to_status)?;
-        self.ctx.changes.send_modify(|n| *n += 1);
+        self.ctx.changes.notify();
         Ok(Response::new(pb::CreateIncidentResponse {
             incident: Some(incident_to_pb(&inc)),
         }))
@@ -392,7 +392,7 @@ impl IncidentService for IncidentApi {
             .await
         };
         let inc = run.await.map_err(to_status)?;
-        self.ctx.changes.send_modify(|n| *n += 1);
+        self.ctx.changes.notify();
         Ok(Response::new(pb::UpdateIncidentResponse {
             incident: Some(incident_to_pb(&inc)),
         }))
@@ -422,7 +422,7 @@ impl IncidentService for IncidentApi {
             .await
         };
         let inc = run.await.map_err(to_status)?;
-        self.ctx.changes.send_modify(|n| *n += 1);
+        self.ctx.changes.notify();
         let entry = inc.timeline.last().map(entry_to_pb);
         Ok(Response::new(pb::AddNoteResponse { entry }))
     }
@@ -441,7 +441,7 @@ impl IncidentService for IncidentApi {
             incidents::link(self.ctx.store.as_ref(), tenant, id, &ids, &caller.actor()).await
         };
         let inc = run.await.map_err(to_status)?;
-        self.ctx.changes.send_modify(|n| *n += 1);
+        self.ctx.changes.notify();
         Ok(Response::new(pb::LinkAlertsResponse {
             incident: Some(incident_to_pb(&inc)),
         }))
@@ -461,7 +461,7 @@ impl IncidentService for IncidentApi {
             incidents::unlink(self.ctx.store.as_ref(), tenant, id, &ids, &caller.actor()).await
         };
         let inc = run.await.map_err(to_status)?;
-        self.ctx.changes.send_modify(|n| *n += 1);
+        self.ctx.changes.notify();
         Ok(Response::new(pb::UnlinkAlertsResponse {
             incident: Some(incident_to_pb(&inc)),
         }))
@@ -491,7 +491,7 @@ impl IncidentService for IncidentApi {
             .await
         };
         let inc = run.await.map_err(to_status)?;
-        self.ctx.changes.send_modify(|n| *n += 1);
+        self.ctx.changes.notify();
         Ok(Response::new(pb::MergeIncidentsResponse {
             incident: Some(incident_to_pb(&inc)),
         }))
@@ -675,10 +675,10 @@ impl IncidentApi {
         let live = watch::follow(
             feed,
             start,
-            heartbeat,
+            self.ctx.limits.timing(heartbeat),
             self.ctx.changes.subscribe(),
+            self.ctx.hubs.clone(),
             self.ctx.shutdown.clone(),
-            "watch_incidents",
         );
         Ok(Box::pin(futures::stream::iter(prelude).chain(live)))
     }
@@ -693,13 +693,19 @@ struct IncidentFeed {
 
 #[tonic::async_trait]
 impl watch::Feed for IncidentFeed {
+    const STREAM: &'static str = "incidents";
+    type Entry = (pb::IncidentChangeKind, Incident, pb::TimelineEntry);
     type Msg = (String, WatchItem);
+
+    fn tenant(&self) -> TenantId {
+        self.tenant
+    }
 
     async fn read_after(
         &self,
         after: FeedPosition,
         limit: u32,
-    ) -> AppResult<Vec<(FeedPosition, Option<Self::Msg>)>> {
+    ) -> AppResult<Vec<(FeedPosition, Self::Entry)>> {
         let changes = self
             .store
             .changes_after(self.tenant, INCIDENTS_STREAM, after, limit)
@@ -721,19 +727,22 @@ impl watch::Feed for IncidentFeed {
                 } else {
                     pb::IncidentChangeKind::Updated
                 };
-                let msg = self.filter.matches(&incident).then(|| {
-                    (
-                        String::new(),
-                        WatchItem::Change(Box::new(pb::IncidentChange {
-                            kind: kind as i32,
-                            incident: Some(incident_to_pb(&incident)),
-                            entry: Some(entry_to_pb(&entry)),
-                        })),
-                    )
-                });
-                Ok((c.position, msg))
+                Ok((c.position, (kind, incident, entry_to_pb(&entry))))
             })
             .collect()
+    }
+
+    fn message(&self, (kind, incident, entry): &Self::Entry) -> Option<Self::Msg> {
+        self.filter.matches(incident).then(|| {
+            (
+                String::new(),
+                WatchItem::Change(Box::new(pb::IncidentChange {
+                    kind: *kind as i32,
+                    incident: Some(incident_to_pb(incident)),
+                    entry: Some(entry.clone()),
+                })),
+            )
+        })
     }
 
     async fn head(&self) -> AppResult<Option<FeedPosition>> {

@@ -354,10 +354,10 @@ impl IngestService for IngestApi {
         Ok(Response::new(watch::follow(
             feed,
             position,
-            heartbeat,
+            self.ctx.limits.timing(heartbeat),
             self.ctx.ingest.commits(),
+            self.ctx.hubs.clone(),
             self.ctx.shutdown.clone(),
-            "tail_events",
         )))
     }
 }
@@ -374,27 +374,28 @@ struct EventFeed {
 
 #[tonic::async_trait]
 impl watch::Feed for EventFeed {
+    const STREAM: &'static str = "events";
+    type Entry = crate::domain::event::NewEvent;
     type Msg = pb::TailEventsResponse;
+
+    fn tenant(&self) -> TenantId {
+        self.tenant
+    }
 
     async fn read_after(
         &self,
         after: FeedPosition,
         limit: u32,
-    ) -> AppResult<Vec<(FeedPosition, Option<Self::Msg>)>> {
+    ) -> AppResult<Vec<(FeedPosition, Self::Entry)>> {
         let rows = self.store.events_after(self.tenant, after, limit).await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let msg = self
-                    .filter
-                    .matches(&r.event)
-                    .then(|| pb::TailEventsResponse {
-                        cursor: String::new(),
-                        item: Some(pb::tail_events_response::Item::Event(event_to_pb(&r.event))),
-                    });
-                (r.position, msg)
-            })
-            .collect())
+        Ok(rows.into_iter().map(|r| (r.position, r.event)).collect())
+    }
+
+    fn message(&self, event: &Self::Entry) -> Option<Self::Msg> {
+        self.filter.matches(event).then(|| pb::TailEventsResponse {
+            cursor: String::new(),
+            item: Some(pb::tail_events_response::Item::Event(event_to_pb(event))),
+        })
     }
 
     async fn head(&self) -> AppResult<Option<FeedPosition>> {

@@ -54,15 +54,17 @@ pub struct ApiContext {
     /// Per-stream limits and defaults.
     pub limits: StreamLimits,
     /// Bumped after every change-log write in this process; watch streams wait on it.
-    pub changes: Arc<tokio::sync::watch::Sender<u64>>,
+    pub changes: Arc<crate::signal::Signal>,
     /// The server's built-in and directory rules.
     pub rules: crate::detect::SharedRules,
     /// Anomaly scoring settings (RunDetection uses them too).
     pub scoring: crate::scoring::ScoringConfig,
     /// Repeats of an alert fingerprint within this long fold into one alert.
     pub alert_suppression: chrono::Duration,
-    /// Tells the detection pipeline that a tenant's rules changed.
-    pub rules_changed: tokio::sync::mpsc::UnboundedSender<crate::domain::TenantId>,
+    /// The shared feed readers of the watch streams.
+    pub hubs: Arc<watch::Hubs>,
+    /// The other replicas (and this one's detection pipeline): rule changes.
+    pub peers: crate::replicas::Peers,
     /// Seals and opens webhook signing secrets.
     pub secrets: crate::webhook::SecretBox,
 }
@@ -74,9 +76,19 @@ pub struct StreamLimits {
     pub stream_max_in_flight_batches: usize,
     /// Heartbeat interval when a request does not choose one.
     pub default_heartbeat: Duration,
+    /// How often watch streams re-read the store without a wake-up signal.
+    pub poll: Duration,
 }
 
 impl StreamLimits {
+    /// The clocks of a watch stream with heartbeat interval `heartbeat`.
+    pub fn timing(&self, heartbeat: Duration) -> watch::Timing {
+        watch::Timing {
+            heartbeat,
+            poll: self.poll,
+        }
+    }
+
     /// The heartbeat interval for a request asking for `requested` seconds (0 = default).
     pub fn heartbeat_interval(&self, requested: u32) -> AppResult<Duration> {
         match requested {

@@ -175,7 +175,7 @@ pub async fn create(
         updated_at: now,
     };
     ctx.store.insert_tenant_rule(&rule).await?;
-    let _ = ctx.rules_changed.send(tenant);
+    ctx.peers.rules_changed(tenant);
     Ok(tenant_rule_to_pb(&rule))
 }
 
@@ -215,7 +215,7 @@ pub async fn update(
     rule.sigma_yaml = Some(yaml.to_owned());
     rule.updated_at = Utc::now();
     ctx.store.save_tenant_rule(&rule).await?;
-    let _ = ctx.rules_changed.send(tenant);
+    ctx.peers.rules_changed(tenant);
     Ok(tenant_rule_to_pb(&rule))
 }
 
@@ -248,7 +248,7 @@ pub async fn set_enabled(
         }
     };
     ctx.store.save_tenant_rule(&rule).await?;
-    let _ = ctx.rules_changed.send(tenant);
+    ctx.peers.rules_changed(tenant);
     get(ctx, tenant, id).await
 }
 
@@ -264,6 +264,6 @@ pub async fn delete(ctx: &ApiContext, tenant: TenantId, id: &str) -> AppResult<(
         _ => return Err(AppError::NotFound(format!("rule {id}"))),
     }
     ctx.store.delete_tenant_rule(tenant, id).await?;
-    let _ = ctx.rules_changed.send(tenant);
+    ctx.peers.rules_changed(tenant);
     Ok(())
 }

@@ -31,7 +31,9 @@ pub struct HttpState {
     /// Opens webhook signing secrets.
     pub secrets: crate::webhook::SecretBox,
     /// Bumped after a webhook raises an alert, so WatchAlerts streams wake.
-    pub changes: Arc<tokio::sync::watch::Sender<u64>>,
+    pub changes: Arc<crate::signal::Signal>,
+    /// The other replicas: webhook delivery ids, Redis health.
+    pub peers: crate::replicas::Peers,
     /// Repeats of an alert fingerprint within this long fold into one alert.
     pub alert_suppression: chrono::Duration,
     /// How webhook alerts are grouped into incidents.
@@ -51,30 +53,36 @@ pub fn routes(state: HttpState) -> Router {
 }
 
 /// `GET /healthz`: 200 with `{"status":"ok"}` when the store answers and the
-/// server is not shutting down, 503 otherwise.
+/// server is not shutting down, 503 otherwise. `redis` reports the replica
+/// signal channel (`off`, `up`, `down`); a replica without Redis keeps
+/// serving, so it does not make the server unhealthy.
 async fn healthz(State(state): State<HttpState>) -> Response {
+    let redis = state.peers.redis_status();
     if state.shutdown.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            json(r#"{"status":"shutting_down"}"#),
+            json("shutting_down", redis),
         )
             .into_response();
     }
     match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, json(r#"{"status":"ok"}"#)).into_response(),
+        Ok(()) => (StatusCode::OK, json("ok", redis)).into_response(),
         Err(e) => {
             tracing::warn!(error = ?e, "health check: store unreachable");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                json(r#"{"status":"store_unavailable"}"#),
+                json("store_unavailable", redis),
             )
                 .into_response()
         }
     }
 }
 
-fn json(body: &'static str) -> ([(header::HeaderName, &'static str); 1], &'static str) {
-    ([(header::CONTENT_TYPE, "application/json")], body)
+fn json(status: &str, redis: &str) -> ([(header::HeaderName, &'static str); 1], String) {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::json!({ "status": status, "redis": redis }).to_string(),
+    )
 }
 
 /// `GET /metrics`: Prometheus text exposition.

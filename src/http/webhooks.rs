@@ -42,6 +42,15 @@ fn error(status: StatusCode, outcome: &'static str, message: impl Into<String>) 
     Answer(status, outcome, json!({ "error": message.into() }))
 }
 
+/// A delivery id already committed: 200, nothing stored again.
+fn duplicate() -> Answer {
+    Answer(
+        StatusCode::OK,
+        "duplicate",
+        json!({ "status": "duplicate" }),
+    )
+}
+
 /// Logs an internal error with its cause chain under a fresh request id; the
 /// sender gets only the id.
 fn internal(cause: anyhow::Error) -> Answer {
@@ -152,6 +161,13 @@ async fn deliver_inner(
     }
     let new = webhook::parse_payload(&source.name, &body, now)
         .map_err(|m| error(StatusCode::BAD_REQUEST, "bad_request", m))?;
+    // A delivery Redis remembers as committed is answered without the store.
+    if let Some(id) = delivery
+        && state.peers.delivery_committed(source.id, id).await
+    {
+        metrics::counter!("picket_webhook_redis_duplicates_total").increment(1);
+        return Ok(duplicate());
+    }
     let outcome = state
         .store
         .raise_webhook_alert(
@@ -163,12 +179,11 @@ async fn deliver_inner(
             now,
         )
         .await;
+    if let (Some(id), Ok(_)) = (delivery, &outcome) {
+        state.peers.remember_delivery(source.id, id).await;
+    }
     match outcome {
-        Ok(DeliveryOutcome::Duplicate) => Ok(Answer(
-            StatusCode::OK,
-            "duplicate",
-            json!({ "status": "duplicate" }),
-        )),
+        Ok(DeliveryOutcome::Duplicate) => Ok(duplicate()),
         Ok(DeliveryOutcome::Raised(alert, created)) => {
             // The alert is committed; grouping it into an incident follows it
             // (a failure here is logged and never loses the alert).
@@ -182,7 +197,7 @@ async fn deliver_inner(
             {
                 tracing::error!(alert_id = %alert.id, error = %e, "incident correlation of a webhook alert failed");
             }
-            state.changes.send_modify(|n| *n += 1);
+            state.changes.notify();
             tracing::info!(tenant_id = %source.tenant_id, source = %source.name, alert_id = %alert.id, created, "webhook alert raised");
             Ok(Answer(
                 if created {

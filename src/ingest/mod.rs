@@ -52,8 +52,42 @@ impl Default for WriterConfig {
 pub struct CommittedEvents {
     /// Their tenant.
     pub tenant: TenantId,
-    /// How many new events were committed.
+    /// How many new events were committed (0 when a peer relayed the notice).
     pub accepted: usize,
+    /// Another replica committed them (relayed by [`crate::replicas`]); such
+    /// notices are never published back to the peers.
+    pub from_peer: bool,
+}
+
+/// Wakes this process's event tails and detection when another replica
+/// committed events (see [`crate::replicas`]).
+#[derive(Clone)]
+pub struct PeerWake {
+    commits: Arc<watch::Sender<u64>>,
+    handoff: broadcast::Sender<Arc<CommittedEvents>>,
+}
+
+impl PeerWake {
+    /// Tenants that gained events on a peer; `None`: anything may have changed
+    /// (after a reconnect), so only the tails are woken and detection catches
+    /// up on its next poll.
+    pub fn wake(&self, tenants: Option<&[TenantId]>) {
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
+        for tenant in tenants.unwrap_or_default() {
+            if self.handoff.receiver_count() > 0 {
+                let _ = self.handoff.send(Arc::new(CommittedEvents {
+                    tenant: *tenant,
+                    accepted: 0,
+                    from_peer: true,
+                }));
+            }
+        }
+    }
+
+    /// Local commit notices (the bridge publishes those not from a peer).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<CommittedEvents>> {
+        self.handoff.subscribe()
+    }
 }
 
 /// One handler's batch waiting to be written.
@@ -77,6 +111,8 @@ pub struct IngestWriter {
     jobs: mpsc::Sender<WriteJob>,
     /// Counts commits; tails wait for it to change.
     commits: watch::Receiver<u64>,
+    /// Its sender, for peer wake-ups.
+    commits_tx: Arc<watch::Sender<u64>>,
     /// Post-commit hand-off to the detection pipeline.
     handoff: broadcast::Sender<Arc<CommittedEvents>>,
     /// Server-wide room for events in flight.
@@ -107,6 +143,7 @@ impl IngestWriter {
         Self {
             jobs,
             commits,
+            commits_tx,
             handoff,
             room: Arc::new(Semaphore::new(config.max_in_flight_events.max(1))),
             max_in_flight: config.max_in_flight_events,
@@ -165,6 +202,14 @@ impl IngestWriter {
     /// Subscribes to committed events (the detection pipeline's feed).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<CommittedEvents>> {
         self.handoff.subscribe()
+    }
+
+    /// The handle the replica bridge wakes this process with.
+    pub fn peer_wake(&self) -> PeerWake {
+        PeerWake {
+            commits: self.commits_tx.clone(),
+            handoff: self.handoff.clone(),
+        }
     }
 }
 
@@ -247,6 +292,7 @@ async fn write_jobs(
                     let _ = handoff.send(Arc::new(CommittedEvents {
                         tenant: *tenant,
                         accepted,
+                        from_peer: false,
                     }));
                 }
             }

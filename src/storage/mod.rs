@@ -87,6 +87,49 @@ impl Backend {
     }
 }
 
+/// Holding a role among the replicas (see [`Store::try_lead`]).
+pub struct Leadership {
+    /// Cancelled if the role is lost (the holding connection failed).
+    lost: tokio_util::sync::CancellationToken,
+    /// Keeps the lock's connection alive and checks it; aborted on drop,
+    /// which closes the connection and releases the role.
+    holder: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Leadership {
+    /// A role nobody else can hold (a single-process store).
+    pub fn sole() -> Self {
+        Self {
+            lost: tokio_util::sync::CancellationToken::new(),
+            holder: None,
+        }
+    }
+
+    /// A role held by `holder`, which cancels `lost` when it loses it.
+    pub fn held(
+        lost: tokio_util::sync::CancellationToken,
+        holder: tokio::task::JoinHandle<()>,
+    ) -> Self {
+        Self {
+            lost,
+            holder: Some(holder),
+        }
+    }
+
+    /// Cancelled when the role is lost.
+    pub fn lost(&self) -> tokio_util::sync::CancellationToken {
+        self.lost.clone()
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        if let Some(h) = self.holder.take() {
+            h.abort();
+        }
+    }
+}
+
 /// Everything Picket persists. Implementations must behave identically; the
 /// conformance suite in `tests/storage` is the definition of "identically".
 #[async_trait]
@@ -109,6 +152,14 @@ pub trait Store:
 
     /// Closes the connection pool, waiting for checked-out connections.
     async fn close(&self);
+
+    /// Tries to become the one process that runs `role` (the detection
+    /// pipeline) over this store; `None` if another process holds it. On
+    /// Postgres this is a session advisory lock on a dedicated connection,
+    /// released when the [`Leadership`] is dropped or the connection dies
+    /// (which cancels [`Leadership::lost`]); SQLite has one process, which
+    /// always leads.
+    async fn try_lead(&self, role: &str) -> StoreResult<Option<Leadership>>;
 
     /// A server-wide setting.
     async fn get_setting(&self, key: &str) -> StoreResult<Option<String>>;

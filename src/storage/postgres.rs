@@ -45,7 +45,12 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
 pub struct PgStore {
     /// Pool of connections that have all run `SET ROLE picket_app`.
     pool: PgPool,
+    /// How to connect, for the dedicated leadership connection.
+    options: PgConnectOptions,
 }
+
+/// How often a held leadership lock's connection is checked.
+const LEADERSHIP_CHECK: Duration = Duration::from_secs(2);
 
 impl PgStore {
     /// Migrates, then opens a pool of at most `max_connections`.
@@ -61,10 +66,10 @@ impl PgStore {
                     Ok(())
                 })
             })
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .context("failed to open the Postgres pool")?;
-        Ok(Self { pool })
+        Ok(Self { pool, options })
     }
 
     /// The pool (for the conformance suite's RLS checks and for benchmarks).
@@ -134,6 +139,35 @@ impl Store for PgStore {
             .await
             .map_err(|e| StoreError::classify(e, "ping", "failed to ping Postgres"))?;
         Ok(())
+    }
+
+    async fn try_lead(&self, role: &str) -> StoreResult<Option<super::Leadership>> {
+        use sqlx::Connection;
+        let fail = |e| StoreError::classify(e, "try_lead", "failed to take a leadership lock");
+        let mut conn = sqlx::PgConnection::connect_with(&self.options)
+            .await
+            .map_err(fail)?;
+        let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+            .bind(format!("picket:{role}"))
+            .fetch_one(&mut conn)
+            .await
+            .map_err(fail)?;
+        if !held {
+            let _ = conn.close().await;
+            return Ok(None);
+        }
+        let lost = tokio_util::sync::CancellationToken::new();
+        let flag = lost.clone();
+        let holder = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEADERSHIP_CHECK).await;
+                if sqlx::query("SELECT 1").execute(&mut conn).await.is_err() {
+                    flag.cancel();
+                    return;
+                }
+            }
+        });
+        Ok(Some(super::Leadership::held(lost, holder)))
     }
 
     async fn close(&self) {

@@ -147,6 +147,10 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn try_lead(&self, _role: &str) -> StoreResult<Option<super::Leadership>> {
+        Ok(Some(super::Leadership::sole()))
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }

@@ -3,64 +3,14 @@
 //! the same keys, and check that every acknowledged event is stored exactly once.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 
 use picket::grpc::pb;
 use picket::storage::Backend;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::common::{KEY_PEPPER, OPERATOR_TOKEN, TestDb, with_key};
+use crate::common::{OPERATOR_TOKEN, ServerProcess, TestDb, with_key};
 use crate::ingest::login;
-
-/// A `picket serve` child process, killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    /// Starts the real binary on port 0 and waits for its "serving" log line.
-    fn start(db: &TestDb) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_picket"))
-            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
-            .env("PICKET_DATABASE_URL", &db.url)
-            .env("PICKET_ADMIN_TOKEN", OPERATOR_TOKEN)
-            .env("PICKET_KEY_PEPPER", KEY_PEPPER)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn picket");
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            let line = lines.next().expect("server exited before serving").unwrap();
-            if line.contains("picket serving") {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                break v["addr"].as_str().unwrap().to_owned();
-            }
-        };
-        // Keep draining stderr so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Self { child, addr }
-    }
-
-    async fn channel(&self) -> tonic::transport::Channel {
-        tonic::transport::Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const BATCHES: u64 = 60;
 const PER_BATCH: usize = 200;
@@ -83,7 +33,7 @@ fn batch(seq: u64) -> pb::IngestStreamRequest {
 
 async fn acked_events_survive_sigkill_exactly_once(backend: Backend) {
     let db = TestDb::new(backend).await;
-    let mut server = Server::start(&db);
+    let mut server = ServerProcess::start(&db, &[]);
     let channel = server.channel().await;
     let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
     let tenant = admin
@@ -160,7 +110,7 @@ async fn acked_events_survive_sigkill_exactly_once(backend: Backend) {
     );
 
     // Restart on the same store and resend every unacknowledged batch.
-    let server = Server::start(&db);
+    let server = ServerProcess::start(&db, &[]);
     let channel = server.channel().await;
     let resend: Vec<_> = (1..=BATCHES)
         .filter(|s| !acked_batches.contains(s))

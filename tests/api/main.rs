@@ -10,6 +10,7 @@ mod anomaly;
 mod crash;
 mod incidents;
 mod ingest;
+mod replicas;
 mod rule_pack;
 mod rules;
 mod server;

@@ -277,7 +277,7 @@ async fn rules_directory_reloads_on_change_and_keeps_rules_on_bad_files() {
     let mut pipeline = DetectionPipeline::new(
         store,
         Evaluator::new(initial, EvaluatorConfig::default()),
-        std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+        std::sync::Arc::new(picket::signal::Signal::new()),
         PipelineConfig::default(),
         tokio_util::sync::CancellationToken::new(),
     )

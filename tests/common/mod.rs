@@ -302,3 +302,173 @@ macro_rules! both_backends {
         }
     };
 }
+
+/// A plain HTTP/1.1 request; returns (status, headers, body).
+pub async fn http1(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, http::HeaderMap, bytes::Bytes) {
+    use http_body_util::{BodyExt, Full};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<bytes::Bytes>>();
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client
+        .request(req.body(Full::new(bytes::Bytes::from(body))).unwrap())
+        .await
+        .expect("http request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, body)
+}
+
+/// A `picket serve` child process (the real binary), killed when dropped.
+pub struct ServerProcess {
+    /// The process.
+    pub child: std::process::Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts the binary on port 0 over `db` with extra environment `env`,
+    /// and waits for its "serving" log line (which carries the bound address).
+    pub fn start(db: &TestDb, env: &[(&str, &str)]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_picket"));
+        cmd.args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .env("PICKET_DATABASE_URL", &db.url)
+            .env("PICKET_ADMIN_TOKEN", OPERATOR_TOKEN)
+            .env("PICKET_KEY_PEPPER", KEY_PEPPER)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn picket");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines.next().expect("server exited before serving").unwrap();
+            if line.contains("picket serving") {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                break v["addr"].as_str().unwrap().parse().unwrap();
+            }
+        };
+        // Keep draining stderr so the child never blocks on a full pipe;
+        // PICKET_TEST_LOG shows it.
+        let show = std::env::var_os("PICKET_TEST_LOG").is_some();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if show {
+                    eprintln!("[picket {addr}] {line}");
+                }
+            }
+        });
+        Self { child, addr }
+    }
+
+    /// A gRPC channel to it.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A private `redis-server` child process on its own port (so a test can
+/// stop and start it without touching the machine's Redis), killed when dropped.
+pub struct RedisProcess {
+    child: Option<std::process::Child>,
+    /// Its port.
+    pub port: u16,
+}
+
+impl RedisProcess {
+    /// Starts redis-server on a free port and waits until it accepts
+    /// connections. Panics (failing the test) if redis-server is missing.
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Self { child: None, port };
+        r.restart();
+        r
+    }
+
+    /// The URL clients use.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it (SIGKILL: as abrupt as a crash).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it (again) on the same port, waiting for "Ready to accept connections".
+    pub fn restart(&mut self) {
+        use std::io::{BufRead, BufReader};
+        self.stop();
+        let mut child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("redis-server is required for this test (apt-get install redis-server): {e}")
+            });
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        loop {
+            let line = lines
+                .next()
+                .expect("redis-server exited before it was ready")
+                .unwrap();
+            if line.contains("Ready to accept connections") {
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        self.child = Some(child);
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
