@@ -8,6 +8,7 @@ mod admin;
 mod alerts;
 mod anomaly;
 mod crash;
+mod grpcweb;
 mod incidents;
 mod ingest;
 mod replicas;
