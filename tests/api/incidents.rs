@@ -412,7 +412,131 @@ async fn watch_resumes_across_disconnect_and_restart(backend: Backend) {
     app.join().await.unwrap();
 }
 
+/// The value of the `picket_watch_rewinds_total` counter for incidents.
+async fn incident_rewinds(app: &TestApp) -> f64 {
+    let (_, _, body) = common::http1(app.addr, "GET", "/metrics", &[], vec![]).await;
+    String::from_utf8(body.to_vec())
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"picket_watch_rewinds_total{stream="incidents"} "#))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// Reads a watch stream up to the end of its snapshot.
+async fn past_snapshot(s: &mut tonic::Streaming<pb::WatchIncidentsResponse>) {
+    loop {
+        let item = s.message().await.unwrap().expect("stream ended");
+        if let Some(pb::watch_incidents_response::Item::SnapshotComplete(_)) = item.item {
+            return;
+        }
+    }
+}
+
+/// A subscriber that stops reading holds up neither writers nor other
+/// subscribers: it falls behind the feed's shared buffer and is rewound to
+/// its own position, and when it reads again it gets every change, in order,
+/// exactly once.
+async fn a_stalled_subscriber_is_isolated_and_loses_nothing(backend: Backend) {
+    const NOTES: usize = 400;
+    let app = common::spawn_app(backend).await;
+    let (_, key) = app
+        .tenant_with_key("acme", &[pb::Scope::Read, pb::Scope::Respond])
+        .await;
+    let id = incidents(&app)
+        .create_incident(with_key(
+            pb::CreateIncidentRequest {
+                title: "Busy".into(),
+                ..Default::default()
+            },
+            &key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .incident
+        .unwrap()
+        .id;
+    // Its own connection (HTTP/2 flow control is per connection too, and a
+    // client that shares one with a stalled stream stalls itself), with
+    // HTTP/2's default 64 KiB windows rather than the client library's
+    // megabytes, so the stall reaches the server after a few notes.
+    let own = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(65_535))
+        .initial_connection_window_size(Some(65_535))
+        .connect()
+        .await
+        .unwrap();
+    let mut stalled = pb::incident_service_client::IncidentServiceClient::new(own)
+        .watch_incidents(with_key(
+            pb::WatchIncidentsRequest {
+                filter: None,
+                options: None,
+            },
+            &key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    past_snapshot(&mut stalled).await;
+    let mut live = watch_all(&app, &key).await;
+    past_snapshot(&mut live).await;
+    let reader = tokio::spawn(async move {
+        let mut subjects = Vec::with_capacity(NOTES);
+        while subjects.len() < NOTES {
+            let (c, _) = next_change(&mut live).await;
+            subjects.push(c.entry.unwrap().subject);
+        }
+        subjects
+    });
+    let rewinds = incident_rewinds(&app).await;
+
+    // Large notes fill the stalled stream's transport window quickly.
+    let filler = "x".repeat(4096);
+    let mut writer = incidents(&app);
+    let writes = async {
+        for n in 0..NOTES {
+            writer
+                .add_note(with_key(
+                    pb::AddNoteRequest {
+                        incident_id: id.clone(),
+                        text: format!("note-{n} {filler}"),
+                    },
+                    &key,
+                ))
+                .await
+                .unwrap();
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), writes)
+        .await
+        .expect("writes were held up");
+    let expected: Vec<String> = (0..NOTES).map(|n| format!("note-{n} {filler}")).collect();
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(60), reader)
+        .await
+        .expect("the reading subscriber was held up")
+        .unwrap();
+    assert_eq!(
+        seen, expected,
+        "the reading subscriber got every change in order"
+    );
+
+    // Reading again, the stalled subscriber gets everything, once, in order:
+    // it had overflowed the shared buffer and was rewound to its position.
+    let mut got = Vec::with_capacity(NOTES);
+    while got.len() < NOTES {
+        let (c, _) = next_change(&mut stalled).await;
+        got.push(c.entry.unwrap().subject);
+    }
+    assert_eq!(got, expected);
+    assert!(
+        incident_rewinds(&app).await > rewinds,
+        "the stalled subscriber overflowed the shared buffer and was rewound"
+    );
+}
+
 crate::both_backends!(
     alerts_correlate_into_incidents_with_a_timeline,
-    watch_resumes_across_disconnect_and_restart
+    watch_resumes_across_disconnect_and_restart,
+    a_stalled_subscriber_is_isolated_and_loses_nothing
 );
