@@ -1,6 +1,7 @@
 //! `picket.v1.IncidentService`: manual incidents, triage, timeline, linking,
 //! merging, and the live watches (a snapshot, then every change with a cursor).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -508,23 +509,19 @@ impl IncidentService for IncidentApi {
         let tenant = caller.data_tenant().map_err(to_status)?;
         let req = request.into_inner();
         let id = parse_id(&req.incident_id, "incident_id").map_err(to_status)?;
-        let inc = self
-            .ctx
+        // Unknown ids fail now, resumed or not.
+        self.ctx
             .store
             .get_incident(tenant, id)
             .await
             .map_err(|e| to_status(e.into()))?;
+        let store = self.ctx.store.clone();
         let stream = self
             .watch(
                 tenant,
                 req.options.unwrap_or_default(),
                 IncidentFilter::One(id),
-                |head| {
-                    vec![inc.clone()]
-                        .into_iter()
-                        .map(move |i| (head, i))
-                        .collect()
-                },
+                || async move { Ok(vec![store.get_incident(tenant, id).await?]) },
             )
             .await
             .map_err(to_status)?;
@@ -556,19 +553,14 @@ impl IncidentService for IncidentApi {
         let req = request.into_inner();
         let filter = query_from_pb(req.filter.as_ref()).map_err(to_status)?;
         let mut q = filter.clone();
-        q.limit = 1000;
-        let current = self
-            .ctx
-            .store
-            .list_incidents(tenant, &q)
-            .await
-            .map_err(|e| to_status(e.into()))?;
+        q.limit = SNAPSHOT_LIMIT;
+        let store = self.ctx.store.clone();
         let stream = self
             .watch(
                 tenant,
                 req.options.unwrap_or_default(),
                 IncidentFilter::Query(filter),
-                |head| current.into_iter().map(move |i| (head, i)).collect(),
+                || async move { Ok(store.list_incidents(tenant, &q).await?) },
             )
             .await
             .map_err(to_status)?;
@@ -616,36 +608,44 @@ enum WatchItem {
 
 impl IncidentApi {
     /// Snapshot (unless resuming) then live changes, as (cursor, item).
-    async fn watch(
+    ///
+    /// The feed head is read before the snapshot, so every change after the
+    /// head is either in the snapshot or sent afterwards. A change between
+    /// the two is both: the incident versions of the snapshot tell it apart,
+    /// so it is not sent again. No change is lost or repeated either way.
+    async fn watch<S, Fut>(
         &self,
         tenant: TenantId,
         options: pb::WatchOptions,
         filter: IncidentFilter,
-        snapshot: impl FnOnce(FeedPosition) -> Vec<(FeedPosition, Incident)>,
-    ) -> AppResult<BoxStream<(String, WatchItem)>> {
+        snapshot: S,
+    ) -> AppResult<BoxStream<(String, WatchItem)>>
+    where
+        S: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = AppResult<Vec<Incident>>>,
+    {
         let heartbeat = self
             .ctx
             .limits
             .heartbeat_interval(options.heartbeat_interval_seconds)?;
+        let mut reflected = HashMap::new();
         let (start, prelude) = if options.after_cursor.is_empty() {
-            // Head first, then the snapshot: a change between the two is sent
-            // again as a change (state is idempotent), never missed.
             let head = self
                 .ctx
                 .store
                 .changes_head(tenant, INCIDENTS_STREAM)
                 .await?
                 .unwrap_or_default();
-            let items: Vec<(FeedPosition, Incident)> = snapshot(head)
-                .into_iter()
-                .filter(|(_, i)| filter.matches(i))
-                .collect();
+            let items = snapshot().await?;
+            reflected = items.iter().map(|i| (i.id, i.version)).collect();
+            let items: Vec<Incident> = items.into_iter().filter(|i| filter.matches(i)).collect();
             let n = items.len() as u32;
+            let cursor = encode_cursor(INCIDENTS_CURSOR, tenant, head);
             let mut prelude: Vec<Result<(String, WatchItem), Status>> = items
                 .into_iter()
-                .map(|(pos, i)| {
+                .map(|i| {
                     Ok((
-                        encode_cursor(INCIDENTS_CURSOR, tenant, pos),
+                        cursor.clone(),
                         WatchItem::Change(Box::new(pb::IncidentChange {
                             kind: pb::IncidentChangeKind::Snapshot as i32,
                             incident: Some(incident_to_pb(&i)),
@@ -671,6 +671,7 @@ impl IncidentApi {
             store: self.ctx.store.clone(),
             tenant,
             filter,
+            reflected,
         };
         let live = watch::follow(
             feed,
@@ -684,11 +685,17 @@ impl IncidentApi {
     }
 }
 
+/// Most incidents a WatchIncidents snapshot holds.
+const SNAPSHOT_LIMIT: u32 = 1000;
+
 /// The incident change stream as the watches follow it.
 struct IncidentFeed {
     store: Arc<dyn Store>,
     tenant: TenantId,
     filter: IncidentFilter,
+    /// Incident versions the snapshot showed (at most [`SNAPSHOT_LIMIT`]):
+    /// changes up to them are already known to the subscriber.
+    reflected: HashMap<Uuid, i64>,
 }
 
 #[tonic::async_trait]
@@ -733,6 +740,13 @@ impl watch::Feed for IncidentFeed {
     }
 
     fn message(&self, (kind, incident, entry): &Self::Entry) -> Option<Self::Msg> {
+        if self
+            .reflected
+            .get(&incident.id)
+            .is_some_and(|v| incident.version <= *v)
+        {
+            return None;
+        }
         self.filter.matches(incident).then(|| {
             (
                 String::new(),
