@@ -250,7 +250,7 @@ impl DetectionPipeline {
                     .raise_alert(w.tenant, new, self.config.suppression, Utc::now())
                     .await?;
                 self.group(&alert).await;
-                self.changes.notify();
+                self.changes.notify(w.tenant);
                 metrics::counter!("picket_alerts_raised_total", "source" => "model", "new" => if created { "true" } else { "false" })
                     .increment(1);
                 tracing::info!(tenant_id = %w.tenant, alert_id = %alert.id, score = a.score, threshold = a.threshold, "anomaly alert");
@@ -460,7 +460,7 @@ impl DetectionPipeline {
             .raise_alert(tenant, new, self.config.suppression, Utc::now())
             .await?;
         self.group(&alert).await;
-        self.changes.notify();
+        self.changes.notify(tenant);
         metrics::counter!("picket_alerts_raised_total", "source" => "rule", "new" => if created { "true" } else { "false" })
             .increment(1);
         metrics::histogram!("picket_alert_write_duration_seconds")

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{broadcast, mpsc};
@@ -51,9 +51,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 struct Message {
     /// The publishing replica; a replica ignores its own messages.
     from: Uuid,
-    /// The change log (alerts, incidents) moved.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    changes: bool,
+    /// Tenants whose change log (alerts, incidents) moved.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    changes: BTreeSet<TenantId>,
     /// Tenants with newly committed events.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     events: BTreeSet<TenantId>,
@@ -64,7 +64,7 @@ struct Message {
 
 impl Message {
     fn is_empty(&self) -> bool {
-        !self.changes && self.events.is_empty() && self.rules.is_empty()
+        self.changes.is_empty() && self.events.is_empty() && self.rules.is_empty()
     }
 }
 
@@ -259,7 +259,7 @@ async fn publish_loop(
             ..Message::default()
         };
         tokio::select! {
-            () = changes.written_here() => msg.changes = true,
+            written = changes.written_here() => msg.changes = written,
             got = events.recv() => match got {
                 Ok(c) if !c.from_peer => { msg.events.insert(c.tenant); }
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -281,9 +281,7 @@ async fn publish_loop(
         while let Ok(t) = rules.try_recv() {
             msg.rules.insert(t);
         }
-        if changes.written_here().now_or_never().is_some() {
-            msg.changes = true;
-        }
+        msg.changes.extend(changes.take_written());
         if msg.is_empty() {
             continue;
         }
@@ -343,7 +341,7 @@ async fn subscribe_loop(
                 backoff = BACKOFF_MIN;
                 reported_down = false;
                 // Whatever peers wrote while we were away: look once now.
-                wiring.changes.wake();
+                wiring.changes.wake_all();
                 wiring.events.wake(None);
                 let mut messages = pubsub.into_on_message();
                 loop {
@@ -399,8 +397,8 @@ fn relay(id: Uuid, payload: &[u8], wiring: &Wiring, local_rules: &mpsc::Unbounde
         return;
     }
     metrics::counter!("picket_replica_signals_received_total", "outcome" => "relayed").increment(1);
-    if msg.changes {
-        wiring.changes.wake();
+    for t in &msg.changes {
+        wiring.changes.wake(*t);
     }
     if !msg.events.is_empty() {
         let tenants: Vec<TenantId> = msg.events.into_iter().collect();
@@ -420,7 +418,7 @@ mod tests {
         let t = TenantId(Uuid::nil());
         let msg = Message {
             from: Uuid::nil(),
-            changes: true,
+            changes: [t].into(),
             events: [t].into(),
             rules: BTreeSet::new(),
         };
@@ -428,7 +426,10 @@ mod tests {
         assert!(!json.contains("rules"), "{json}");
         assert_eq!(serde_json::from_str::<Message>(&json).unwrap(), msg);
         // A newer peer's unknown fields do not break an older one.
-        let newer = r#"{"from":"00000000-0000-0000-0000-000000000000","changes":true,"x":1}"#;
-        assert!(serde_json::from_str::<Message>(newer).unwrap().changes);
+        let newer = r#"{"from":"00000000-0000-0000-0000-000000000000","rules":["00000000-0000-0000-0000-000000000000"],"x":1}"#;
+        assert_eq!(
+            serde_json::from_str::<Message>(newer).unwrap().rules,
+            [t].into()
+        );
     }
 }

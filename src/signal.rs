@@ -1,58 +1,92 @@
-//! The change-log wake-up signal: bumped after every change-log write
-//! (alerts, incidents), waited on by the watch streams. It carries no data:
-//! a woken stream reads the store from its own position.
+//! Per-tenant wake-up signals: bumped after a tenant's feed moved (events
+//! committed, a change-log write for alerts or incidents), waited on by that
+//! tenant's watch streams. A signal carries no data: a woken stream reads the
+//! store from its own position. Being per tenant, one tenant's writes never
+//! wake another tenant's streams.
 //!
-//! It tells local bumps (this process wrote) from peer bumps (another replica
-//! wrote, as relayed by [`crate::replicas`]), so that only local writes are
-//! published to the peers and a peer's signal is never echoed back.
+//! A signal tells local writes (this process wrote: [`Signal::notify`]) from
+//! wake-ups relayed from other replicas ([`Signal::wake`], see
+//! [`crate::replicas`]), so that only local writes are published to the peers
+//! and a peer's signal is never echoed back.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
 
 use tokio::sync::{Notify, watch};
 
-/// A coalescing wake-up counter with a separate "written here" flag.
-#[derive(Debug)]
-pub struct Signal {
-    /// The counter streams wait on.
-    tx: watch::Sender<u64>,
-    /// Set by local writes; the replica bridge waits on it. `Notify` keeps at
-    /// most one pending permit, so bursts of writes coalesce into one message.
-    local: Notify,
-}
+use crate::domain::TenantId;
 
-impl Default for Signal {
-    fn default() -> Self {
-        Self::new()
-    }
+/// Coalescing wake-up counters, one per tenant with listeners.
+#[derive(Debug, Default)]
+pub struct Signal {
+    /// Each tenant's counter.
+    tenants: Mutex<HashMap<TenantId, watch::Sender<u64>>>,
+    /// Tenants written by this process since the bridge last looked.
+    written: Mutex<BTreeSet<TenantId>>,
+    /// Woken on local writes; keeps at most one permit, so bursts coalesce.
+    local: Notify,
 }
 
 impl Signal {
     /// A signal nobody has bumped yet.
     pub fn new() -> Self {
-        Self {
-            tx: watch::Sender::new(0),
-            local: Notify::new(),
-        }
+        Self::default()
     }
 
-    /// A change was committed by this process: wake local streams and tell peers.
-    pub fn notify(&self) {
-        self.tx.send_modify(|n| *n = n.wrapping_add(1));
+    /// This process committed a change for `tenant`: wake its streams here
+    /// and mark it for the peers.
+    pub fn notify(&self, tenant: TenantId) {
+        self.wake(tenant);
+        self.written.lock().expect("signal lock").insert(tenant);
         self.local.notify_one();
     }
 
-    /// Another replica (or a reconnect) says there may be something new:
-    /// wake local streams only.
-    pub fn wake(&self) {
-        self.tx.send_modify(|n| *n = n.wrapping_add(1));
+    /// `tenant`'s feed may have moved (a peer wrote): wake its streams here only.
+    pub fn wake(&self, tenant: TenantId) {
+        let mut tenants = self.tenants.lock().expect("signal lock");
+        if let Some(tx) = tenants.get(&tenant) {
+            if tx.receiver_count() == 0 {
+                tenants.remove(&tenant);
+            } else {
+                tx.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
     }
 
-    /// A receiver that changes after every bump.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.tx.subscribe()
+    /// Anything may have moved (after a reconnect): wake every stream here.
+    pub fn wake_all(&self) {
+        let mut tenants = self.tenants.lock().expect("signal lock");
+        tenants.retain(|_, tx| tx.receiver_count() > 0);
+        for tx in tenants.values() {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
-    /// Resolves after the next local write (or at once if one is pending).
-    pub async fn written_here(&self) {
-        self.local.notified().await;
+    /// A receiver that changes after every bump for `tenant`.
+    pub fn subscribe(&self, tenant: TenantId) -> watch::Receiver<u64> {
+        self.tenants
+            .lock()
+            .expect("signal lock")
+            .entry(tenant)
+            .or_insert_with(|| watch::Sender::new(0))
+            .subscribe()
+    }
+
+    /// Waits for local writes, then returns the tenants written since the
+    /// last call (at least one).
+    pub async fn written_here(&self) -> BTreeSet<TenantId> {
+        loop {
+            let taken = self.take_written();
+            if !taken.is_empty() {
+                return taken;
+            }
+            self.local.notified().await;
+        }
+    }
+
+    /// The tenants written since the last look, without waiting.
+    pub fn take_written(&self) -> BTreeSet<TenantId> {
+        std::mem::take(&mut *self.written.lock().expect("signal lock"))
     }
 }
 
@@ -61,21 +95,30 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn local_writes_wake_streams_and_peers_but_peer_wakes_stay_local() {
+    async fn wakes_only_the_tenant_and_publishes_only_local_writes() {
         let s = Signal::new();
-        let mut rx = s.subscribe();
-        s.wake();
-        assert!(rx.has_changed().unwrap());
-        rx.mark_unchanged();
+        let (a, b) = (
+            TenantId(uuid::Uuid::from_u128(1)),
+            TenantId(uuid::Uuid::from_u128(2)),
+        );
+        let mut rx_a = s.subscribe(a);
+        let rx_b = s.subscribe(b);
+        s.wake(a);
+        assert!(rx_a.has_changed().unwrap());
+        assert!(!rx_b.has_changed().unwrap(), "another tenant is not woken");
+        rx_a.mark_unchanged();
         // A peer wake leaves nothing for the bridge to publish.
-        let pending = tokio::time::timeout(std::time::Duration::from_millis(20), s.written_here());
-        assert!(pending.await.is_err());
-        s.notify();
-        s.notify();
-        assert!(rx.has_changed().unwrap());
-        // Two writes, one pending publication.
-        s.written_here().await;
-        let again = tokio::time::timeout(std::time::Duration::from_millis(20), s.written_here());
-        assert!(again.await.is_err());
+        assert!(s.take_written().is_empty());
+        s.notify(b);
+        s.notify(b);
+        assert!(rx_b.has_changed().unwrap());
+        assert_eq!(s.written_here().await, [b].into());
+        assert!(s.take_written().is_empty(), "two writes, one publication");
+        s.wake_all();
+        assert!(rx_a.has_changed().unwrap());
+        // Tenants nobody listens to are forgotten.
+        drop((rx_a, rx_b));
+        s.wake_all();
+        assert!(s.tenants.lock().unwrap().is_empty());
     }
 }

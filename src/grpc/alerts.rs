@@ -321,7 +321,7 @@ impl AlertService for AlertApi {
             .update_alert_status(tenant, id, status, &caller.actor(), &req.note, Utc::now())
             .await
             .map_err(|e| to_status(e.into()))?;
-        self.ctx.changes.notify();
+        self.ctx.changes.notify(tenant);
         Ok(Response::new(pb::UpdateAlertResponse {
             alert: Some(alert_to_pb(&alert)),
         }))
@@ -369,7 +369,7 @@ impl AlertService for AlertApi {
             feed,
             start,
             self.ctx.limits.timing(heartbeat),
-            self.ctx.changes.subscribe(),
+            self.ctx.changes.subscribe(tenant),
             self.ctx.hubs.clone(),
             self.ctx.shutdown.clone(),
         )))
@@ -445,7 +445,7 @@ impl AlertService for AlertApi {
             }
         }
         if !alert_ids.is_empty() {
-            self.ctx.changes.notify();
+            self.ctx.changes.notify(tenant);
         }
         Ok(Response::new(pb::RunDetectionResponse {
             windows_analysed: analysis.windows as u32,

@@ -218,7 +218,7 @@ impl IncidentService for IncidentApi {
             .await
         };
         let inc = run.await.map_err(to_status)?;
-        self.ctx.changes.notify();
+        self.ctx.changes.notify(tenant);
         Ok(Response::new(pb::CreateIncidentResponse {
             incident: Some(incident_to_pb(&inc)),
         }))
@@ -393,7 +393,7 @@ impl IncidentService for IncidentApi {
             .await
         };
         let inc = run.await.map_err(to_status)?;
-        self.ctx.changes.notify();
+        self.ctx.changes.notify(tenant);
         Ok(Response::new(pb::UpdateIncidentResponse {
             incident: Some(incident_to_pb(&inc)),
         }))
@@ -423,7 +423,7 @@ impl IncidentService for IncidentApi {
             .await
         };
         let inc = run.await.map_err(to_status)?;
-        self.ctx.changes.notify();
+        self.ctx.changes.notify(tenant);
         let entry = inc.timeline.last().map(entry_to_pb);
         Ok(Response::new(pb::AddNoteResponse { entry }))
     }
@@ -442,7 +442,7 @@ impl IncidentService for IncidentApi {
             incidents::link(self.ctx.store.as_ref(), tenant, id, &ids, &caller.actor()).await
         };
         let inc = run.await.map_err(to_status)?;
-        self.ctx.changes.notify();
+        self.ctx.changes.notify(tenant);
         Ok(Response::new(pb::LinkAlertsResponse {
             incident: Some(incident_to_pb(&inc)),
         }))
@@ -462,7 +462,7 @@ impl IncidentService for IncidentApi {
             incidents::unlink(self.ctx.store.as_ref(), tenant, id, &ids, &caller.actor()).await
         };
         let inc = run.await.map_err(to_status)?;
-        self.ctx.changes.notify();
+        self.ctx.changes.notify(tenant);
         Ok(Response::new(pb::UnlinkAlertsResponse {
             incident: Some(incident_to_pb(&inc)),
         }))
@@ -492,7 +492,7 @@ impl IncidentService for IncidentApi {
             .await
         };
         let inc = run.await.map_err(to_status)?;
-        self.ctx.changes.notify();
+        self.ctx.changes.notify(tenant);
         Ok(Response::new(pb::MergeIncidentsResponse {
             incident: Some(incident_to_pb(&inc)),
         }))
@@ -677,7 +677,7 @@ impl IncidentApi {
             feed,
             start,
             self.ctx.limits.timing(heartbeat),
-            self.ctx.changes.subscribe(),
+            self.ctx.changes.subscribe(tenant),
             self.ctx.hubs.clone(),
             self.ctx.shutdown.clone(),
         );

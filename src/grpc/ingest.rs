@@ -355,7 +355,7 @@ impl IngestService for IngestApi {
             feed,
             position,
             self.ctx.limits.timing(heartbeat),
-            self.ctx.ingest.commits(),
+            self.ctx.ingest.commits(tenant),
             self.ctx.hubs.clone(),
             self.ctx.shutdown.clone(),
         )))

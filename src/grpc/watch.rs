@@ -43,6 +43,8 @@ const READ: u32 = 256;
 pub const BUFFER: usize = 64;
 /// Batches a hub keeps for subscribers that are behind; beyond it they rewind.
 pub const HUB_BATCHES: usize = 64;
+/// First re-read after a wake-up that found nothing (doubling up to the poll interval).
+const RECHECK_FIRST: Duration = Duration::from_millis(5);
 
 /// A feed a watch stream follows.
 #[tonic::async_trait]
@@ -190,6 +192,10 @@ async fn run_hub<F: Feed>(
     let key = (F::STREAM, feed.tenant());
     metrics::gauge!("picket_watch_hubs", "stream" => F::STREAM).increment(1.0);
     let mut position: Option<FeedPosition> = None;
+    // After a wake-up that found nothing new, look again soon: on Postgres a
+    // committed entry becomes readable only once older transactions end.
+    let mut recheck: Option<Duration> = None;
+    let mut woken = false;
     loop {
         if hubs.retire_if_unused(key, &batches) {
             break;
@@ -235,13 +241,18 @@ async fn run_hub<F: Feed>(
                     }
                 }
             }
+            recheck = match recheck {
+                _ if from != at || !woken => None,
+                None => Some(RECHECK_FIRST),
+                Some(d) => Some(d * 2).filter(|d| *d < poll),
+            };
             position = Some(from);
         }
-        tokio::select! {
-            changed = wake.changed() => if changed.is_err() { break },
-            () = tokio::time::sleep(poll) => {}
+        woken = tokio::select! {
+            changed = wake.changed() => if changed.is_err() { break } else { true },
+            () = tokio::time::sleep(recheck.unwrap_or(poll)) => recheck.is_some(),
             () = shutdown.cancelled() => break,
-        }
+        };
     }
     metrics::gauge!("picket_watch_hubs", "stream" => F::STREAM).decrement(1.0);
 }

@@ -197,7 +197,7 @@ async fn deliver_inner(
             {
                 tracing::error!(alert_id = %alert.id, error = %e, "incident correlation of a webhook alert failed");
             }
-            state.changes.notify();
+            state.changes.notify(source.tenant_id);
             tracing::info!(tenant_id = %source.tenant_id, source = %source.name, alert_id = %alert.id, created, "webhook alert raised");
             Ok(Answer(
                 if created {

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::domain::TenantId;
 use crate::domain::event::{InsertOutcome, NewEvent};
 use crate::error::{AppError, AppResult};
+use crate::signal::Signal;
 use crate::storage::Store;
 
 /// Tuning of the write path.
@@ -63,7 +64,7 @@ pub struct CommittedEvents {
 /// committed events (see [`crate::replicas`]).
 #[derive(Clone)]
 pub struct PeerWake {
-    commits: Arc<watch::Sender<u64>>,
+    commits: Arc<Signal>,
     handoff: broadcast::Sender<Arc<CommittedEvents>>,
 }
 
@@ -72,8 +73,12 @@ impl PeerWake {
     /// (after a reconnect), so only the tails are woken and detection catches
     /// up on its next poll.
     pub fn wake(&self, tenants: Option<&[TenantId]>) {
-        self.commits.send_modify(|n| *n = n.wrapping_add(1));
-        for tenant in tenants.unwrap_or_default() {
+        let Some(tenants) = tenants else {
+            self.commits.wake_all();
+            return;
+        };
+        for tenant in tenants {
+            self.commits.wake(*tenant);
             if self.handoff.receiver_count() > 0 {
                 let _ = self.handoff.send(Arc::new(CommittedEvents {
                     tenant: *tenant,
@@ -109,10 +114,8 @@ struct WriteJob {
 pub struct IngestWriter {
     /// Queue to the writer tasks.
     jobs: mpsc::Sender<WriteJob>,
-    /// Counts commits; tails wait for it to change.
-    commits: watch::Receiver<u64>,
-    /// Its sender, for peer wake-ups.
-    commits_tx: Arc<watch::Sender<u64>>,
+    /// Bumped per tenant after each commit; tails wait on it.
+    commits: Arc<Signal>,
     /// Post-commit hand-off to the detection pipeline.
     handoff: broadcast::Sender<Arc<CommittedEvents>>,
     /// Server-wide room for events in flight.
@@ -128,22 +131,20 @@ impl IngestWriter {
     pub fn start(store: Arc<dyn Store>, config: WriterConfig, tracker: &TaskTracker) -> Self {
         let (jobs, rx) = mpsc::channel::<WriteJob>(config.max_in_flight_events.max(1));
         let rx = Arc::new(Mutex::new(rx));
-        let (commits_tx, commits) = watch::channel(0u64);
-        let commits_tx = Arc::new(commits_tx);
+        let commits = Arc::new(Signal::new());
         let (handoff, _) = broadcast::channel(config.handoff_capacity.max(1));
         for _ in 0..config.writers.max(1) {
             tracker.spawn(writer_loop(
                 store.clone(),
                 rx.clone(),
                 config.max_batch_rows.max(1),
-                commits_tx.clone(),
+                commits.clone(),
                 handoff.clone(),
             ));
         }
         Self {
             jobs,
             commits,
-            commits_tx,
             handoff,
             room: Arc::new(Semaphore::new(config.max_in_flight_events.max(1))),
             max_in_flight: config.max_in_flight_events,
@@ -194,9 +195,9 @@ impl IngestWriter {
         })?
     }
 
-    /// A receiver that changes after every commit.
-    pub fn commits(&self) -> watch::Receiver<u64> {
-        self.commits.clone()
+    /// A receiver that changes after every commit of `tenant`'s events.
+    pub fn commits(&self, tenant: TenantId) -> watch::Receiver<u64> {
+        self.commits.subscribe(tenant)
     }
 
     /// Subscribes to committed events (the detection pipeline's feed).
@@ -207,7 +208,7 @@ impl IngestWriter {
     /// The handle the replica bridge wakes this process with.
     pub fn peer_wake(&self) -> PeerWake {
         PeerWake {
-            commits: self.commits_tx.clone(),
+            commits: self.commits.clone(),
             handoff: self.handoff.clone(),
         }
     }
@@ -217,7 +218,7 @@ async fn writer_loop(
     store: Arc<dyn Store>,
     rx: Arc<Mutex<mpsc::Receiver<WriteJob>>>,
     max_rows: usize,
-    commits: Arc<watch::Sender<u64>>,
+    commits: Arc<Signal>,
     handoff: broadcast::Sender<Arc<CommittedEvents>>,
 ) {
     loop {
@@ -246,7 +247,7 @@ async fn writer_loop(
 async fn write_jobs(
     store: &dyn Store,
     jobs: Vec<WriteJob>,
-    commits: &watch::Sender<u64>,
+    commits: &Signal,
     handoff: &broadcast::Sender<Arc<CommittedEvents>>,
 ) {
     // Group by tenant so each tenant is one statement.
@@ -280,7 +281,9 @@ async fn write_jobs(
         Ok(outcomes) => {
             let per_tenant: HashMap<TenantId, Vec<InsertOutcome>> =
                 order.iter().copied().zip(outcomes).collect();
-            commits.send_modify(|n| *n += 1);
+            for tenant in &order {
+                commits.wake(*tenant);
+            }
             let mut accepted_total = 0u64;
             for tenant in &order {
                 let accepted = per_tenant[tenant]
