@@ -200,11 +200,21 @@ async fn run_hub<F: Feed>(
         if hubs.retire_if_unused(key, &batches) {
             break;
         }
-        // Start at the head: subscribers read anything older themselves.
+        // Start at the head: subscribers read anything older themselves. An
+        // empty first batch tells those that started before it that the hub
+        // begins there, so they read the gap (which may hold a change that
+        // committed meanwhile) instead of waiting for the next change.
         let at = match position {
             Some(p) => p,
             None => match feed.head().await {
-                Ok(p) => *position.insert(p.unwrap_or_default()),
+                Ok(p) => {
+                    let at = *position.insert(p.unwrap_or_default());
+                    let _ = batches.send(Arc::new(Batch {
+                        from: at,
+                        entries: Vec::new(),
+                    }));
+                    at
+                }
                 Err(e) => {
                     tracing::warn!(stream = F::STREAM, error = %e, "watch hub could not read the feed head; retrying");
                     FeedPosition::default()

@@ -24,27 +24,38 @@ async fn burst(app: &TestApp, key: &str, tag: &str, ip: &str, actor: &str) {
         .unwrap();
 }
 
+/// Longest wait for one change: a missing change fails the test, never hangs it.
+const CHANGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Next change on an incidents watch (skipping heartbeats and the snapshot marker).
 async fn next_change(
     s: &mut tonic::Streaming<pb::WatchIncidentsResponse>,
 ) -> (pb::IncidentChange, String) {
-    loop {
-        let item = s.message().await.unwrap().expect("stream ended");
-        if let Some(pb::watch_incidents_response::Item::Change(c)) = item.item {
-            return (c, item.cursor);
+    tokio::time::timeout(CHANGE_DEADLINE, async {
+        loop {
+            let item = s.message().await.unwrap().expect("stream ended");
+            if let Some(pb::watch_incidents_response::Item::Change(c)) = item.item {
+                return (c, item.cursor);
+            }
         }
-    }
+    })
+    .await
+    .expect("no change arrived")
 }
 
 async fn next_one(
     s: &mut tonic::Streaming<pb::WatchIncidentResponse>,
 ) -> (pb::IncidentChange, String) {
-    loop {
-        let item = s.message().await.unwrap().expect("stream ended");
-        if let Some(pb::watch_incident_response::Item::Change(c)) = item.item {
-            return (c, item.cursor);
+    tokio::time::timeout(CHANGE_DEADLINE, async {
+        loop {
+            let item = s.message().await.unwrap().expect("stream ended");
+            if let Some(pb::watch_incident_response::Item::Change(c)) = item.item {
+                return (c, item.cursor);
+            }
         }
-    }
+    })
+    .await
+    .expect("no change arrived")
 }
 
 async fn watch_all(app: &TestApp, key: &str) -> tonic::Streaming<pb::WatchIncidentsResponse> {
