@@ -253,6 +253,77 @@ async fn replayed_delivery_is_a_duplicate(backend: Backend) {
     assert_eq!(listed[0].occurrence_count, 2);
 }
 
+/// The value of a counter on the server's `/metrics` (0 if not exported yet).
+async fn counter(app: &TestApp, name: &str) -> f64 {
+    let (_, _, body) = crate::common::http1(app.addr, "GET", "/metrics", &[], vec![]).await;
+    String::from_utf8(body.to_vec())
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// With Redis, a committed delivery id is remembered there (`SET NX` with a
+/// TTL) and a replay is answered from it; without Redis the store still
+/// refuses the replay. Redis sits in front of the store, so one backend
+/// (Postgres, the one replicas share) is enough; running it once also keeps
+/// the process-wide counter it reads free of other tests' increments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_delivery_is_answered_from_redis() {
+    let redis = crate::common::RedisProcess::start();
+    let db = crate::common::TestDb::new(Backend::Postgres).await;
+    let mut settings = crate::common::test_settings(&db);
+    settings.redis_url = Some(secrecy::SecretString::from(redis.url()));
+    let app = crate::common::spawn_with(db, settings).await;
+    let (_, key, source, secret) = setup(&app, "acme", "hooks", false).await;
+    let body = payload("198.51.100.7");
+    let headers = [
+        signature(&secret, now(), &body),
+        ("x-picket-delivery", "evt_redis_1".to_string()),
+    ];
+    let (status, first) = post(&app, "hooks", &headers, body.clone()).await;
+    assert_eq!(status, 201, "{first}");
+
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let redis_key = format!("picket:v1:delivery:{}:evt_redis_1", source.id);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&redis_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        ttl > 0,
+        "the committed delivery id is in Redis with a TTL ({ttl})"
+    );
+
+    let from_redis = counter(&app, "picket_webhook_redis_duplicates_total").await;
+    let (status, again) = post(&app, "hooks", &headers, body.clone()).await;
+    assert_eq!(
+        (status, again),
+        (200, serde_json::json!({"status": "duplicate"}))
+    );
+    assert_eq!(
+        counter(&app, "picket_webhook_redis_duplicates_total").await,
+        from_redis + 1.0,
+        "answered from Redis"
+    );
+
+    // Redis forgets (or is gone): the store still knows.
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let (status, again) = post(&app, "hooks", &headers, body).await;
+    assert_eq!(
+        (status, again),
+        (200, serde_json::json!({"status": "duplicate"}))
+    );
+    let listed = alerts(&app, &key).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].occurrence_count, 1, "no replay folded in");
+}
+
 async fn legacy_signature_only_when_enabled(backend: Backend) {
     let app = spawn_app(backend).await;
     let (_, key, _, strict_secret) = setup(&app, "acme", "strict", false).await;
