@@ -81,6 +81,7 @@ pub async fn lead(
     store: Arc<dyn Store>,
     build: impl Fn(CancellationToken) -> DetectionPipeline,
     subscribe: impl Fn() -> broadcast::Receiver<Arc<CommittedEvents>>,
+    rule_updates: RuleUpdates,
     shutdown: CancellationToken,
 ) {
     let mut waiting_logged = false;
@@ -108,6 +109,11 @@ pub async fn lead(
             }
             Ok(None) => {
                 metrics::gauge!("picket_detection_leader").set(0.0);
+                // Rule changes are for the leader; a replica that takes over
+                // later loads every tenant's rules afresh.
+                if let Ok(mut rx) = rule_updates.try_lock() {
+                    while rx.try_recv().is_ok() {}
+                }
                 if !waiting_logged {
                     tracing::info!("another replica runs detection; standing by");
                     waiting_logged = true;

@@ -188,6 +188,7 @@ impl Application {
             let build = {
                 let (store, settings) = (store.clone(), settings.clone());
                 let shared_rules = shared_rules.clone();
+                let rule_updates = rule_updates.clone();
                 move |term: CancellationToken| {
                     DetectionPipeline::new(
                         store.clone(),
@@ -220,6 +221,7 @@ impl Application {
                 store.clone(),
                 build,
                 move || events.subscribe(),
+                rule_updates,
                 token.clone(),
             ));
         } else {
