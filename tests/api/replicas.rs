@@ -3,7 +3,8 @@
 //! replica B through the Redis signal; when Redis dies both keep serving
 //! (local subscribers still see local changes at once), and when it returns
 //! B catches up from the change log with nothing lost or repeated. Exactly one
-//! replica runs detection, and the other takes over when it dies.
+//! replica runs detection, a tenant rule created through the other reaches it,
+//! and the other takes over when it dies.
 //!
 //! Both servers re-read the store only every 60 s without a signal
 //! (`PICKET_WATCH_POLL_MS`), so a delivery within seconds can only come from
@@ -18,6 +19,7 @@ use tonic::transport::Channel;
 
 use crate::common::{OPERATOR_TOKEN, RedisProcess, ServerProcess, TestDb, http1, with_key};
 use crate::ingest::login;
+use crate::rules::{db_drop_rule, drop_event};
 
 type Incidents = pb::incident_service_client::IncidentServiceClient<Channel>;
 
@@ -149,6 +151,7 @@ async fn replicas_share_changes_through_redis_and_survive_its_outage() {
                 tenant_id: tenant.id,
                 name: "replicas".into(),
                 scopes: vec![
+                    pb::Scope::Admin as i32,
                     pb::Scope::Ingest as i32,
                     pb::Scope::Read as i32,
                     pb::Scope::Respond as i32,
@@ -295,6 +298,63 @@ async fn replicas_share_changes_through_redis_and_survive_its_outage() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(leader_a + leader_b, 1.0, "exactly one leader");
+
+    // A tenant rule created through the follower reaches the leader's
+    // detection through Redis (the follower's own pipeline is not running).
+    let follower = if leader_a == 1.0 {
+        cb.clone()
+    } else {
+        ca.clone()
+    };
+    pb::admin_service_client::AdminServiceClient::new(follower.clone())
+        .create_rule(with_key(
+            pb::CreateRuleRequest {
+                tenant_id: String::new(),
+                sigma_yaml: db_drop_rule("Table dropped"),
+                enabled: true,
+            },
+            &key,
+        ))
+        .await
+        .unwrap();
+    let mut alerts = pb::alert_service_client::AlertServiceClient::new(follower.clone())
+        .watch_alerts(with_key(pb::WatchAlertsRequest::default(), &key))
+        .await
+        .unwrap()
+        .into_inner();
+    // A rule applies to events processed after it loads, and the rule and the
+    // event travel as separate signals: send drops until one is detected.
+    let started = Instant::now();
+    let mut n = 0;
+    let alert = loop {
+        n += 1;
+        pb::ingest_service_client::IngestServiceClient::new(follower.clone())
+            .ingest(with_key(
+                pb::IngestRequest {
+                    events: vec![drop_event(&format!("drop-{n}"))],
+                },
+                &key,
+            ))
+            .await
+            .unwrap();
+        let next = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                let item = alerts.message().await.unwrap().expect("alerts ended");
+                if let Some(pb::watch_alerts_response::Item::Alert(a)) = item.item {
+                    return a;
+                }
+            }
+        })
+        .await;
+        if let Ok(a) = next {
+            break a;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the leader never applied the rule"
+        );
+    };
+    assert_eq!(alert.title, "Table dropped");
     let (dying, survivor) = if leader_a == 1.0 {
         (&mut a, b.addr)
     } else {

@@ -11,7 +11,7 @@ use crate::common::{self, TestApp, spawn_app, with_key};
 
 const RULE_ID: &str = "0b7e4f0e-5a63-4a53-9d6c-3f1f0f6f2a11";
 
-fn db_drop_rule(title: &str) -> String {
+pub(crate) fn db_drop_rule(title: &str) -> String {
     format!(
         "title: {title}\nid: {RULE_ID}\nstatus: test\nlogsource:\n    product: picket\n    category: database\n\
          detection:\n    selection:\n        EventType: db.drop_table\n    condition: selection\nlevel: high\n\
@@ -23,7 +23,7 @@ fn admin(app: &TestApp) -> pb::admin_service_client::AdminServiceClient<tonic::t
     app.admin()
 }
 
-fn drop_event(key: &str) -> pb::Event {
+pub(crate) fn drop_event(key: &str) -> pb::Event {
     pb::Event {
         occurred_at: Some(picket::grpc::convert::timestamp(Utc::now())),
         event_type: "db.drop_table".into(),
