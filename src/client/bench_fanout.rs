@@ -7,7 +7,9 @@
 //! change's commit timestamp (its timeline entry's `at`, stamped by the server
 //! inside the writing transaction) to its arrival at the subscriber, on the
 //! same clock. Server memory (RSS) is read from `/proc` before the
-//! subscribers connect, with them connected, and at its peak.
+//! subscribers connect, with them connected, and at its peak. With
+//! `--redis-url` two replicas run on the same Postgres and Redis: the
+//! subscribers use one, the changes go through the other.
 
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
@@ -50,6 +52,11 @@ pub struct BenchFanoutArgs {
     /// missing ones are counted as missed).
     #[arg(long, default_value_t = 30)]
     pub timeout_seconds: u64,
+    /// Run two replicas on this Redis (the database must be Postgres):
+    /// subscribers connect to one, changes are made through the other, so
+    /// every delivery crosses replicas through the Redis signal.
+    #[arg(long)]
+    pub redis_url: Option<String>,
     /// Print a machine-readable JSON summary instead of text.
     #[arg(long)]
     pub json: bool,
@@ -60,6 +67,8 @@ pub struct BenchFanoutArgs {
 pub struct FanoutReport {
     /// `postgres` or `sqlite`.
     pub backend: String,
+    /// 1, or 2 when changes cross replicas through Redis.
+    pub replicas: usize,
     /// Subscribers.
     pub subscribers: usize,
     /// HTTP/2 connections.
@@ -80,7 +89,7 @@ pub struct FanoutReport {
     pub latency_ms: Latency,
     /// 95th percentile of the same, in milliseconds.
     pub latency_p95_ms: f64,
-    /// Server RSS before the subscribers connected, in MiB.
+    /// RSS of the server the subscribers use, before they connected, in MiB.
     pub server_rss_idle_mib: f64,
     /// Server RSS with every subscriber connected, before the changes, in MiB.
     pub server_rss_subscribed_mib: f64,
@@ -102,6 +111,12 @@ pub async fn run(args: BenchFanoutArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("backend            {}", r.backend);
+    if r.replicas > 1 {
+        println!(
+            "replicas           {} (changes through one, subscribers on the other, signalled over Redis)",
+            r.replicas
+        );
+    }
     println!(
         "load               {} WatchIncidents subscribers on {} connections; {} changes at {:.1}/s",
         r.subscribers, r.connections, r.updates, r.update_rate
@@ -138,18 +153,20 @@ struct ServerChild {
 impl ServerChild {
     /// Starts `picket serve` (this binary) on port 0, detection off so only
     /// the fan-out is measured, and waits for its "serving" line.
-    fn start(database_url: &str, operator: &str) -> anyhow::Result<Self> {
+    fn start(database_url: &str, operator: &str, redis_url: Option<&str>) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the picket binary")?;
-        let mut child = std::process::Command::new(exe)
-            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
             .env("PICKET_DATABASE_URL", database_url)
             .env("PICKET_ADMIN_TOKEN", operator)
             .env("PICKET_DETECTION", "false")
             .env("PICKET_LOG", "warn,picket=info")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .context("failed to start picket serve")?;
+            .stderr(std::process::Stdio::piped());
+        if let Some(url) = redis_url {
+            cmd.env("PICKET_REDIS_URL", url);
+        }
+        let mut child = cmd.spawn().context("failed to start picket serve")?;
         let stderr = child.stderr.take().context("no stderr")?;
         let mut lines = BufReader::new(stderr).lines();
         let addr = loop {
@@ -207,20 +224,37 @@ pub async fn bench(args: &BenchFanoutArgs) -> anyhow::Result<FanoutReport> {
     );
     anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
     let operator = crate::auth::random_secret();
-    let server = ServerChild::start(&args.database_url, &operator)?;
     let backend = if args.database_url.starts_with("postgres") {
         "postgres"
     } else {
         "sqlite"
     };
-    let connect = || async {
-        tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))?
+    let redis = args.redis_url.as_deref();
+    anyhow::ensure!(
+        redis.is_none() || backend == "postgres",
+        "--redis-url needs a Postgres database (replicas share it)"
+    );
+    // `server` serves the subscribers; `writer` takes the changes (the same
+    // process unless --redis-url asks for two replicas).
+    let server = ServerChild::start(&args.database_url, &operator, redis)?;
+    let other = match redis {
+        Some(_) => Some(ServerChild::start(&args.database_url, &operator, redis)?),
+        None => None,
+    };
+    if redis.is_some() {
+        for addr in [&server.addr, &other.as_ref().expect("two replicas").addr] {
+            redis_up(addr).await?;
+        }
+    }
+    let writer_addr = other.as_ref().map_or(&server.addr, |o| &o.addr).clone();
+    let connect = |addr: String| async move {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .tcp_nodelay(true)
             .connect()
             .await
             .context("cannot connect to the server")
     };
-    let control = connect().await?;
+    let control = connect(writer_addr).await?;
     let key = tenant_key(&control, &operator).await?;
     let mut incidents = IncidentServiceClient::new(control.clone());
     let incident = incidents
@@ -241,7 +275,7 @@ pub async fn bench(args: &BenchFanoutArgs) -> anyhow::Result<FanoutReport> {
     // Subscribers, spread over the connections.
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
-        channels.push(connect().await?);
+        channels.push(connect(server.addr.clone()).await?);
     }
     let ready = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
@@ -310,6 +344,7 @@ pub async fn bench(args: &BenchFanoutArgs) -> anyhow::Result<FanoutReport> {
     let missed = expected - deliveries.min(expected);
     Ok(FanoutReport {
         backend: backend.into(),
+        replicas: if other.is_some() { 2 } else { 1 },
         subscribers: args.subscribers,
         connections: channels.len(),
         updates: args.updates,
@@ -327,6 +362,29 @@ pub async fn bench(args: &BenchFanoutArgs) -> anyhow::Result<FanoutReport> {
         server_rss_peak_mib: peak_rss,
         server_kib_per_subscriber: (subscribed_rss - idle_rss) * 1024.0 / args.subscribers as f64,
     })
+}
+
+/// Waits (at most 10 s) until the server at `addr` reports its Redis
+/// subscription up on `/healthz`. A bare HTTP/1.1 request: the CLI has no
+/// HTTP client dependency, and this is its only plain-HTTP call.
+async fn redis_up(addr: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut conn = tokio::net::TcpStream::connect(addr).await?;
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: picket\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).await?;
+        if answer.contains(r#""redis":"up""#) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the replica at {addr} never connected to Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A fresh tenant and a read/respond key for it.
