@@ -318,7 +318,7 @@ impl DetectionPipeline {
                 self.positions.insert(t.id, head);
                 self.reload_rules(t.id).await?;
                 self.scorer.load(self.store.as_ref(), t.id).await?;
-                let events = crate::scoring::events_in_range(
+                let mut events = crate::scoring::events_in_range(
                     self.store.as_ref(),
                     t.id,
                     since,
@@ -326,6 +326,12 @@ impl DetectionPipeline {
                     self.config.replay_max_events,
                 )
                 .await?;
+                // Events past the head are evaluated live from the feed;
+                // replaying them too would count them twice (a burst of 3
+                // would look like 6). The range query sees rows the head
+                // does not yet (committed after it was read, or not yet
+                // readable on the feed on Postgres).
+                events.retain(|e| e.position <= head);
                 for e in &events {
                     // Windows that close during replay were scored before the restart.
                     let closed = self.scorer.observe(t.id, &e.event);

@@ -280,3 +280,76 @@ crate::both_backends!(
     brute_force_raises_one_alert_with_evidence,
     restart_mid_window_keeps_the_detection
 );
+
+/// A pipeline (re)starting while events are committed but not yet readable on
+/// the feed (Postgres: an older transaction is still open) replays only what
+/// its feed head covers and evaluates the rest live, once: 3 failures must
+/// not count as 6. Before the fix, the replay's range query saw them and the
+/// feed delivered them again, which raised a false brute-force alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_never_evaluates_an_event_twice() {
+    use picket::detect::{Evaluator, EvaluatorConfig, RuleSet};
+    use picket::pipeline::{DetectionPipeline, PipelineConfig};
+    use sqlx::Connection;
+    let db = common::TestDb::new(Backend::Postgres).await;
+    let mut settings = common::test_settings(&db);
+    settings.detection = false;
+    let mut blocker = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let app = common::spawn_with(db, settings).await;
+    let (tenant, key) = app
+        .tenant_with_key("acme", &[pb::Scope::Ingest, pb::Scope::Read])
+        .await;
+
+    // An open transaction with an id holds the feed's readable horizon.
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    send(&app, &key, failures("early", "192.0.2.99", "erin", 3)).await;
+    let tenant = picket::domain::TenantId(tenant.parse().unwrap());
+    assert_eq!(
+        app.store.events_head(tenant).await.unwrap(),
+        None,
+        "the committed events are not readable on the feed yet"
+    );
+
+    let mut pipeline = DetectionPipeline::new(
+        app.store.clone(),
+        Evaluator::new(
+            RuleSet::builtin().clone(),
+            EvaluatorConfig {
+                suppress: chrono::Duration::zero(),
+                ..EvaluatorConfig::default()
+            },
+        ),
+        std::sync::Arc::new(picket::signal::Signal::new()),
+        PipelineConfig::default(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    pipeline.rebuild(chrono::Utc::now()).await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    pipeline.run_once().await.unwrap();
+    let listed = alerts(&app)
+        .list_alerts(with_key(pb::ListAlertsRequest::default(), &key))
+        .await
+        .unwrap()
+        .into_inner()
+        .alerts;
+    assert!(
+        !listed.iter().any(|a| names_ip(a, "192.0.2.99")),
+        "3 failures were counted twice: {:?}",
+        listed.iter().map(|a| &a.title).collect::<Vec<_>>()
+    );
+
+    // Three more make six: now the burst is real and detected.
+    send(&app, &key, failures("late", "192.0.2.99", "erin", 3)).await;
+    pipeline.run_once().await.unwrap();
+    let listed = alerts(&app)
+        .list_alerts(with_key(pb::ListAlertsRequest::default(), &key))
+        .await
+        .unwrap()
+        .into_inner()
+        .alerts;
+    assert!(listed.iter().any(|a| names_ip(a, "192.0.2.99")));
+}
