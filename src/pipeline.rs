@@ -9,7 +9,8 @@
 //!
 //! Restart: window state is **rebuilt**, not persisted. At start the pipeline
 //! records each tenant's feed head, replays the tenant's events of the last
-//! `replay` (at most `replay_max_events`, oldest first) through the engine, and
+//! `replay` (at most `replay_max_events`, oldest first) up to that head (later
+//! ones are evaluated live from the feed, exactly once) through the engine, and
 //! raises only detections that no stored alert already covers (same
 //! fingerprint with last_seen at or after the detection's). Correlation windows
 //! (minutes) are thereby restored exactly; behavioural baselines (30 days) are
