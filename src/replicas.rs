@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::domain::TenantId;
-use crate::ingest::{CommittedEvents, PeerWake};
+use crate::ingest::{CommitNotices, CommittedEvents};
 use crate::signal::Signal;
 
 /// The pub/sub channel every replica publishes to and subscribes on.
@@ -115,11 +115,21 @@ impl Peers {
         }
     }
 
+    /// Redis, if configured and up: while it is down, webhooks skip it
+    /// rather than wait for its timeouts.
+    fn redis_up(&self) -> Option<&RedisPeers> {
+        self.redis
+            .as_ref()
+            .filter(|r| r.connected.load(Ordering::Relaxed))
+    }
+
     /// Whether Redis remembers delivery `id` of webhook source `source` as
-    /// committed; `false` without Redis or when it cannot be asked (the store
-    /// then decides).
+    /// committed; `false` without Redis or when it is down or fails (the
+    /// store then decides).
     pub async fn delivery_committed(&self, source: Uuid, id: &str) -> bool {
-        let Some(r) = &self.redis else { return false };
+        let Some(r) = self.redis_up() else {
+            return false;
+        };
         let mut conn = r.conn.clone();
         match conn.exists::<_, bool>(delivery_key(source, id)).await {
             Ok(seen) => seen,
@@ -134,7 +144,7 @@ impl Peers {
 
     /// Remembers a delivery id the store has committed (best effort).
     pub async fn remember_delivery(&self, source: Uuid, id: &str) {
-        let Some(r) = &self.redis else { return };
+        let Some(r) = self.redis_up() else { return };
         let mut conn = r.conn.clone();
         let options = redis::SetOptions::default()
             .conditional_set(redis::ExistenceCheck::NX)
@@ -158,7 +168,7 @@ pub struct Wiring {
     /// The change-log signal (watch streams wait on it; local writes bump it).
     pub changes: Arc<Signal>,
     /// Event tails and the detection hand-off.
-    pub events: PeerWake,
+    pub events: CommitNotices,
 }
 
 /// The running bridge's parts, before [`Bridge::run`] is spawned.

@@ -154,7 +154,7 @@ impl Application {
                     rules_changed,
                     crate::replicas::Wiring {
                         changes: changes.clone(),
-                        events: ingest.peer_wake(),
+                        events: ingest.notices(),
                     },
                 )?;
                 tracker.spawn(bridge.run(token.clone()));
@@ -184,7 +184,7 @@ impl Application {
         if settings.detection {
             let rule_updates: crate::pipeline::RuleUpdates =
                 Arc::new(tokio::sync::Mutex::new(rule_updates));
-            let events = ctx.ingest.peer_wake();
+            let events = ctx.ingest.notices();
             let build = {
                 let (store, settings) = (store.clone(), settings.clone());
                 let shared_rules = shared_rules.clone();

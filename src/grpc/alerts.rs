@@ -365,13 +365,11 @@ impl AlertService for AlertApi {
             tenant,
             filter,
         };
-        Ok(Response::new(watch::follow(
+        Ok(Response::new(self.ctx.follow(
             feed,
             start,
-            self.ctx.limits.timing(heartbeat),
+            heartbeat,
             self.ctx.changes.subscribe(tenant),
-            self.ctx.hubs.clone(),
-            self.ctx.shutdown.clone(),
         )))
     }
 

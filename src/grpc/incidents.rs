@@ -673,14 +673,9 @@ impl IncidentApi {
             filter,
             reflected,
         };
-        let live = watch::follow(
-            feed,
-            start,
-            self.ctx.limits.timing(heartbeat),
-            self.ctx.changes.subscribe(tenant),
-            self.ctx.hubs.clone(),
-            self.ctx.shutdown.clone(),
-        );
+        let live = self
+            .ctx
+            .follow(feed, start, heartbeat, self.ctx.changes.subscribe(tenant));
         Ok(Box::pin(futures::stream::iter(prelude).chain(live)))
     }
 }

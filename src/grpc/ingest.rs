@@ -351,13 +351,11 @@ impl IngestService for IngestApi {
             tenant,
             filter,
         };
-        Ok(Response::new(watch::follow(
+        Ok(Response::new(self.ctx.follow(
             feed,
             position,
-            self.ctx.limits.timing(heartbeat),
+            heartbeat,
             self.ctx.ingest.commits(tenant),
-            self.ctx.hubs.clone(),
-            self.ctx.shutdown.clone(),
         )))
     }
 }

@@ -53,7 +53,8 @@ pub struct ApiContext {
     pub ingest: IngestWriter,
     /// Per-stream limits and defaults.
     pub limits: StreamLimits,
-    /// Bumped after every change-log write in this process; watch streams wait on it.
+    /// Per-tenant wake-up after change-log writes (alerts, incidents); watch
+    /// streams wait on it, the replica bridge publishes it.
     pub changes: Arc<crate::signal::Signal>,
     /// The server's built-in and directory rules.
     pub rules: crate::detect::SharedRules,
@@ -103,6 +104,25 @@ impl StreamLimits {
 }
 
 impl ApiContext {
+    /// Follows `feed` from `start` for a stream with heartbeat interval
+    /// `heartbeat`, woken by `wake` (see [`watch::follow`]).
+    pub fn follow<F: watch::Feed>(
+        &self,
+        feed: F,
+        start: crate::domain::event::FeedPosition,
+        heartbeat: Duration,
+        wake: tokio::sync::watch::Receiver<u64>,
+    ) -> BoxStream<F::Msg> {
+        watch::follow(
+            feed,
+            start,
+            self.limits.timing(heartbeat),
+            wake,
+            self.hubs.clone(),
+            self.shutdown.clone(),
+        )
+    }
+
     /// Authenticates the call and checks it holds `scope`.
     pub async fn caller<T>(&self, request: &Request<T>, scope: Scope) -> Result<Caller, Status> {
         let credential = request

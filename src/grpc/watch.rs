@@ -281,13 +281,6 @@ pub fn follow<F: Feed>(
     let (mut live, head) = hubs.join(&feed, &wake, timing.poll, &shutdown);
     metrics::gauge!("picket_watch_streams_open", "stream" => F::STREAM).increment(1.0);
     tokio::spawn(async move {
-        let sent = |msg: Option<F::Msg>, pos: FeedPosition| {
-            msg.map(|m| {
-                metrics::counter!("picket_watch_items_sent_total", "stream" => F::STREAM)
-                    .increment(1);
-                feed.with_cursor(m, feed.cursor(pos))
-            })
-        };
         let mut position = start;
         let mut behind = true;
         let mut last_sent = tokio::time::Instant::now();
@@ -302,15 +295,13 @@ pub fn follow<F: Feed>(
                     }
                 };
                 behind = entries.len() == READ as usize;
-                for (pos, entry) in entries {
-                    position = pos;
-                    if let Some(msg) = sent(feed.message(&entry), pos) {
-                        tokio::select! {
-                            r = tx.send(Ok(msg)) => if r.is_err() { break 'outer },
-                            () = shutdown.cancelled() => break 'outer,
-                        }
-                        last_sent = tokio::time::Instant::now();
-                    }
+                let out = Outbox {
+                    feed: &*feed,
+                    tx: &tx,
+                    shutdown: &shutdown,
+                };
+                if !out.send(&entries, &mut position, &mut last_sent).await {
+                    break;
                 }
                 continue;
             }
@@ -322,18 +313,9 @@ pub fn follow<F: Feed>(
                             behind = true;
                             continue;
                         }
-                        for (pos, entry) in &batch.entries {
-                            if *pos <= position {
-                                continue;
-                            }
-                            position = *pos;
-                            if let Some(msg) = sent(feed.message(entry), *pos) {
-                                tokio::select! {
-                                    r = tx.send(Ok(msg)) => if r.is_err() { break 'outer },
-                                    () = shutdown.cancelled() => break 'outer,
-                                }
-                                last_sent = tokio::time::Instant::now();
-                            }
+                        let out = Outbox { feed: &*feed, tx: &tx, shutdown: &shutdown };
+                        if !out.send(&batch.entries, &mut position, &mut last_sent).await {
+                            break 'outer;
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -367,4 +349,40 @@ pub fn follow<F: Feed>(
         metrics::gauge!("picket_watch_streams_open", "stream" => F::STREAM).decrement(1.0);
     });
     Box::pin(ReceiverStream::new(rx))
+}
+
+/// Where a subscriber's messages go.
+struct Outbox<'a, F: Feed> {
+    feed: &'a F,
+    tx: &'a mpsc::Sender<Result<F::Msg, Status>>,
+    shutdown: &'a CancellationToken,
+}
+
+impl<F: Feed> Outbox<'_, F> {
+    /// Sends the subscriber's messages for `entries` after `*position`,
+    /// advancing it; `false` when the stream must end (client gone, shutdown).
+    async fn send(
+        &self,
+        entries: &[(FeedPosition, F::Entry)],
+        position: &mut FeedPosition,
+        last_sent: &mut tokio::time::Instant,
+    ) -> bool {
+        for (pos, entry) in entries {
+            if *pos <= *position {
+                continue;
+            }
+            *position = *pos;
+            let Some(msg) = self.feed.message(entry) else {
+                continue;
+            };
+            let msg = self.feed.with_cursor(msg, self.feed.cursor(*pos));
+            tokio::select! {
+                r = self.tx.send(Ok(msg)) => if r.is_err() { return false },
+                () = self.shutdown.cancelled() => return false,
+            }
+            metrics::counter!("picket_watch_items_sent_total", "stream" => F::STREAM).increment(1);
+            *last_sent = tokio::time::Instant::now();
+        }
+        true
+    }
 }

@@ -60,15 +60,16 @@ pub struct CommittedEvents {
     pub from_peer: bool,
 }
 
-/// Wakes this process's event tails and detection when another replica
-/// committed events (see [`crate::replicas`]).
+/// The commit notices of the write path: detection subscribes to them, and
+/// the replica bridge publishes the local ones and injects peers' (see
+/// [`crate::replicas`]).
 #[derive(Clone)]
-pub struct PeerWake {
+pub struct CommitNotices {
     commits: Arc<Signal>,
     handoff: broadcast::Sender<Arc<CommittedEvents>>,
 }
 
-impl PeerWake {
+impl CommitNotices {
     /// Tenants that gained events on a peer; `None`: anything may have changed
     /// (after a reconnect), so only the tails are woken and detection catches
     /// up on its next poll.
@@ -89,7 +90,8 @@ impl PeerWake {
         }
     }
 
-    /// Local commit notices (the bridge publishes those not from a peer).
+    /// Commit notices, local and relayed (the detection pipeline's feed; the
+    /// bridge publishes the local ones).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<CommittedEvents>> {
         self.handoff.subscribe()
     }
@@ -200,14 +202,9 @@ impl IngestWriter {
         self.commits.subscribe(tenant)
     }
 
-    /// Subscribes to committed events (the detection pipeline's feed).
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<CommittedEvents>> {
-        self.handoff.subscribe()
-    }
-
-    /// The handle the replica bridge wakes this process with.
-    pub fn peer_wake(&self) -> PeerWake {
-        PeerWake {
+    /// Commit notices: what detection follows and the replica bridge relays.
+    pub fn notices(&self) -> CommitNotices {
+        CommitNotices {
             commits: self.commits.clone(),
             handoff: self.handoff.clone(),
         }
@@ -281,11 +278,9 @@ async fn write_jobs(
         Ok(outcomes) => {
             let per_tenant: HashMap<TenantId, Vec<InsertOutcome>> =
                 order.iter().copied().zip(outcomes).collect();
-            for tenant in &order {
-                commits.wake(*tenant);
-            }
             let mut accepted_total = 0u64;
             for tenant in &order {
+                commits.wake(*tenant);
                 let accepted = per_tenant[tenant]
                     .iter()
                     .filter(|o| matches!(o, InsertOutcome::Accepted(_)))

@@ -17,7 +17,9 @@ use picket::grpc::pb;
 use picket::storage::Backend;
 use tonic::transport::Channel;
 
-use crate::common::{OPERATOR_TOKEN, RedisProcess, ServerProcess, TestDb, http1, with_key};
+use crate::common::{
+    OPERATOR_TOKEN, RedisProcess, ServerProcess, TestDb, http1, redis_state_becomes, with_key,
+};
 use crate::ingest::login;
 use crate::rules::{db_drop_rule, drop_event};
 
@@ -29,23 +31,6 @@ const POLL_MS: &str = "60000";
 const PROMPT: Duration = Duration::from_secs(5);
 /// Upper bound for any single wait in this test.
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Waits until `/healthz` on `addr` reports Redis as `want`.
-async fn redis_state_becomes(addr: SocketAddr, want: &str) {
-    let started = Instant::now();
-    loop {
-        let (_, _, body) = http1(addr, "GET", "/healthz", &[], vec![]).await;
-        let health: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        if health["redis"] == want {
-            return;
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "{addr}: redis never became {want}: {health}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// The value of gauge `name` on `addr`'s `/metrics`, if exported.
 async fn gauge(addr: SocketAddr, name: &str) -> Option<f64> {

@@ -275,6 +275,7 @@ async fn replayed_delivery_is_answered_from_redis() {
     let mut settings = crate::common::test_settings(&db);
     settings.redis_url = Some(secrecy::SecretString::from(redis.url()));
     let app = crate::common::spawn_with(db, settings).await;
+    crate::common::redis_state_becomes(app.addr, "up").await;
     let (_, key, source, secret) = setup(&app, "acme", "hooks", false).await;
     let body = payload("198.51.100.7");
     let headers = [

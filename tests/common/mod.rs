@@ -330,6 +330,23 @@ pub async fn http1(
     (status, headers, body)
 }
 
+/// Waits until `/healthz` on `addr` reports Redis as `want`.
+pub async fn redis_state_becomes(addr: SocketAddr, want: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let (_, _, body) = http1(addr, "GET", "/healthz", &[], vec![]).await;
+        let health: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        if health["redis"] == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{addr}: redis never became {want}: {health}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// A `picket serve` child process (the real binary), killed when dropped.
 pub struct ServerProcess {
     /// The process.

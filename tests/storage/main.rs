@@ -388,7 +388,46 @@ async fn webhook_deliveries_are_deduplicated_with_the_alert(backend: Backend) {
     ));
 }
 
+/// A role can be taken; on Postgres, which several replicas share, a held
+/// role is refused to a second store (another replica) and is lost when its
+/// connection ends. SQLite has one process, which always holds it.
+async fn leadership_is_exclusive_where_replicas_share_the_store(backend: Backend) {
+    let (s, db) = store(backend).await;
+    let held = s.try_lead("detection").await.unwrap().expect("a free role");
+    assert!(!held.lost().is_cancelled());
+    let other = storage::connect(&db.url, 2).await.unwrap();
+    let second = other.try_lead("detection").await.unwrap();
+    match backend {
+        Backend::Postgres => {
+            assert!(
+                second.is_none(),
+                "a held role is refused to another replica"
+            );
+            assert!(
+                other.try_lead("another-role").await.unwrap().is_some(),
+                "roles are independent"
+            );
+            // Kill the holder's connection: the role is lost, then free again.
+            let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid() \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .execute(&admin)
+            .await
+            .unwrap();
+            tokio::time::timeout(std::time::Duration::from_secs(10), held.lost().cancelled())
+                .await
+                .expect("the holder notices its lost connection");
+            assert!(other.try_lead("detection").await.unwrap().is_some());
+        }
+        Backend::Sqlite => assert!(second.is_some()),
+    }
+}
+
 crate::both_backends!(
+    leadership_is_exclusive_where_replicas_share_the_store,
     tenants_round_trip,
     tenants_page_by_name,
     settings_first_writer_wins,
