@@ -1,35 +1,43 @@
 //! Picket: a gRPC-first security event platform.
 //!
-//! Module map (see ARCHITECTURE.md for the invariants):
+//! Module map, layer by layer; arrows point down (see ARCHITECTURE.md for
+//! what each folder may import, and the invariants):
 //!
-//! - [`domain`]: tenants, keys, scopes, severities; no IO.
-//! - [`anomaly`]: Isolation Forest and ECOD; pure math, no IO.
-//! - [`detect`]: Sigma rules (rsigma), the default rule pack, behavioural
-//!   detectors and the per-tenant evaluator; no IO except `detect::load_dir`.
-//! - [`auth`]: API keys, keyed hashing, the operator token, [`auth::Caller`].
-//! - [`admin`]: tenant and key administration shared by gRPC and the CLI.
-//! - [`storage`]: the [`storage::Store`] trait and its Postgres and SQLite backends.
-//! - [`grpc`]: generated code (`grpc::pb`), conversions, status mapping, services.
+//! Pure core (no IO, neither tonic nor sqlx):
+//! - [`domain`]: tenants, keys, scopes, severities, events and their validity,
+//!   alerts, incidents, rules.
+//! - [`anomaly`]: Isolation Forest, ECOD, COPOD; pure math.
+//! - [`detect`]: the detection engine: Sigma rules (rsigma), the default rule
+//!   pack, behavioural detectors, behaviour windows, the per-tenant evaluator;
+//!   no IO except `detect::load_dir`.
+//!
+//! Capabilities (application logic over [`storage::Store`]; no tonic, no sqlx):
+//! - [`access`]: API keys, the operator token, [`access::auth::Caller`], tenant
+//!   and key administration.
+//! - [`ingest`]: the batching write path, the post-commit hand-off, per-tenant
+//!   wake-up signals, retention.
+//! - [`pipeline`]: the detection pipeline (follows committed events, raises
+//!   alerts) and anomaly scoring of behaviour windows.
+//! - [`incidents`]: correlation of alerts into incidents, manual changes.
+//! - [`webhooks`]: webhook sources, secrets sealed at rest, signature checks.
+//! - [`error`]: [`error::AppError`], what every capability returns.
+//!
+//! Storage and transports:
+//! - [`storage`]: the [`storage::Store`] trait, its Postgres and SQLite backends.
+//! - [`grpc`]: generated code (`grpc::pb`), conversions, status table, services.
 //! - [`http`]: `/healthz`, `/metrics`, webhook intake, request metrics.
-//! - [`webhook`]: webhook secrets (sealed at rest), source administration,
-//!   signature verification, the payload that becomes an alert.
-//! - [`ingest`]: the batching write path and the post-commit hand-off.
-//! - [`detect`]: Sigma rules (rsigma) and behavioural detectors; no IO but `load_dir`.
-//! - [`incidents`]: correlation of alerts into incidents and manual incident changes.
-//! - [`pipeline`]: follows committed events, evaluates rules, raises alerts.
-//! - [`scoring`]: per-entity windows scored by per-tenant anomaly models.
-//! - [`client`]: the CLI's gRPC client side: `picket ingest`, `tail`, `bench`.
-//! - [`cli_anomaly`]: `picket anomaly score` (CSV in, scores out).
-//! - [`config`], [`telemetry`], [`startup`], [`shutdown`], [`cli`]: the process around it.
+//!
+//! The process:
+//! - [`cluster`]: the Redis bridge that carries wake-up signals between replicas.
+//! - [`server`]: settings, assembly (`Application`), shutdown, telemetry.
+//! - [`cli`]: the commands, `picket anomaly score`, and the CLI's gRPC client
+//!   side (ingest, tail, bench, simulate).
 #![forbid(unsafe_code)]
 
-pub mod admin;
+pub mod access;
 pub mod anomaly;
-pub mod auth;
 pub mod cli;
-pub mod cli_anomaly;
-pub mod client;
-pub mod config;
+pub mod cluster;
 pub mod detect;
 pub mod domain;
 pub mod error;
@@ -38,12 +46,6 @@ pub mod http;
 pub mod incidents;
 pub mod ingest;
 pub mod pipeline;
-pub mod replicas;
-pub mod retention;
-pub mod scoring;
-pub mod shutdown;
-pub mod signal;
-pub mod startup;
+pub mod server;
 pub mod storage;
-pub mod telemetry;
-pub mod webhook;
+pub mod webhooks;

@@ -421,7 +421,7 @@ mod cli {
     use std::path::Path;
 
     use clap::Parser;
-    use picket::cli_anomaly::{ScoreArgs, run_to};
+    use picket::cli::anomaly::{ScoreArgs, run_to};
 
     use crate::{fixtures, reference};
 

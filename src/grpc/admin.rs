@@ -8,7 +8,8 @@ use secrecy::ExposeSecret;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::auth::Caller;
+use crate::access::admin;
+use crate::access::auth::Caller;
 use crate::domain::{NewApiKey, Scope};
 use crate::error::AppError;
 use crate::grpc::convert::{
@@ -18,7 +19,7 @@ use crate::grpc::convert::{
 use crate::grpc::pb::admin_service_server::AdminService;
 use crate::grpc::status::to_status;
 use crate::grpc::{ApiContext, pb, rules};
-use crate::{admin, webhook};
+use crate::webhooks;
 
 /// AdminService implementation.
 pub struct AdminApi {
@@ -51,7 +52,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
         let credential = request
             .metadata()
-            .get(crate::auth::API_KEY_HEADER)
+            .get(crate::access::auth::API_KEY_HEADER)
             .and_then(|v| v.to_str().ok());
         let caller = self
             .ctx
@@ -315,7 +316,7 @@ impl AdminService for AdminApi {
         let tenant = caller
             .tenant_for(&req.tenant_id, "tenant_id")
             .map_err(to_status)?;
-        let (source, secret) = webhook::create_source(
+        let (source, secret) = webhooks::create_source(
             self.ctx.store.as_ref(),
             &self.ctx.secrets,
             tenant,
@@ -356,9 +357,9 @@ impl AdminService for AdminApi {
         request: Request<pb::RotateWebhookSecretRequest>,
     ) -> Result<Response<pb::RotateWebhookSecretResponse>, Status> {
         let caller = self.ctx.caller(&request, Scope::Admin).await?;
-        let id = webhook::parse_source_id(&request.get_ref().source_id, "source_id")
+        let id = webhooks::parse_source_id(&request.get_ref().source_id, "source_id")
             .map_err(to_status)?;
-        let (source, secret) = webhook::rotate_secret(
+        let (source, secret) = webhooks::rotate_secret(
             self.ctx.store.as_ref(),
             &self.ctx.secrets,
             own_tenant(&caller),
@@ -378,9 +379,9 @@ impl AdminService for AdminApi {
         request: Request<pb::DeleteWebhookSourceRequest>,
     ) -> Result<Response<pb::DeleteWebhookSourceResponse>, Status> {
         let caller = self.ctx.caller(&request, Scope::Admin).await?;
-        let id = webhook::parse_source_id(&request.get_ref().source_id, "source_id")
+        let id = webhooks::parse_source_id(&request.get_ref().source_id, "source_id")
             .map_err(to_status)?;
-        webhook::delete_source(self.ctx.store.as_ref(), own_tenant(&caller), id)
+        webhooks::delete_source(self.ctx.store.as_ref(), own_tenant(&caller), id)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::DeleteWebhookSourceResponse {}))

@@ -402,9 +402,11 @@ impl AlertService for AlertApi {
         }
         let algorithm = match pb::AnomalyAlgorithm::try_from(req.algorithm) {
             Ok(pb::AnomalyAlgorithm::Unspecified) | Ok(pb::AnomalyAlgorithm::Ecod) => {
-                crate::scoring::Algorithm::Ecod
+                crate::pipeline::scoring::Algorithm::Ecod
             }
-            Ok(pb::AnomalyAlgorithm::IsolationForest) => crate::scoring::Algorithm::Iforest,
+            Ok(pb::AnomalyAlgorithm::IsolationForest) => {
+                crate::pipeline::scoring::Algorithm::Iforest
+            }
             Err(_) => {
                 return Err(to_status(AppError::invalid(
                     "algorithm",
@@ -420,7 +422,7 @@ impl AlertService for AlertApi {
         }
         let threshold = (req.threshold > 0.0).then_some(req.threshold);
         let store = self.ctx.store.as_ref();
-        let analysis = crate::scoring::analyse(store, tenant, algorithm, self.ctx.scoring, start, end, threshold)
+        let analysis = crate::pipeline::scoring::analyse(store, tenant, algorithm, self.ctx.scoring, start, end, threshold)
             .await
             .map_err(|e| to_status(e.into()))?
             .ok_or_else(|| {
@@ -431,7 +433,7 @@ impl AlertService for AlertApi {
             })?;
         let mut alert_ids = Vec::new();
         for a in &analysis.anomalies {
-            let new = crate::scoring::anomaly_alert(store, a)
+            let new = crate::pipeline::scoring::anomaly_alert(store, a)
                 .await
                 .map_err(|e| to_status(e.into()))?;
             let (alert, _) = store

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
-use crate::auth::{API_KEY_HEADER, Authenticator, Caller};
+use crate::access::auth::{API_KEY_HEADER, Authenticator, Caller};
 use crate::domain::Scope;
 use crate::error::{AppError, AppResult};
 use crate::ingest::IngestWriter;
@@ -55,19 +55,19 @@ pub struct ApiContext {
     pub limits: StreamLimits,
     /// Per-tenant wake-up after change-log writes (alerts, incidents); watch
     /// streams wait on it, the replica bridge publishes it.
-    pub changes: Arc<crate::signal::Signal>,
+    pub changes: Arc<crate::ingest::signal::Signal>,
     /// The server's built-in and directory rules.
     pub rules: crate::detect::SharedRules,
     /// Anomaly scoring settings (RunDetection uses them too).
-    pub scoring: crate::scoring::ScoringConfig,
+    pub scoring: crate::pipeline::scoring::ScoringConfig,
     /// Repeats of an alert fingerprint within this long fold into one alert.
     pub alert_suppression: chrono::Duration,
     /// The shared feed readers of the watch streams.
     pub hubs: Arc<watch::Hubs>,
     /// The other replicas (and this one's detection pipeline): rule changes.
-    pub peers: crate::replicas::Peers,
+    pub peers: crate::cluster::replicas::Peers,
     /// Seals and opens webhook signing secrets.
-    pub secrets: crate::webhook::SecretBox,
+    pub secrets: crate::webhooks::SecretBox,
 }
 
 /// Limits and defaults of streaming RPCs.

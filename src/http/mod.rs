@@ -29,11 +29,11 @@ pub struct HttpState {
     /// Cancelled on shutdown; `/healthz` then answers 503.
     pub shutdown: CancellationToken,
     /// Opens webhook signing secrets.
-    pub secrets: crate::webhook::SecretBox,
+    pub secrets: crate::webhooks::SecretBox,
     /// Bumped after a webhook raises an alert, so WatchAlerts streams wake.
-    pub changes: Arc<crate::signal::Signal>,
+    pub changes: Arc<crate::ingest::signal::Signal>,
     /// The other replicas: webhook delivery ids, Redis health.
-    pub peers: crate::replicas::Peers,
+    pub peers: crate::cluster::replicas::Peers,
     /// Repeats of an alert fingerprint within this long fold into one alert.
     pub alert_suppression: chrono::Duration,
     /// How webhook alerts are grouped into incidents.
@@ -47,7 +47,7 @@ pub fn routes(state: HttpState) -> Router {
         .route("/metrics", get(metrics_text))
         .route(
             "/v1/webhooks/{source}",
-            post(webhooks::deliver).layer(DefaultBodyLimit::max(crate::webhook::MAX_BODY_BYTES)),
+            post(webhooks::deliver).layer(DefaultBodyLimit::max(crate::webhooks::MAX_BODY_BYTES)),
         )
         .with_state(state)
 }

@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::domain::webhook::DeliveryOutcome;
 use crate::http::HttpState;
 use crate::storage::StoreError;
-use crate::webhook::{
+use crate::webhooks::{
     self, DELIVERY_HEADER, LEGACY_SIGNATURE_HEADER, SIGNATURE_HEADER, SignatureError,
 };
 
@@ -78,7 +78,7 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>,
         .transpose()
 }
 
-/// The handler (mounted under a body limit of [`webhook::MAX_BODY_BYTES`]).
+/// The handler (mounted under a body limit of [`webhooks::MAX_BODY_BYTES`]).
 pub async fn deliver(
     State(state): State<HttpState>,
     Path(source): Path<String>,
@@ -101,7 +101,7 @@ async fn deliver_inner(
             error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
-                format!("body larger than {} bytes", webhook::MAX_BODY_BYTES),
+                format!("body larger than {} bytes", webhooks::MAX_BODY_BYTES),
             )
         } else {
             error(
@@ -139,7 +139,7 @@ async fn deliver_inner(
     let signature = header_str(headers, SIGNATURE_HEADER)?;
     let legacy = header_str(headers, LEGACY_SIGNATURE_HEADER)?;
     let now = Utc::now();
-    webhook::verify_signature(
+    webhooks::verify_signature(
         secret.expose_secret().as_bytes(),
         signature,
         legacy,
@@ -156,10 +156,10 @@ async fn deliver_inner(
     })?;
     let delivery = header_str(headers, DELIVERY_HEADER)?;
     if let Some(id) = delivery {
-        webhook::check_delivery_id(id)
+        webhooks::check_delivery_id(id)
             .map_err(|m| error(StatusCode::BAD_REQUEST, "bad_request", m))?;
     }
-    let new = webhook::parse_payload(&source.name, &body, now)
+    let new = webhooks::parse_payload(&source.name, &body, now)
         .map_err(|m| error(StatusCode::BAD_REQUEST, "bad_request", m))?;
     // A delivery Redis remembers as committed is answered without the store.
     if let Some(id) = delivery

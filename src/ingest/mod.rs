@@ -9,6 +9,9 @@
 //! tenant has new events. If that consumer lags, it is told how many it missed and
 //! re-reads them from the store; ingest never waits for it.
 
+pub mod retention;
+pub mod signal;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::domain::TenantId;
 use crate::domain::event::{InsertOutcome, NewEvent};
 use crate::error::{AppError, AppResult};
-use crate::signal::Signal;
+use crate::ingest::signal::Signal;
 use crate::storage::Store;
 
 /// Tuning of the write path.
@@ -55,14 +58,14 @@ pub struct CommittedEvents {
     pub tenant: TenantId,
     /// How many new events were committed (0 when a peer relayed the notice).
     pub accepted: usize,
-    /// Another replica committed them (relayed by [`crate::replicas`]); such
+    /// Another replica committed them (relayed by [`crate::cluster::replicas`]); such
     /// notices are never published back to the peers.
     pub from_peer: bool,
 }
 
 /// The commit notices of the write path: detection subscribes to them, and
 /// the replica bridge publishes the local ones and injects peers' (see
-/// [`crate::replicas`]).
+/// [`crate::cluster::replicas`]).
 #[derive(Clone)]
 pub struct CommitNotices {
     commits: Arc<Signal>,

@@ -1,7 +1,7 @@
 //! Credentials and AdminService: who may call what, tenants, keys, validation.
 
 use chrono::Utc;
-use picket::auth::{KeyHasher, generate_key};
+use picket::access::auth::{KeyHasher, generate_key};
 use picket::domain::{ApiKey, ScopeSet, TenantId};
 use picket::grpc::pb;
 use picket::storage::Backend;

@@ -323,7 +323,7 @@ async fn restart_never_evaluates_an_event_twice() {
                 ..EvaluatorConfig::default()
             },
         ),
-        std::sync::Arc::new(picket::signal::Signal::new()),
+        std::sync::Arc::new(picket::ingest::signal::Signal::new()),
         PipelineConfig::default(),
         tokio_util::sync::CancellationToken::new(),
     );

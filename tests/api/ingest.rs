@@ -731,7 +731,7 @@ async fn retention_and_purge(backend: Backend) {
     let r = ingest(&app, &key, vec![stale]).await.unwrap();
     assert_eq!(r.receipts[0].field_path, "occurred_at");
     // One retention pass deletes the two old events.
-    let deleted = picket::retention::run_once(app.store.as_ref(), Utc::now())
+    let deleted = picket::ingest::retention::run_once(app.store.as_ref(), Utc::now())
         .await
         .unwrap();
     assert_eq!(deleted, 2);

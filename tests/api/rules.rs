@@ -271,13 +271,13 @@ async fn rules_directory_reloads_on_change_and_keeps_rules_on_bad_files() {
         dir_rule(a, "Dir rule A", "db.drop_table"),
     )
     .unwrap();
-    let initial = picket::startup::load_rules(Some(dir.path())).unwrap();
+    let initial = picket::pipeline::load_rules(Some(dir.path())).unwrap();
     assert!(initial.get(a).is_some());
     let shared = SharedRules::new(initial.clone());
     let mut pipeline = DetectionPipeline::new(
         store,
         Evaluator::new(initial, EvaluatorConfig::default()),
-        std::sync::Arc::new(picket::signal::Signal::new()),
+        std::sync::Arc::new(picket::ingest::signal::Signal::new()),
         PipelineConfig::default(),
         tokio_util::sync::CancellationToken::new(),
     )

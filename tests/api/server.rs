@@ -33,7 +33,7 @@ async fn reflection_lists_every_service(backend: Backend) {
     };
     let mut names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
     names.sort();
-    for expected in picket::startup::SERVICE_NAMES
+    for expected in picket::server::startup::SERVICE_NAMES
         .iter()
         .chain(&["grpc.health.v1.Health"])
     {

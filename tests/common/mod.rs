@@ -5,9 +5,9 @@
 
 use std::net::SocketAddr;
 
-use picket::config::Settings;
 use picket::grpc::pb;
-use picket::startup::Application;
+use picket::server::config::Settings;
+use picket::server::startup::Application;
 use picket::storage::Backend;
 use secrecy::SecretString;
 use tokio::sync::oneshot;
@@ -149,7 +149,10 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
 pub async fn spawn_with(db: TestDb, settings: Settings) -> TestApp {
     // Logs on demand: PICKET_TEST_LOG=info cargo test …
     if let Ok(filter) = std::env::var("PICKET_TEST_LOG") {
-        picket::telemetry::init_tracing(picket::telemetry::LogFormat::Human, &filter);
+        picket::server::telemetry::init_tracing(
+            picket::server::telemetry::LogFormat::Human,
+            &filter,
+        );
     }
     let app = Application::build(settings).await.expect("build app");
     let addr = app.local_addr();

@@ -19,13 +19,13 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 
-use crate::client::with_key;
-use crate::config::Settings;
+use crate::cli::client::with_key;
 use crate::grpc::pb;
 use crate::grpc::pb::admin_service_client::AdminServiceClient;
 use crate::grpc::pb::alert_service_client::AlertServiceClient;
 use crate::grpc::pb::ingest_service_client::IngestServiceClient;
-use crate::startup::Application;
+use crate::server::config::Settings;
+use crate::server::startup::Application;
 use crate::storage::DEFAULT_DATABASE_URL;
 
 /// `picket bench detect` arguments.
@@ -63,7 +63,7 @@ pub struct DetectReport {
     pub missed: usize,
     /// Ack of the triggering event → alert on WatchAlerts, in milliseconds,
     /// over the bursts that alerted.
-    pub latency_ms: Option<crate::client::bench::Latency>,
+    pub latency_ms: Option<crate::cli::client::bench::Latency>,
     /// The target (p99 ≤ 1,000 ms, nothing missed) was met.
     pub target_met: bool,
 }
@@ -146,7 +146,7 @@ pub async fn bench(args: &BenchDetectArgs) -> anyhow::Result<DetectReport> {
     }
     let backend = server.backend.clone();
     server.stop().await?;
-    let latency_ms = crate::client::simulate::percentiles(&latencies);
+    let latency_ms = crate::cli::client::bench::percentiles(&latencies);
     let target_met = missed == 0 && latency_ms.as_ref().is_some_and(|l| l.p99 <= 1000.0);
     Ok(DetectReport {
         backend,
@@ -239,7 +239,7 @@ impl InProcess {
     /// Starts the server (detection on, defaults otherwise) and creates a
     /// tenant named `{prefix}-{random}`.
     pub async fn start(database_url: &str, prefix: &str) -> anyhow::Result<Self> {
-        let operator = crate::auth::random_secret();
+        let operator = crate::access::auth::random_secret();
         let mut settings = Settings::with_database(Some(database_url));
         settings.listen = "127.0.0.1:0".parse().expect("static address");
         settings.admin_token = Some(SecretString::from(operator.clone()));

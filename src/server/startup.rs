@@ -19,9 +19,8 @@ use tonic_health::pb::health_server::HealthServer;
 use tower::Layer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::auth::{self, Authenticator};
-use crate::config::Settings;
-use crate::detect::{Evaluator, EvaluatorConfig, RuleSet};
+use crate::access::auth::{self, Authenticator};
+use crate::detect::{Evaluator, EvaluatorConfig};
 use crate::grpc::admin::AdminApi;
 use crate::grpc::alerts::AlertApi;
 use crate::grpc::health::HealthState;
@@ -36,11 +35,12 @@ use crate::grpc::pb::report_service_server::ReportServiceServer;
 use crate::grpc::placeholder::{PlaybookApi, ReportApi};
 use crate::grpc::{self, ApiContext, StreamLimits};
 use crate::http::{self, HttpState};
+use crate::ingest::retention;
 use crate::ingest::{IngestWriter, WriterConfig};
 use crate::pipeline::{DetectionPipeline, PipelineConfig};
-use crate::retention;
+use crate::server::config::Settings;
+use crate::server::telemetry;
 use crate::storage::{self, Store};
-use crate::telemetry;
 
 /// The fully qualified names of Picket's services, as health and reflection report them.
 pub const SERVICE_NAMES: [&str; 6] = [
@@ -141,18 +141,18 @@ impl Application {
             },
             &tracker,
         );
-        let rules = load_rules(settings.rules_dir.as_deref())?;
-        let secrets = crate::webhook::SecretBox::new(auth.hasher());
+        let rules = crate::pipeline::load_rules(settings.rules_dir.as_deref())?;
+        let secrets = crate::webhooks::SecretBox::new(auth.hasher());
         let (rules_changed, rule_updates) = tokio::sync::mpsc::unbounded_channel();
         let shared_rules = crate::detect::SharedRules::new(rules);
-        let changes = Arc::new(crate::signal::Signal::new());
+        let changes = Arc::new(crate::ingest::signal::Signal::new());
         let peers = match settings.redis_url.as_ref() {
-            None => crate::replicas::Peers::local(rules_changed),
+            None => crate::cluster::replicas::Peers::local(rules_changed),
             Some(url) => {
-                let (bridge, peers) = crate::replicas::Bridge::new(
+                let (bridge, peers) = crate::cluster::replicas::Bridge::new(
                     url.expose_secret(),
                     rules_changed,
-                    crate::replicas::Wiring {
+                    crate::cluster::replicas::Wiring {
                         changes: changes.clone(),
                         events: ingest.notices(),
                     },
@@ -333,22 +333,6 @@ impl Application {
         tracing::info!("picket stopped");
         outcome
     }
-}
-
-/// The built-in rule pack plus the rules directory, if any. Bad rules are
-/// logged and skipped; they never stop the others from loading.
-pub fn load_rules(dir: Option<&std::path::Path>) -> anyhow::Result<RuleSet> {
-    let Some(dir) = dir else {
-        return Ok(RuleSet::builtin().clone());
-    };
-    let sources = crate::detect::load_dir(dir)
-        .with_context(|| format!("failed to read rules from {}", dir.display()))?;
-    let (set, errors) = RuleSet::builtin().extend(sources);
-    for e in &errors {
-        tracing::warn!(source = %e.source, rule = ?e.rule_id, errors = ?e.errors, "rule rejected");
-    }
-    tracing::info!(rules = set.len(), rejected = errors.len(), dir = %dir.display(), "rules loaded");
-    Ok(set)
 }
 
 /// CORS for browsers calling over grpc-web: preflight answered, the gRPC

@@ -40,8 +40,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::client::bench::Latency;
-use crate::client::bench_detect::{AlertWatcher, InProcess, names, send};
+use crate::cli::client::bench::{Latency, percentiles};
+use crate::cli::client::bench_detect::{AlertWatcher, InProcess, names, send};
 use crate::grpc::convert::timestamp;
 use crate::grpc::pb;
 use crate::storage::DEFAULT_DATABASE_URL;
@@ -1222,21 +1222,6 @@ fn entity_kind(k: pb::EntityKind) -> &'static str {
     }
 }
 
-/// Nearest-rank p50, p99 and max in milliseconds; `None` when empty.
-pub(crate) fn percentiles(d: &[Duration]) -> Option<Latency> {
-    if d.is_empty() {
-        return None;
-    }
-    let mut ms: Vec<f64> = d.iter().map(|x| x.as_secs_f64() * 1000.0).collect();
-    ms.sort_by(f64::total_cmp);
-    let rank = |q: f64| ms[((q * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
-    Some(Latency {
-        p50: rank(0.5),
-        p99: rank(0.99),
-        max: ms[ms.len() - 1],
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1260,13 +1245,5 @@ mod tests {
             assert!(by_name[e.actor.as_str()].works_at(hour), "{e:?}");
             assert!(t.seconds >= from.timestamp() && t.seconds < to.timestamp());
         }
-    }
-
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let d: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        let l = percentiles(&d).unwrap();
-        assert_eq!((l.p50, l.p99, l.max), (50.0, 99.0, 100.0));
-        assert!(percentiles(&[]).is_none());
     }
 }

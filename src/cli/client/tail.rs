@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 
-use crate::client::ServerArgs;
+use crate::cli::client::ServerArgs;
 use crate::grpc::pb;
 use crate::grpc::pb::ingest_service_client::IngestServiceClient;
 use crate::grpc::pb::tail_events_response::Item;

@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::domain::TenantId;
+use crate::ingest::signal::Signal;
 use crate::ingest::{CommitNotices, CommittedEvents};
-use crate::signal::Signal;
 
 /// The pub/sub channel every replica publishes to and subscribes on.
 pub const CHANNEL: &str = "picket:v1:signals";

@@ -1,5 +1,8 @@
 //! The command line: `picket serve | migrate | config | admin …`.
 
+pub mod anomaly;
+pub mod client;
+
 use std::convert::Infallible;
 
 use anyhow::Context;
@@ -7,12 +10,14 @@ use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::{Settings, redact_url};
+use crate::access::{admin, auth};
 use crate::domain::{NewApiKey, ScopeSet};
-use crate::startup::Application;
+use crate::server::config::{Settings, redact_url};
+use crate::server::shutdown;
+use crate::server::startup::Application;
+use crate::server::telemetry::{self, LogFormat};
 use crate::storage::{self, DEFAULT_DATABASE_URL};
-use crate::telemetry::{self, LogFormat};
-use crate::{admin, auth, shutdown, webhook};
+use crate::webhooks;
 
 /// Picket: a gRPC-first security event platform.
 #[derive(Debug, Parser)]
@@ -53,15 +58,15 @@ pub enum Command {
     #[command(subcommand)]
     Admin(AdminCommand),
     /// Send a JSON-lines file of events through IngestStream (`-` for stdin).
-    Ingest(crate::client::ingest::IngestArgs),
+    Ingest(crate::cli::client::ingest::IngestArgs),
     /// Follow newly committed events live.
-    Tail(crate::client::tail::TailArgs),
+    Tail(crate::cli::client::tail::TailArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Simulate a tenant's benign activity plus injected attacks against an
     /// in-process server and report detection rate, latency and false alerts.
-    Simulate(crate::client::simulate::SimulateArgs),
+    Simulate(crate::cli::client::simulate::SimulateArgs),
     /// Try the anomaly models on your own CSV data.
     #[command(subcommand)]
     Anomaly(AnomalyCommand),
@@ -71,18 +76,18 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Ingest throughput and ack latency against the raw SQL ceiling.
-    Ingest(crate::client::bench::BenchIngestArgs),
+    Ingest(crate::cli::client::bench::BenchIngestArgs),
     /// Detection latency: failed-login burst → alert on WatchAlerts.
-    Detect(crate::client::bench_detect::BenchDetectArgs),
+    Detect(crate::cli::client::bench_detect::BenchDetectArgs),
     /// Live fan-out: N WatchIncidents subscribers, each change to all of them.
-    Fanout(crate::client::bench_fanout::BenchFanoutArgs),
+    Fanout(crate::cli::client::bench_fanout::BenchFanoutArgs),
 }
 
 /// `picket anomaly …`
 #[derive(Debug, Subcommand)]
 pub enum AnomalyCommand {
     /// Fit a model on --train and print one score per line (higher = more anomalous).
-    Score(crate::cli_anomaly::ScoreArgs),
+    Score(crate::cli::anomaly::ScoreArgs),
 }
 
 /// Which store to act on.
@@ -230,13 +235,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin(cmd) => admin_command(cmd).await,
-        Command::Anomaly(AnomalyCommand::Score(args)) => crate::cli_anomaly::run(&args),
-        Command::Ingest(args) => crate::client::ingest::run(args).await,
-        Command::Tail(args) => crate::client::tail::run(args).await,
-        Command::Bench(BenchCommand::Ingest(args)) => crate::client::bench::run(args).await,
-        Command::Bench(BenchCommand::Detect(args)) => crate::client::bench_detect::run(args).await,
-        Command::Bench(BenchCommand::Fanout(args)) => crate::client::bench_fanout::run(args).await,
-        Command::Simulate(args) => crate::client::simulate::run(args).await,
+        Command::Anomaly(AnomalyCommand::Score(args)) => crate::cli::anomaly::run(&args),
+        Command::Ingest(args) => crate::cli::client::ingest::run(args).await,
+        Command::Tail(args) => crate::cli::client::tail::run(args).await,
+        Command::Bench(BenchCommand::Ingest(args)) => crate::cli::client::bench::run(args).await,
+        Command::Bench(BenchCommand::Detect(args)) => {
+            crate::cli::client::bench_detect::run(args).await
+        }
+        Command::Bench(BenchCommand::Fanout(args)) => {
+            crate::cli::client::bench_fanout::run(args).await
+        }
+        Command::Simulate(args) => crate::cli::client::simulate::run(args).await,
     }
 }
 
@@ -362,9 +371,9 @@ async fn webhook_command(cmd: WebhookCommand) -> anyhow::Result<()> {
         } => {
             let (s, hasher) = open(&store).await?;
             let t = admin::resolve_tenant(s.as_ref(), &tenant).await?;
-            let (source, secret) = webhook::create_source(
+            let (source, secret) = webhooks::create_source(
                 s.as_ref(),
-                &webhook::SecretBox::new(&hasher),
+                &webhooks::SecretBox::new(&hasher),
                 t.id,
                 &name,
                 allow_body_only_signature,
@@ -397,10 +406,10 @@ async fn webhook_command(cmd: WebhookCommand) -> anyhow::Result<()> {
             s.close().await;
         }
         WebhookCommand::Rotate { id, store } => {
-            let id = webhook::parse_source_id(&id, "id")?;
+            let id = webhooks::parse_source_id(&id, "id")?;
             let (s, hasher) = open(&store).await?;
             let (source, secret) =
-                webhook::rotate_secret(s.as_ref(), &webhook::SecretBox::new(&hasher), None, id)
+                webhooks::rotate_secret(s.as_ref(), &webhooks::SecretBox::new(&hasher), None, id)
                     .await?;
             eprintln!(
                 "new signing secret for webhook source {} (the old one no longer works); shown once:",
@@ -410,9 +419,9 @@ async fn webhook_command(cmd: WebhookCommand) -> anyhow::Result<()> {
             s.close().await;
         }
         WebhookCommand::Delete { id, store } => {
-            let id = webhook::parse_source_id(&id, "id")?;
+            let id = webhooks::parse_source_id(&id, "id")?;
             let (s, _) = open(&store).await?;
-            webhook::delete_source(s.as_ref(), None, id).await?;
+            webhooks::delete_source(s.as_ref(), None, id).await?;
             println!("webhook source {id} deleted");
             s.close().await;
         }

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 
-use crate::auth::{self, KeyHasher};
+use crate::access::auth::{self, KeyHasher};
 use crate::domain::{ApiKey, ApiKeyId, NewApiKey, Tenant, TenantId, TenantName};
 use crate::error::{AppError, AppResult};
 use crate::storage::Store;

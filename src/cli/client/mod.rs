@@ -56,7 +56,7 @@ impl ServerArgs {
 pub fn with_key<T>(msg: T, key: &str) -> anyhow::Result<Request<T>> {
     let mut r = Request::new(msg);
     r.metadata_mut().insert(
-        crate::auth::API_KEY_HEADER,
+        crate::access::auth::API_KEY_HEADER,
         MetadataValue::try_from(key)
             .context("the API key contains characters not allowed in metadata")?,
     );

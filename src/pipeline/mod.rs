@@ -16,6 +16,8 @@
 //! (minutes) are thereby restored exactly; behavioural baselines (30 days) are
 //! restored as far as the replay reaches.
 
+pub mod scoring;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +32,7 @@ use crate::domain::TenantId;
 use crate::domain::alert::{AlertQuery, Entity, EntityKind, Evidence, NewAlert, SourceKind};
 use crate::domain::event::{FeedPosition, NewEvent};
 use crate::ingest::CommittedEvents;
-use crate::scoring::{AnomalyScorer, ScoringConfig};
+use crate::pipeline::scoring::{AnomalyScorer, ScoringConfig};
 use crate::storage::{Store, StoreResult};
 
 /// Events read from a tenant's feed per round trip.
@@ -140,7 +142,7 @@ pub struct DetectionPipeline {
     /// Next feed position per known tenant.
     positions: HashMap<TenantId, FeedPosition>,
     /// Bumped after alerts change, to wake watch streams.
-    changes: Arc<crate::signal::Signal>,
+    changes: Arc<crate::ingest::signal::Signal>,
     /// Tuning.
     config: PipelineConfig,
     /// Cancelled at shutdown; long passes stop between batches.
@@ -163,7 +165,7 @@ impl DetectionPipeline {
     pub fn new(
         store: Arc<dyn Store>,
         evaluator: Evaluator,
-        changes: Arc<crate::signal::Signal>,
+        changes: Arc<crate::ingest::signal::Signal>,
         config: PipelineConfig,
         shutdown: CancellationToken,
     ) -> Self {
@@ -205,7 +207,7 @@ impl DetectionPipeline {
             return false;
         }
         *stamp = now;
-        match crate::startup::load_rules(Some(dir)) {
+        match load_rules(Some(dir)) {
             Ok(set) => {
                 shared.replace(set.clone());
                 self.evaluator.set_base_rules(set);
@@ -251,7 +253,7 @@ impl DetectionPipeline {
             if let Some(a) = self.scorer.on_closed(self.store.as_ref(), &w).await?
                 && raise
             {
-                let new = crate::scoring::anomaly_alert(self.store.as_ref(), &a).await?;
+                let new = crate::pipeline::scoring::anomaly_alert(self.store.as_ref(), &a).await?;
                 let (alert, created) = self
                     .store
                     .raise_alert(w.tenant, new, self.config.suppression, Utc::now())
@@ -319,7 +321,7 @@ impl DetectionPipeline {
                 self.positions.insert(t.id, head);
                 self.reload_rules(t.id).await?;
                 self.scorer.load(self.store.as_ref(), t.id).await?;
-                let mut events = crate::scoring::events_in_range(
+                let mut events = crate::pipeline::scoring::events_in_range(
                     self.store.as_ref(),
                     t.id,
                     since,
@@ -531,4 +533,21 @@ impl DetectionPipeline {
                 .set(stats.correlation_groups as f64);
         }
     }
+}
+
+/// The built-in rule pack plus the rules directory, if any. Bad rules are
+/// logged and skipped; they never stop the others from loading.
+pub fn load_rules(dir: Option<&std::path::Path>) -> anyhow::Result<crate::detect::RuleSet> {
+    let Some(dir) = dir else {
+        return Ok(crate::detect::RuleSet::builtin().clone());
+    };
+    let sources = anyhow::Context::with_context(crate::detect::load_dir(dir), || {
+        format!("failed to read rules from {}", dir.display())
+    })?;
+    let (set, errors) = crate::detect::RuleSet::builtin().extend(sources);
+    for e in &errors {
+        tracing::warn!(source = %e.source, rule = ?e.rule_id, errors = ?e.errors, "rule rejected");
+    }
+    tracing::info!(rules = set.len(), rejected = errors.len(), dir = %dir.display(), "rules loaded");
+    Ok(set)
 }

@@ -6,7 +6,7 @@
 //!
 //! A signal tells local writes (this process wrote: [`Signal::notify`]) from
 //! wake-ups relayed from other replicas ([`Signal::wake`], see
-//! [`crate::replicas`]), so that only local writes are published to the peers
+//! [`crate::cluster::replicas`]), so that only local writes are published to the peers
 //! and a peer's signal is never echoed back.
 
 use std::collections::{BTreeSet, HashMap};

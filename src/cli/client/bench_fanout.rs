@@ -23,8 +23,8 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 
-use crate::client::bench::Latency;
-use crate::client::with_key;
+use crate::cli::client::bench::Latency;
+use crate::cli::client::with_key;
 use crate::grpc::pb;
 use crate::grpc::pb::admin_service_client::AdminServiceClient;
 use crate::grpc::pb::incident_service_client::IncidentServiceClient;
@@ -223,7 +223,7 @@ pub async fn bench(args: &BenchFanoutArgs) -> anyhow::Result<FanoutReport> {
         "nothing to measure"
     );
     anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
-    let operator = crate::auth::random_secret();
+    let operator = crate::access::auth::random_secret();
     let backend = if args.database_url.starts_with("postgres") {
         "postgres"
     } else {

@@ -19,7 +19,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::auth::{self, KeyHasher};
+use crate::access::auth::{self, KeyHasher};
 use crate::domain::alert::{Entity, EntityKind, NewAlert, SourceKind};
 use crate::domain::webhook::{WebhookSource, WebhookSourceName};
 use crate::domain::{Severity, TenantId};

@@ -18,13 +18,13 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::client::with_key;
-use crate::config::Settings;
+use crate::cli::client::with_key;
 use crate::domain::TenantId;
 use crate::grpc::pb;
 use crate::grpc::pb::admin_service_client::AdminServiceClient;
 use crate::grpc::pb::ingest_service_client::IngestServiceClient;
-use crate::startup::Application;
+use crate::server::config::Settings;
+use crate::server::startup::Application;
 use crate::storage::DEFAULT_DATABASE_URL;
 
 /// `picket bench ingest` arguments.
@@ -260,7 +260,7 @@ pub async fn bench(args: &BenchIngestArgs) -> anyhow::Result<BenchReport> {
         args.clients >= 1 && args.in_flight >= 1,
         "--clients and --in-flight must be at least 1"
     );
-    let operator = crate::auth::random_secret();
+    let operator = crate::access::auth::random_secret();
     let mut settings = Settings::with_database(Some(&args.database_url));
     settings.listen = "127.0.0.1:0".parse().expect("static address");
     settings.admin_token = Some(SecretString::from(operator.clone()));
@@ -475,4 +475,32 @@ async fn client_run(
     }
     sender.await.context("sender panicked")?;
     Ok(hist)
+}
+
+/// Nearest-rank p50, p99 and max in milliseconds; `None` when empty.
+pub(crate) fn percentiles(d: &[Duration]) -> Option<Latency> {
+    if d.is_empty() {
+        return None;
+    }
+    let mut ms: Vec<f64> = d.iter().map(|x| x.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    let rank = |q: f64| ms[((q * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
+    Some(Latency {
+        p50: rank(0.5),
+        p99: rank(0.99),
+        max: ms[ms.len() - 1],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let d: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        let l = percentiles(&d).unwrap();
+        assert_eq!((l.p50, l.p99, l.max), (50.0, 99.0, 100.0));
+        assert!(percentiles(&[]).is_none());
+    }
 }

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::client::{ServerArgs, is_retryable, json, retry_delay};
+use crate::cli::client::{ServerArgs, is_retryable, json, retry_delay};
 use crate::grpc::pb;
 use crate::grpc::pb::ingest_service_client::IngestServiceClient;
 

@@ -130,7 +130,7 @@ pub struct Settings {
         value_enum,
         default_value = "ecod"
     )]
-    pub anomaly_algorithm: crate::scoring::Algorithm,
+    pub anomaly_algorithm: crate::pipeline::scoring::Algorithm,
 
     /// Share of baseline windows the anomaly threshold leaves above it.
     #[arg(long, env = "PICKET_ANOMALY_CONTAMINATION", default_value_t = 0.0005)]
@@ -289,13 +289,13 @@ pub fn redact_url(url: &str) -> String {
 
 impl Settings {
     /// The anomaly scoring settings.
-    pub fn scoring(&self) -> crate::scoring::ScoringConfig {
-        crate::scoring::ScoringConfig {
+    pub fn scoring(&self) -> crate::pipeline::scoring::ScoringConfig {
+        crate::pipeline::scoring::ScoringConfig {
             algorithm: self.anomaly_algorithm,
             window: chrono::Duration::seconds(self.anomaly_window_seconds.max(1) as i64),
             contamination: self.anomaly_contamination.clamp(0.00001, 0.5),
             min_windows: self.anomaly_min_windows.max(10),
-            ..crate::scoring::ScoringConfig::default()
+            ..crate::pipeline::scoring::ScoringConfig::default()
         }
     }
 }

@@ -1,0 +1,8 @@
+//! The process around the capabilities: settings ([`config`]), assembly and
+//! serving ([`startup`]), the shutdown trigger ([`shutdown`]), logs and
+//! metrics ([`telemetry`]). Nothing below this layer imports it.
+
+pub mod config;
+pub mod shutdown;
+pub mod startup;
+pub mod telemetry;
