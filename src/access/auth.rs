@@ -259,20 +259,51 @@ const OPERATOR_SETTING: &str = "operator_token_hash";
 
 /// The key hasher for a store: the configured pepper if any, otherwise the one
 /// generated on first start and kept in the store's settings.
+///
+/// The store keeps a fingerprint of the pepper it was first used with (a keyed
+/// hash of a fixed text, so it reveals nothing about the pepper). A different
+/// pepper would silently turn every stored key into "unknown API key", so the
+/// server refuses to start instead and says why.
 pub async fn key_hasher(
     store: &dyn crate::storage::Store,
     configured: Option<&SecretString>,
 ) -> anyhow::Result<KeyHasher> {
     use anyhow::Context;
-    if let Some(p) = configured {
-        return Ok(KeyHasher::new(p.clone()));
-    }
-    let pepper = store
-        .put_setting_if_absent(PEPPER_SETTING, &random_secret())
+    let hasher = match configured {
+        Some(p) => KeyHasher::new(p.clone()),
+        None => {
+            let pepper = store
+                .put_setting_if_absent(PEPPER_SETTING, &random_secret())
+                .await
+                .context("failed to load the key-hashing secret")?;
+            KeyHasher::new(SecretString::from(pepper))
+        }
+    };
+    let fingerprint = hex::encode(hasher.hash(PEPPER_FINGERPRINT_TEXT));
+    let recorded = store
+        .put_setting_if_absent(PEPPER_FINGERPRINT_SETTING, &fingerprint)
         .await
-        .context("failed to load the key-hashing secret")?;
-    Ok(KeyHasher::new(SecretString::from(pepper)))
+        .context("failed to record the key-hashing secret's fingerprint")?;
+    if recorded != fingerprint {
+        let what = if configured.is_some() {
+            "PICKET_KEY_PEPPER is not the key-hashing secret this store was set up with"
+        } else {
+            "this store was set up with a PICKET_KEY_PEPPER, and none is set"
+        };
+        anyhow::bail!(
+            "{what}: every API key and the operator token \
+             stored here would be refused. Start with the original PICKET_KEY_PEPPER \
+             (keep it in a file such as .env), or use a fresh store."
+        );
+    }
+    Ok(hasher)
 }
+
+/// What the pepper's fingerprint is a keyed hash of.
+const PEPPER_FINGERPRINT_TEXT: &str = "picket key-hashing secret fingerprint v1";
+
+/// Setting that holds the pepper's fingerprint.
+const PEPPER_FINGERPRINT_SETTING: &str = "key_hashing_secret_fingerprint";
 
 /// Verifies credentials presented on calls.
 #[derive(Clone)]

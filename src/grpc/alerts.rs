@@ -11,9 +11,7 @@ use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Entity, EntityKind, S
 use crate::domain::event::{EventQuery, FeedPosition};
 use crate::domain::{Scope, TenantId};
 use crate::error::{AppError, AppResult};
-use crate::grpc::convert::{
-    from_timestamp, keyset_token, page_size, parse_keyset_token, timestamp,
-};
+use crate::grpc::convert::{from_timestamp, keyset_page, next_keyset_page, page_size, timestamp};
 use crate::grpc::events::{
     decode_cursor, encode_cursor, event_to_pb, severity_from_pb, severity_to_pb,
 };
@@ -215,11 +213,9 @@ impl AlertService for AlertApi {
         let caller = self.ctx.caller(&request, Scope::Read).await?;
         let tenant = caller.data_tenant().map_err(to_status)?;
         let req = request.into_inner();
-        let limit = page_size(req.page_size, 100, 1000).map_err(to_status)?;
+        let (limit, before) = keyset_page(req.page_size, &req.page_token).map_err(to_status)?;
         let mut q = query_from_pb(req.filter.as_ref()).map_err(to_status)?;
-        if !req.page_token.is_empty() {
-            q.before = Some(parse_keyset_token(&req.page_token).map_err(to_status)?);
-        }
+        q.before = before;
         q.limit = limit + 1;
         let mut alerts = self
             .ctx
@@ -227,15 +223,7 @@ impl AlertService for AlertApi {
             .list_alerts(tenant, &q)
             .await
             .map_err(|e| to_status(e.into()))?;
-        let next_page_token = if alerts.len() > limit as usize {
-            alerts.truncate(limit as usize);
-            {
-                let last = &alerts[alerts.len() - 1];
-                keyset_token(last.last_seen, last.id)
-            }
-        } else {
-            String::new()
-        };
+        let next_page_token = next_keyset_page(&mut alerts, limit, |a| (a.last_seen, a.id));
         Ok(Response::new(pb::ListAlertsResponse {
             alerts: alerts.iter().map(alert_to_pb).collect(),
             next_page_token,

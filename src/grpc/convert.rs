@@ -125,3 +125,36 @@ pub fn parse_keyset_token(token: &str) -> AppResult<(DateTime<Utc>, uuid::Uuid)>
         .ok_or_else(bad)?;
     Ok((t, uuid::Uuid::parse_str(id).map_err(|_| bad())?))
 }
+
+/// A keyset page request: how many rows to return (0 means 100, at most
+/// 1,000) and where the previous page ended. Fetch `limit + 1` rows and hand
+/// them to [`next_keyset_page`].
+pub fn keyset_page(
+    page_size_requested: u32,
+    page_token: &str,
+) -> AppResult<(u32, Option<(DateTime<Utc>, uuid::Uuid)>)> {
+    let limit = page_size(page_size_requested, 100, 1000)?;
+    let before = if page_token.is_empty() {
+        None
+    } else {
+        Some(parse_keyset_token(page_token)?)
+    };
+    Ok((limit, before))
+}
+
+/// Trims rows fetched with one extra to `limit` and returns the token of the
+/// next page (empty when this page is the last).
+pub fn next_keyset_page<T>(
+    rows: &mut Vec<T>,
+    limit: u32,
+    key: impl Fn(&T) -> (DateTime<Utc>, uuid::Uuid),
+) -> String {
+    if rows.len() <= limit as usize {
+        return String::new();
+    }
+    rows.truncate(limit as usize);
+    rows.last().map_or_else(String::new, |last| {
+        let (t, id) = key(last);
+        keyset_token(t, id)
+    })
+}

@@ -17,9 +17,7 @@ use crate::domain::incident::{
 use crate::domain::{Scope, Severity, TenantId};
 use crate::error::{AppError, AppResult};
 use crate::grpc::alerts::{alert_to_pb, entity_from_pb, entity_kind_to_pb};
-use crate::grpc::convert::{
-    from_timestamp, keyset_token, page_size, parse_keyset_token, timestamp,
-};
+use crate::grpc::convert::{from_timestamp, keyset_page, next_keyset_page, timestamp};
 use crate::grpc::events::{decode_cursor, encode_cursor, severity_from_pb, severity_to_pb};
 use crate::grpc::pb::incident_service_server::IncidentService;
 use crate::grpc::status::to_status;
@@ -259,11 +257,9 @@ impl IncidentService for IncidentApi {
         let caller = self.ctx.caller(&request, Scope::Read).await?;
         let tenant = caller.data_tenant().map_err(to_status)?;
         let req = request.into_inner();
-        let limit = page_size(req.page_size, 100, 1000).map_err(to_status)?;
+        let (limit, before) = keyset_page(req.page_size, &req.page_token).map_err(to_status)?;
         let mut q = query_from_pb(req.filter.as_ref()).map_err(to_status)?;
-        if !req.page_token.is_empty() {
-            q.before = Some(parse_keyset_token(&req.page_token).map_err(to_status)?);
-        }
+        q.before = before;
         q.limit = limit + 1;
         let mut list = self
             .ctx
@@ -271,13 +267,7 @@ impl IncidentService for IncidentApi {
             .list_incidents(tenant, &q)
             .await
             .map_err(|e| to_status(e.into()))?;
-        let next_page_token = if list.len() > limit as usize {
-            list.truncate(limit as usize);
-            let last = &list[list.len() - 1];
-            keyset_token(last.updated_at, last.id)
-        } else {
-            String::new()
-        };
+        let next_page_token = next_keyset_page(&mut list, limit, |i| (i.updated_at, i.id));
         Ok(Response::new(pb::ListIncidentsResponse {
             incidents: list.iter().map(incident_to_pb).collect(),
             next_page_token,
@@ -433,19 +423,8 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::LinkAlertsRequest>,
     ) -> Result<Response<pb::LinkAlertsResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Respond).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
-        let req = request.into_inner();
-        let run = async {
-            let id = parse_id(&req.incident_id, "incident_id")?;
-            let ids = parse_ids(&req.alert_ids, "alert_ids")?;
-            incidents::link(self.ctx.store.as_ref(), tenant, id, &ids, &caller.actor()).await
-        };
-        let inc = run.await.map_err(to_status)?;
-        self.ctx.changes.notify(tenant);
-        Ok(Response::new(pb::LinkAlertsResponse {
-            incident: Some(incident_to_pb(&inc)),
-        }))
+        let incident = self.change_links(request, Links::Add).await?;
+        Ok(Response::new(pb::LinkAlertsResponse { incident }))
     }
 
     #[instrument(skip_all, fields(rpc = "IncidentService.UnlinkAlerts", tenant))]
@@ -453,19 +432,8 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::UnlinkAlertsRequest>,
     ) -> Result<Response<pb::UnlinkAlertsResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Respond).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
-        let req = request.into_inner();
-        let run = async {
-            let id = parse_id(&req.incident_id, "incident_id")?;
-            let ids = parse_ids(&req.alert_ids, "alert_ids")?;
-            incidents::unlink(self.ctx.store.as_ref(), tenant, id, &ids, &caller.actor()).await
-        };
-        let inc = run.await.map_err(to_status)?;
-        self.ctx.changes.notify(tenant);
-        Ok(Response::new(pb::UnlinkAlertsResponse {
-            incident: Some(incident_to_pb(&inc)),
-        }))
+        let incident = self.change_links(request, Links::Remove).await?;
+        Ok(Response::new(pb::UnlinkAlertsResponse { incident }))
     }
 
     #[instrument(skip_all, fields(rpc = "IncidentService.MergeIncidents", tenant))]
@@ -606,7 +574,57 @@ enum WatchItem {
     Heartbeat(pb::Heartbeat),
 }
 
+/// Which way [`IncidentApi::change_links`] moves alerts.
+#[derive(Clone, Copy)]
+enum Links {
+    /// LinkAlerts.
+    Add,
+    /// UnlinkAlerts.
+    Remove,
+}
+
+/// LinkAlerts and UnlinkAlerts requests carry the same two fields.
+trait LinkRequest {
+    /// The incident id and the alert ids, as sent.
+    fn parts(&self) -> (&str, &[String]);
+}
+
+impl LinkRequest for pb::LinkAlertsRequest {
+    fn parts(&self) -> (&str, &[String]) {
+        (&self.incident_id, &self.alert_ids)
+    }
+}
+
+impl LinkRequest for pb::UnlinkAlertsRequest {
+    fn parts(&self) -> (&str, &[String]) {
+        (&self.incident_id, &self.alert_ids)
+    }
+}
+
 impl IncidentApi {
+    /// Links or unlinks alerts (LinkAlerts, UnlinkAlerts): the incident after.
+    async fn change_links<R: LinkRequest>(
+        &self,
+        request: Request<R>,
+        links: Links,
+    ) -> Result<Option<pb::Incident>, Status> {
+        let caller = self.ctx.caller(&request, Scope::Respond).await?;
+        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (incident_id, alert_ids) = request.get_ref().parts();
+        let run = async {
+            let id = parse_id(incident_id, "incident_id")?;
+            let ids = parse_ids(alert_ids, "alert_ids")?;
+            let store = self.ctx.store.as_ref();
+            match links {
+                Links::Add => incidents::link(store, tenant, id, &ids, &caller.actor()).await,
+                Links::Remove => incidents::unlink(store, tenant, id, &ids, &caller.actor()).await,
+            }
+        };
+        let inc = run.await.map_err(to_status)?;
+        self.ctx.changes.notify(tenant);
+        Ok(Some(incident_to_pb(&inc)))
+    }
+
     /// Snapshot (unless resuming) then live changes, as (cursor, item).
     ///
     /// The feed head is read before the snapshot, so every change after the

@@ -287,6 +287,24 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Where a database URL keeps its data, for the start-up log: the absolute
+/// file of an SQLite store (so a newcomer sees where `./picket-data/` is),
+/// or the URL with its password redacted.
+pub fn store_location(url: &str) -> String {
+    if !url.starts_with("sqlite:") {
+        return redact_url(url);
+    }
+    let path = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:")
+        .split('?')
+        .next()
+        .unwrap_or_default();
+    std::path::absolute(path)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| path.to_owned())
+}
+
 impl Settings {
     /// The anomaly scoring settings.
     pub fn scoring(&self) -> crate::pipeline::scoring::ScoringConfig {

@@ -310,7 +310,12 @@ impl Application {
         });
 
         metrics::gauge!("picket_up").set(1.0);
-        tracing::info!(addr = %local_addr, backend = store.backend().as_str(), "picket serving");
+        tracing::info!(
+            addr = %local_addr,
+            backend = store.backend().as_str(),
+            store = %crate::server::config::store_location(&settings.database_url()),
+            "picket serving (Ctrl-C or SIGTERM stops it gracefully)"
+        );
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let serve = server.serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
         let grace = settings.shutdown_grace();

@@ -17,13 +17,21 @@ pub enum LogFormat {
 }
 
 /// Installs the global tracing subscriber writing to stderr. `filter` uses
-/// `EnvFilter` syntax (e.g. `info,picket=debug`).
+/// `EnvFilter` syntax (e.g. `info,picket=debug`). Human lines are coloured
+/// only when stderr is a terminal, so logs written to a file or a pipe carry
+/// no ANSI escape codes.
 pub fn init_tracing(format: LogFormat, filter: &str) {
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal();
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Human => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(colour)
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(

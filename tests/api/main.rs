@@ -8,6 +8,7 @@ mod admin;
 mod alerts;
 mod anomaly;
 mod crash;
+mod front_door;
 mod grpcweb;
 mod incidents;
 mod ingest;

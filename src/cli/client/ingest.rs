@@ -94,6 +94,14 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     for example in &summary.examples {
         println!("  e.g. {example}");
     }
+    // Scripts and CI must notice rejected lines: they are not stored.
+    if summary.rejected > 0 {
+        anyhow::bail!(
+            "{} of {} lines were rejected (not stored); the first are listed above",
+            summary.rejected,
+            summary.lines
+        );
+    }
     Ok(())
 }
 
