@@ -126,13 +126,16 @@ pub fn parse_keyset_token(token: &str) -> AppResult<(DateTime<Utc>, uuid::Uuid)>
     Ok((t, uuid::Uuid::parse_str(id).map_err(|_| bad())?))
 }
 
+/// Where a keyset page starts: strictly older than this (time, id).
+pub type KeysetPosition = (DateTime<Utc>, uuid::Uuid);
+
 /// A keyset page request: how many rows to return (0 means 100, at most
 /// 1,000) and where the previous page ended. Fetch `limit + 1` rows and hand
 /// them to [`next_keyset_page`].
 pub fn keyset_page(
     page_size_requested: u32,
     page_token: &str,
-) -> AppResult<(u32, Option<(DateTime<Utc>, uuid::Uuid)>)> {
+) -> AppResult<(u32, Option<KeysetPosition>)> {
     let limit = page_size(page_size_requested, 100, 1000)?;
     let before = if page_token.is_empty() {
         None
@@ -147,7 +150,7 @@ pub fn keyset_page(
 pub fn next_keyset_page<T>(
     rows: &mut Vec<T>,
     limit: u32,
-    key: impl Fn(&T) -> (DateTime<Utc>, uuid::Uuid),
+    key: impl Fn(&T) -> KeysetPosition,
 ) -> String {
     if rows.len() <= limit as usize {
         return String::new();
