@@ -15,9 +15,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use sqlx::error::BoxDynError;
-use sqlx::{
-    Arguments, ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, Type,
-};
+use sqlx::{Arguments, ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, Type};
 use uuid::Uuid;
 
 use crate::domain::TenantId;

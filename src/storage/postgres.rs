@@ -183,7 +183,11 @@ impl Dialect for Postgres {
         let mut tx = store.pool.begin().await.map_err(&fail)?;
         let mut out = Vec::with_capacity(groups.len());
         for (tenant, events) in groups {
-            out.push(insert_group(&mut tx, *tenant, events).await.map_err(&fail)?);
+            out.push(
+                insert_group(&mut tx, *tenant, events)
+                    .await
+                    .map_err(&fail)?,
+            );
         }
         tx.commit().await.map_err(fail)?;
         Ok(out)
@@ -262,9 +266,7 @@ async fn insert_group(
         systems.push(e.source_system.as_str());
         services.push(e.service.as_str());
         envs.push(e.environment.as_str());
-        details.push(
-            serde_json::to_string(&e.details).map_err(|e| sqlx::Error::Encode(e.into()))?,
-        );
+        details.push(serde_json::to_string(&e.details).map_err(|e| sqlx::Error::Encode(e.into()))?);
     }
     let inserted: Vec<uuid::Uuid> = sqlx::query_scalar(
         "INSERT INTO events (tenant_id, id, idem, occurred_at, received_at, event_type, ocsf_class_uid, \

@@ -4,8 +4,8 @@
 //! (uuid, JSON and event-time encodings, tenant transactions, feed positions,
 //! row locks, the event insert path and leadership).
 
-use chrono::{DateTime, Utc};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use sqlx::{Database, Pool};
 use uuid::Uuid;
 
@@ -73,8 +73,7 @@ const KEY_COLUMNS: &str =
     "id, tenant_id, name, scopes, secret_hash, created_at, expires_at, revoked_at";
 const SOURCE_COLUMNS: &str =
     "tenant_id, id, name, secret, allow_body_only_signature, created_at, secret_rotated_at";
-const RULE_COLUMNS: &str =
-    "tenant_id, rule_id, title, sigma_yaml, enabled, created_at, updated_at";
+const RULE_COLUMNS: &str = "tenant_id, rule_id, title, sigma_yaml, enabled, created_at, updated_at";
 const EVENT_COLUMNS: &str = "tenant_id, id, seq, idem, occurred_at, received_at, event_type, \
      ocsf_class_uid, ocsf_category_uid, actor, action, resource, outcome, severity, source_ip, \
      destination_ip, source_system, service, environment, details";
@@ -254,6 +253,40 @@ impl<DB: Dialect> SqlStore<DB> {
         let rows = q.fetch_all(&mut *tx).await?;
         tx.commit().await?;
         Ok(rows)
+    }
+
+    /// Runs `q` in a read transaction of `tenant` and decodes every row;
+    /// failures are classified as `what` with `context`.
+    async fn read_list<T>(
+        &self,
+        tenant: TenantId,
+        q: Stmt<DB>,
+        decode: fn(&DB::Row) -> Result<T, sqlx::Error>,
+        what: &str,
+        context: &'static str,
+    ) -> StoreResult<Vec<T>> {
+        let fail = fail(what, context);
+        let rows = self.read_all(tenant, q).await.map_err(&fail)?;
+        decode_all::<DB, _>(&rows, decode).map_err(fail)
+    }
+
+    /// Executes `q` in a write transaction of `tenant`; `NotFound(what)` if it
+    /// touched no row.
+    async fn write_existing(
+        &self,
+        tenant: TenantId,
+        q: Stmt<DB>,
+        what: String,
+        context: &'static str,
+    ) -> StoreResult<()> {
+        let done = self
+            .write_one(tenant, q)
+            .await
+            .map_err(fail(&what, context))?;
+        if done == 0 {
+            return Err(StoreError::NotFound(what));
+        }
+        Ok(())
     }
 
     /// Runs `q` in a read transaction of `tenant`; returns its first row.
@@ -446,7 +479,16 @@ impl<DB: Dialect> SqlStore<DB> {
         link: &[Uuid],
     ) -> Result<(), sqlx::Error> {
         let payload = crate::storage::incident_change_payload(i, entry, kind);
-        Self::log_change(tx, i.tenant_id, "incidents", i.id, kind, &payload, Utc::now()).await?;
+        Self::log_change(
+            tx,
+            i.tenant_id,
+            "incidents",
+            i.id,
+            kind,
+            &payload,
+            Utc::now(),
+        )
+        .await?;
         for a in link {
             Self::link_alert(tx, i.tenant_id, *a, Some(i.id)).await?;
         }
@@ -500,7 +542,9 @@ impl<DB: Dialect> Store for SqlStore<DB> {
             .first(Stmt::<DB>::new("SELECT value FROM settings WHERE key = $1").arg(key))
             .await
             .map_err(&fail)?;
-        row.map(|r| r.col::<String>("value")).transpose().map_err(fail)
+        row.map(|r| r.col::<String>("value"))
+            .transpose()
+            .map_err(fail)
     }
 
     async fn put_setting_if_absent(&self, key: &str, value: &str) -> StoreResult<String> {
@@ -538,7 +582,10 @@ impl<DB: Dialect> Store for SqlStore<DB> {
 
     async fn get_tenant(&self, id: TenantId) -> StoreResult<Tenant> {
         let what = format!("tenant {id}");
-        let q = Stmt::<DB>::text(format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1")).uuid(id.0);
+        let q = Stmt::<DB>::text(format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
+        ))
+        .uuid(id.0);
         let row = self
             .first(q)
             .await
@@ -548,7 +595,10 @@ impl<DB: Dialect> Store for SqlStore<DB> {
     }
 
     async fn find_tenant_by_name(&self, name: &str) -> StoreResult<Option<Tenant>> {
-        let q = Stmt::<DB>::text(format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1")).arg(name);
+        let q = Stmt::<DB>::text(format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1"
+        ))
+        .arg(name);
         let row = self
             .first(q)
             .await
@@ -604,18 +654,17 @@ impl<DB: Dialect> Store for SqlStore<DB> {
         .arg(k.expires_at)
         .arg(k.revoked_at);
         let parent = format!("tenant {}", k.tenant_id);
-        self.write_one(k.tenant_id, q)
-            .await
-            .map_err(fail_orphan(parent, "api key", "failed to insert an API key"))?;
+        self.write_one(k.tenant_id, q).await.map_err(fail_orphan(
+            parent,
+            "api key",
+            "failed to insert an API key",
+        ))?;
         Ok(())
     }
 
     async fn find_api_key(&self, id: &ApiKeyId) -> StoreResult<Option<ApiKey>> {
-        let q = Stmt::<DB>::text(format!(
-            "SELECT {KEY_COLUMNS} FROM {}",
-            DB::API_KEY_BY_ID
-        ))
-        .arg(id.as_str());
+        let q = Stmt::<DB>::text(format!("SELECT {KEY_COLUMNS} FROM {}", DB::API_KEY_BY_ID))
+            .arg(id.as_str());
         let row = self
             .first(q)
             .await
@@ -631,12 +680,14 @@ impl<DB: Dialect> Store for SqlStore<DB> {
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 ORDER BY created_at DESC, id"
         ))
         .uuid(tenant.0);
-        let rows = self
-            .read_all(tenant, q)
-            .await
-            .map_err(fail("api keys", "failed to list API keys"))?;
-        decode_all::<DB, _>(&rows, key_from_row::<DB>)
-            .map_err(fail("api key", "failed to decode an API key"))
+        self.read_list(
+            tenant,
+            q,
+            key_from_row::<DB>,
+            "api keys",
+            "failed to list API keys",
+        )
+        .await
     }
 
     async fn revoke_api_key(
@@ -685,7 +736,10 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
             b.push_in("event_type", q.event_types.iter().map(String::as_str));
         }
         if !q.ocsf_class_uids.is_empty() {
-            b.push_in("ocsf_class_uid", q.ocsf_class_uids.iter().map(|c| *c as i32));
+            b.push_in(
+                "ocsf_class_uid",
+                q.ocsf_class_uids.iter().map(|c| *c as i32),
+            );
         }
         if let Some(a) = &q.actor {
             b.push(" AND actor = ").push_bind(a.as_str());
@@ -709,9 +763,14 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
             b.push(" AND received_at <= ").push_time(t);
         }
         push_newest_first(&mut b, "occurred_at", q.before, q.limit);
-        let fail = fail("events", "failed to query events");
-        let rows = self.read_all(tenant, b).await.map_err(&fail)?;
-        decode_all::<DB, _>(&rows, event_from_row::<DB>).map_err(fail)
+        self.read_list(
+            tenant,
+            b,
+            event_from_row::<DB>,
+            "events",
+            "failed to query events",
+        )
+        .await
     }
 
     async fn events_after(
@@ -721,9 +780,14 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
         limit: u32,
     ) -> StoreResult<Vec<StoredEvent>> {
         let q = Self::feed_after("events", EVENT_COLUMNS, tenant, None, after, limit);
-        let fail = fail("events", "failed to read the event feed");
-        let rows = self.read_all(tenant, q).await.map_err(&fail)?;
-        decode_all::<DB, _>(&rows, event_from_row::<DB>).map_err(fail)
+        self.read_list(
+            tenant,
+            q,
+            event_from_row::<DB>,
+            "events",
+            "failed to read the event feed",
+        )
+        .await
     }
 
     async fn events_head(&self, tenant: TenantId) -> StoreResult<Option<FeedPosition>> {
@@ -755,9 +819,14 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
             b.push(if n == 0 { "" } else { ", " }).push_uuid(*id);
         }
         b.push(") ORDER BY occurred_at, id");
-        let fail = fail("events", "failed to read events");
-        let rows = self.read_all(tenant, b).await.map_err(&fail)?;
-        decode_all::<DB, _>(&rows, event_from_row::<DB>).map_err(fail)
+        self.read_list(
+            tenant,
+            b,
+            event_from_row::<DB>,
+            "events",
+            "failed to read events",
+        )
+        .await
     }
 }
 
@@ -813,9 +882,14 @@ impl<DB: Dialect> AlertStore for SqlStore<DB> {
         }
         push_range(&mut b, "last_seen", q.start, q.end);
         push_newest_first(&mut b, "last_seen", q.before, q.limit);
-        let fail = fail("alerts", "failed to list alerts");
-        let rows = self.read_all(tenant, b).await.map_err(&fail)?;
-        decode_all::<DB, _>(&rows, |r| DB::doc(r, "doc")).map_err(fail)
+        self.read_list(
+            tenant,
+            b,
+            |r| DB::doc(r, "doc"),
+            "alerts",
+            "failed to list alerts",
+        )
+        .await
     }
 
     async fn update_alert_status(
@@ -865,9 +939,14 @@ impl<DB: Dialect> AlertStore for SqlStore<DB> {
     ) -> StoreResult<Vec<Change>> {
         let columns = "seq, stream, subject_id, kind, payload";
         let q = Self::feed_after("change_log", columns, tenant, Some(stream), after, limit);
-        let fail = fail("changes", "failed to read the change log");
-        let rows = self.read_all(tenant, q).await.map_err(&fail)?;
-        decode_all::<DB, _>(&rows, change_from_row::<DB>).map_err(fail)
+        self.read_list(
+            tenant,
+            q,
+            change_from_row::<DB>,
+            "changes",
+            "failed to read the change log",
+        )
+        .await
     }
 
     async fn changes_head(
@@ -903,9 +982,14 @@ impl<DB: Dialect> RuleStore for SqlStore<DB> {
             "SELECT {RULE_COLUMNS} FROM tenant_rules WHERE tenant_id = $1 ORDER BY rule_id"
         ))
         .uuid(tenant.0);
-        let fail = fail("rules", "failed to list rules");
-        let rows = self.read_all(tenant, q).await.map_err(&fail)?;
-        decode_all::<DB, _>(&rows, rule_from_row::<DB>).map_err(fail)
+        self.read_list(
+            tenant,
+            q,
+            rule_from_row::<DB>,
+            "rules",
+            "failed to list rules",
+        )
+        .await
     }
 
     async fn delete_tenant_rule(&self, tenant: TenantId, rule_id: &str) -> StoreResult<()> {
@@ -913,14 +997,8 @@ impl<DB: Dialect> RuleStore for SqlStore<DB> {
         let q = Stmt::<DB>::new("DELETE FROM tenant_rules WHERE tenant_id = $1 AND rule_id = $2")
             .uuid(tenant.0)
             .arg(rule_id);
-        let done = self
-            .write_one(tenant, q)
+        self.write_existing(tenant, q, what, "failed to delete a rule")
             .await
-            .map_err(fail(&what, "failed to delete a rule"))?;
-        if done == 0 {
-            return Err(StoreError::NotFound(what));
-        }
-        Ok(())
     }
 }
 
@@ -1123,9 +1201,11 @@ impl<DB: Dialect> WebhookStore for SqlStore<DB> {
         .arg(w.created_at)
         .arg(w.secret_rotated_at);
         let parent = format!("tenant {}", w.tenant_id);
-        self.write_one(w.tenant_id, q)
-            .await
-            .map_err(fail_orphan(parent, &what, "failed to insert a webhook source"))?;
+        self.write_one(w.tenant_id, q).await.map_err(fail_orphan(
+            parent,
+            &what,
+            "failed to insert a webhook source",
+        ))?;
         Ok(())
     }
 
@@ -1134,9 +1214,14 @@ impl<DB: Dialect> WebhookStore for SqlStore<DB> {
             "SELECT {SOURCE_COLUMNS} FROM webhook_sources WHERE tenant_id = $1 ORDER BY name"
         ))
         .uuid(tenant.0);
-        let fail = fail("webhook sources", "failed to list webhook sources");
-        let rows = self.read_all(tenant, q).await.map_err(&fail)?;
-        decode_all::<DB, _>(&rows, source_from_row::<DB>).map_err(fail)
+        self.read_list(
+            tenant,
+            q,
+            source_from_row::<DB>,
+            "webhook sources",
+            "failed to list webhook sources",
+        )
+        .await
     }
 
     async fn find_webhook_source(&self, name: &str) -> StoreResult<Option<WebhookSource>> {
@@ -1192,14 +1277,8 @@ impl<DB: Dialect> WebhookStore for SqlStore<DB> {
         let q = Stmt::<DB>::new("DELETE FROM webhook_sources WHERE tenant_id = $1 AND id = $2")
             .uuid(tenant.0)
             .uuid(id);
-        let done = self
-            .write_one(tenant, q)
+        self.write_existing(tenant, q, what, "failed to delete a webhook source")
             .await
-            .map_err(fail(&what, "failed to delete a webhook source"))?;
-        if done == 0 {
-            return Err(StoreError::NotFound(what));
-        }
-        Ok(())
     }
 
     async fn raise_webhook_alert(
