@@ -1,14 +1,20 @@
-//! Storage: one trait that speaks domain types, one implementation per backend.
+//! Storage: one trait that speaks domain types, one implementation for every
+//! SQL backend.
 //!
 //! The backend is chosen by the URL scheme (`postgres://`, `postgresql://` or
-//! `sqlite:`). Both run the same conformance suite (`tests/storage`).
+//! `sqlite:`). Each query is written once in `sql.rs` ([`SqlStore`]); a
+//! backend's real differences are its `Dialect` (`dialect.rs`), implemented in
+//! `postgres.rs` and `sqlite.rs`. Both run the same conformance suite
+//! (`tests/storage`).
 //!
 //! **Architecture invariant:** only this module knows sqlx. Tenant-owned data is
 //! always read and written through a method that takes the caller's
 //! [`TenantId`]; on Postgres, row-level security enforces it a second time.
 
 pub mod ceiling;
+mod dialect;
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::sync::Arc;
@@ -25,6 +31,7 @@ use crate::domain::webhook::{DeliveryOutcome, WebhookSource};
 use crate::domain::{ApiKey, ApiKeyId, Tenant, TenantId};
 
 pub use postgres::PgStore;
+pub use sql::SqlStore;
 pub use sqlite::SqliteStore;
 
 /// Result of a storage operation.

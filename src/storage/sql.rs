@@ -1,0 +1,1325 @@
+//! The store on a SQL database, written once for every backend: [`SqlStore`]
+//! runs the same statements (with `$1..$n` placeholders) on Postgres and
+//! SQLite; each backend's [`Dialect`] supplies only what really differs
+//! (uuid, JSON and event-time encodings, tenant transactions, feed positions,
+//! row locks, the event insert path and leadership).
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::{Database, Pool};
+use uuid::Uuid;
+
+use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
+use crate::domain::event::{
+    EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
+};
+use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
+use crate::domain::rule::{StoredModel, TenantRule};
+use crate::domain::webhook::{DeliveryOutcome, WebhookSource};
+use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
+use crate::storage::dialect::{Col, Dialect, Stmt, Tx};
+use crate::storage::{
+    AlertStore, Backend, EventStore, IncidentStore, Leadership, ModelStore, RuleStore, Store,
+    StoreError, StoreResult, WebhookStore,
+};
+
+/// Store on a SQL database `DB` (see [`crate::storage::PgStore`] and
+/// [`crate::storage::SqliteStore`]).
+pub struct SqlStore<DB: Database> {
+    /// The connection pool (on Postgres, connections that have all run
+    /// `SET ROLE picket_app`).
+    pub(super) pool: Pool<DB>,
+}
+
+impl<DB: Database> Clone for SqlStore<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+impl<DB: Database> SqlStore<DB> {
+    /// The pool (for the conformance suite's checks and for benchmarks).
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.pool
+    }
+}
+
+/// Classifies a failed operation on `what` (see [`StoreError::classify`]).
+pub(crate) fn fail<'a>(
+    what: &'a str,
+    context: &'static str,
+) -> impl Fn(sqlx::Error) -> StoreError + 'a {
+    move |e| StoreError::classify(e, what, context)
+}
+
+/// Like [`fail`], but a foreign-key violation means `parent` does not exist.
+fn fail_orphan<'a>(
+    parent: String,
+    what: &'a str,
+    context: &'static str,
+) -> impl Fn(sqlx::Error) -> StoreError + 'a {
+    move |e| match &e {
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+            StoreError::NotFound(parent.clone())
+        }
+        _ => StoreError::classify(e, what, context),
+    }
+}
+
+const TENANT_COLUMNS: &str = "id, name, display_name, retention_days, created_at";
+const KEY_COLUMNS: &str =
+    "id, tenant_id, name, scopes, secret_hash, created_at, expires_at, revoked_at";
+const SOURCE_COLUMNS: &str =
+    "tenant_id, id, name, secret, allow_body_only_signature, created_at, secret_rotated_at";
+const RULE_COLUMNS: &str = "tenant_id, rule_id, title, sigma_yaml, enabled, created_at, updated_at";
+const EVENT_COLUMNS: &str = "tenant_id, id, seq, idem, occurred_at, received_at, event_type, \
+     ocsf_class_uid, ocsf_category_uid, actor, action, resource, outcome, severity, source_ip, \
+     destination_ip, source_system, service, environment, details";
+
+fn uuid<DB: Dialect>(row: &DB::Row, col: &str) -> Result<Uuid, sqlx::Error> {
+    DB::opt_uuid(row, col)?.ok_or_else(|| sqlx::Error::Decode(format!("{col} is null").into()))
+}
+
+fn tenant_from_row<DB: Dialect>(row: &DB::Row) -> Result<Tenant, sqlx::Error> {
+    Ok(Tenant {
+        id: TenantId(uuid::<DB>(row, "id")?),
+        name: row.col("name")?,
+        display_name: row.col("display_name")?,
+        retention_days: row.col::<i32>("retention_days")?.max(0) as u32,
+        created_at: row.col("created_at")?,
+    })
+}
+
+fn key_from_row<DB: Dialect>(row: &DB::Row) -> Result<ApiKey, sqlx::Error> {
+    let id: String = row.col("id")?;
+    Ok(ApiKey {
+        id: ApiKeyId::parse(&id)
+            .ok_or_else(|| sqlx::Error::Decode("malformed api key id".into()))?,
+        tenant_id: TenantId(uuid::<DB>(row, "tenant_id")?),
+        name: row.col("name")?,
+        scopes: ScopeSet::from_bits(row.col("scopes")?),
+        secret_hash: row.col("secret_hash")?,
+        created_at: row.col("created_at")?,
+        expires_at: row.col("expires_at")?,
+        revoked_at: row.col("revoked_at")?,
+    })
+}
+
+fn event_from_row<DB: Dialect>(row: &DB::Row) -> Result<StoredEvent, sqlx::Error> {
+    let decode = |e: String| sqlx::Error::Decode(e.into());
+    let ip = |col: &str| -> Result<Option<std::net::IpAddr>, sqlx::Error> {
+        row.col::<Option<String>>(col)?
+            .map(|s| s.parse().map_err(|_| decode(format!("bad ip in {col}"))))
+            .transpose()
+    };
+    let idem: Vec<u8> = row.col("idem")?;
+    Ok(StoredEvent {
+        tenant_id: TenantId(uuid::<DB>(row, "tenant_id")?),
+        position: DB::position(row)?,
+        event: NewEvent {
+            id: uuid::<DB>(row, "id")?,
+            idempotency_digest: idem
+                .try_into()
+                .map_err(|_| decode("bad idempotency digest".into()))?,
+            occurred_at: DB::time(row, "occurred_at")?,
+            received_at: DB::time(row, "received_at")?,
+            event_type: row.col("event_type")?,
+            ocsf_class_uid: row.col::<i32>("ocsf_class_uid")? as u32,
+            ocsf_category_uid: row.col::<i32>("ocsf_category_uid")? as u32,
+            actor: row.col("actor")?,
+            action: row.col("action")?,
+            resource: row.col("resource")?,
+            outcome: Outcome::from_i16(row.col("outcome")?),
+            severity: Severity::from_i16(row.col("severity")?).unwrap_or_default(),
+            source_ip: ip("source_ip")?,
+            destination_ip: ip("destination_ip")?,
+            source_system: row.col("source_system")?,
+            service: row.col("service")?,
+            environment: row.col("environment")?,
+            details: DB::doc(row, "details")?,
+        },
+    })
+}
+
+fn change_from_row<DB: Dialect>(row: &DB::Row) -> Result<Change, sqlx::Error> {
+    Ok(Change {
+        position: DB::position(row)?,
+        stream: row.col("stream")?,
+        subject_id: uuid::<DB>(row, "subject_id")?,
+        kind: row.col("kind")?,
+        payload: DB::doc(row, "payload")?,
+    })
+}
+
+fn rule_from_row<DB: Dialect>(row: &DB::Row) -> Result<TenantRule, sqlx::Error> {
+    Ok(TenantRule {
+        tenant_id: TenantId(uuid::<DB>(row, "tenant_id")?),
+        rule_id: row.col("rule_id")?,
+        title: row.col("title")?,
+        sigma_yaml: row.col("sigma_yaml")?,
+        enabled: row.col("enabled")?,
+        created_at: row.col("created_at")?,
+        updated_at: row.col("updated_at")?,
+    })
+}
+
+fn source_from_row<DB: Dialect>(row: &DB::Row) -> Result<WebhookSource, sqlx::Error> {
+    Ok(WebhookSource {
+        tenant_id: TenantId(uuid::<DB>(row, "tenant_id")?),
+        id: uuid::<DB>(row, "id")?,
+        name: row.col("name")?,
+        sealed_secret: row.col("secret")?,
+        allow_body_only_signature: row.col("allow_body_only_signature")?,
+        created_at: row.col("created_at")?,
+        secret_rotated_at: row.col("secret_rotated_at")?,
+    })
+}
+
+/// Decodes every row with `decode`.
+fn decode_all<DB: Database, T>(
+    rows: &[DB::Row],
+    decode: fn(&DB::Row) -> Result<T, sqlx::Error>,
+) -> Result<Vec<T>, sqlx::Error> {
+    rows.iter().map(decode).collect()
+}
+
+/// Appends `AND col >= start AND col < end` for the bounds that are set.
+fn push_range<DB: Dialect>(
+    q: &mut Stmt<DB>,
+    col: &str,
+    start: Option<DateTime<Utc>>,
+    end: Option<DateTime<Utc>>,
+) {
+    if let Some(t) = start {
+        q.push(&format!(" AND {col} >= ")).push_time(t);
+    }
+    if let Some(t) = end {
+        q.push(&format!(" AND {col} < ")).push_time(t);
+    }
+}
+
+/// Appends the keyset condition `(col, id) < before`, newest-first order and the limit.
+fn push_newest_first<DB: Dialect>(
+    q: &mut Stmt<DB>,
+    col: &str,
+    before: Option<(DateTime<Utc>, Uuid)>,
+    limit: u32,
+) {
+    if let Some((t, id)) = before {
+        q.push(&format!(" AND ({col}, id) < (")).push_time(t);
+        q.push(", ").push_uuid(id).push(")");
+    }
+    q.push(&format!(" ORDER BY {col} DESC, id DESC LIMIT "))
+        .push_bind(i64::from(limit));
+}
+
+// Only private helpers: the crate-internal `Dialect` bound never reaches callers.
+#[allow(private_bounds)]
+impl<DB: Dialect> SqlStore<DB> {
+    /// A transaction reading `tenant`'s data.
+    async fn read(&self, tenant: TenantId) -> Result<Tx<DB>, sqlx::Error> {
+        DB::begin(self, tenant, false).await
+    }
+
+    /// A transaction writing `tenant`'s data.
+    async fn write(&self, tenant: TenantId) -> Result<Tx<DB>, sqlx::Error> {
+        DB::begin(self, tenant, true).await
+    }
+
+    /// Runs `q` on a pooled connection outside any tenant (tenants, settings,
+    /// lookups across tenants); returns its first row.
+    async fn first(&self, q: Stmt<DB>) -> Result<Option<DB::Row>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        q.fetch_optional(&mut *conn).await
+    }
+
+    /// Runs `q` on a pooled connection outside any tenant; returns all rows.
+    async fn all(&self, q: Stmt<DB>) -> Result<Vec<DB::Row>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        q.fetch_all(&mut *conn).await
+    }
+
+    /// Executes `q` on a pooled connection outside any tenant.
+    async fn execute(&self, q: Stmt<DB>) -> Result<u64, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        q.execute(&mut *conn).await
+    }
+
+    /// Runs `q` in a read transaction of `tenant`; returns all rows.
+    async fn read_all(&self, tenant: TenantId, q: Stmt<DB>) -> Result<Vec<DB::Row>, sqlx::Error> {
+        let mut tx = self.read(tenant).await?;
+        let rows = q.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    /// Runs `q` in a read transaction of `tenant` and decodes every row;
+    /// failures are classified as `what` with `context`.
+    async fn read_list<T>(
+        &self,
+        tenant: TenantId,
+        q: Stmt<DB>,
+        decode: fn(&DB::Row) -> Result<T, sqlx::Error>,
+        what: &str,
+        context: &'static str,
+    ) -> StoreResult<Vec<T>> {
+        let fail = fail(what, context);
+        let rows = self.read_all(tenant, q).await.map_err(&fail)?;
+        decode_all::<DB, _>(&rows, decode).map_err(fail)
+    }
+
+    /// Executes `q` in a write transaction of `tenant`; `NotFound(what)` if it
+    /// touched no row.
+    async fn write_existing(
+        &self,
+        tenant: TenantId,
+        q: Stmt<DB>,
+        what: String,
+        context: &'static str,
+    ) -> StoreResult<()> {
+        let done = self
+            .write_one(tenant, q)
+            .await
+            .map_err(fail(&what, context))?;
+        if done == 0 {
+            return Err(StoreError::NotFound(what));
+        }
+        Ok(())
+    }
+
+    /// Runs `q` in a read transaction of `tenant`; returns its first row.
+    async fn read_first(
+        &self,
+        tenant: TenantId,
+        q: Stmt<DB>,
+    ) -> Result<Option<DB::Row>, sqlx::Error> {
+        let mut tx = self.read(tenant).await?;
+        let row = q.fetch_optional(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    /// Executes `q` in a write transaction of `tenant`; returns how many rows
+    /// it touched.
+    async fn write_one(&self, tenant: TenantId, q: Stmt<DB>) -> Result<u64, sqlx::Error> {
+        let mut tx = self.write(tenant).await?;
+        let done = q.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    /// Runs `q` in a write transaction of `tenant`; returns its only row
+    /// (`RowNotFound` if none).
+    async fn write_returning(&self, tenant: TenantId, q: Stmt<DB>) -> Result<DB::Row, sqlx::Error> {
+        let mut tx = self.write(tenant).await?;
+        let row = q.fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    /// `columns` of `tenant`'s feed rows in `table` (of `stream`, if given)
+    /// strictly after `after`, in commit order, at most `limit`.
+    fn feed_after(
+        table: &str,
+        columns: &str,
+        tenant: TenantId,
+        stream: Option<&str>,
+        after: FeedPosition,
+        limit: u32,
+    ) -> Stmt<DB> {
+        let mut q = Self::feed(table, columns, tenant, stream);
+        DB::push_after(&mut q, after);
+        q.push(&format!(" ORDER BY {} LIMIT ", DB::FEED_ORDER))
+            .push_bind(i64::from(limit));
+        q
+    }
+
+    /// The newest readable position of `tenant`'s feed in `table` (of `stream`, if given).
+    fn feed_head(table: &str, tenant: TenantId, stream: Option<&str>) -> Stmt<DB> {
+        let mut q = Self::feed(table, "seq", tenant, stream);
+        q.push(&format!(" ORDER BY {} LIMIT 1", DB::FEED_ORDER_DESC));
+        q
+    }
+
+    /// `columns` of `tenant`'s readable feed rows in `table` (of `stream`, if given).
+    fn feed(table: &str, columns: &str, tenant: TenantId, stream: Option<&str>) -> Stmt<DB> {
+        let mut q = Stmt::<DB>::text(format!(
+            "SELECT {}, {columns} FROM {table} WHERE tenant_id = ",
+            DB::FEED_XID
+        ));
+        q.push_uuid(tenant.0);
+        if let Some(stream) = stream {
+            q.push(" AND stream = ").push_bind(stream);
+        }
+        q.push(DB::READABLE);
+        q
+    }
+
+    /// Raises or folds `new` inside `tx` (see [`AlertStore::raise_alert`]).
+    async fn raise_in(
+        tx: &mut Tx<DB>,
+        tenant: TenantId,
+        new: NewAlert,
+        suppression: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> Result<(Alert, bool), sqlx::Error> {
+        // Serialize raises of one fingerprint so concurrent detections fold into one alert.
+        DB::lock_fingerprint(tx, format!("{}/{}", tenant.0, new.fingerprint)).await?;
+        let existing = Stmt::<DB>::text(format!(
+            "SELECT doc FROM alerts WHERE tenant_id = $1 AND fingerprint = $2 AND status IN (1, 2) \
+             AND last_seen >= $3 ORDER BY last_seen DESC LIMIT 1{}",
+            DB::FOR_UPDATE
+        ))
+        .uuid(tenant.0)
+        .arg(new.fingerprint.as_str())
+        .time(new.first_seen - suppression)
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(match existing {
+            Some(row) => {
+                let mut alert: Alert = DB::doc(&row, "doc")?;
+                alert.fold(new, now);
+                Self::save_alert(tx, &alert, "updated", false, now).await?;
+                (alert, false)
+            }
+            None => {
+                let alert = Alert::from_new(tenant, new, now);
+                Self::save_alert(tx, &alert, "created", true, now).await?;
+                (alert, true)
+            }
+        })
+    }
+
+    /// Writes an alert row (insert or update) and its change-log entry inside `tx`.
+    async fn save_alert(
+        tx: &mut Tx<DB>,
+        alert: &Alert,
+        kind: &str,
+        insert: bool,
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        let sql = if insert {
+            "INSERT INTO alerts (tenant_id, id, fingerprint, severity, status, category, last_seen, created_at, incident_id, doc) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        } else {
+            "UPDATE alerts SET fingerprint = $3, severity = $4, status = $5, category = $6, last_seen = $7, \
+             created_at = $8, incident_id = $9, doc = $10 WHERE tenant_id = $1 AND id = $2"
+        };
+        Stmt::<DB>::new(sql)
+            .uuid(alert.tenant_id.0)
+            .uuid(alert.id)
+            .arg(alert.fingerprint.as_str())
+            .arg(alert.severity.as_i16())
+            .arg(alert.status.as_i16())
+            .arg(alert.category.as_str())
+            .time(alert.last_seen)
+            .time(alert.created_at)
+            .opt_uuid(alert.incident_id)
+            .doc(alert)
+            .execute(&mut **tx)
+            .await?;
+        Self::log_change(tx, alert.tenant_id, "alerts", alert.id, kind, alert, now).await
+    }
+
+    /// Appends an entry to the change log inside `tx`.
+    async fn log_change<T: serde::Serialize + Sync>(
+        tx: &mut Tx<DB>,
+        tenant: TenantId,
+        stream: &str,
+        subject: Uuid,
+        kind: &str,
+        payload: &T,
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        Stmt::<DB>::new(
+            "INSERT INTO change_log (tenant_id, stream, subject_id, kind, payload, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .uuid(tenant.0)
+        .arg(stream)
+        .uuid(subject)
+        .arg(kind)
+        .doc(payload)
+        .time(now)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Points an alert at an incident (or none) inside `tx`, logging the alert change.
+    async fn link_alert(
+        tx: &mut Tx<DB>,
+        tenant: TenantId,
+        alert_id: Uuid,
+        incident: Option<Uuid>,
+    ) -> Result<(), sqlx::Error> {
+        let row = Stmt::<DB>::text(format!(
+            "SELECT doc FROM alerts WHERE tenant_id = $1 AND id = $2{}",
+            DB::FOR_UPDATE
+        ))
+        .uuid(tenant.0)
+        .uuid(alert_id)
+        .fetch_one(&mut **tx)
+        .await?;
+        let mut alert: Alert = DB::doc(&row, "doc")?;
+        alert.incident_id = incident;
+        let now = Utc::now();
+        alert.updated_at = now;
+        Self::save_alert(tx, &alert, "updated", false, now).await
+    }
+
+    /// Logs an incident change and links `link`'s alerts to it, inside `tx`.
+    async fn log_incident(
+        tx: &mut Tx<DB>,
+        i: &Incident,
+        entry: &TimelineEntry,
+        kind: &str,
+        link: &[Uuid],
+    ) -> Result<(), sqlx::Error> {
+        let payload = crate::storage::incident_change_payload(i, entry, kind);
+        Self::log_change(
+            tx,
+            i.tenant_id,
+            "incidents",
+            i.id,
+            kind,
+            &payload,
+            Utc::now(),
+        )
+        .await?;
+        for a in link {
+            Self::link_alert(tx, i.tenant_id, *a, Some(i.id)).await?;
+        }
+        Ok(())
+    }
+
+    /// Inserts a tenant rule; `on_conflict` says what a rule with the same id does.
+    async fn put_rule(&self, r: &TenantRule, on_conflict: &str) -> StoreResult<()> {
+        let what = format!("rule {}", r.rule_id);
+        let q = Stmt::<DB>::text(format!(
+            "INSERT INTO tenant_rules ({RULE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7){on_conflict}"
+        ))
+        .uuid(r.tenant_id.0)
+        .arg(r.rule_id.as_str())
+        .arg(r.title.as_str())
+        .arg(r.sigma_yaml.clone())
+        .arg(r.enabled)
+        .arg(r.created_at)
+        .arg(r.updated_at);
+        self.write_one(r.tenant_id, q)
+            .await
+            .map_err(fail(&what, "failed to store a rule"))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<DB: Dialect> Store for SqlStore<DB> {
+    fn backend(&self) -> Backend {
+        DB::BACKEND
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.execute(Stmt::<DB>::new("SELECT 1"))
+            .await
+            .map_err(fail("ping", "failed to ping the database"))?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn try_lead(&self, role: &str) -> StoreResult<Option<Leadership>> {
+        DB::try_lead(self, role).await
+    }
+
+    async fn get_setting(&self, key: &str) -> StoreResult<Option<String>> {
+        let fail = fail("setting", "failed to read a setting");
+        let row = self
+            .first(Stmt::<DB>::new("SELECT value FROM settings WHERE key = $1").arg(key))
+            .await
+            .map_err(&fail)?;
+        row.map(|r| r.col::<String>("value"))
+            .transpose()
+            .map_err(fail)
+    }
+
+    async fn put_setting_if_absent(&self, key: &str, value: &str) -> StoreResult<String> {
+        self.execute(
+            Stmt::<DB>::new(
+                "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+            )
+            .arg(key)
+            .arg(value),
+        )
+        .await
+        .map_err(fail("setting", "failed to write a setting"))?;
+        self.get_setting(key)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("setting {key}")))
+    }
+
+    async fn create_tenant(&self, t: &Tenant) -> StoreResult<()> {
+        let what = format!("tenant `{}`", t.name);
+        self.execute(
+            Stmt::<DB>::new(
+                "INSERT INTO tenants (id, name, display_name, retention_days, created_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .uuid(t.id.0)
+            .arg(t.name.as_str())
+            .arg(t.display_name.as_str())
+            .arg(t.retention_days as i32)
+            .arg(t.created_at),
+        )
+        .await
+        .map_err(fail(&what, "failed to insert a tenant"))?;
+        Ok(())
+    }
+
+    async fn get_tenant(&self, id: TenantId) -> StoreResult<Tenant> {
+        let what = format!("tenant {id}");
+        let q = Stmt::<DB>::text(format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1"
+        ))
+        .uuid(id.0);
+        let row = self
+            .first(q)
+            .await
+            .and_then(|r| r.ok_or(sqlx::Error::RowNotFound))
+            .map_err(fail(&what, "failed to read a tenant"))?;
+        tenant_from_row::<DB>(&row).map_err(fail("tenant", "failed to decode a tenant"))
+    }
+
+    async fn find_tenant_by_name(&self, name: &str) -> StoreResult<Option<Tenant>> {
+        let q = Stmt::<DB>::text(format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1"
+        ))
+        .arg(name);
+        let row = self
+            .first(q)
+            .await
+            .map_err(fail("tenant", "failed to read a tenant"))?;
+        row.as_ref()
+            .map(tenant_from_row::<DB>)
+            .transpose()
+            .map_err(fail("tenant", "failed to decode a tenant"))
+    }
+
+    async fn list_tenants(&self, after_name: Option<&str>, limit: u32) -> StoreResult<Vec<Tenant>> {
+        let q = Stmt::<DB>::text(format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE name > $1 ORDER BY name LIMIT $2"
+        ))
+        .arg(after_name.unwrap_or(""))
+        .arg(i64::from(limit));
+        let rows = self
+            .all(q)
+            .await
+            .map_err(fail("tenants", "failed to list tenants"))?;
+        decode_all::<DB, _>(&rows, tenant_from_row::<DB>)
+            .map_err(fail("tenant", "failed to decode a tenant"))
+    }
+
+    async fn update_tenant(&self, t: &Tenant) -> StoreResult<()> {
+        let done = self
+            .execute(
+                Stmt::<DB>::new(
+                    "UPDATE tenants SET display_name = $2, retention_days = $3 WHERE id = $1",
+                )
+                .uuid(t.id.0)
+                .arg(t.display_name.as_str())
+                .arg(t.retention_days as i32),
+            )
+            .await
+            .map_err(fail("tenant", "failed to update a tenant"))?;
+        if done == 0 {
+            return Err(StoreError::NotFound(format!("tenant {}", t.id)));
+        }
+        Ok(())
+    }
+
+    async fn create_api_key(&self, k: &ApiKey) -> StoreResult<()> {
+        let q = Stmt::<DB>::text(format!(
+            "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        ))
+        .arg(k.id.as_str())
+        .uuid(k.tenant_id.0)
+        .arg(k.name.as_str())
+        .arg(k.scopes.bits())
+        .arg(k.secret_hash.as_slice())
+        .arg(k.created_at)
+        .arg(k.expires_at)
+        .arg(k.revoked_at);
+        let parent = format!("tenant {}", k.tenant_id);
+        self.write_one(k.tenant_id, q).await.map_err(fail_orphan(
+            parent,
+            "api key",
+            "failed to insert an API key",
+        ))?;
+        Ok(())
+    }
+
+    async fn find_api_key(&self, id: &ApiKeyId) -> StoreResult<Option<ApiKey>> {
+        let q = Stmt::<DB>::text(format!("SELECT {KEY_COLUMNS} FROM {}", DB::API_KEY_BY_ID))
+            .arg(id.as_str());
+        let row = self
+            .first(q)
+            .await
+            .map_err(fail("api key", "failed to look up an API key"))?;
+        row.as_ref()
+            .map(key_from_row::<DB>)
+            .transpose()
+            .map_err(fail("api key", "failed to decode an API key"))
+    }
+
+    async fn list_api_keys(&self, tenant: TenantId) -> StoreResult<Vec<ApiKey>> {
+        let q = Stmt::<DB>::text(format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 ORDER BY created_at DESC, id"
+        ))
+        .uuid(tenant.0);
+        self.read_list(
+            tenant,
+            q,
+            key_from_row::<DB>,
+            "api keys",
+            "failed to list API keys",
+        )
+        .await
+    }
+
+    async fn revoke_api_key(
+        &self,
+        tenant: TenantId,
+        id: &ApiKeyId,
+        at: DateTime<Utc>,
+    ) -> StoreResult<ApiKey> {
+        let what = format!("api key {id}");
+        let q = Stmt::<DB>::text(format!(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $3) \
+             WHERE tenant_id = $1 AND id = $2 RETURNING {KEY_COLUMNS}"
+        ))
+        .uuid(tenant.0)
+        .arg(id.as_str())
+        .arg(at);
+        let row = self
+            .write_returning(tenant, q)
+            .await
+            .map_err(fail(&what, "failed to revoke an API key"))?;
+        key_from_row::<DB>(&row).map_err(fail(&what, "failed to decode an API key"))
+    }
+}
+
+#[async_trait]
+impl<DB: Dialect> EventStore for SqlStore<DB> {
+    async fn insert_events(
+        &self,
+        groups: &[(TenantId, &[NewEvent])],
+    ) -> StoreResult<Vec<Vec<InsertOutcome>>> {
+        DB::insert_events(self, groups).await
+    }
+
+    async fn query_events(
+        &self,
+        tenant: TenantId,
+        q: &EventQuery,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let mut b = Stmt::<DB>::text(format!(
+            "SELECT {}, {EVENT_COLUMNS} FROM events WHERE tenant_id = ",
+            DB::FEED_XID
+        ));
+        b.push_uuid(tenant.0);
+        push_range(&mut b, "occurred_at", q.start, q.end);
+        if !q.event_types.is_empty() {
+            b.push_in("event_type", q.event_types.iter().map(String::as_str));
+        }
+        if !q.ocsf_class_uids.is_empty() {
+            b.push_in(
+                "ocsf_class_uid",
+                q.ocsf_class_uids.iter().map(|c| *c as i32),
+            );
+        }
+        if let Some(a) = &q.actor {
+            b.push(" AND actor = ").push_bind(a.as_str());
+        }
+        if let Some(ip) = q.source_ip {
+            b.push(" AND source_ip = ").push_bind(ip.to_string());
+        }
+        if let Some(p) = &q.resource_prefix {
+            b.push(" AND substr(resource, 1, length(")
+                .push_bind(p.as_str())
+                .push(")) = ")
+                .push_bind(p.as_str());
+        }
+        if let Some(o) = q.outcome {
+            b.push(" AND outcome = ").push_bind(o.as_i16());
+        }
+        if let Some(s) = q.min_severity {
+            b.push(" AND severity >= ").push_bind(s.as_i16());
+        }
+        if let Some(t) = q.received_before {
+            b.push(" AND received_at <= ").push_time(t);
+        }
+        push_newest_first(&mut b, "occurred_at", q.before, q.limit);
+        self.read_list(
+            tenant,
+            b,
+            event_from_row::<DB>,
+            "events",
+            "failed to query events",
+        )
+        .await
+    }
+
+    async fn events_after(
+        &self,
+        tenant: TenantId,
+        after: FeedPosition,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let q = Self::feed_after("events", EVENT_COLUMNS, tenant, None, after, limit);
+        self.read_list(
+            tenant,
+            q,
+            event_from_row::<DB>,
+            "events",
+            "failed to read the event feed",
+        )
+        .await
+    }
+
+    async fn events_head(&self, tenant: TenantId) -> StoreResult<Option<FeedPosition>> {
+        let fail = fail("events", "failed to read the event feed head");
+        let q = Self::feed_head("events", tenant, None);
+        let row = self.read_first(tenant, q).await.map_err(&fail)?;
+        row.as_ref().map(DB::position).transpose().map_err(fail)
+    }
+
+    async fn purge_events(&self, tenant: TenantId, before: DateTime<Utc>) -> StoreResult<u64> {
+        let q = Stmt::<DB>::new("DELETE FROM events WHERE tenant_id = $1 AND occurred_at < $2")
+            .uuid(tenant.0)
+            .time(before);
+        self.write_one(tenant, q)
+            .await
+            .map_err(fail("events", "failed to purge events"))
+    }
+
+    async fn get_events(&self, tenant: TenantId, ids: &[Uuid]) -> StoreResult<Vec<StoredEvent>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut b = Stmt::<DB>::text(format!(
+            "SELECT {}, {EVENT_COLUMNS} FROM events WHERE tenant_id = ",
+            DB::FEED_XID
+        ));
+        b.push_uuid(tenant.0).push(" AND id IN (");
+        for (n, id) in ids.iter().enumerate() {
+            b.push(if n == 0 { "" } else { ", " }).push_uuid(*id);
+        }
+        b.push(") ORDER BY occurred_at, id");
+        self.read_list(
+            tenant,
+            b,
+            event_from_row::<DB>,
+            "events",
+            "failed to read events",
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl<DB: Dialect> AlertStore for SqlStore<DB> {
+    async fn raise_alert(
+        &self,
+        tenant: TenantId,
+        new: NewAlert,
+        suppression: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> StoreResult<(Alert, bool)> {
+        let fail = fail("alert", "failed to raise an alert");
+        let mut tx = self.write(tenant).await.map_err(&fail)?;
+        let raised = Self::raise_in(&mut tx, tenant, new, suppression, now)
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(raised)
+    }
+
+    async fn get_alert(&self, tenant: TenantId, id: Uuid) -> StoreResult<Alert> {
+        let what = format!("alert {id}");
+        let fail = fail(&what, "failed to read an alert");
+        let q = Stmt::<DB>::new("SELECT doc FROM alerts WHERE tenant_id = $1 AND id = $2")
+            .uuid(tenant.0)
+            .uuid(id);
+        let row = self
+            .read_first(tenant, q)
+            .await
+            .and_then(|r| r.ok_or(sqlx::Error::RowNotFound))
+            .map_err(&fail)?;
+        DB::doc(&row, "doc").map_err(fail)
+    }
+
+    async fn list_alerts(&self, tenant: TenantId, q: &AlertQuery) -> StoreResult<Vec<Alert>> {
+        let mut b = Stmt::<DB>::new("SELECT doc FROM alerts WHERE tenant_id = ");
+        b.push_uuid(tenant.0);
+        if let Some(s) = q.min_severity {
+            b.push(" AND severity >= ").push_bind(s.as_i16());
+        }
+        if !q.statuses.is_empty() {
+            b.push_in("status", q.statuses.iter().map(|s| s.as_i16()));
+        }
+        if let Some(c) = &q.category {
+            b.push(" AND category = ").push_bind(c.as_str());
+        }
+        if let Some(fp) = &q.fingerprint {
+            b.push(" AND fingerprint = ").push_bind(fp.as_str());
+        }
+        if let Some(e) = &q.entity {
+            DB::push_has_entity(&mut b, &["body", "entities"], e);
+        }
+        push_range(&mut b, "last_seen", q.start, q.end);
+        push_newest_first(&mut b, "last_seen", q.before, q.limit);
+        self.read_list(
+            tenant,
+            b,
+            |r| DB::doc(r, "doc"),
+            "alerts",
+            "failed to list alerts",
+        )
+        .await
+    }
+
+    async fn update_alert_status(
+        &self,
+        tenant: TenantId,
+        id: Uuid,
+        status: AlertStatus,
+        by: &str,
+        note: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Alert> {
+        let what = format!("alert {id}");
+        let fail = fail(&what, "failed to update an alert");
+        let mut tx = self.write(tenant).await.map_err(&fail)?;
+        let row = Stmt::<DB>::text(format!(
+            "SELECT doc FROM alerts WHERE tenant_id = $1 AND id = $2{}",
+            DB::FOR_UPDATE
+        ))
+        .uuid(tenant.0)
+        .uuid(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(&fail)?;
+        let mut alert: Alert = DB::doc(&row, "doc").map_err(&fail)?;
+        alert.body.history.push(crate::domain::alert::StatusChange {
+            from: alert.status,
+            to: status,
+            by: by.to_owned(),
+            at: now,
+            note: note.to_owned(),
+        });
+        alert.status = status;
+        alert.updated_at = now;
+        Self::save_alert(&mut tx, &alert, "updated", false, now)
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(alert)
+    }
+
+    async fn changes_after(
+        &self,
+        tenant: TenantId,
+        stream: &str,
+        after: FeedPosition,
+        limit: u32,
+    ) -> StoreResult<Vec<Change>> {
+        let columns = "seq, stream, subject_id, kind, payload";
+        let q = Self::feed_after("change_log", columns, tenant, Some(stream), after, limit);
+        self.read_list(
+            tenant,
+            q,
+            change_from_row::<DB>,
+            "changes",
+            "failed to read the change log",
+        )
+        .await
+    }
+
+    async fn changes_head(
+        &self,
+        tenant: TenantId,
+        stream: &str,
+    ) -> StoreResult<Option<FeedPosition>> {
+        let fail = fail("changes", "failed to read the change log head");
+        let q = Self::feed_head("change_log", tenant, Some(stream));
+        let row = self.read_first(tenant, q).await.map_err(&fail)?;
+        row.as_ref().map(DB::position).transpose().map_err(fail)
+    }
+}
+
+#[async_trait]
+impl<DB: Dialect> RuleStore for SqlStore<DB> {
+    async fn insert_tenant_rule(&self, r: &TenantRule) -> StoreResult<()> {
+        self.put_rule(r, "").await
+    }
+
+    async fn save_tenant_rule(&self, r: &TenantRule) -> StoreResult<()> {
+        self.put_rule(
+            r,
+            " ON CONFLICT (tenant_id, rule_id) DO UPDATE SET title = EXCLUDED.title, \
+             sigma_yaml = EXCLUDED.sigma_yaml, enabled = EXCLUDED.enabled, \
+             updated_at = EXCLUDED.updated_at",
+        )
+        .await
+    }
+
+    async fn list_tenant_rules(&self, tenant: TenantId) -> StoreResult<Vec<TenantRule>> {
+        let q = Stmt::<DB>::text(format!(
+            "SELECT {RULE_COLUMNS} FROM tenant_rules WHERE tenant_id = $1 ORDER BY rule_id"
+        ))
+        .uuid(tenant.0);
+        self.read_list(
+            tenant,
+            q,
+            rule_from_row::<DB>,
+            "rules",
+            "failed to list rules",
+        )
+        .await
+    }
+
+    async fn delete_tenant_rule(&self, tenant: TenantId, rule_id: &str) -> StoreResult<()> {
+        let what = format!("rule {rule_id}");
+        let q = Stmt::<DB>::new("DELETE FROM tenant_rules WHERE tenant_id = $1 AND rule_id = $2")
+            .uuid(tenant.0)
+            .arg(rule_id);
+        self.write_existing(tenant, q, what, "failed to delete a rule")
+            .await
+    }
+}
+
+#[async_trait]
+impl<DB: Dialect> ModelStore for SqlStore<DB> {
+    async fn save_model(&self, m: &StoredModel) -> StoreResult<()> {
+        let q = Stmt::<DB>::new(
+            "INSERT INTO anomaly_models (tenant_id, algorithm, trained_at, windows, threshold, model) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, algorithm) DO UPDATE SET \
+             trained_at = EXCLUDED.trained_at, windows = EXCLUDED.windows, \
+             threshold = EXCLUDED.threshold, model = EXCLUDED.model",
+        )
+        .uuid(m.tenant_id.0)
+        .arg(m.algorithm.as_str())
+        .arg(m.trained_at)
+        .arg(m.windows as i32)
+        .arg(m.threshold)
+        .arg(m.bytes.as_slice());
+        self.write_one(m.tenant_id, q)
+            .await
+            .map_err(fail("model", "failed to store a model"))?;
+        Ok(())
+    }
+
+    async fn load_model(
+        &self,
+        tenant: TenantId,
+        algorithm: &str,
+    ) -> StoreResult<Option<StoredModel>> {
+        let q = Stmt::<DB>::new(
+            "SELECT trained_at, windows, threshold, model FROM anomaly_models \
+             WHERE tenant_id = $1 AND algorithm = $2",
+        )
+        .uuid(tenant.0)
+        .arg(algorithm);
+        let fail = fail("model", "failed to load a model");
+        let row = self.read_first(tenant, q).await.map_err(&fail)?;
+        row.map(|row| {
+            Ok(StoredModel {
+                tenant_id: tenant,
+                algorithm: algorithm.to_owned(),
+                trained_at: row.col("trained_at")?,
+                windows: row.col::<i32>("windows")?.max(0) as u32,
+                threshold: row.col("threshold")?,
+                bytes: row.col("model")?,
+            })
+        })
+        .transpose()
+        .map_err(fail)
+    }
+}
+
+#[async_trait]
+impl<DB: Dialect> IncidentStore for SqlStore<DB> {
+    async fn insert_incident(
+        &self,
+        incident: &Incident,
+        entry: &TimelineEntry,
+        link: &[Uuid],
+    ) -> StoreResult<Incident> {
+        let fail = fail("incident", "failed to create an incident");
+        let mut i = incident.clone();
+        i.version = 1;
+        let mut tx = self.write(i.tenant_id).await.map_err(&fail)?;
+        Stmt::<DB>::new(
+            "INSERT INTO incidents (tenant_id, id, version, status, severity, assignee, created_at, updated_at, doc) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .uuid(i.tenant_id.0)
+        .uuid(i.id)
+        .arg(i.version)
+        .arg(i.status.as_i16())
+        .arg(i.severity.as_i16())
+        .arg(i.assignee.as_str())
+        .time(i.created_at)
+        .time(i.updated_at)
+        .doc(&i)
+        .execute(&mut *tx)
+        .await
+        .map_err(&fail)?;
+        Self::log_incident(&mut tx, &i, entry, "created", link)
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(i)
+    }
+
+    async fn update_incident(
+        &self,
+        incident: &Incident,
+        entry: &TimelineEntry,
+        link: &[Uuid],
+    ) -> StoreResult<Incident> {
+        let what = format!("incident {}", incident.id);
+        let fail = fail(&what, "failed to update an incident");
+        let mut i = incident.clone();
+        i.version = incident.version + 1;
+        let mut tx = self.write(i.tenant_id).await.map_err(&fail)?;
+        let done = Stmt::<DB>::new(
+            "UPDATE incidents SET version = $3, status = $4, severity = $5, assignee = $6, updated_at = $7, doc = $8 \
+             WHERE tenant_id = $1 AND id = $2 AND version = $9",
+        )
+        .uuid(i.tenant_id.0)
+        .uuid(i.id)
+        .arg(i.version)
+        .arg(i.status.as_i16())
+        .arg(i.severity.as_i16())
+        .arg(i.assignee.as_str())
+        .time(i.updated_at)
+        .doc(&i)
+        .arg(incident.version)
+        .execute(&mut *tx)
+        .await
+        .map_err(&fail)?;
+        if done == 0 {
+            return Err(StoreError::Conflict(format!(
+                "{what} (changed concurrently)"
+            )));
+        }
+        Self::log_incident(&mut tx, &i, entry, "updated", link)
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(i)
+    }
+
+    async fn get_incident(&self, tenant: TenantId, id: Uuid) -> StoreResult<Incident> {
+        let what = format!("incident {id}");
+        let q = Stmt::<DB>::new("SELECT doc FROM incidents WHERE tenant_id = $1 AND id = $2")
+            .uuid(tenant.0)
+            .uuid(id);
+        let row = self
+            .read_first(tenant, q)
+            .await
+            .and_then(|r| r.ok_or(sqlx::Error::RowNotFound))
+            .map_err(fail(&what, "failed to read an incident"))?;
+        DB::doc(&row, "doc").map_err(bad_incident)
+    }
+
+    async fn list_incidents(
+        &self,
+        tenant: TenantId,
+        q: &IncidentQuery,
+    ) -> StoreResult<Vec<Incident>> {
+        let mut b = Stmt::<DB>::new("SELECT doc FROM incidents WHERE tenant_id = ");
+        b.push_uuid(tenant.0);
+        if !q.statuses.is_empty() {
+            b.push_in("status", q.statuses.iter().map(|s| s.as_i16()));
+        }
+        if let Some(s) = q.min_severity {
+            b.push(" AND severity >= ").push_bind(s.as_i16());
+        }
+        if let Some(a) = &q.assignee {
+            b.push(" AND assignee = ").push_bind(a.as_str());
+        }
+        if let Some(e) = &q.entity {
+            DB::push_has_entity(&mut b, &["entities"], e);
+        }
+        push_range(&mut b, "updated_at", q.start, q.end);
+        push_newest_first(&mut b, "updated_at", q.before, q.limit);
+        let rows = self
+            .read_all(tenant, b)
+            .await
+            .map_err(fail("incidents", "failed to list incidents"))?;
+        decode_all::<DB, _>(&rows, |r| DB::doc(r, "doc")).map_err(bad_incident)
+    }
+
+    async fn set_alert_incident(
+        &self,
+        tenant: TenantId,
+        alert_id: Uuid,
+        incident: Option<Uuid>,
+    ) -> StoreResult<()> {
+        let what = format!("alert {alert_id}");
+        let fail = fail(&what, "failed to link an alert");
+        let mut tx = self.write(tenant).await.map_err(&fail)?;
+        Self::link_alert(&mut tx, tenant, alert_id, incident)
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)
+    }
+}
+
+fn bad_incident(e: sqlx::Error) -> StoreError {
+    StoreError::Unexpected(anyhow::Error::new(e).context("bad incident doc"))
+}
+
+#[async_trait]
+impl<DB: Dialect> WebhookStore for SqlStore<DB> {
+    async fn create_webhook_source(&self, w: &WebhookSource) -> StoreResult<()> {
+        let what = format!("webhook source `{}`", w.name);
+        let q = Stmt::<DB>::text(format!(
+            "INSERT INTO webhook_sources ({SOURCE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ))
+        .uuid(w.tenant_id.0)
+        .uuid(w.id)
+        .arg(w.name.as_str())
+        .arg(w.sealed_secret.as_slice())
+        .arg(w.allow_body_only_signature)
+        .arg(w.created_at)
+        .arg(w.secret_rotated_at);
+        let parent = format!("tenant {}", w.tenant_id);
+        self.write_one(w.tenant_id, q).await.map_err(fail_orphan(
+            parent,
+            &what,
+            "failed to insert a webhook source",
+        ))?;
+        Ok(())
+    }
+
+    async fn list_webhook_sources(&self, tenant: TenantId) -> StoreResult<Vec<WebhookSource>> {
+        let q = Stmt::<DB>::text(format!(
+            "SELECT {SOURCE_COLUMNS} FROM webhook_sources WHERE tenant_id = $1 ORDER BY name"
+        ))
+        .uuid(tenant.0);
+        self.read_list(
+            tenant,
+            q,
+            source_from_row::<DB>,
+            "webhook sources",
+            "failed to list webhook sources",
+        )
+        .await
+    }
+
+    async fn find_webhook_source(&self, name: &str) -> StoreResult<Option<WebhookSource>> {
+        let q = Stmt::<DB>::text(format!(
+            "SELECT {SOURCE_COLUMNS} FROM {}",
+            DB::SOURCE_BY_NAME
+        ))
+        .arg(name);
+        let fail = fail("webhook source", "failed to look up a webhook source");
+        let row = self.first(q).await.map_err(&fail)?;
+        row.as_ref()
+            .map(source_from_row::<DB>)
+            .transpose()
+            .map_err(fail)
+    }
+
+    async fn webhook_source_tenant(&self, id: Uuid) -> StoreResult<Option<TenantId>> {
+        let fail = fail("webhook source", "failed to look up a webhook source");
+        let row = self
+            .first(Stmt::<DB>::new(DB::SOURCE_TENANT).uuid(id))
+            .await
+            .map_err(&fail)?;
+        let tenant = match row {
+            Some(row) => DB::opt_uuid(&row, "tenant_id").map_err(fail)?,
+            None => None,
+        };
+        Ok(tenant.map(TenantId))
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        tenant: TenantId,
+        id: Uuid,
+        sealed_secret: &[u8],
+        at: DateTime<Utc>,
+    ) -> StoreResult<WebhookSource> {
+        let what = format!("webhook source {id}");
+        let q = Stmt::<DB>::text(format!(
+            "UPDATE webhook_sources SET secret = $3, secret_rotated_at = $4 \
+             WHERE tenant_id = $1 AND id = $2 RETURNING {SOURCE_COLUMNS}"
+        ))
+        .uuid(tenant.0)
+        .uuid(id)
+        .arg(sealed_secret)
+        .arg(at);
+        let fail = fail(&what, "failed to rotate a webhook secret");
+        let row = self.write_returning(tenant, q).await.map_err(&fail)?;
+        source_from_row::<DB>(&row).map_err(fail)
+    }
+
+    async fn delete_webhook_source(&self, tenant: TenantId, id: Uuid) -> StoreResult<()> {
+        let what = format!("webhook source {id}");
+        let q = Stmt::<DB>::new("DELETE FROM webhook_sources WHERE tenant_id = $1 AND id = $2")
+            .uuid(tenant.0)
+            .uuid(id);
+        self.write_existing(tenant, q, what, "failed to delete a webhook source")
+            .await
+    }
+
+    async fn raise_webhook_alert(
+        &self,
+        tenant: TenantId,
+        source: Uuid,
+        delivery_id: Option<&str>,
+        new: NewAlert,
+        suppression: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> StoreResult<DeliveryOutcome> {
+        let what = "webhook delivery";
+        let fail = fail(what, "failed to record a webhook delivery");
+        let mut tx = self.write(tenant).await.map_err(&fail)?;
+        if let Some(delivery) = delivery_id {
+            // A concurrent insert of the same id waits here for the first
+            // transaction, then conflicts: exactly one of them raises.
+            let done = Stmt::<DB>::new(
+                "INSERT INTO webhook_deliveries (tenant_id, source_id, delivery_id, received_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (source_id, delivery_id) DO NOTHING",
+            )
+            .uuid(tenant.0)
+            .uuid(source)
+            .arg(delivery)
+            .arg(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(fail_orphan(
+                format!("webhook source {source}"),
+                what,
+                "failed to record a webhook delivery",
+            ))?;
+            if done == 0 {
+                tx.rollback().await.map_err(&fail)?;
+                return Ok(DeliveryOutcome::Duplicate);
+            }
+        }
+        let (alert, created) = Self::raise_in(&mut tx, tenant, new, suppression, now)
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(DeliveryOutcome::Raised(Box::new(alert), created))
+    }
+}
