@@ -55,6 +55,35 @@ impl StoreError {
             _ => Self::Unexpected(anyhow::Error::new(err).context(context)),
         }
     }
+
+    /// Whether the database refused the data itself (a constraint, a value it
+    /// cannot store), as opposed to failing for a reason outside it (connection,
+    /// overload, shutdown): resending the same data would fail the same way.
+    /// Portable: constraint kinds on both backends, SQLSTATE class 22 (data
+    /// exception) on Postgres, SQLITE_TOOBIG and SQLITE_MISMATCH on SQLite.
+    pub fn is_refused_data(&self) -> bool {
+        let Self::Unexpected(e) = self else {
+            return matches!(self, Self::Conflict(_));
+        };
+        e.chain().any(|cause| {
+            let Some(sqlx::Error::Database(db)) = cause.downcast_ref::<sqlx::Error>() else {
+                return false;
+            };
+            if db.kind() != sqlx::error::ErrorKind::Other {
+                return true;
+            }
+            let code = db.code().unwrap_or_default();
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some()
+            {
+                code.starts_with("22")
+            } else {
+                code.parse::<i32>()
+                    .is_ok_and(|c| matches!(c & 0xff, 18 | 20))
+            }
+        })
+    }
 }
 
 /// Which backend a store runs on.
