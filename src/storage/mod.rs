@@ -455,8 +455,16 @@ pub trait WebhookStore: Send + Sync {
 /// The default embedded database: `./picket-data/picket.db`.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://picket-data/picket.db";
 
-/// Connects to the store `url` names, running migrations first.
+/// Connects to the store `url` names, running migrations first. On failure
+/// the database's own text is logged; the error says which database could not
+/// be opened and why in one sentence, without the password.
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn Store>> {
+    open_store(url, max_connections)
+        .await
+        .map_err(|e| opening_failed(url, e))
+}
+
+async fn open_store(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn Store>> {
     match Backend::from_url(url) {
         Some(Backend::Postgres) => Ok(Arc::new(
             PgStore::connect(url, max_connections)
@@ -474,13 +482,65 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn 
     }
 }
 
-/// Runs migrations only (the `picket migrate` command).
+/// Runs migrations only (the `picket migrate` command); errors as [`connect`].
 pub async fn migrate(url: &str) -> anyhow::Result<()> {
-    match Backend::from_url(url) {
+    let result = match Backend::from_url(url) {
         Some(Backend::Postgres) => postgres::migrate(url).await,
         Some(Backend::Sqlite) => sqlite::migrate(url).await,
         None => anyhow::bail!(
             "unsupported database URL scheme (expected postgres://, postgresql:// or sqlite:)"
         ),
-    }
+    };
+    result.map_err(|e| opening_failed(url, e))
+}
+
+/// Logs the whole cause chain (driver and server text stay in the log) and
+/// returns one sentence for the user: which database (host, port, name, user;
+/// never the password) and the kind of failure.
+fn opening_failed(url: &str, e: anyhow::Error) -> anyhow::Error {
+    let Some(backend) = Backend::from_url(url) else {
+        return e; // the unsupported scheme, said plainly already
+    };
+    tracing::error!(error = %format_args!("{e:#}"), "failed to open the database");
+    let reason = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<sqlx::Error>())
+        .map(|sqlx_error| match sqlx_error {
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some("3D000") => "the database does not exist (create it first)",
+                Some("28P01" | "28000") => "the server refused the user or password",
+                Some("42501") => "the user lacks a needed privilege",
+                _ => "the database server refused the request",
+            },
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_) => "the server could not be reached",
+            sqlx::Error::PoolTimedOut => "connecting timed out",
+            sqlx::Error::Migrate(_) => "running the migrations failed",
+            _ => "the connection failed",
+        })
+        .or_else(|| {
+            e.chain()
+                .any(|c| c.is::<sqlx::migrate::MigrateError>())
+                .then_some("running the migrations failed")
+        })
+        .unwrap_or("it could not be opened");
+    let what = match backend {
+        Backend::Postgres => match url.parse::<sqlx::postgres::PgConnectOptions>() {
+            Ok(o) => format!(
+                "the Postgres database \"{}\" on {}:{} (user {})",
+                o.get_database().unwrap_or_default(),
+                o.get_host(),
+                o.get_port(),
+                o.get_username()
+            ),
+            Err(_) => "the Postgres database (the URL does not parse)".to_owned(),
+        },
+        Backend::Sqlite => {
+            let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
+            format!(
+                "the SQLite database at {}",
+                path.split('?').next().unwrap_or(path)
+            )
+        }
+    };
+    anyhow::anyhow!("cannot open {what}: {reason}; the log has the database's own message")
 }
