@@ -531,7 +531,8 @@ mod tests {
     fn nul_characters_are_refused_in_every_string_field() {
         let now = Utc::now();
         let nul = "a\0b".to_string();
-        let cases: Vec<(&str, Box<dyn Fn(&mut EventInput)>)> = vec![
+        type Set<'a> = Box<dyn Fn(&mut EventInput) + 'a>;
+        let cases: Vec<(&str, Set)> = vec![
             ("actor", Box::new(|e| e.actor = nul.clone())),
             ("resource", Box::new(|e| e.resource = nul.clone())),
             (
