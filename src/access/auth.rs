@@ -183,11 +183,12 @@ impl Caller {
         }
     }
 
-    /// Who to record in audit trails.
+    /// Who to record in audit trails: the bare API key id (as CreateApiKey
+    /// and WhoAmI return it), or `operator` for the operator token.
     pub fn actor(&self) -> String {
         match self {
             Caller::Operator => "operator".into(),
-            Caller::Key { key_id, .. } => format!("key:{key_id}"),
+            Caller::Key { key_id, .. } => key_id.to_string(),
         }
     }
 }

@@ -11,6 +11,10 @@ use uuid::Uuid;
 
 use crate::domain::{FieldViolation, Severity, TenantId};
 
+mod parse;
+
+pub use parse::{Decoded, EventInput, NUL_REASON};
+
 /// Most events in one batch.
 pub const MAX_BATCH_EVENTS: usize = 1000;
 /// Longest ordinary string field, in bytes.
@@ -322,54 +326,16 @@ pub fn check_len(s: &str, max: usize, field: &str) -> Result<(), FieldViolation>
     Ok(())
 }
 
-/// Checks attributes against the per-key, per-value, count and total limits.
+/// Checks attributes against the per-key, per-value, count and total limits;
+/// the first violation (see [`NewEvent::parse`] for all of them).
 pub fn check_attributes<'a>(
     attrs: impl IntoIterator<Item = (&'a String, &'a String)>,
     field: &str,
 ) -> Result<(), FieldViolation> {
-    let mut total = 0;
-    let mut count = 0;
-    for (k, v) in attrs {
-        count += 1;
-        if count > MAX_ATTRIBUTES {
-            return Err(FieldViolation::new(
-                field,
-                format!("at most {MAX_ATTRIBUTES} attributes"),
-            ));
-        }
-        if k.is_empty() {
-            return Err(FieldViolation::new(
-                format!("{field}[\"\"]"),
-                "attribute keys must not be empty",
-            ));
-        }
-        check_len(
-            k,
-            MAX_ATTRIBUTE_KEY,
-            &format!("{field}[\"{}\"]", truncate(k, 32)),
-        )?;
-        check_len(
-            v,
-            MAX_ATTRIBUTE_VALUE,
-            &format!("{field}[\"{}\"]", truncate(k, 32)),
-        )?;
-        total += k.len() + v.len();
+    match parse::attribute_violations(attrs, field).into_iter().next() {
+        Some(v) => Err(v),
+        None => Ok(()),
     }
-    if total > MAX_ATTRIBUTES_TOTAL {
-        return Err(FieldViolation::new(
-            field,
-            format!("at most {MAX_ATTRIBUTES_TOTAL} bytes of keys and values in all (got {total})"),
-        ));
-    }
-    Ok(())
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// Checks `occurred_at` against the server clock and the tenant's retention

@@ -160,7 +160,7 @@ pub fn alert_to_pb(a: &Alert) -> pb::Alert {
             .map(|h| pb::AlertStatusChange {
                 from_status: status_to_pb(h.from) as i32,
                 to_status: status_to_pb(h.to) as i32,
-                changed_by: h.by.clone(),
+                changed_by: crate::grpc::convert::actor_to_pb(&h.by),
                 changed_at: Some(timestamp(h.at)),
                 note: h.note.clone(),
             })

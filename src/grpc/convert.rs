@@ -23,6 +23,13 @@ pub fn from_timestamp(ts: &prost_types::Timestamp, field: &str) -> AppResult<Dat
         .ok_or_else(|| AppError::invalid(field, "timestamp out of range"))
 }
 
+/// A recorded actor as clients see it: a bare API key id, `operator`,
+/// `system` or `webhook:<source>`. Entries written before key ids were
+/// recorded bare carry a `key:` prefix, dropped here.
+pub fn actor_to_pb(actor: &str) -> String {
+    actor.strip_prefix("key:").unwrap_or(actor).to_owned()
+}
+
 /// Domain scope to protobuf enum.
 pub fn scope_to_pb(s: Scope) -> pb::Scope {
     match s {

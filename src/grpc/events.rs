@@ -10,8 +10,8 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::domain::event::{
-    self, AuthDetails, ChangeDetails, DatabaseDetails, DetailKinds, EventDetails, EventQuery,
-    FeedPosition, HttpDetails, NetworkDetails, NewEvent, Outcome, QuotaDetails, check_len,
+    self, AuthDetails, ChangeDetails, DatabaseDetails, EventInput, EventQuery, FeedPosition,
+    HttpDetails, NetworkDetails, NewEvent, Outcome, QuotaDetails, check_len,
 };
 use crate::domain::{FieldViolation, Severity, TenantId};
 use crate::error::{AppError, AppResult};
@@ -65,243 +65,94 @@ fn outcome_to_pb(o: Outcome) -> pb::Outcome {
     }
 }
 
-fn port(v: u32, field: &str) -> Result<u32, FieldViolation> {
-    if v > 65_535 {
-        return Err(FieldViolation::new(field, "must be 0..65535"));
-    }
-    Ok(v)
-}
-
-fn finite(v: f64, field: &str) -> Result<f64, FieldViolation> {
-    if !v.is_finite() || v < 0.0 {
-        return Err(FieldViolation::new(
-            field,
-            "must be a finite, non-negative number",
-        ));
-    }
-    Ok(v)
-}
-
-/// Validates and normalizes one incoming event. `retention_days` is the
-/// tenant's; `now` stamps received_at.
+/// Validates and normalizes one incoming event (see [`NewEvent::parse`]);
+/// the error is the first violation, as a receipt shows it. `retention_days`
+/// is the tenant's; `now` stamps received_at.
 pub fn event_from_pb(
     e: &pb::Event,
     now: DateTime<Utc>,
     retention_days: u32,
 ) -> Result<NewEvent, FieldViolation> {
-    let size = e.encoded_len();
-    if size > event::MAX_EVENT_BYTES {
-        return Err(FieldViolation::new(
-            "",
-            format!(
-                "event is {size} bytes encoded; at most {} allowed",
-                event::MAX_EVENT_BYTES
-            ),
-        ));
-    }
-    let occurred_at = match &e.occurred_at {
-        None => return Err(FieldViolation::new("occurred_at", "required")),
-        Some(ts) => from_timestamp(ts, "occurred_at").map_err(|err| match err {
-            AppError::InvalidArgument(mut v) if !v.is_empty() => v.remove(0),
-            _ => FieldViolation::new("occurred_at", "invalid timestamp"),
-        })?,
-    };
-    event::check_occurred_at(occurred_at, now, retention_days, "occurred_at")?;
-    event::check_event_type(&e.event_type, "event_type")?;
-    check_len(
-        &e.idempotency_key,
-        event::MAX_IDEMPOTENCY_KEY,
-        "idempotency_key",
-    )?;
-    for (value, field) in [
-        (&e.actor, "actor"),
-        (&e.action, "action"),
-        (&e.resource, "resource"),
-        (&e.source_system, "source_system"),
-        (&e.service, "service"),
-        (&e.environment, "environment"),
-    ] {
-        check_len(value, event::MAX_STRING, field)?;
-    }
-    event::check_attributes(&e.attributes, "attributes")?;
-    let http = e
-        .http
-        .as_ref()
-        .map(|h| -> Result<HttpDetails, FieldViolation> {
-            check_len(&h.method, event::MAX_METHOD, "http.method")?;
-            check_len(&h.path, event::MAX_PATH, "http.path")?;
-            check_len(&h.user_agent, event::MAX_STRING, "http.user_agent")?;
-            check_len(&h.route, event::MAX_STRING, "http.route")?;
-            if h.status_code != 0 && !(100..=599).contains(&h.status_code) {
-                return Err(FieldViolation::new(
-                    "http.status_code",
-                    "must be 100..599 (or 0 for unknown)",
-                ));
-            }
-            Ok(HttpDetails {
-                method: h.method.to_ascii_uppercase(),
-                path: h.path.clone(),
-                status_code: h.status_code,
-                latency_ms: finite(h.latency_ms, "http.latency_ms")?,
-                bytes_in: h.bytes_in,
-                bytes_out: h.bytes_out,
-                user_agent: h.user_agent.clone(),
-                route: h.route.clone(),
+    NewEvent::parse(event_input_from_pb(e), now, retention_days)
+        .map_err(|mut violations| violations.swap_remove(0))
+}
+
+/// Maps a protobuf event onto the domain's input, field by field; every rule
+/// is the domain's.
+pub fn event_input_from_pb(e: &pb::Event) -> EventInput {
+    EventInput {
+        size_bytes: e.encoded_len(),
+        occurred_at: e.occurred_at.as_ref().map(|ts| {
+            from_timestamp(ts, "occurred_at").map_err(|err| match err {
+                AppError::InvalidArgument(mut v) if !v.is_empty() => v.swap_remove(0).description,
+                _ => "invalid timestamp".into(),
             })
-        })
-        .transpose()?;
-    let auth = e
-        .auth
-        .as_ref()
-        .map(|a| -> Result<AuthDetails, FieldViolation> {
-            for (v, f) in [
-                (&a.method, "auth.method"),
-                (&a.mfa_method, "auth.mfa_method"),
-                (&a.failure_reason, "auth.failure_reason"),
-                (&a.session_id, "auth.session_id"),
-            ] {
-                check_len(v, event::MAX_STRING, f)?;
-            }
-            Ok(AuthDetails {
-                method: a.method.clone(),
-                mfa_used: a.mfa_used,
-                mfa_method: a.mfa_method.clone(),
-                failure_reason: a.failure_reason.clone(),
-                session_id: a.session_id.clone(),
-            })
-        })
-        .transpose()?;
-    let network = e
-        .network
-        .as_ref()
-        .map(|n| -> Result<NetworkDetails, FieldViolation> {
-            for (v, f) in [
-                (&n.protocol, "network.protocol"),
-                (&n.device, "network.device"),
-                (&n.rule_id, "network.rule_id"),
-            ] {
-                check_len(v, event::MAX_STRING, f)?;
-            }
-            Ok(NetworkDetails {
-                source_port: port(n.source_port, "network.source_port")?,
-                destination_port: port(n.destination_port, "network.destination_port")?,
-                protocol: n.protocol.to_ascii_lowercase(),
-                bytes_sent: n.bytes_sent,
-                bytes_received: n.bytes_received,
-                device: n.device.clone(),
-                rule_id: n.rule_id.clone(),
-            })
-        })
-        .transpose()?;
-    let database = e
-        .database
-        .as_ref()
-        .map(|d| -> Result<DatabaseDetails, FieldViolation> {
-            for (v, f) in [
-                (&d.system, "database.system"),
-                (&d.database, "database.database"),
-                (&d.db_user, "database.db_user"),
-                (&d.operation, "database.operation"),
-            ] {
-                check_len(v, event::MAX_STRING, f)?;
-            }
-            Ok(DatabaseDetails {
-                system: d.system.clone(),
-                database: d.database.clone(),
-                db_user: d.db_user.clone(),
-                operation: d.operation.to_ascii_uppercase(),
-                rows: d.rows,
-            })
-        })
-        .transpose()?;
-    let change = e
-        .change
-        .as_ref()
-        .map(|c| -> Result<ChangeDetails, FieldViolation> {
-            for (v, f, max) in [
-                (&c.object_type, "change.object_type", event::MAX_STRING),
-                (&c.object_id, "change.object_id", event::MAX_STRING),
-                (&c.old_value, "change.old_value", event::MAX_CHANGE_VALUE),
-                (&c.new_value, "change.new_value", event::MAX_CHANGE_VALUE),
-                (&c.privilege, "change.privilege", event::MAX_STRING),
-                (&c.target_actor, "change.target_actor", event::MAX_STRING),
-            ] {
-                check_len(v, max, f)?;
-            }
-            Ok(ChangeDetails {
-                object_type: c.object_type.clone(),
-                object_id: c.object_id.clone(),
-                old_value: c.old_value.clone(),
-                new_value: c.new_value.clone(),
-                privilege: c.privilege.clone(),
-                target_actor: c.target_actor.clone(),
-            })
-        })
-        .transpose()?;
-    let quota = e
-        .quota
-        .as_ref()
-        .map(|q| -> Result<QuotaDetails, FieldViolation> {
-            check_len(&q.limit_name, event::MAX_STRING, "quota.limit_name")?;
-            Ok(QuotaDetails {
-                limit_name: q.limit_name.clone(),
-                limit: finite(q.limit, "quota.limit")?,
-                observed: finite(q.observed, "quota.observed")?,
-                throttled: q.throttled,
-            })
-        })
-        .transpose()?;
-    let kinds = DetailKinds {
-        http: http.is_some(),
-        auth: auth.is_some(),
-        network: network.is_some(),
-        database: database.is_some(),
-        change: change.is_some(),
-        quota: quota.is_some(),
-    };
-    let class = event::classify(&e.event_type, kinds);
-    Ok(NewEvent {
-        id: Uuid::now_v7(),
-        idempotency_digest: if e.idempotency_key.is_empty() {
-            event::random_idempotency_digest()
-        } else {
-            event::idempotency_digest(&e.idempotency_key)
-        },
-        occurred_at: truncate_micros(occurred_at),
-        received_at: truncate_micros(now),
+        }),
         event_type: e.event_type.clone(),
-        ocsf_class_uid: class,
-        ocsf_category_uid: event::ocsf::category_of(class),
+        idempotency_key: e.idempotency_key.clone(),
         actor: e.actor.clone(),
         action: e.action.clone(),
         resource: e.resource.clone(),
-        outcome: outcome_from_pb(e.outcome, "outcome")?,
-        severity: severity_from_pb(e.severity, "severity")?,
-        source_ip: event::parse_ip(&e.source_ip, "source_ip")?,
-        destination_ip: event::parse_ip(&e.destination_ip, "destination_ip")?,
+        outcome: outcome_from_pb(e.outcome, "outcome").map_err(|v| v.description),
+        severity: severity_from_pb(e.severity, "severity").map_err(|v| v.description),
+        source_ip: e.source_ip.clone(),
+        destination_ip: e.destination_ip.clone(),
         source_system: e.source_system.clone(),
         service: e.service.clone(),
         environment: e.environment.clone(),
-        details: EventDetails {
-            idempotency_key: e.idempotency_key.clone(),
-            http,
-            auth,
-            network,
-            database,
-            change,
-            quota,
-            attributes: e
-                .attributes
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        },
-    })
-}
-
-/// Both stores keep microseconds; normalize so what is returned equals what was stored.
-fn truncate_micros(t: DateTime<Utc>) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+        http: e.http.as_ref().map(|h| HttpDetails {
+            method: h.method.clone(),
+            path: h.path.clone(),
+            status_code: h.status_code,
+            latency_ms: h.latency_ms,
+            bytes_in: h.bytes_in,
+            bytes_out: h.bytes_out,
+            user_agent: h.user_agent.clone(),
+            route: h.route.clone(),
+        }),
+        auth: e.auth.as_ref().map(|a| AuthDetails {
+            method: a.method.clone(),
+            mfa_used: a.mfa_used,
+            mfa_method: a.mfa_method.clone(),
+            failure_reason: a.failure_reason.clone(),
+            session_id: a.session_id.clone(),
+        }),
+        network: e.network.as_ref().map(|n| NetworkDetails {
+            source_port: n.source_port,
+            destination_port: n.destination_port,
+            protocol: n.protocol.clone(),
+            bytes_sent: n.bytes_sent,
+            bytes_received: n.bytes_received,
+            device: n.device.clone(),
+            rule_id: n.rule_id.clone(),
+        }),
+        database: e.database.as_ref().map(|d| DatabaseDetails {
+            system: d.system.clone(),
+            database: d.database.clone(),
+            db_user: d.db_user.clone(),
+            operation: d.operation.clone(),
+            rows: d.rows,
+        }),
+        change: e.change.as_ref().map(|c| ChangeDetails {
+            object_type: c.object_type.clone(),
+            object_id: c.object_id.clone(),
+            old_value: c.old_value.clone(),
+            new_value: c.new_value.clone(),
+            privilege: c.privilege.clone(),
+            target_actor: c.target_actor.clone(),
+        }),
+        quota: e.quota.as_ref().map(|q| QuotaDetails {
+            limit_name: q.limit_name.clone(),
+            limit: q.limit,
+            observed: q.observed,
+            throttled: q.throttled,
+        }),
+        attributes: e
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
 }
 
 /// A stored event as protobuf.

@@ -84,7 +84,7 @@ pub fn entry_to_pb(e: &TimelineEntry) -> pb::TimelineEntry {
     pb::TimelineEntry {
         id: e.id.to_string(),
         at: Some(timestamp(e.at)),
-        actor: e.actor.clone(),
+        actor: crate::grpc::convert::actor_to_pb(&e.actor),
         kind: kind_to_pb(e.kind) as i32,
         description: e.description.clone(),
         subject: e.subject.clone(),

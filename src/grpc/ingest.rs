@@ -216,7 +216,7 @@ impl IngestService for IngestApi {
                                 // Malformed frame or client went away: nothing more will be read.
                                 tracing::debug!(error = %status, "ingest stream input ended with an error");
                                 inbound_done = true;
-                                ending = Some(status);
+                                ending = Some(crate::grpc::status::oversized_message(status));
                             }
                         }
                     }

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod alerts;
+pub mod codec;
 pub mod convert;
 pub mod events;
 pub mod health;
@@ -36,6 +37,28 @@ pub mod pb {
 /// The encoded descriptor set of `picket.v1`, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/picket_descriptor.bin"));
+
+/// The descriptors of `google.rpc.Status` and the error details Picket sends
+/// (`BadRequest`, `RetryInfo`, `RequestInfo`), under their canonical file
+/// names `google/rpc/status.proto` and `google/rpc/error_details.proto`, so
+/// reflection clients (grpcurl) can print error details. tonic-types compiles
+/// them as `status.proto` and `error_details.proto`; they are renamed here.
+pub fn error_details_descriptors() -> prost_types::FileDescriptorSet {
+    use prost::Message;
+    let canonical = |name: &str| match name {
+        "status.proto" | "error_details.proto" => format!("google/rpc/{name}"),
+        other => other.to_owned(),
+    };
+    let mut set = prost_types::FileDescriptorSet::decode(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .expect("tonic-types ships a valid descriptor set");
+    for file in &mut set.file {
+        file.name = file.name.as_deref().map(canonical);
+        for dep in &mut file.dependency {
+            *dep = canonical(dep);
+        }
+    }
+    set
+}
 
 /// A boxed response stream, as streaming RPCs return.
 pub type BoxStream<T> =

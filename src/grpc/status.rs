@@ -70,6 +70,53 @@ pub fn to_status(err: AppError) -> Status {
     }
 }
 
+/// tonic refuses a request message over `--max-message-bytes` with
+/// OUT_OF_RANGE ("decoded message length too large") before any handler runs;
+/// Picket's contract, like gRPC's convention, is RESOURCE_EXHAUSTED. Other
+/// statuses pass unchanged.
+pub fn oversized_message(status: Status) -> Status {
+    const TONIC: &str = "decoded message length too large: found ";
+    if status.code() != Code::OutOfRange {
+        return status;
+    }
+    let Some((_, sizes)) = status.message().split_once(TONIC) else {
+        return status;
+    };
+    let number = |s: &str| -> String { s.chars().take_while(char::is_ascii_digit).collect() };
+    let found = number(sizes);
+    let limit = sizes
+        .split_once("the limit is: ")
+        .map(|(_, l)| number(l))
+        .unwrap_or_default();
+    metrics::counter!("picket_grpc_errors_total", "code" => format!("{:?}", Code::ResourceExhausted))
+        .increment(1);
+    Status::resource_exhausted(format!(
+        "the request message is {found} bytes; this server accepts at most {limit} (--max-message-bytes)"
+    ))
+}
+
+/// [`oversized_message`] for a response tonic answered before the handler
+/// (unary and server-streaming calls: the status is in the headers).
+pub async fn oversized_response(
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    if response.headers().get("grpc-status").map(|v| v.as_bytes()) != Some(b"11") {
+        return response;
+    }
+    let Some(status) = Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    let mapped = oversized_message(status);
+    if mapped.code() == Code::ResourceExhausted {
+        let headers = response.headers_mut();
+        for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+            headers.remove(name);
+        }
+        let _ = mapped.add_header(headers);
+    }
+    response
+}
+
 /// The gRPC code for each error kind.
 fn code_of(err: &AppError) -> Code {
     match err {

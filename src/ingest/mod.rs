@@ -23,7 +23,7 @@ use crate::domain::TenantId;
 use crate::domain::event::{InsertOutcome, NewEvent};
 use crate::error::{AppError, AppResult};
 use crate::ingest::signal::Signal;
-use crate::storage::Store;
+use crate::storage::{Store, StoreError};
 
 /// Tuning of the write path.
 #[derive(Debug, Clone, Copy)]
@@ -250,72 +250,158 @@ async fn write_jobs(
     commits: &Signal,
     handoff: &broadcast::Sender<Arc<CommittedEvents>>,
 ) {
-    // Group by tenant so each tenant is one statement.
-    let mut order: Vec<TenantId> = Vec::new();
-    let mut by_tenant: HashMap<TenantId, Vec<NewEvent>> = HashMap::new();
-    let mut spans = Vec::with_capacity(jobs.len()); // (tenant, start, len) per job
+    let mut batches = Vec::with_capacity(jobs.len());
     let mut replies = Vec::with_capacity(jobs.len());
-    let mut rows = 0usize;
     for job in jobs {
         metrics::histogram!("picket_ingest_queue_wait_seconds")
             .record(job.queued_at.elapsed().as_secs_f64());
-        let list = by_tenant.entry(job.tenant).or_insert_with(|| {
-            order.push(job.tenant);
+        batches.push((job.tenant, job.events));
+        replies.push((job.reply, job._permit));
+    }
+    let refs: Vec<(TenantId, &[NewEvent])> =
+        batches.iter().map(|(t, e)| (*t, e.as_slice())).collect();
+    let results = commit_batches(store, &refs).await;
+    // Wake-ups and hand-off per tenant, once per commit round.
+    let mut accepted: Vec<(TenantId, usize)> = Vec::new();
+    for ((tenant, _), result) in refs.iter().zip(&results) {
+        let Ok(outcomes) = result else { continue };
+        let n = outcomes
+            .iter()
+            .filter(|o| matches!(o, InsertOutcome::Accepted(_)))
+            .count();
+        metrics::counter!("picket_ingest_events_total", "outcome" => "accepted")
+            .increment(n as u64);
+        metrics::counter!("picket_ingest_events_total", "outcome" => "duplicate")
+            .increment((outcomes.len() - n) as u64);
+        match accepted.iter_mut().find(|(t, _)| t == tenant) {
+            Some((_, total)) => *total += n,
+            None => accepted.push((*tenant, n)),
+        }
+    }
+    for (tenant, n) in accepted {
+        commits.wake(tenant);
+        if n > 0 && handoff.receiver_count() > 0 {
+            let _ = handoff.send(Arc::new(CommittedEvents {
+                tenant,
+                accepted: n,
+                from_peer: false,
+            }));
+        }
+    }
+    metrics::gauge!("picket_ingest_handoff_queue_batches").set(handoff.len() as f64);
+    for ((reply, _permit), result) in replies.into_iter().zip(results) {
+        let _ = reply.send(result);
+    }
+}
+
+/// Commits callers' batches (each a tenant and its events) in ONE transaction
+/// and returns each batch's outcomes, in order.
+///
+/// A batch's own data must never fail another caller's batch: when the
+/// database refuses the data of the grouped transaction (a constraint, a value
+/// it cannot store; see [`StoreError::is_refused_data`]), each batch is
+/// committed apart, one transaction each, so only the batch at fault fails.
+/// Such a batch is answered INTERNAL without RetryInfo (resending it would
+/// fail the same way; the log names the database's reason under the request
+/// id); a failure outside the data (connection, shutdown) is answered
+/// UNAVAILABLE with RetryInfo, as before.
+pub async fn commit_batches(
+    store: &dyn Store,
+    batches: &[(TenantId, &[NewEvent])],
+) -> Vec<AppResult<Vec<InsertOutcome>>> {
+    let rows: usize = batches.iter().map(|(_, e)| e.len()).sum();
+    let started = Instant::now();
+    let result = insert_grouped(store, batches).await;
+    metrics::histogram!("picket_ingest_commit_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!("picket_ingest_transaction_rows").record(rows as f64);
+    let e = match result {
+        Ok(per_batch) => return per_batch.into_iter().map(Ok).collect(),
+        Err(e) => e,
+    };
+    metrics::counter!("picket_ingest_failed_transactions_total").increment(1);
+    let refused = e.is_refused_data();
+    // The cause chain on one line: the database's reason, never event contents.
+    tracing::error!(
+        error = %format_args!("{:#}", anyhow::Error::new(e)),
+        rows,
+        batches = batches.len(),
+        refused_data = refused,
+        "failed to commit an ingest transaction"
+    );
+    if !refused {
+        return batches.iter().map(|_| Err(unavailable())).collect();
+    }
+    if batches.len() == 1 {
+        return vec![Err(refused_batch())];
+    }
+    let mut out = Vec::with_capacity(batches.len());
+    for batch in batches {
+        out.push(
+            match insert_grouped(store, std::slice::from_ref(batch)).await {
+                Ok(mut one) => Ok(one.swap_remove(0)),
+                Err(e) => {
+                    let refused = e.is_refused_data();
+                    tracing::error!(
+                        error = %format_args!("{:#}", anyhow::Error::new(e)),
+                        tenant = %batch.0,
+                        rows = batch.1.len(),
+                        refused_data = refused,
+                        "failed to commit an ingest batch on its own"
+                    );
+                    Err(if refused {
+                        refused_batch()
+                    } else {
+                        unavailable()
+                    })
+                }
+            },
+        );
+    }
+    out
+}
+
+/// The batches in one transaction, each tenant's events in one statement;
+/// the outcomes split back per batch.
+async fn insert_grouped(
+    store: &dyn Store,
+    batches: &[(TenantId, &[NewEvent])],
+) -> Result<Vec<Vec<InsertOutcome>>, StoreError> {
+    let mut order: Vec<TenantId> = Vec::new();
+    let mut by_tenant: HashMap<TenantId, Vec<NewEvent>> = HashMap::new();
+    let mut spans = Vec::with_capacity(batches.len()); // (tenant, start, len) per batch
+    for (tenant, events) in batches {
+        let list = by_tenant.entry(*tenant).or_insert_with(|| {
+            order.push(*tenant);
             Vec::new()
         });
-        spans.push((job.tenant, list.len(), job.events.len()));
-        rows += job.events.len();
-        list.extend(job.events);
-        replies.push((job.reply, job._permit));
+        spans.push((*tenant, list.len(), events.len()));
+        list.extend_from_slice(events);
     }
     let groups: Vec<(TenantId, &[NewEvent])> = order
         .iter()
         .map(|t| (*t, by_tenant[t].as_slice()))
         .collect();
-    let started = Instant::now();
-    let result = store.insert_events(&groups).await;
-    metrics::histogram!("picket_ingest_commit_duration_seconds")
-        .record(started.elapsed().as_secs_f64());
-    metrics::histogram!("picket_ingest_transaction_rows").record(rows as f64);
-    match result {
-        Ok(outcomes) => {
-            let per_tenant: HashMap<TenantId, Vec<InsertOutcome>> =
-                order.iter().copied().zip(outcomes).collect();
-            let mut accepted_total = 0u64;
-            for tenant in &order {
-                commits.wake(*tenant);
-                let accepted = per_tenant[tenant]
-                    .iter()
-                    .filter(|o| matches!(o, InsertOutcome::Accepted(_)))
-                    .count();
-                accepted_total += accepted as u64;
-                if accepted > 0 && handoff.receiver_count() > 0 {
-                    let _ = handoff.send(Arc::new(CommittedEvents {
-                        tenant: *tenant,
-                        accepted,
-                        from_peer: false,
-                    }));
-                }
-            }
-            metrics::gauge!("picket_ingest_handoff_queue_batches").set(handoff.len() as f64);
-            metrics::counter!("picket_ingest_events_total", "outcome" => "accepted")
-                .increment(accepted_total);
-            metrics::counter!("picket_ingest_events_total", "outcome" => "duplicate")
-                .increment(rows as u64 - accepted_total);
-            for ((tenant, start, len), (reply, _permit)) in spans.into_iter().zip(replies) {
-                let _ = reply.send(Ok(per_tenant[&tenant][start..start + len].to_vec()));
-            }
-        }
-        Err(e) => {
-            let e = anyhow::Error::new(e).context("failed to commit an ingest transaction");
-            tracing::error!(error = ?e, rows, "ingest transaction failed; batches not acknowledged");
-            metrics::counter!("picket_ingest_failed_transactions_total").increment(1);
-            for (reply, _permit) in replies {
-                let _ = reply.send(Err(AppError::Unavailable {
-                    message: "the batch could not be stored; resend it".into(),
-                    retry_after: Duration::from_millis(500),
-                }));
-            }
-        }
+    let outcomes = store.insert_events(&groups).await?;
+    let per_tenant: HashMap<TenantId, Vec<InsertOutcome>> =
+        order.iter().copied().zip(outcomes).collect();
+    Ok(spans
+        .into_iter()
+        .map(|(tenant, start, len)| per_tenant[&tenant][start..start + len].to_vec())
+        .collect())
+}
+
+/// A failure outside the data: resend later.
+fn unavailable() -> AppError {
+    AppError::Unavailable {
+        message: "the batch could not be stored; resend it".into(),
+        retry_after: Duration::from_millis(500),
     }
+}
+
+/// The database refused this batch's own data: resending it cannot help.
+fn refused_batch() -> AppError {
+    AppError::Internal(anyhow::anyhow!(
+        "the database refused an ingest batch that passed validation (see the error logged just before)"
+    ))
 }

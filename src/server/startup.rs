@@ -239,6 +239,7 @@ impl Application {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(grpc::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_file_descriptor_set(grpc::error_details_descriptors())
         };
         let reflection_v1 = reflection()
             .build_v1()
@@ -287,6 +288,9 @@ impl Application {
             .into_axum_router()
             .merge(http::routes(http_state))
             .fallback(not_found)
+            .layer(axum::middleware::map_response(
+                grpc::status::oversized_response,
+            ))
             .layer(axum::middleware::from_fn(http::track_requests));
 
         let server = Server::builder()

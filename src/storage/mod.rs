@@ -62,6 +62,35 @@ impl StoreError {
             _ => Self::Unexpected(anyhow::Error::new(err).context(context)),
         }
     }
+
+    /// Whether the database refused the data itself (a constraint, a value it
+    /// cannot store), as opposed to failing for a reason outside it (connection,
+    /// overload, shutdown): resending the same data would fail the same way.
+    /// Portable: constraint kinds on both backends, SQLSTATE class 22 (data
+    /// exception) on Postgres, SQLITE_TOOBIG and SQLITE_MISMATCH on SQLite.
+    pub fn is_refused_data(&self) -> bool {
+        let Self::Unexpected(e) = self else {
+            return matches!(self, Self::Conflict(_));
+        };
+        e.chain().any(|cause| {
+            let Some(sqlx::Error::Database(db)) = cause.downcast_ref::<sqlx::Error>() else {
+                return false;
+            };
+            if db.kind() != sqlx::error::ErrorKind::Other {
+                return true;
+            }
+            let code = db.code().unwrap_or_default();
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some()
+            {
+                code.starts_with("22")
+            } else {
+                code.parse::<i32>()
+                    .is_ok_and(|c| matches!(c & 0xff, 18 | 20))
+            }
+        })
+    }
 }
 
 /// Which backend a store runs on.
@@ -433,8 +462,16 @@ pub trait WebhookStore: Send + Sync {
 /// The default embedded database: `./picket-data/picket.db`.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://picket-data/picket.db";
 
-/// Connects to the store `url` names, running migrations first.
+/// Connects to the store `url` names, running migrations first. On failure
+/// the database's own text is logged; the error says which database could not
+/// be opened and why in one sentence, without the password.
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn Store>> {
+    open_store(url, max_connections)
+        .await
+        .map_err(|e| opening_failed(url, e))
+}
+
+async fn open_store(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn Store>> {
     match Backend::from_url(url) {
         Some(Backend::Postgres) => Ok(Arc::new(
             PgStore::connect(url, max_connections)
@@ -452,13 +489,65 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn 
     }
 }
 
-/// Runs migrations only (the `picket migrate` command).
+/// Runs migrations only (the `picket migrate` command); errors as [`connect`].
 pub async fn migrate(url: &str) -> anyhow::Result<()> {
-    match Backend::from_url(url) {
+    let result = match Backend::from_url(url) {
         Some(Backend::Postgres) => postgres::migrate(url).await,
         Some(Backend::Sqlite) => sqlite::migrate(url).await,
         None => anyhow::bail!(
             "unsupported database URL scheme (expected postgres://, postgresql:// or sqlite:)"
         ),
-    }
+    };
+    result.map_err(|e| opening_failed(url, e))
+}
+
+/// Logs the whole cause chain (driver and server text stay in the log) and
+/// returns one sentence for the user: which database (host, port, name, user;
+/// never the password) and the kind of failure.
+fn opening_failed(url: &str, e: anyhow::Error) -> anyhow::Error {
+    let Some(backend) = Backend::from_url(url) else {
+        return e; // the unsupported scheme, said plainly already
+    };
+    tracing::error!(error = %format_args!("{e:#}"), "failed to open the database");
+    let reason = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<sqlx::Error>())
+        .map(|sqlx_error| match sqlx_error {
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some("3D000") => "the database does not exist (create it first)",
+                Some("28P01" | "28000") => "the server refused the user or password",
+                Some("42501") => "the user lacks a needed privilege",
+                _ => "the database server refused the request",
+            },
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_) => "the server could not be reached",
+            sqlx::Error::PoolTimedOut => "connecting timed out",
+            sqlx::Error::Migrate(_) => "running the migrations failed",
+            _ => "the connection failed",
+        })
+        .or_else(|| {
+            e.chain()
+                .any(|c| c.is::<sqlx::migrate::MigrateError>())
+                .then_some("running the migrations failed")
+        })
+        .unwrap_or("it could not be opened");
+    let what = match backend {
+        Backend::Postgres => match url.parse::<sqlx::postgres::PgConnectOptions>() {
+            Ok(o) => format!(
+                "the Postgres database \"{}\" on {}:{} (user {})",
+                o.get_database().unwrap_or_default(),
+                o.get_host(),
+                o.get_port(),
+                o.get_username()
+            ),
+            Err(_) => "the Postgres database (the URL does not parse)".to_owned(),
+        },
+        Backend::Sqlite => {
+            let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
+            format!(
+                "the SQLite database at {}",
+                path.split('?').next().unwrap_or(path)
+            )
+        }
+    };
+    anyhow::anyhow!("cannot open {what}: {reason}; the log has the database's own message")
 }

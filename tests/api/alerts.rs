@@ -172,7 +172,8 @@ async fn brute_force_raises_one_alert_with_evidence(backend: Backend) {
     assert_eq!(updated.status, pb::AlertStatus::Acknowledged as i32);
     let h = updated.history.last().unwrap();
     assert_eq!(h.note, "looking");
-    assert!(h.changed_by.starts_with("key:"));
+    // The bare key id, as CreateApiKey and WhoAmI return it (issue 11, item 4).
+    assert_eq!(h.changed_by, app.key_id(&key).await);
     assert!(h.changed_at.is_some());
 
     // Resume after the first alert's cursor: later changes only, in order.

@@ -189,7 +189,8 @@ async fn alerts_correlate_into_incidents_with_a_timeline(backend: Backend) {
         .entry
         .unwrap();
     assert_eq!(note.subject, "blocked at the edge");
-    assert!(note.actor.starts_with("key:"));
+    // The bare key id, as CreateApiKey and WhoAmI return it (issue 11, item 4).
+    assert_eq!(note.actor, app.key_id(&key).await);
 
     // Resolve, then a new alert for the same address reopens it.
     incidents(&app)

@@ -7,6 +7,7 @@ mod common;
 mod admin;
 mod alerts;
 mod anomaly;
+mod bad_input;
 mod crash;
 mod front_door;
 mod grpcweb;

@@ -235,6 +235,16 @@ impl TestApp {
         (tenant.id, key)
     }
 
+    /// The id of the API key `key`, as WhoAmI answers it.
+    pub async fn key_id(&self, key: &str) -> String {
+        self.admin()
+            .who_am_i(with_key(pb::WhoAmIRequest::default(), key))
+            .await
+            .expect("who am i")
+            .into_inner()
+            .key_id
+    }
+
     /// Creates a key for the tenant called `name` (as the operator).
     pub async fn key_for_tenant_named(&self, name: &str, scopes: &[pb::Scope]) -> String {
         let id = self
