@@ -73,18 +73,30 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
 pub struct SqliteStore {
     /// Connection pool; SQLite serializes writers itself (busy timeout 10 s).
     pool: SqlitePool,
+    /// The serving lock, held as long as the store (see `storage/lock.rs`).
+    _lock: Option<std::sync::Arc<crate::storage::lock::StoreLock>>,
 }
 
 impl SqliteStore {
     /// Migrates, then opens a pool of at most `max_connections`.
     pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        Self::connect_locked(url, max_connections, None).await
+    }
+
+    /// [`SqliteStore::connect`], keeping `lock` (taken before) as long as the store.
+    pub async fn connect_locked(
+        url: &str,
+        max_connections: u32,
+        _lock: Option<crate::storage::lock::StoreLock>,
+    ) -> anyhow::Result<Self> {
         migrate(url).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .connect_with(options(url)?)
             .await
             .context("failed to open the SQLite pool")?;
-        Ok(Self { pool })
+        let _lock = _lock.map(std::sync::Arc::new);
+        Ok(Self { pool, _lock })
     }
 
     /// The pool (for the conformance suite and benchmarks).

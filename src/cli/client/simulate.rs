@@ -9,6 +9,11 @@
 //! 2. **Live**: the rest of the benign events plus the injected attacks, sent
 //!    in real time over `--live-seconds` with `occurred_at` = now (except the
 //!    off-hours admin sessions, which are dated 03:00 UTC).
+//! 3. **End**: the pipeline's clock (the simulator's own, see
+//!    `pipeline::Clock`) is moved past the end of every window the live phase
+//!    opened, so the anomaly model closes and scores them all; a marker burst
+//!    evaluated after that pass shows when its alerts have arrived. False
+//!    alerts are counted per detector, the anomaly model included.
 //!
 //! The benign world: ~50 users in three regions working 10-hour UTC windows
 //! (APAC 23–09, EMEA 07–17, AMER 13–23), mostly on weekdays, each with one or
@@ -41,17 +46,20 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::cli::client::bench::{Latency, percentiles};
-use crate::cli::client::bench_detect::{AlertWatcher, InProcess, names, send};
+use crate::cli::client::bench_detect::{AlertWatcher, InProcess, RunStore, names, send};
 use crate::grpc::convert::timestamp;
 use crate::grpc::pb;
-use crate::storage::DEFAULT_DATABASE_URL;
 
 /// `picket simulate` arguments.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimulateArgs {
-    /// Database to run on; a fresh tenant is created in it.
-    #[arg(long, env = "PICKET_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
-    pub database_url: String,
+    /// Database to run on (a fresh tenant is created in it). Without it, a
+    /// fresh SQLite store in a temporary directory, removed afterwards.
+    #[arg(long, env = "PICKET_SIMULATE_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Keep the temporary store (its URL is printed on stderr).
+    #[arg(long)]
+    pub keep_store: bool,
     /// Seed of everything generated.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -145,6 +153,8 @@ pub struct KindSummary {
 /// A false alert (one per distinct alert id).
 #[derive(Debug, Clone, Serialize)]
 pub struct FalseAlert {
+    /// The detector that raised it (see `false_alerts_by_detector`).
+    pub detector: String,
     /// Rule title.
     pub rule: String,
     /// The alert's entities, `kind:value`.
@@ -189,6 +199,8 @@ pub struct SimReport {
     pub false_alerts: Vec<FalseAlert>,
     /// False alerts per 10,000 benign events.
     pub false_alerts_per_10k: f64,
+    /// False alerts per detector: rule title, or `anomaly model (<algorithm>)`.
+    pub false_alerts_by_detector: BTreeMap<String, usize>,
     /// ≥ 95 % of attacks alerted within the timeout.
     pub detection_target_met: bool,
     /// ≤ 1 false alert per 10,000 benign events.
@@ -274,12 +286,8 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
             "MISSED"
         }
     );
-    let mut by_rule: BTreeMap<&str, usize> = BTreeMap::new();
-    for f in &r.false_alerts {
-        *by_rule.entry(&f.rule).or_default() += 1;
-    }
-    for (rule, n) in by_rule {
-        println!("  {n:>4}  {rule}");
+    for (detector, n) in &r.false_alerts_by_detector {
+        println!("  {n:>4}  {detector}");
     }
     for f in r.false_alerts.iter().take(10) {
         println!(
@@ -349,6 +357,8 @@ const MB: u64 = 1_000_000;
 /// Benign bytes out per actor per clock hour are kept under this.
 const HOURLY_BYTES_CAP: u64 = 20 * MB;
 const SENTINEL_IP: &str = "192.0.2.254";
+/// Source of the marker burst sent after the live windows are scored.
+const SENTINEL_END_IP: &str = "192.0.2.253";
 
 /// The benign world and its generator state.
 struct World {
@@ -1001,8 +1011,16 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<SimReport> {
         (10..=3600).contains(&args.live_seconds),
         "--live-seconds must be 10..3600"
     );
+    let store = RunStore::open(args.database_url.as_deref())?;
+    let report = simulate_on(&store.url, args).await;
+    store.finish(args.keep_store);
+    report
+}
+
+async fn simulate_on(database_url: &str, args: &SimulateArgs) -> anyhow::Result<SimReport> {
     let timeout = Duration::from_secs(args.timeout_seconds);
-    let server = InProcess::start(&args.database_url, "simulate").await?;
+    let clock = crate::pipeline::Clock::adjustable();
+    let server = InProcess::start_with_clock(database_url, "simulate", clock.clone()).await?;
     let watcher = AlertWatcher::start(server.alerts(), &server.key).await?;
     let mut ingest = server.ingest();
 
@@ -1100,8 +1118,35 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<SimReport> {
             last + timeout,
         )
         .await;
-    // Stragglers of the benign live traffic.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Every window the live phase opened must be closed and scored, or the
+    // anomaly model's alerts go uncounted: move the pipeline's clock past the
+    // last window's end plus its lateness (no waiting in real time), wait for
+    // a pass at that time, then for a marker burst evaluated after it, so
+    // every alert the pass raised has reached the watcher.
+    let window = crate::pipeline::scoring::ScoringConfig::default().window;
+    clock.advance(window + Span::minutes(2));
+    let swept = clock.now();
+    tokio::time::timeout(Duration::from_secs(60), clock.swept_past(swept))
+        .await
+        .context("the pipeline did not close the live windows within 60 s")?;
+    let marker: Vec<pb::Event> = (0..6)
+        .map(|k| {
+            let mut e = world.login(0, Utc::now(), false);
+            e.actor = "sentinel@simulate.invalid".into();
+            e.source_ip = SENTINEL_END_IP.into();
+            e.idempotency_key = format!("sentinel-end-{k}");
+            e
+        })
+        .collect();
+    let sent = send(&mut ingest, &server.key, marker, true).await?;
+    watcher
+        .wait_for(
+            |a| names(a, pb::EntityKind::Ip, SENTINEL_END_IP),
+            sent,
+            Duration::from_secs(60),
+        )
+        .await
+        .context("the pipeline did not process the end marker within 60 s")?;
     let alerts = watcher.distinct();
     drop(watcher);
     let backend = server.backend.clone();
@@ -1148,8 +1193,10 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<SimReport> {
         .iter()
         .filter(|(_, a)| !attributed.contains(&a.id))
         .filter(|(_, a)| !names(a, pb::EntityKind::Ip, SENTINEL_IP))
+        .filter(|(_, a)| !names(a, pb::EntityKind::Ip, SENTINEL_END_IP))
         .filter(|(_, a)| !names(a, pb::EntityKind::Actor, "sentinel@simulate.invalid"))
         .map(|(_, a)| FalseAlert {
+            detector: detector(a),
             rule: a.title.clone(),
             entities: a
                 .entities
@@ -1193,6 +1240,12 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<SimReport> {
     let alerted_percent = 100.0 * alerted as f64 / results.len().max(1) as f64;
     let benign_events = history_events + live_benign;
     let false_alerts_per_10k = false_alerts.len() as f64 * 10_000.0 / benign_events as f64;
+    let mut false_alerts_by_detector: BTreeMap<String, usize> = BTreeMap::new();
+    for f in &false_alerts {
+        *false_alerts_by_detector
+            .entry(f.detector.clone())
+            .or_default() += 1;
+    }
     Ok(SimReport {
         backend,
         seed: args.seed,
@@ -1211,7 +1264,18 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<SimReport> {
         false_alert_target_met: false_alerts_per_10k <= 1.0,
         false_alerts,
         false_alerts_per_10k,
+        false_alerts_by_detector,
     })
+}
+
+/// Which detector raised an alert: the rule's title (Sigma rules and
+/// behavioural detectors), or `anomaly model (<algorithm>)`.
+fn detector(a: &pb::Alert) -> String {
+    if a.source_kind == pb::AlertSourceKind::Model as i32 {
+        format!("anomaly model ({})", a.source_name)
+    } else {
+        a.title.clone()
+    }
 }
 
 fn entity_kind(k: pb::EntityKind) -> &'static str {
