@@ -48,6 +48,8 @@ struct Counts {
     off_hours: u64,
     privileged: u64,
     event_ids: Vec<Uuid>,
+    /// At least one event was observed live (not replayed at a restart).
+    live: bool,
 }
 
 fn insert_capped(set: &mut HashSet<String>, v: &str) {
@@ -71,7 +73,8 @@ pub fn is_privileged(e: &NewEvent) -> bool {
 }
 
 impl Counts {
-    fn add(&mut self, e: &NewEvent) {
+    fn add(&mut self, e: &NewEvent, live: bool) {
+        self.live |= live;
         self.events += 1;
         if e.outcome == Outcome::Failure {
             self.failures += 1;
@@ -141,6 +144,10 @@ pub struct ClosedWindow {
     pub events: u64,
     /// Ids of (up to 100 of) its events.
     pub event_ids: Vec<Uuid>,
+    /// Every event in it was replayed at a restart (none arrived live since):
+    /// it was scored before the restart, or its events were, so it rebuilds
+    /// the baseline but must never raise again.
+    pub replayed: bool,
 }
 
 /// Aggregates events into per-entity tumbling windows.
@@ -182,6 +189,16 @@ impl WindowAggregator {
 
     /// Counts an event; returns windows that closed because event time moved on.
     pub fn observe(&mut self, tenant: TenantId, e: &NewEvent) -> Vec<ClosedWindow> {
+        self.observe_as(tenant, e, true)
+    }
+
+    /// Counts an event replayed at a restart (already seen live before it):
+    /// windows holding only replayed events close with `replayed` set.
+    pub fn replay(&mut self, tenant: TenantId, e: &NewEvent) -> Vec<ClosedWindow> {
+        self.observe_as(tenant, e, false)
+    }
+
+    fn observe_as(&mut self, tenant: TenantId, e: &NewEvent, live: bool) -> Vec<ClosedWindow> {
         let start = self.window_start(e.occurred_at);
         let arrived = self.arrival.entry(tenant).or_insert(e.received_at);
         if e.received_at > *arrived {
@@ -205,7 +222,7 @@ impl WindowAggregator {
             entities.push(Entity::new(EntityKind::Ip, ip.to_string()));
         }
         for entity in entities {
-            open.entry((start, entity)).or_default().add(e);
+            open.entry((start, entity)).or_default().add(e, live);
         }
         let mut closed = self.close_until(tenant, watermark);
         // Bound memory: close the oldest windows beyond the cap.
@@ -286,6 +303,7 @@ impl WindowAggregator {
             features: c.features(),
             events: c.events,
             event_ids: c.event_ids.clone(),
+            replayed: !c.live,
         }
     }
 }

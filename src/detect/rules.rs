@@ -463,6 +463,101 @@ impl DocText {
         self.error_at(line, message)
     }
 
+    /// Whether a line holds `key:` at any indentation.
+    fn has_key(&self, key: &str) -> bool {
+        let needle = format!("{key}:");
+        self.text
+            .lines()
+            .any(|l| l.trim_start().trim_start_matches("- ").starts_with(&needle))
+    }
+
+    /// The 0-based line of `condition:` and the condition's lines (its own, or
+    /// the list items below it).
+    fn condition_lines(&self) -> Option<(usize, Vec<usize>)> {
+        let lines: Vec<&str> = self.text.lines().collect();
+        let at = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with("condition:"))?;
+        let indent = lines[at].len() - lines[at].trim_start().len();
+        let inline = !lines[at].trim_start()["condition:".len()..]
+            .trim()
+            .is_empty();
+        let mut body = vec![at];
+        if !inline {
+            body.extend(
+                (at + 1..lines.len())
+                    .take_while(|&i| {
+                        let l = lines[i];
+                        l.trim().is_empty() || l.len() - l.trim_start().len() > indent
+                    })
+                    .filter(|&i| !lines[i].trim().is_empty()),
+            );
+        }
+        Some((at, body))
+    }
+
+    /// An error in the condition: at `(line, column)` of the condition string
+    /// when the parser gave one (the column is moved to where the value starts
+    /// on its line), else on the `condition:` line.
+    fn error_in_condition(&self, at: Option<(usize, u32)>, message: String) -> RuleError {
+        let Some((key, body)) = self.condition_lines() else {
+            return self.error_at(None, message);
+        };
+        let lines: Vec<&str> = self.text.lines().collect();
+        // A one-line condition: the value starts after `condition:`; a list:
+        // the first item (the parser reports each string on its own).
+        let i = if body.len() > 1 { body[1] } else { key };
+        let text = lines[i];
+        let value_start = match text.find("condition:") {
+            Some(k) => k + "condition:".len(),
+            None => text.find("- ").map_or(0, |k| k + 2),
+        };
+        let skipped = text[value_start..]
+            .chars()
+            .take_while(|c| c.is_whitespace() || *c == '\'' || *c == '"')
+            .count();
+        let (l, c) = at.unwrap_or((1, 1));
+        let line = i + l.saturating_sub(1);
+        let column = if l <= 1 {
+            (value_start + skipped) as u32 + c.max(1)
+        } else {
+            0
+        };
+        self.error_at(
+            Some((line.min(lines.len().saturating_sub(1)), column)),
+            message,
+        )
+    }
+
+    /// An error on the condition line that names `word`, else on the
+    /// `condition:` line.
+    fn error_at_condition_word(&self, word: &str, message: String) -> RuleError {
+        let Some((key, body)) = self.condition_lines() else {
+            return self.error_at_text(word, message);
+        };
+        let lines: Vec<&str> = self.text.lines().collect();
+        let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '*';
+        for i in body {
+            let l = lines[i];
+            let mut from = 0;
+            while let Some(k) = l[from..].find(word).map(|k| k + from) {
+                let before = l[..k].chars().next_back().is_none_or(|c| !is_word(c));
+                let after = l[k + word.len()..]
+                    .chars()
+                    .next()
+                    .is_none_or(|c| !is_word(c));
+                if before && after && (i != key || k > l.find("condition:").unwrap_or(0)) {
+                    return self.error_at(Some((i, k as u32 + 1)), message);
+                }
+                from = k + word.len();
+            }
+        }
+        self.error_at(
+            Some((key, column_of(&self.text, key, "condition"))),
+            message,
+        )
+    }
+
     fn error_at(&self, line: Option<(usize, u32)>, message: String) -> RuleError {
         match line {
             Some((i, col)) => RuleError {
@@ -754,9 +849,34 @@ fn raw_value(text: &str, key: &str) -> Option<String> {
 }
 
 /// Points a parser or compiler message at a line of the document: an explicit
-/// `line N column M`, else the key or quoted text it names.
+/// `line N column M` (YAML syntax), the condition (condition syntax, unknown
+/// identifiers), the modifier, key or quoted text it names, and the parent
+/// key of a missing nested field. Only a missing top-level field (nothing to
+/// point at) falls back to the document's first line.
 fn locate_parser_error(doc: &DocText, message: &str) -> RuleError {
     let message = message.trim().to_string();
+    let lower = message.to_ascii_lowercase();
+    // Condition syntax: "Condition parse error at L:C: …", L:C within the
+    // condition string.
+    if lower.contains("condition parse error") {
+        let at = lower
+            .split("condition parse error at ")
+            .nth(1)
+            .and_then(|rest| {
+                let (l, rest) = rest.split_once(':')?;
+                let c: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                Some((l.trim().parse::<usize>().ok()?, c.parse::<u32>().ok()?))
+            });
+        return doc.error_in_condition(at, message);
+    }
+    // An identifier the condition names but the detection lacks.
+    if let Some(name) = lower
+        .contains("unknown detection identifier")
+        .then(|| message.rsplit(": ").next().unwrap_or("").trim().to_string())
+        .filter(|n| !n.is_empty())
+    {
+        return doc.error_at_condition_word(&name, message);
+    }
     if let Some((line, col)) = explicit_location(&message) {
         return RuleError {
             line: doc.first_line + line.saturating_sub(1),
@@ -769,23 +889,41 @@ fn locate_parser_error(doc: &DocText, message: &str) -> RuleError {
         .nth(1)
         .filter(|q| !q.is_empty())
         .map(str::to_string);
-    let lower = message.to_ascii_lowercase();
     if lower.contains("missing required field") {
         if let Some(q) = &quoted {
-            let key = q.rsplit('.').next().unwrap_or(q);
-            if key == "condition" {
-                return doc.error_at_key("detection", message);
+            // `a.b` (or `condition`, which lives under `detection`) is missing
+            // from its parent: point at the parent.
+            let parent = match q.rsplit_once('.') {
+                Some((parent, _)) => Some(parent.rsplit('.').next().unwrap_or(parent)),
+                None if q == "condition" => Some("detection"),
+                None => None,
+            };
+            if let Some(parent) = parent {
+                return doc.error_at_key(parent, message);
             }
         }
         return doc.error_at(None, message);
     }
-    if lower.contains("modifier")
-        && let Some(q) = &quoted
-    {
-        return doc.error_at_text(&format!("|{q}"), message);
-    }
-    if lower.contains("condition") {
-        return doc.error_at_key("condition", message);
+    if lower.contains("modifier") {
+        // The modifier it names, as written after a `|` in the rule.
+        let named: Vec<String> = quoted
+            .iter()
+            .map(|q| format!("|{q}"))
+            .chain(message.split('|').skip(1).map(|rest| {
+                let word: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                format!("|{word}")
+            }))
+            .filter(|m| m.len() > 1)
+            .collect();
+        if let Some(m) = named.iter().find(|m| doc.text.contains(m.as_str())) {
+            return doc.error_at_text(m, message);
+        }
+        if doc.text.contains('|') {
+            return doc.error_at_text("|", message);
+        }
     }
     if lower.contains("timespan") {
         return doc.error_at_key("timespan", message);
@@ -796,13 +934,33 @@ fn locate_parser_error(doc: &DocText, message: &str) -> RuleError {
     if lower.contains("cidr") {
         return doc.error_at_text("|cidr", message);
     }
+    if lower.contains("numeric") {
+        for m in ["|gte", "|gt", "|lte", "|lt"] {
+            if doc.text.contains(m) {
+                return doc.error_at_text(m, message);
+            }
+        }
+    }
     if let Some(q) = &quoted
         && doc.text.contains(q.as_str())
     {
         return doc.error_at_text(q, message);
     }
-    if lower.contains("correlation") {
-        return doc.error_at_key("correlation", message);
+    if lower.contains("condition") {
+        return doc.error_at_key("condition", message);
+    }
+    // A section it names: "logsource must be a mapping", "Invalid detection: …".
+    for key in [
+        "correlation",
+        "detection",
+        "logsource",
+        "tags",
+        "level",
+        "status",
+    ] {
+        if lower.contains(key) && doc.has_key(key) {
+            return doc.error_at_key(key, message);
+        }
     }
     doc.error_at(None, message)
 }
@@ -907,6 +1065,87 @@ level: low
         let errors = validate(&bad);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].line, 9, "{errors:?}");
+    }
+
+    /// The README's example: a missing `id` (the document: line 1) and an
+    /// unknown identifier in `condition:` (line 5, at the identifier).
+    #[test]
+    fn an_unknown_identifier_points_at_the_condition() {
+        let readme = "title: x\nlogsource: {product: picket}\ndetection:\n  sel: {EventType: db.drop_table}\n  condition: nope\n";
+        let errors = validate(readme);
+        let at: Vec<(u32, u32)> = errors.iter().map(|e| (e.line, e.column)).collect();
+        assert_eq!(at, vec![(1, 0), (5, 14)], "{errors:#?}");
+        assert!(errors[0].message.contains("id"), "{}", errors[0].message);
+        assert!(errors[1].message.contains("nope"), "{}", errors[1].message);
+
+        let bad = GOOD.replace("condition: selection", "condition: selection and not other");
+        let errors = validate(&bad);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!((errors[0].line, errors[0].column), (9, 34), "{errors:?}");
+    }
+
+    #[test]
+    fn an_unknown_identifier_in_a_condition_list_points_at_its_item() {
+        let bad = GOOD.replace(
+            "    condition: selection\n",
+            "    condition:\n        - selection\n        - missing\n",
+        );
+        let errors = validate(&bad);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!((errors[0].line, errors[0].column), (11, 11), "{errors:?}");
+    }
+
+    #[test]
+    fn a_condition_syntax_error_points_into_the_condition() {
+        let bad = GOOD.replace("condition: selection", "condition: selection and and");
+        let errors = validate(&bad);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line, 9, "{errors:?}");
+        assert!(errors[0].column > 15, "{errors:?}");
+    }
+
+    #[test]
+    fn a_missing_field_points_at_its_parent_or_its_document() {
+        // `condition` is missing from `detection` (line 6).
+        let bad = GOOD.replace("    condition: selection\n", "");
+        let errors = validate(&bad);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line, 6, "{errors:?}");
+        // A missing top-level field has no line of its own: its document's
+        // first line (here the second document, after `---` on line 11).
+        let no_title = GOOD.replace("title: Good\n", "");
+        let two = format!("{GOOD}---\n{no_title}");
+        let errors = RuleSet::builtin().validate(&two);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].message.contains("title"), "{errors:?}");
+        assert_eq!(errors[0].line, 12, "{errors:?}");
+    }
+
+    #[test]
+    fn conflicting_modifiers_point_at_their_line() {
+        let bad = GOOD.replace("Outcome: failure", "Actor|contains|startswith: x");
+        let errors = validate(&bad);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line, 8, "{errors:?}");
+    }
+
+    #[test]
+    fn a_non_numeric_comparison_points_at_its_line() {
+        let bad = GOOD.replace("Outcome: failure", "Http.StatusCode|gt: lots");
+        let errors = validate(&bad);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line, 8, "{errors:?}");
+    }
+
+    #[test]
+    fn a_bad_logsource_points_at_its_line() {
+        let bad = GOOD.replace(
+            "logsource:\n    product: picket\n    category: authentication\n",
+            "logsource: picket\n",
+        );
+        let errors = validate(&bad);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].line, 3, "{errors:?}");
     }
 
     #[test]

@@ -136,10 +136,10 @@ pub async fn correlate(
             }
         };
         if let Some(r) = retrying(saved) {
+            // The save linked the alert in its own transaction (and logged
+            // that change); linking it again would send watchers a change that
+            // differs only in `updated_at`.
             let inc = r?;
-            store
-                .set_alert_incident(alert.tenant_id, alert.id, Some(inc.id))
-                .await?;
             metrics::counter!("picket_incident_correlations_total").increment(1);
             return Ok(Some(inc));
         }
@@ -268,7 +268,10 @@ pub async fn link(
             })
             .await;
         }
-        store.set_alert_incident(tenant, a.id, Some(id)).await?;
+        // An alert already in this incident does not change: no log entry.
+        if a.incident_id != Some(id) {
+            store.set_alert_incident(tenant, a.id, Some(id)).await?;
+        }
     }
     Ok(inc)
 }

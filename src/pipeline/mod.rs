@@ -12,9 +12,15 @@
 //! `replay` (at most `replay_max_events`, oldest first) up to that head (later
 //! ones are evaluated live from the feed, exactly once) through the engine, and
 //! raises only detections that no stored alert already covers (same
-//! fingerprint with last_seen at or after the detection's). Correlation windows
-//! (minutes) are thereby restored exactly; behavioural baselines (30 days) are
-//! restored as far as the replay reaches.
+//! fingerprint with last_seen at or after the detection's first_seen: a
+//! replay that reaches less history can fire later within the same burst, e.g.
+//! the exfiltration detector on its cold-start threshold, and that is still
+//! the burst alerted before). Correlation windows (minutes) are thereby
+//! restored exactly; behavioural baselines (30 days) are restored as far as
+//! the replay reaches. Anomaly windows rebuilt from replayed events train the
+//! baseline but never raise, also when the wall clock closes them after the
+//! replay: they were scored before the restart. Only a window that live events
+//! join can raise. So a restart with no new events changes no alert.
 
 pub mod scoring;
 
@@ -63,6 +69,75 @@ impl Default for PipelineConfig {
             suppression: chrono::Duration::hours(1),
             poll: Duration::from_secs(2),
             correlation: crate::incidents::CorrelationConfig::default(),
+        }
+    }
+}
+
+/// The pipeline's wall clock, which closes quiet tenants' windows: the system
+/// clock, or for a simulation one it can move forward
+/// ([`Clock::adjustable`], [`Clock::advance`]) to close and score the windows
+/// it opened without waiting for them in real time. Each pass reports the
+/// time it swept up to, so the driver knows when a move took effect
+/// ([`Clock::swept_past`]).
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    /// `None`: the system clock.
+    adjustable: Option<Arc<AdjustableClock>>,
+}
+
+#[derive(Debug)]
+struct AdjustableClock {
+    /// Added to the system clock, in milliseconds.
+    offset_ms: std::sync::atomic::AtomicI64,
+    /// The clock time of the last completed pass.
+    swept: tokio::sync::watch::Sender<Option<DateTime<Utc>>>,
+}
+
+impl Clock {
+    /// A clock that [`Clock::advance`] moves forward.
+    pub fn adjustable() -> Self {
+        Self {
+            adjustable: Some(Arc::new(AdjustableClock {
+                offset_ms: std::sync::atomic::AtomicI64::new(0),
+                swept: tokio::sync::watch::Sender::new(None),
+            })),
+        }
+    }
+
+    /// The current time on this clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        let now = Utc::now();
+        match &self.adjustable {
+            Some(c) => {
+                now + chrono::Duration::milliseconds(
+                    c.offset_ms.load(std::sync::atomic::Ordering::SeqCst),
+                )
+            }
+            None => now,
+        }
+    }
+
+    /// Moves an adjustable clock forward by `by` (the system clock ignores it).
+    pub fn advance(&self, by: chrono::Duration) {
+        if let Some(c) = &self.adjustable {
+            c.offset_ms
+                .fetch_add(by.num_milliseconds(), std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn swept(&self, at: DateTime<Utc>) {
+        if let Some(c) = &self.adjustable {
+            c.swept.send_replace(Some(at));
+        }
+    }
+
+    /// Waits until a pipeline pass has closed and scored windows by this
+    /// clock at `at` or later (everything it raised is then committed).
+    /// Returns at once for the system clock.
+    pub async fn swept_past(&self, at: DateTime<Utc>) {
+        if let Some(c) = &self.adjustable {
+            let mut rx = c.swept.subscribe();
+            let _ = rx.wait_for(|s| s.is_some_and(|s| s >= at)).await;
         }
     }
 }
@@ -158,6 +233,8 @@ pub struct DetectionPipeline {
         crate::detect::SharedRules,
         crate::detect::DirStamp,
     )>,
+    /// The wall clock that closes quiet tenants' windows.
+    clock: Clock,
 }
 
 impl DetectionPipeline {
@@ -179,7 +256,14 @@ impl DetectionPipeline {
             rule_updates: None,
             scorer: AnomalyScorer::new(ScoringConfig::default()),
             rules_dir: None,
+            clock: Clock::default(),
         }
+    }
+
+    /// Uses `clock` as the wall clock (a simulation drives it).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Watches `dir` (if any) and reloads the built-in + directory rules when
@@ -252,6 +336,7 @@ impl DetectionPipeline {
         for w in windows {
             if let Some(a) = self.scorer.on_closed(self.store.as_ref(), &w).await?
                 && raise
+                && !w.replayed
             {
                 let new = crate::pipeline::scoring::anomaly_alert(self.store.as_ref(), &a).await?;
                 let (alert, created) = self
@@ -337,7 +422,7 @@ impl DetectionPipeline {
                 events.retain(|e| e.position <= head);
                 for e in &events {
                     // Windows that close during replay were scored before the restart.
-                    let closed = self.scorer.observe(t.id, &e.event);
+                    let closed = self.scorer.replay(t.id, &e.event);
                     self.score_windows(closed, false).await?;
                     for d in self.evaluator.observe(t.id, &e.event) {
                         if !self.already_alerted(t.id, &d).await? {
@@ -369,7 +454,7 @@ impl DetectionPipeline {
             .list_alerts(tenant, &q)
             .await?
             .first()
-            .is_some_and(|a| a.last_seen >= d.last_seen))
+            .is_some_and(|a| a.last_seen >= d.first_seen))
     }
 
     /// Evaluates everything new in `tenant`'s feed; returns alerts raised or updated.
@@ -405,13 +490,22 @@ impl DetectionPipeline {
 
     /// One pass over every known tenant plus window expiry (tests call this).
     pub async fn run_once(&mut self) -> StoreResult<usize> {
+        let now = self.clock.now();
+        let raised = self.run_once_at(now).await?;
+        self.clock.swept(now);
+        Ok(raised)
+    }
+
+    /// [`DetectionPipeline::run_once`] as if the wall clock read `now` (tests
+    /// and the simulator drive the clock to close quiet tenants' windows).
+    pub async fn run_once_at(&mut self, now: DateTime<Utc>) -> StoreResult<usize> {
         // Expire only state older than the replay horizon: events may arrive
         // back-dated (backfills, late senders) and their windows must still
         // work; memory stays bounded by the engine's caps.
-        self.evaluator.advance(Utc::now() - self.config.replay);
+        self.evaluator.advance(now - self.config.replay);
         let tenants: Vec<TenantId> = self.positions.keys().copied().collect();
         let mut raised = 0;
-        let quiet = self.scorer.close_by_clock(Utc::now());
+        let quiet = self.scorer.close_by_clock(now);
         raised += self.score_windows(quiet, true).await?;
         for t in tenants {
             raised += self.process_tenant(t).await?;

@@ -257,6 +257,12 @@ impl AnomalyScorer {
         self.windows.observe(tenant, e)
     }
 
+    /// Counts an event replayed at a restart; its windows close `replayed`
+    /// unless live events join them.
+    pub fn replay(&mut self, tenant: TenantId, e: &NewEvent) -> Vec<ClosedWindow> {
+        self.windows.replay(tenant, e)
+    }
+
     /// Closes windows of quiet tenants by wall clock.
     pub fn close_by_clock(&mut self, now: DateTime<Utc>) -> Vec<ClosedWindow> {
         self.windows.close_by_clock(now)

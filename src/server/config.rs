@@ -109,6 +109,11 @@ pub struct Settings {
     #[arg(long, env = "PICKET_DETECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub detection: bool,
 
+    /// The detection pipeline's wall clock (the system clock; `picket
+    /// simulate` drives its own). Not a flag.
+    #[arg(skip)]
+    pub detection_clock: crate::pipeline::Clock,
+
     /// Directory of extra Sigma rules (`*.yml`) loaded at start, beside the built-in pack.
     #[arg(long, env = "PICKET_RULES_DIR")]
     pub rules_dir: Option<std::path::PathBuf>,

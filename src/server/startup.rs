@@ -72,7 +72,8 @@ pub struct Application {
 impl Application {
     /// Connects and migrates the store, bootstraps credentials and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let store = storage::connect(&settings.database_url(), settings.db_max_connections).await?;
+        let store =
+            storage::connect_serving(&settings.database_url(), settings.db_max_connections).await?;
         let hasher = auth::key_hasher(store.as_ref(), settings.key_pepper.as_ref()).await?;
         let (auth, generated_operator_token) =
             Authenticator::bootstrap(store.clone(), hasher, settings.admin_token.as_ref()).await?;
@@ -215,6 +216,7 @@ impl Application {
                     .with_rule_updates(rule_updates.clone())
                     .with_rules_dir(settings.rules_dir.clone(), shared_rules.clone())
                     .with_scoring(settings.scoring())
+                    .with_clock(settings.detection_clock.clone())
                 }
             };
             tracker.spawn(crate::pipeline::lead(

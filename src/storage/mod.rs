@@ -13,6 +13,7 @@
 
 pub mod ceiling;
 mod dialect;
+pub mod lock;
 mod postgres;
 mod sql;
 mod sqlite;
@@ -486,6 +487,24 @@ async fn open_store(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn S
         None => anyhow::bail!(
             "unsupported database URL scheme (expected postgres://, postgresql:// or sqlite:)"
         ),
+    }
+}
+
+/// Connects to the store `url` names for a process that serves it (runs
+/// detection): a SQLite store is locked for this process first, and a store
+/// another process serves is refused (see [`lock`]). Postgres is shared.
+pub async fn connect_serving(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn Store>> {
+    match (Backend::from_url(url), lock::sqlite_path(url)) {
+        (Some(Backend::Sqlite), Some(path)) => {
+            let held = lock::acquire(&path)?;
+            tracing::debug!(lock = %held.path().display(), "SQLite store locked for this process");
+            Ok(Arc::new(
+                SqliteStore::connect_locked(url, max_connections, Some(held))
+                    .await
+                    .context("failed to open the SQLite store")?,
+            ))
+        }
+        _ => connect(url, max_connections).await,
     }
 }
 

@@ -61,7 +61,7 @@ impl PgStore {
             .connect_with(options)
             .await
             .context("failed to open the Postgres pool")?;
-        Ok(Self { pool })
+        Ok(Self { pool, lock: None })
     }
 
     /// Begins a transaction bound to `tenant` for row-level security.

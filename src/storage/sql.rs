@@ -29,12 +29,16 @@ pub struct SqlStore<DB: Database> {
     /// The connection pool (on Postgres, connections that have all run
     /// `SET ROLE picket_app`).
     pub(super) pool: Pool<DB>,
+    /// The serving lock of a SQLite store (one process per file, see
+    /// `storage/lock.rs`), held as long as any clone of the store.
+    pub(super) lock: Option<std::sync::Arc<crate::storage::lock::StoreLock>>,
 }
 
 impl<DB: Database> Clone for SqlStore<DB> {
     fn clone(&self) -> Self {
         Self {
             pool: self.pool.clone(),
+            lock: self.lock.clone(),
         }
     }
 }

@@ -74,13 +74,25 @@ pub type SqliteStore = SqlStore<Sqlite>;
 impl SqliteStore {
     /// Migrates, then opens a pool of at most `max_connections`.
     pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        Self::connect_locked(url, max_connections, None).await
+    }
+
+    /// [`SqliteStore::connect`], keeping `lock` (taken before) as long as the store.
+    pub async fn connect_locked(
+        url: &str,
+        max_connections: u32,
+        lock: Option<crate::storage::lock::StoreLock>,
+    ) -> anyhow::Result<Self> {
         migrate(url).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .connect_with(options(url)?)
             .await
             .context("failed to open the SQLite pool")?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            lock: lock.map(std::sync::Arc::new),
+        })
     }
 }
 

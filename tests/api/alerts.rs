@@ -277,9 +277,84 @@ async fn restart_mid_window_keeps_the_detection(backend: Backend) {
     );
 }
 
+/// Reads alert changes into `seen` until one naming `ip` is linked to an incident.
+async fn until_linked(
+    stream: &mut tonic::Streaming<pb::WatchAlertsResponse>,
+    seen: &mut Vec<pb::Alert>,
+    ip: &str,
+) {
+    loop {
+        let item = stream.message().await.unwrap().expect("watch stream ended");
+        if let Some(pb::watch_alerts_response::Item::Alert(a)) = item.item {
+            let done = names_ip(&a, ip) && !a.incident_id.is_empty();
+            seen.push(a);
+            if done {
+                return;
+            }
+        }
+    }
+}
+
+/// Item 11 of issue 11: a new alert that joins an incident reaches WatchAlerts
+/// as exactly the changes a subscriber can tell apart (raised, then linked).
+/// Correlation used to link it twice, and the second change differed only in
+/// `updated_at`.
+async fn a_new_alert_joining_an_incident_is_sent_once_per_visible_change(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (_, key) = app
+        .tenant_with_key("acme", &[pb::Scope::Ingest, pb::Scope::Read])
+        .await;
+    let mut stream = watch(&app, &key, "").await;
+    let mut seen: Vec<pb::Alert> = Vec::new();
+    send(&app, &key, failures("first", "203.0.113.50", "frank", 6)).await;
+    until_linked(&mut stream, &mut seen, "203.0.113.50").await;
+    // A later burst: the pipeline handles it after everything the first one
+    // caused, so once it is linked every change of the first is on the stream.
+    send(&app, &key, failures("second", "198.51.100.60", "gina", 6)).await;
+    until_linked(&mut stream, &mut seen, "198.51.100.60").await;
+
+    let first: Vec<&pb::Alert> = seen
+        .iter()
+        .filter(|a| names_ip(a, "203.0.113.50"))
+        .collect();
+    let ids: std::collections::BTreeSet<&str> = first.iter().map(|a| a.id.as_str()).collect();
+    for id in ids {
+        let changes: Vec<pb::Alert> = first
+            .iter()
+            .filter(|a| a.id == id)
+            .map(|a| pb::Alert {
+                updated_at: None,
+                ..(*a).clone()
+            })
+            .collect();
+        assert!(
+            changes[0].incident_id.is_empty(),
+            "the first change is the alert as raised"
+        );
+        assert!(
+            !changes.last().unwrap().incident_id.is_empty(),
+            "the last change links it"
+        );
+        for pair in changes.windows(2) {
+            assert_ne!(
+                pair[0],
+                pair[1],
+                "alert {id}: a change a subscriber cannot tell from the one before ({} changes)",
+                changes.len()
+            );
+        }
+        assert_eq!(
+            changes.len(),
+            2,
+            "alert {id}: raised and linked, nothing else"
+        );
+    }
+}
+
 crate::both_backends!(
     brute_force_raises_one_alert_with_evidence,
-    restart_mid_window_keeps_the_detection
+    restart_mid_window_keeps_the_detection,
+    a_new_alert_joining_an_incident_is_sent_once_per_visible_change
 );
 
 /// A pipeline (re)starting while events are committed but not yet readable on

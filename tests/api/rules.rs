@@ -304,3 +304,27 @@ async fn rules_directory_reloads_on_change_and_keeps_rules_on_bad_files() {
     assert!(pipeline.reload_rules_dir_if_changed());
     assert!(shared.current().get(a).is_none() && shared.current().get(b).is_some());
 }
+
+/// Item 12 of issue 11: the README's ValidateRule example (no `id`, an
+/// unknown identifier in `condition:`) used to report line 1 for both errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_rule_points_at_the_condition_line() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let (_, key) = app.tenant_with_key("acme", &[pb::Scope::Admin]).await;
+    // Verbatim from the README.
+    let readme = "title: x\nlogsource: {product: picket}\ndetection:\n  sel: {EventType: db.drop_table}\n  condition: nope\n";
+    let v = admin(&app)
+        .validate_rule(with_key(
+            pb::ValidateRuleRequest {
+                sigma_yaml: readme.into(),
+            },
+            &key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!v.valid);
+    let at: Vec<(u32, u32)> = v.errors.iter().map(|e| (e.line, e.column)).collect();
+    assert_eq!(at, vec![(1, 0), (5, 14)], "{:#?}", v.errors);
+    assert!(v.errors[1].message.contains("nope"), "{:?}", v.errors);
+}

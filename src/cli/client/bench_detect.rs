@@ -26,14 +26,18 @@ use crate::grpc::pb::alert_service_client::AlertServiceClient;
 use crate::grpc::pb::ingest_service_client::IngestServiceClient;
 use crate::server::config::Settings;
 use crate::server::startup::Application;
-use crate::storage::DEFAULT_DATABASE_URL;
 
 /// `picket bench detect` arguments.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchDetectArgs {
-    /// Database to run on; a fresh tenant is created in it.
-    #[arg(long, env = "PICKET_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
-    pub database_url: String,
+    /// Database to run on (a fresh tenant is created in it). Without it, a
+    /// fresh SQLite store in a temporary directory, removed afterwards: a
+    /// benchmark never writes into the server's own store by default.
+    #[arg(long, env = "PICKET_BENCH_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Keep the temporary store (its URL is printed on stderr).
+    #[arg(long)]
+    pub keep_store: bool,
     /// Bursts to measure (each from its own source IP).
     #[arg(long, default_value_t = 50)]
     pub iterations: usize,
@@ -104,7 +108,14 @@ pub async fn bench(args: &BenchDetectArgs) -> anyhow::Result<DetectReport> {
         (1..=60_000).contains(&args.iterations),
         "--iterations must be 1..60000"
     );
-    let server = InProcess::start(&args.database_url, "bench-detect").await?;
+    let store = RunStore::open(args.database_url.as_deref())?;
+    let report = bench_on(&store.url, args).await;
+    store.finish(args.keep_store);
+    report
+}
+
+async fn bench_on(database_url: &str, args: &BenchDetectArgs) -> anyhow::Result<DetectReport> {
+    let server = InProcess::start(database_url, "bench-detect").await?;
     let watcher = AlertWatcher::start(server.alerts(), &server.key).await?;
     let mut ingest = server.ingest();
     let timeout = Duration::from_secs(args.timeout_seconds);
@@ -220,6 +231,53 @@ pub(crate) fn names(a: &pb::Alert, kind: pb::EntityKind, value: &str) -> bool {
         .any(|e| e.kind == kind as i32 && e.value == value)
 }
 
+/// Where `bench detect` and `simulate` run: the store given, or else a fresh
+/// SQLite store in a new temporary directory (never the default store of
+/// `picket serve`, so a run neither fills a developer's store with made-up
+/// tenants nor meets that store's own tenants and alerts).
+pub(crate) struct RunStore {
+    /// The store's URL.
+    pub url: String,
+    /// The temporary directory holding it, if it is a fresh one.
+    dir: Option<std::path::PathBuf>,
+}
+
+impl RunStore {
+    /// `url`, or a fresh temporary SQLite store.
+    pub fn open(url: Option<&str>) -> anyhow::Result<Self> {
+        if let Some(url) = url {
+            return Ok(Self {
+                url: url.to_owned(),
+                dir: None,
+            });
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "picket-run-{}-{}",
+            std::process::id(),
+            hex::encode(rand::random::<[u8; 6]>())
+        ));
+        std::fs::create_dir(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+        Ok(Self {
+            url: format!("sqlite://{}", dir.join("picket.db").display()),
+            dir: Some(dir),
+        })
+    }
+
+    /// Ends the run: a temporary store is removed, or with `keep` left in
+    /// place and its URL printed on stderr (stdout may carry JSON).
+    pub fn finish(self, keep: bool) {
+        let Some(dir) = self.dir else { return };
+        if keep {
+            eprintln!("store kept: {}", self.url);
+        } else if let Err(e) = std::fs::remove_dir_all(&dir) {
+            eprintln!(
+                "could not remove the temporary store {}: {e}",
+                dir.display()
+            );
+        }
+    }
+}
+
 /// A server in this process over a database, with a fresh tenant and a key
 /// (ingest + read) for it.
 pub(crate) struct InProcess {
@@ -239,8 +297,18 @@ impl InProcess {
     /// Starts the server (detection on, defaults otherwise) and creates a
     /// tenant named `{prefix}-{random}`.
     pub async fn start(database_url: &str, prefix: &str) -> anyhow::Result<Self> {
+        Self::start_with_clock(database_url, prefix, crate::pipeline::Clock::default()).await
+    }
+
+    /// [`InProcess::start`] with `clock` as the detection pipeline's wall clock.
+    pub async fn start_with_clock(
+        database_url: &str,
+        prefix: &str,
+        clock: crate::pipeline::Clock,
+    ) -> anyhow::Result<Self> {
         let operator = crate::access::auth::random_secret();
         let mut settings = Settings::with_database(Some(database_url));
+        settings.detection_clock = clock;
         settings.listen = "127.0.0.1:0".parse().expect("static address");
         settings.admin_token = Some(SecretString::from(operator.clone()));
         settings.detection = true;

@@ -9,6 +9,11 @@
 //! 2. **Live**: the rest of the benign events plus the injected attacks, sent
 //!    in real time over `--live-seconds` with `occurred_at` = now (except the
 //!    off-hours admin sessions, which are dated 03:00 UTC).
+//! 3. **End**: the pipeline's clock (the simulator's own, see
+//!    `pipeline::Clock`) is moved past the end of every window the live phase
+//!    opened, so the anomaly model closes and scores them all; a marker burst
+//!    evaluated after that pass shows when its alerts have arrived. False
+//!    alerts are counted per detector, the anomaly model included.
 //!
 //! The benign world: ~50 users in three regions working 10-hour UTC windows
 //! (APAC 23–09, EMEA 07–17, AMER 13–23), mostly on weekdays, each with one or
@@ -41,17 +46,20 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::cli::client::bench::{Latency, percentiles};
-use crate::cli::client::bench_detect::{AlertWatcher, InProcess, names, send};
+use crate::cli::client::bench_detect::{AlertWatcher, InProcess, RunStore, names, send};
 use crate::grpc::convert::timestamp;
 use crate::grpc::pb;
-use crate::storage::DEFAULT_DATABASE_URL;
 
 /// `picket simulate` arguments.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimulateArgs {
-    /// Database to run on; a fresh tenant is created in it.
-    #[arg(long, env = "PICKET_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
-    pub database_url: String,
+    /// Database to run on (a fresh tenant is created in it). Without it, a
+    /// fresh SQLite store in a temporary directory, removed afterwards.
+    #[arg(long, env = "PICKET_SIMULATE_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Keep the temporary store (its URL is printed on stderr).
+    #[arg(long)]
+    pub keep_store: bool,
     /// Seed of everything generated.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -145,6 +153,8 @@ pub struct KindSummary {
 /// A false alert (one per distinct alert id).
 #[derive(Debug, Clone, Serialize)]
 pub struct FalseAlert {
+    /// The detector that raised it (see `false_alerts_by_detector`).
+    pub detector: String,
     /// Rule title.
     pub rule: String,
     /// The alert's entities, `kind:value`.
@@ -189,6 +199,8 @@ pub struct SimReport {
     pub false_alerts: Vec<FalseAlert>,
     /// False alerts per 10,000 benign events.
     pub false_alerts_per_10k: f64,
+    /// False alerts per detector: rule title, or `anomaly model (<algorithm>)`.
+    pub false_alerts_by_detector: BTreeMap<String, usize>,
     /// ≥ 95 % of attacks alerted within the timeout.
     pub detection_target_met: bool,
     /// ≤ 1 false alert per 10,000 benign events.
@@ -274,12 +286,8 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
             "MISSED"
         }
     );
-    let mut by_rule: BTreeMap<&str, usize> = BTreeMap::new();
-    for f in &r.false_alerts {
-        *by_rule.entry(&f.rule).or_default() += 1;
-    }
-    for (rule, n) in by_rule {
-        println!("  {n:>4}  {rule}");
+    for (detector, n) in &r.false_alerts_by_detector {
+        println!("  {n:>4}  {detector}");
     }
     for f in r.false_alerts.iter().take(10) {
         println!(
@@ -349,6 +357,8 @@ const MB: u64 = 1_000_000;
 /// Benign bytes out per actor per clock hour are kept under this.
 const HOURLY_BYTES_CAP: u64 = 20 * MB;
 const SENTINEL_IP: &str = "192.0.2.254";
+/// Source of the marker burst sent after the live windows are scored.
+const SENTINEL_END_IP: &str = "192.0.2.253";
 
 /// The benign world and its generator state.
 struct World {
@@ -763,18 +773,51 @@ impl World {
         out
     }
 
-    /// Benign live events over `[start, start + secs)`: `n` events in all.
-    fn live(&mut self, start: DateTime<Utc>, secs: u64, n: usize) -> Vec<Planned> {
+    /// Most events each actor sent in one 5-minute window of `history`
+    /// (the anomaly model's window): the live phase keeps to it.
+    fn window_caps(&self, history: &[pb::Event]) -> Vec<usize> {
+        let by_name: HashMap<&str, usize> = self
+            .actors
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.name.as_str(), i))
+            .collect();
+        let mut counts: HashMap<(usize, i64), usize> = HashMap::new();
+        for e in history {
+            if let (Some(&a), Some(t)) = (by_name.get(e.actor.as_str()), &e.occurred_at) {
+                *counts.entry((a, t.seconds.div_euclid(300))).or_default() += 1;
+            }
+        }
+        let mut caps = vec![0; self.actors.len()];
+        for ((a, _), n) in counts {
+            caps[a] = caps[a].max(n);
+        }
+        caps
+    }
+
+    /// Benign live events over `[start, start + secs)`: at most `n` in all,
+    /// and no actor more in a 5-minute window than `caps` (its most in any
+    /// window of the history). Live traffic is the same world as the history:
+    /// compressing days of traffic into the live phase made every active
+    /// user's live window an outlier, which the anomaly model rightly
+    /// flagged (31 false alerts on seed 1).
+    fn live(&mut self, start: DateTime<Utc>, secs: u64, n: usize, caps: &[usize]) -> Vec<Planned> {
         let mut out = Vec::with_capacity(n);
         let mut started: HashSet<usize> = HashSet::new();
+        let mut used: HashMap<(usize, i64), usize> = HashMap::new();
         for i in 0..n {
             let at = Duration::from_millis(
                 (i as u64 * secs * 1000) / n as u64 + self.rng.random_range(0..50),
             );
             let t = start + Span::from_std(at).expect("small");
+            let window = t.timestamp().div_euclid(300);
             let active: Vec<usize> = (0..self.actors.len())
                 .filter(|a| self.actors[*a].works_at(t.hour()))
+                .filter(|a| used.get(&(*a, window)).copied().unwrap_or(0) < caps[*a])
                 .collect();
+            if active.is_empty() {
+                continue;
+            }
             let a = active[self.rng.random_range(0..active.len())];
             let mut events = Vec::new();
             if !self.actors[a].service && started.insert(a) && self.rng.random_bool(0.3) {
@@ -782,6 +825,11 @@ impl World {
             } else {
                 events.push(self.activity(a, t));
             }
+            let n_used = used.entry((a, window)).or_default();
+            if *n_used + events.len() > caps[a] {
+                continue;
+            }
+            *n_used += events.len();
             for e in events {
                 out.push(Planned {
                     at,
@@ -898,6 +946,10 @@ fn attacks(
                     evs.push((at, e));
                 }
                 entities.push((pb::EntityKind::Actor, w.actors[victim].name.clone()));
+                // The exports leave from the victim's own address: an alert
+                // on that address's window (the anomaly model's source-IP
+                // window) is about this attack too.
+                entities.push((pb::EntityKind::Ip, w.actors[victim].ip.clone()));
             }
             AttackKind::OffHoursAdmin => {
                 let admin = pick(w, &|a| a.admin && !a.works_at(3));
@@ -1001,8 +1053,16 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<SimReport> {
         (10..=3600).contains(&args.live_seconds),
         "--live-seconds must be 10..3600"
     );
+    let store = RunStore::open(args.database_url.as_deref())?;
+    let report = simulate_on(&store.url, args).await;
+    store.finish(args.keep_store);
+    report
+}
+
+async fn simulate_on(database_url: &str, args: &SimulateArgs) -> anyhow::Result<SimReport> {
     let timeout = Duration::from_secs(args.timeout_seconds);
-    let server = InProcess::start(&args.database_url, "simulate").await?;
+    let clock = crate::pipeline::Clock::adjustable();
+    let server = InProcess::start_with_clock(database_url, "simulate", clock.clone()).await?;
     let watcher = AlertWatcher::start(server.alerts(), &server.key).await?;
     let mut ingest = server.ingest();
 
@@ -1050,7 +1110,8 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<SimReport> {
 
     // Live.
     let live_start = Utc::now();
-    let mut plan = world.live(live_start, args.live_seconds, live_budget);
+    let caps = world.window_caps(&history);
+    let mut plan = world.live(live_start, args.live_seconds, live_budget, &caps);
     let live_benign = plan.len();
     let (injected, attack_events) =
         attacks(&mut world, live_start, args.live_seconds, args.instances);
@@ -1100,8 +1161,35 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<SimReport> {
             last + timeout,
         )
         .await;
-    // Stragglers of the benign live traffic.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Every window the live phase opened must be closed and scored, or the
+    // anomaly model's alerts go uncounted: move the pipeline's clock past the
+    // last window's end plus its lateness (no waiting in real time), wait for
+    // a pass at that time, then for a marker burst evaluated after it, so
+    // every alert the pass raised has reached the watcher.
+    let window = crate::pipeline::scoring::ScoringConfig::default().window;
+    clock.advance(window + Span::minutes(2));
+    let swept = clock.now();
+    tokio::time::timeout(Duration::from_secs(60), clock.swept_past(swept))
+        .await
+        .context("the pipeline did not close the live windows within 60 s")?;
+    let marker: Vec<pb::Event> = (0..6)
+        .map(|k| {
+            let mut e = world.login(0, Utc::now(), false);
+            e.actor = "sentinel@simulate.invalid".into();
+            e.source_ip = SENTINEL_END_IP.into();
+            e.idempotency_key = format!("sentinel-end-{k}");
+            e
+        })
+        .collect();
+    let sent = send(&mut ingest, &server.key, marker, true).await?;
+    watcher
+        .wait_for(
+            |a| names(a, pb::EntityKind::Ip, SENTINEL_END_IP),
+            sent,
+            Duration::from_secs(60),
+        )
+        .await
+        .context("the pipeline did not process the end marker within 60 s")?;
     let alerts = watcher.distinct();
     drop(watcher);
     let backend = server.backend.clone();
@@ -1148,8 +1236,10 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<SimReport> {
         .iter()
         .filter(|(_, a)| !attributed.contains(&a.id))
         .filter(|(_, a)| !names(a, pb::EntityKind::Ip, SENTINEL_IP))
+        .filter(|(_, a)| !names(a, pb::EntityKind::Ip, SENTINEL_END_IP))
         .filter(|(_, a)| !names(a, pb::EntityKind::Actor, "sentinel@simulate.invalid"))
         .map(|(_, a)| FalseAlert {
+            detector: detector(a),
             rule: a.title.clone(),
             entities: a
                 .entities
@@ -1193,6 +1283,12 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<SimReport> {
     let alerted_percent = 100.0 * alerted as f64 / results.len().max(1) as f64;
     let benign_events = history_events + live_benign;
     let false_alerts_per_10k = false_alerts.len() as f64 * 10_000.0 / benign_events as f64;
+    let mut false_alerts_by_detector: BTreeMap<String, usize> = BTreeMap::new();
+    for f in &false_alerts {
+        *false_alerts_by_detector
+            .entry(f.detector.clone())
+            .or_default() += 1;
+    }
     Ok(SimReport {
         backend,
         seed: args.seed,
@@ -1211,7 +1307,18 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<SimReport> {
         false_alert_target_met: false_alerts_per_10k <= 1.0,
         false_alerts,
         false_alerts_per_10k,
+        false_alerts_by_detector,
     })
+}
+
+/// Which detector raised an alert: the rule's title (Sigma rules and
+/// behavioural detectors), or `anomaly model (<algorithm>)`.
+fn detector(a: &pb::Alert) -> String {
+    if a.source_kind == pb::AlertSourceKind::Model as i32 {
+        format!("anomaly model ({})", a.source_name)
+    } else {
+        a.title.clone()
+    }
 }
 
 fn entity_kind(k: pb::EntityKind) -> &'static str {
@@ -1245,5 +1352,71 @@ mod tests {
             assert!(by_name[e.actor.as_str()].works_at(hour), "{e:?}");
             assert!(t.seconds >= from.timestamp() && t.seconds < to.timestamp());
         }
+    }
+
+    /// Item 10 of issue 11: the live phase used to send 10 % of the benign
+    /// traffic in 60 s, ~40 times each user's usual rate, so the anomaly model
+    /// flagged every active user. It now keeps each actor at most at its
+    /// busiest 5-minute window of the history.
+    #[test]
+    fn live_traffic_keeps_to_each_actors_history_rate() {
+        let to = DateTime::parse_from_rfc3339("2025-03-20T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let from = to.duration_trunc(Span::days(1)).unwrap() - Span::days(14);
+        let mut w = World::new(7, 4);
+        let history = w.history(from, to - Span::minutes(5), 18_000);
+        let caps = w.window_caps(&history);
+        let live = w.live(to, 60, 2000, &caps);
+        assert!(!live.is_empty());
+        let mut per_window: HashMap<(String, i64), usize> = HashMap::new();
+        for p in &live {
+            let t = p.event.occurred_at.as_ref().unwrap().seconds;
+            *per_window
+                .entry((p.event.actor.clone(), t.div_euclid(300)))
+                .or_default() += 1;
+        }
+        for ((actor, _), n) in per_window {
+            let a = w.actors.iter().position(|x| x.name == actor).unwrap();
+            assert!(
+                n <= caps[a],
+                "{actor}: {n} live events in a window, history max {}",
+                caps[a]
+            );
+        }
+    }
+
+    /// Item 10 of issue 11: the simulator stopped before any live window
+    /// closed, so the anomaly model's verdicts on the live phase (here the
+    /// 5 GB export's window) were never counted. It now drives the
+    /// pipeline's clock until every live window is closed and scored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_live_window_is_scored_and_counted() {
+        let args = SimulateArgs {
+            database_url: None,
+            keep_store: false,
+            seed: 3,
+            benign_events: 2000,
+            instances: 1,
+            live_seconds: 10,
+            timeout_seconds: 30,
+            json: true,
+        };
+        let r = simulate(&args).await.unwrap();
+        let exfil = r
+            .kinds
+            .iter()
+            .find(|k| k.kind == AttackKind::DataExfiltration)
+            .unwrap();
+        assert!(
+            exfil
+                .rules
+                .iter()
+                .any(|t| t.starts_with("Anomalous behaviour")),
+            "the anomaly model scored the export's window: {:?}",
+            exfil.rules
+        );
+        let counted: usize = r.false_alerts_by_detector.values().sum();
+        assert_eq!(counted, r.false_alerts.len());
     }
 }
