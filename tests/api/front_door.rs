@@ -160,6 +160,8 @@ async fn a_store_refuses_a_key_pepper_it_was_not_set_up_with(backend: Backend) {
     let (_tenant, key) = app.tenant_with_key("pepper", &[pb::Scope::Read]).await;
     app.stop().await.unwrap();
     let db = std::mem::replace(&mut app.db, TestDb::placeholder());
+    // Its store (and a SQLite store's serving lock) goes with it.
+    drop(app);
 
     // Another pepper (a second `docker compose up` with a freshly drawn one):
     // refused at start, with the reason, instead of "unknown API key" later.
