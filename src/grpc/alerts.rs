@@ -11,7 +11,7 @@ use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Entity, EntityKind, S
 use crate::domain::event::{EventQuery, FeedPosition};
 use crate::domain::{Scope, TenantId};
 use crate::error::{AppError, AppResult};
-use crate::grpc::convert::{from_timestamp, keyset_page, next_keyset_page, page_size, timestamp};
+use crate::grpc::convert::{from_timestamp, keyset_list, page_size, timestamp};
 use crate::grpc::events::{
     decode_cursor, encode_cursor, event_to_pb, severity_from_pb, severity_to_pb,
 };
@@ -210,22 +210,16 @@ impl AlertService for AlertApi {
         &self,
         request: Request<pb::ListAlertsRequest>,
     ) -> Result<Response<pb::ListAlertsResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Read).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
         let req = request.into_inner();
-        let (limit, before) = keyset_page(req.page_size, &req.page_token).map_err(to_status)?;
-        let mut q = query_from_pb(req.filter.as_ref()).map_err(to_status)?;
-        q.before = before;
-        q.limit = limit + 1;
-        let mut alerts = self
-            .ctx
-            .store
-            .list_alerts(tenant, &q)
+        let query = query_from_pb(req.filter.as_ref()).map_err(to_status)?;
+        let fetch = |q| async move { Ok(self.ctx.store.list_alerts(tenant, &q).await?) };
+        let (alerts, next_page_token) = keyset_list(query, req.page_size, &req.page_token, fetch)
             .await
-            .map_err(|e| to_status(e.into()))?;
-        let next_page_token = next_keyset_page(&mut alerts, limit, |a| (a.last_seen, a.id));
+            .map_err(to_status)?;
+        let alerts = alerts.iter().map(alert_to_pb).collect();
         Ok(Response::new(pb::ListAlertsResponse {
-            alerts: alerts.iter().map(alert_to_pb).collect(),
+            alerts,
             next_page_token,
         }))
     }
@@ -235,8 +229,7 @@ impl AlertService for AlertApi {
         &self,
         request: Request<pb::GetAlertRequest>,
     ) -> Result<Response<pb::GetAlertResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Read).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
         let id = parse_id(&request.get_ref().alert_id, "alert_id").map_err(to_status)?;
         let alert = self
             .ctx
@@ -254,8 +247,7 @@ impl AlertService for AlertApi {
         &self,
         request: Request<pb::GetAlertContextRequest>,
     ) -> Result<Response<pb::GetAlertContextResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Read).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
         let req = request.into_inner();
         let id = parse_id(&req.alert_id, "alert_id").map_err(to_status)?;
         let window = match req.window_seconds {
@@ -292,8 +284,7 @@ impl AlertService for AlertApi {
         &self,
         request: Request<pb::UpdateAlertRequest>,
     ) -> Result<Response<pb::UpdateAlertResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Respond).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (caller, tenant) = self.ctx.tenant_caller(&request, Scope::Respond).await?;
         let req = request.into_inner();
         let id = parse_id(&req.alert_id, "alert_id").map_err(to_status)?;
         let status = status_from_pb(req.status, "status").map_err(to_status)?;
@@ -322,8 +313,7 @@ impl AlertService for AlertApi {
         &self,
         request: Request<pb::WatchAlertsRequest>,
     ) -> Result<Response<Self::WatchAlertsStream>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Read).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
         let req = request.into_inner();
         let filter = query_from_pb(req.filter.as_ref()).map_err(to_status)?;
         let options = req.options.unwrap_or_default();
@@ -366,8 +356,7 @@ impl AlertService for AlertApi {
         &self,
         request: Request<pb::RunDetectionRequest>,
     ) -> Result<Response<pb::RunDetectionResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Respond).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Respond).await?;
         let req = request.into_inner();
         let range = req
             .time_range

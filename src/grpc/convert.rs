@@ -136,35 +136,66 @@ pub fn parse_keyset_token(token: &str) -> AppResult<(DateTime<Utc>, uuid::Uuid)>
 /// Where a keyset page starts: strictly older than this (time, id).
 pub type KeysetPosition = (DateTime<Utc>, uuid::Uuid);
 
-/// A keyset page request: how many rows to return (0 means 100, at most
-/// 1,000) and where the previous page ended. Fetch `limit + 1` rows and hand
-/// them to [`next_keyset_page`].
-pub fn keyset_page(
-    page_size_requested: u32,
-    page_token: &str,
-) -> AppResult<(u32, Option<KeysetPosition>)> {
-    let limit = page_size(page_size_requested, 100, 1000)?;
-    let before = if page_token.is_empty() {
-        None
-    } else {
-        Some(parse_keyset_token(page_token)?)
-    };
-    Ok((limit, before))
+/// A list query paged by keyset: rows strictly older than a position, newest
+/// first.
+pub trait KeysetQuery {
+    /// What the query lists.
+    type Row;
+    /// Sets where the page starts and how many rows to fetch.
+    fn set_page(&mut self, before: Option<KeysetPosition>, fetch: u32);
+    /// A row's position in the order.
+    fn position(row: &Self::Row) -> KeysetPosition;
 }
 
-/// Trims rows fetched with one extra to `limit` and returns the token of the
-/// next page (empty when this page is the last).
-pub fn next_keyset_page<T>(
-    rows: &mut Vec<T>,
-    limit: u32,
-    key: impl Fn(&T) -> KeysetPosition,
-) -> String {
+impl KeysetQuery for crate::domain::alert::AlertQuery {
+    type Row = crate::domain::alert::Alert;
+    fn set_page(&mut self, before: Option<KeysetPosition>, fetch: u32) {
+        (self.before, self.limit) = (before, fetch);
+    }
+    fn position(a: &Self::Row) -> KeysetPosition {
+        (a.last_seen, a.id)
+    }
+}
+
+impl KeysetQuery for crate::domain::incident::IncidentQuery {
+    type Row = crate::domain::incident::Incident;
+    fn set_page(&mut self, before: Option<KeysetPosition>, fetch: u32) {
+        (self.before, self.limit) = (before, fetch);
+    }
+    fn position(i: &Self::Row) -> KeysetPosition {
+        (i.updated_at, i.id)
+    }
+}
+
+/// One page of a keyset-paged list RPC: `page_size` (0 means 100, at most
+/// 1,000) rows after `page_token`, fetched by `fetch` (one extra row tells
+/// whether there is a next page), and the next page's token (empty on the
+/// last page).
+pub async fn keyset_list<Q, F, Fut>(
+    mut query: Q,
+    page_size_requested: u32,
+    page_token: &str,
+    fetch: F,
+) -> AppResult<(Vec<Q::Row>, String)>
+where
+    Q: KeysetQuery,
+    F: FnOnce(Q) -> Fut,
+    Fut: std::future::Future<Output = AppResult<Vec<Q::Row>>>,
+{
+    let limit = page_size(page_size_requested, 100, 1000)?;
+    let before = match page_token {
+        "" => None,
+        token => Some(parse_keyset_token(token)?),
+    };
+    query.set_page(before, limit + 1);
+    let mut rows = fetch(query).await?;
     if rows.len() <= limit as usize {
-        return String::new();
+        return Ok((rows, String::new()));
     }
     rows.truncate(limit as usize);
-    rows.last().map_or_else(String::new, |last| {
-        let (t, id) = key(last);
+    let next = rows.last().map_or_else(String::new, |last| {
+        let (t, id) = Q::position(last);
         keyset_token(t, id)
-    })
+    });
+    Ok((rows, next))
 }

@@ -17,7 +17,7 @@ use crate::domain::incident::{
 use crate::domain::{Scope, Severity, TenantId};
 use crate::error::{AppError, AppResult};
 use crate::grpc::alerts::{alert_to_pb, entity_from_pb, entity_kind_to_pb};
-use crate::grpc::convert::{from_timestamp, keyset_page, next_keyset_page, timestamp};
+use crate::grpc::convert::{from_timestamp, keyset_list, timestamp};
 use crate::grpc::events::{decode_cursor, encode_cursor, severity_from_pb, severity_to_pb};
 use crate::grpc::pb::incident_service_server::IncidentService;
 use crate::grpc::status::to_status;
@@ -179,8 +179,7 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::CreateIncidentRequest>,
     ) -> Result<Response<pb::CreateIncidentResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Respond).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (caller, tenant) = self.ctx.tenant_caller(&request, Scope::Respond).await?;
         let req = request.into_inner();
         let run = async {
             check_text(&req.title, 256, "title", true)?;
@@ -227,8 +226,7 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::GetIncidentRequest>,
     ) -> Result<Response<pb::GetIncidentResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Read).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
         let id = parse_id(&request.get_ref().incident_id, "incident_id").map_err(to_status)?;
         let inc = self
             .ctx
@@ -254,22 +252,16 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::ListIncidentsRequest>,
     ) -> Result<Response<pb::ListIncidentsResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Read).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
         let req = request.into_inner();
-        let (limit, before) = keyset_page(req.page_size, &req.page_token).map_err(to_status)?;
-        let mut q = query_from_pb(req.filter.as_ref()).map_err(to_status)?;
-        q.before = before;
-        q.limit = limit + 1;
-        let mut list = self
-            .ctx
-            .store
-            .list_incidents(tenant, &q)
+        let query = query_from_pb(req.filter.as_ref()).map_err(to_status)?;
+        let fetch = |q| async move { Ok(self.ctx.store.list_incidents(tenant, &q).await?) };
+        let (list, next_page_token) = keyset_list(query, req.page_size, &req.page_token, fetch)
             .await
-            .map_err(|e| to_status(e.into()))?;
-        let next_page_token = next_keyset_page(&mut list, limit, |i| (i.updated_at, i.id));
+            .map_err(to_status)?;
+        let incidents = list.iter().map(incident_to_pb).collect();
         Ok(Response::new(pb::ListIncidentsResponse {
-            incidents: list.iter().map(incident_to_pb).collect(),
+            incidents,
             next_page_token,
         }))
     }
@@ -279,8 +271,7 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::UpdateIncidentRequest>,
     ) -> Result<Response<pb::UpdateIncidentResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Respond).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (caller, tenant) = self.ctx.tenant_caller(&request, Scope::Respond).await?;
         let req = request.into_inner();
         let actor = caller.actor();
         let run = async {
@@ -394,8 +385,7 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::AddNoteRequest>,
     ) -> Result<Response<pb::AddNoteResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Respond).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (caller, tenant) = self.ctx.tenant_caller(&request, Scope::Respond).await?;
         let req = request.into_inner();
         let actor = caller.actor();
         let run = async {
@@ -441,8 +431,7 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::MergeIncidentsRequest>,
     ) -> Result<Response<pb::MergeIncidentsResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Respond).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (caller, tenant) = self.ctx.tenant_caller(&request, Scope::Respond).await?;
         let req = request.into_inner();
         let run = async {
             let target = parse_id(&req.target_incident_id, "target_incident_id")?;
@@ -473,8 +462,7 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::WatchIncidentRequest>,
     ) -> Result<Response<Self::WatchIncidentStream>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Read).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
         let req = request.into_inner();
         let id = parse_id(&req.incident_id, "incident_id").map_err(to_status)?;
         // Unknown ids fail now, resumed or not.
@@ -516,8 +504,7 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::WatchIncidentsRequest>,
     ) -> Result<Response<Self::WatchIncidentsStream>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Read).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
         let req = request.into_inner();
         let filter = query_from_pb(req.filter.as_ref()).map_err(to_status)?;
         let mut q = filter.clone();
@@ -608,8 +595,7 @@ impl IncidentApi {
         request: Request<R>,
         links: Links,
     ) -> Result<Option<pb::Incident>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Respond).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (caller, tenant) = self.ctx.tenant_caller(&request, Scope::Respond).await?;
         let (incident_id, alert_ids) = request.get_ref().parts();
         let run = async {
             let id = parse_id(incident_id, "incident_id")?;

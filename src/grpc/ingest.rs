@@ -154,8 +154,7 @@ impl IngestService for IngestApi {
         &self,
         request: Request<pb::IngestRequest>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Ingest).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Ingest).await?;
         let retention = self.retention_of(tenant).await?;
         let r = ingest_batch(&self.ctx, tenant, retention, &request.get_ref().events)
             .await
@@ -175,8 +174,7 @@ impl IngestService for IngestApi {
         &self,
         request: Request<Streaming<pb::IngestStreamRequest>>,
     ) -> Result<Response<Self::IngestStreamStream>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Ingest).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Ingest).await?;
         let retention = self.retention_of(tenant).await?;
         let mut inbound = request.into_inner();
         let ctx = self.ctx.clone();
@@ -265,8 +263,7 @@ impl IngestService for IngestApi {
         &self,
         request: Request<pb::QueryEventsRequest>,
     ) -> Result<Response<pb::QueryEventsResponse>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Read).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
         let req = request.into_inner();
         let limit = page_size(req.page_size, 100, 1000).map_err(to_status)?;
         let mut q = query_from_pb(req.filter.as_ref(), req.time_range.as_ref(), "filter")
@@ -320,8 +317,7 @@ impl IngestService for IngestApi {
         &self,
         request: Request<pb::TailEventsRequest>,
     ) -> Result<Response<Self::TailEventsStream>, Status> {
-        let caller = self.ctx.caller(&request, Scope::Read).await?;
-        let tenant = caller.data_tenant().map_err(to_status)?;
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
         let req = request.into_inner();
         let filter = query_from_pb(req.filter.as_ref(), None, "filter").map_err(to_status)?;
         let options = req.options.unwrap_or_default();

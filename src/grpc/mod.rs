@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
 use crate::access::auth::{API_KEY_HEADER, Authenticator, Caller};
-use crate::domain::Scope;
+use crate::domain::{Scope, TenantId};
 use crate::error::{AppError, AppResult};
 use crate::ingest::IngestWriter;
 use crate::storage::Store;
@@ -160,5 +160,17 @@ impl ApiContext {
         caller.require(scope).map_err(status::to_status)?;
         tracing::Span::current().record("tenant", tracing::field::display(caller.actor()));
         Ok(caller)
+    }
+
+    /// [`ApiContext::caller`] for a call on a tenant's data: the caller and
+    /// its tenant (the operator token has none and is refused).
+    pub async fn tenant_caller<T>(
+        &self,
+        request: &Request<T>,
+        scope: Scope,
+    ) -> Result<(Caller, TenantId), Status> {
+        let caller = self.caller(request, scope).await?;
+        let tenant = caller.data_tenant().map_err(status::to_status)?;
+        Ok((caller, tenant))
     }
 }
