@@ -296,18 +296,13 @@ pub fn redact_url(url: &str) -> String {
 /// file of an SQLite store (so a newcomer sees where `./picket-data/` is),
 /// or the URL with its password redacted.
 pub fn store_location(url: &str) -> String {
-    if !url.starts_with("sqlite:") {
-        return redact_url(url);
+    match crate::storage::lock::sqlite_path(url) {
+        Some(path) => std::path::absolute(&path)
+            .unwrap_or(path)
+            .display()
+            .to_string(),
+        None => redact_url(url),
     }
-    let path = url
-        .trim_start_matches("sqlite://")
-        .trim_start_matches("sqlite:")
-        .split('?')
-        .next()
-        .unwrap_or_default();
-    std::path::absolute(path)
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| path.to_owned())
 }
 
 impl Settings {

@@ -42,15 +42,10 @@ impl StoreLock {
 
 /// The database file a `sqlite:` URL names; `None` for in-memory databases.
 pub fn sqlite_path(url: &str) -> Option<PathBuf> {
-    let (path, query) = url
+    let rest = url
         .trim_start_matches("sqlite://")
-        .trim_start_matches("sqlite:")
-        .split_once('?')
-        .unwrap_or((
-            url.trim_start_matches("sqlite://")
-                .trim_start_matches("sqlite:"),
-            "",
-        ));
+        .trim_start_matches("sqlite:");
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path.is_empty() || path == ":memory:" || query.split('&').any(|p| p == "mode=memory") {
         return None;
     }

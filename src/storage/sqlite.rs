@@ -30,15 +30,11 @@ use crate::storage::{Backend, Leadership, StoreError, StoreResult};
 
 /// Connection options for `url`, creating the file's directory if needed.
 fn options(url: &str) -> anyhow::Result<SqliteConnectOptions> {
-    let path = url
-        .trim_start_matches("sqlite://")
-        .trim_start_matches("sqlite:")
-        .split('?')
-        .next()
-        .unwrap_or_default();
-    if let Some(dir) = Path::new(path)
-        .parent()
-        .filter(|d| !path.is_empty() && path != ":memory:" && !d.as_os_str().is_empty())
+    let path = crate::storage::lock::sqlite_path(url);
+    if let Some(dir) = path
+        .as_deref()
+        .and_then(Path::parent)
+        .filter(|d| !d.as_os_str().is_empty())
     {
         std::fs::create_dir_all(dir).context("failed to create the database directory")?;
     }
