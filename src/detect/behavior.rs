@@ -859,12 +859,19 @@ mod tests {
         // Alice is seen again: u0 is now the least recently seen.
         feed(&mut s, &c, &vpn("alice", "198.51.100.1", 2000));
         feed(&mut s, &c, &vpn("newcomer", "192.0.2.1", 2001));
-        assert!(!s.vpn.map.contains_key("u0"), "the stalest actor is evicted");
+        assert!(
+            !s.vpn.map.contains_key("u0"),
+            "the stalest actor is evicted"
+        );
         assert!(s.vpn.map.contains_key("alice"));
         assert_eq!(s.vpn.evicted, 1);
         // A storm of new actors never exceeds the cap; every eviction counts.
         for i in 0..500 {
-            feed(&mut s, &c, &vpn(&format!("storm{i}"), "192.0.2.1", 3000 + i));
+            feed(
+                &mut s,
+                &c,
+                &vpn(&format!("storm{i}"), "192.0.2.1", 3000 + i),
+            );
             assert!(s.vpn.map.len() <= 10);
             assert!(s.hours.map.len() <= 10);
         }

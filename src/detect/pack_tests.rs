@@ -725,7 +725,11 @@ fn correlation_groups_evict_the_stalest_and_an_evicted_group_starts_fresh() {
     for i in 0..100u32 {
         ev.observe(
             tenant(),
-            &fail(&format!("s{i}"), &format!("10.9.{}.{}", i / 250, i % 250), 10),
+            &fail(
+                &format!("s{i}"),
+                &format!("10.9.{}.{}", i / 250, i % 250),
+                10,
+            ),
         );
         max = max.max(ev.stats().correlation_groups);
     }
