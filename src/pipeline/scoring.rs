@@ -63,8 +63,8 @@ pub struct ScoringConfig {
     /// Most windows kept in a tenant's baseline (oldest dropped); a training
     /// fits on all of them.
     pub max_baseline: usize,
-    /// Most open behaviour windows per tenant; beyond it the least recently
-    /// seen closes early (see [`WindowAggregator`]).
+    /// Most open behaviour windows per tenant, live and in [`analyse`];
+    /// beyond it the least recently seen closes early (see [`WindowAggregator`]).
     pub max_open_windows: usize,
     /// Windows with fewer events never alert (they still train the baseline):
     /// a handful of events is not a behaviour profile, and one 404 would look extreme.
@@ -532,7 +532,11 @@ pub async fn analyse(
                 MAX_EVENTS,
             )
             .await?;
-            let mut agg = WindowAggregator::new(config.window, chrono::Duration::zero(), 1_000_000);
+            let mut agg = WindowAggregator::new(
+                config.window,
+                chrono::Duration::zero(),
+                config.max_open_windows,
+            );
             let mut rows: Vec<[f64; 10]> = Vec::new();
             for e in &history {
                 rows.extend(
@@ -567,7 +571,11 @@ pub async fn analyse(
         }
     };
     let events = events_in_range(store, tenant, start, Some(end), MAX_EVENTS).await?;
-    let mut agg = WindowAggregator::new(config.window, chrono::Duration::zero(), 1_000_000);
+    let mut agg = WindowAggregator::new(
+        config.window,
+        chrono::Duration::zero(),
+        config.max_open_windows,
+    );
     let mut windows = Vec::new();
     for e in &events {
         windows.extend(agg.observe(tenant, &e.event));
