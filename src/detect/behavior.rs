@@ -153,7 +153,14 @@ impl BehaviorConfig {
 }
 
 /// A map of per-actor state with a size cap; when full, the least recently
-/// seen tenth is evicted.
+/// seen tenth (by event time) is evicted and counted in
+/// `picket_detect_evicted_total{kind="baseline"}`. An evicted actor that
+/// comes back starts a fresh baseline.
+///
+/// Hand-written rather than an LRU crate: evicting a tenth at once by event
+/// time (one `select_nth_unstable` per `cap / 10` new actors) is amortised
+/// O(1) per event, and recency here is the event's time, not call order
+/// (a replay or a late event must not make an old actor look fresh).
 #[derive(Debug)]
 struct Bounded<V> {
     map: HashMap<String, (i64, V)>,
@@ -180,6 +187,8 @@ impl<V> Bounded<V> {
                 self.map.remove(&k);
                 self.evicted += 1;
             }
+            metrics::counter!("picket_detect_evicted_total", "kind" => "baseline")
+                .increment(n as u64);
         }
         let slot = self
             .map
@@ -830,5 +839,49 @@ mod tests {
         let e = http_out("hank", 600 * MB, 0);
         assert!(s.observe(&c, &disabled, &e, "http").is_empty());
         assert_eq!(s.observe(&c, &HashSet::new(), &e, "http").len(), 1);
+    }
+
+    #[test]
+    fn baselines_are_capped_and_evict_the_least_recently_seen_actor() {
+        let c = BehaviorConfig {
+            max_actors: 10,
+            ..BehaviorConfig::default()
+        };
+        let mut s = BehaviorState::new(&c);
+        // Alice has a baseline: six connections from one network.
+        for k in 0..6 {
+            feed(&mut s, &c, &vpn("alice", "198.51.100.1", k * 60));
+        }
+        for i in 0..9 {
+            feed(&mut s, &c, &vpn(&format!("u{i}"), "192.0.2.1", 1000 + i));
+        }
+        assert_eq!(s.vpn.map.len(), 10);
+        // Alice is seen again: u0 is now the least recently seen.
+        feed(&mut s, &c, &vpn("alice", "198.51.100.1", 2000));
+        feed(&mut s, &c, &vpn("newcomer", "192.0.2.1", 2001));
+        assert!(
+            !s.vpn.map.contains_key("u0"),
+            "the stalest actor is evicted"
+        );
+        assert!(s.vpn.map.contains_key("alice"));
+        assert_eq!(s.vpn.evicted, 1);
+        // A storm of new actors never exceeds the cap; every eviction counts.
+        for i in 0..500 {
+            feed(
+                &mut s,
+                &c,
+                &vpn(&format!("storm{i}"), "192.0.2.1", 3000 + i),
+            );
+            assert!(s.vpn.map.len() <= 10);
+            assert!(s.hours.map.len() <= 10);
+        }
+        assert_eq!(s.vpn.evicted, 501);
+        assert_eq!(s.stats().evicted, s.vpn.evicted + s.hours.evicted);
+        // Alice was evicted by the storm: back from a new network she starts
+        // a fresh baseline (no alert), where before she would have fired.
+        assert!(!s.vpn.map.contains_key("alice"));
+        assert!(feed(&mut s, &c, &vpn("alice", "203.0.113.5", 4000)).is_empty());
+        assert_eq!(s.vpn.map["alice"].1.connections, 1);
+        assert_eq!(s.vpn.map["alice"].1.networks.len(), 1);
     }
 }

@@ -33,9 +33,11 @@ use crate::domain::event::NewEvent;
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvaluatorConfig {
     /// Most correlation groups (rule × group-by values) per tenant. When
-    /// reached, expired windows are dropped and then the stalest 10 %; the
-    /// check runs before each event, which may then open one group per
-    /// correlation it feeds.
+    /// reached, expired windows are dropped and then the stalest (oldest
+    /// last match in event time) down to 90 % of the cap; every group dropped
+    /// then counts in `picket_detect_evicted_total{kind="group"}`. The check
+    /// runs before each event, which may then open one group per correlation
+    /// it feeds.
     pub max_groups_per_tenant: usize,
     /// Most matches kept in one group's window (oldest dropped first; this
     /// can only under-count). Must exceed every rule's count threshold.
@@ -82,6 +84,8 @@ pub struct EvaluatorStats {
     pub behavior_actors: usize,
     /// Actors evicted by the behavioural detectors because they were full.
     pub behavior_evicted: u64,
+    /// Correlation groups dropped because a tenant reached its cap.
+    pub groups_evicted: u64,
 }
 
 /// One tenant's engine and state.
@@ -99,6 +103,8 @@ struct TenantState {
     engine: CorrelationEngine,
     /// Behavioural state.
     behavior: BehaviorState,
+    /// Correlation groups dropped because the cap was reached.
+    groups_evicted: u64,
 }
 
 /// Evaluates every tenant's events against its rules and detectors.
@@ -190,9 +196,17 @@ impl Evaluator {
             return Vec::new();
         };
         let pe = PicketEvent::new(event);
-        let results = state
-            .engine
-            .process_event_at(&pe, event.occurred_at.timestamp());
+        let now = event.occurred_at.timestamp();
+        // The engine enforces its cap itself before each event; doing it
+        // here first lets the groups it drops be counted.
+        let before = state.engine.state_count();
+        if before >= self.config.max_groups_per_tenant.max(10) {
+            state.engine.evict_expired(now);
+            let dropped = before.saturating_sub(state.engine.state_count()) as u64;
+            state.groups_evicted += dropped;
+            metrics::counter!("picket_detect_evicted_total", "kind" => "group").increment(dropped);
+        }
+        let results = state.engine.process_event_at(&pe, now);
         let mut out: Vec<Detection> = results
             .iter()
             .filter_map(|r| state.convert(r, event))
@@ -228,6 +242,7 @@ impl Evaluator {
             let b = t.behavior.stats();
             s.behavior_actors += b.actors;
             s.behavior_evicted += b.evicted;
+            s.groups_evicted += t.groups_evicted;
         }
         s
     }
@@ -239,6 +254,7 @@ impl Evaluator {
             let snapshot = old.engine.export_state();
             let mut state = self.build(tenant, Some(old.behavior));
             state.engine.import_state(snapshot);
+            state.groups_evicted = old.groups_evicted;
             self.tenants.insert(tenant, state);
         }
     }
@@ -297,6 +313,7 @@ impl Evaluator {
             emit,
             engine,
             behavior: behavior.unwrap_or_else(|| BehaviorState::new(&c.behavior)),
+            groups_evicted: 0,
         }
     }
 }

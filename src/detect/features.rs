@@ -150,21 +150,91 @@ pub struct ClosedWindow {
     pub replayed: bool,
 }
 
+/// One tenant's open windows, in two orders: by (start, entity) to close
+/// them as event time passes, and by last update to evict the least recently
+/// seen when the cap is reached.
+///
+/// Hand-written (a `BTreeMap` per order) rather than the `lru` crate: an LRU
+/// cache gives only the recency order, and closing by event time needs the
+/// start order too; both are O(log n) per event here.
+#[derive(Debug, Default)]
+struct TenantWindows {
+    /// Open windows by (start, entity), with the stamp of their last update.
+    by_start: BTreeMap<(DateTime<Utc>, Entity), (u64, Counts)>,
+    /// The same windows by last-update stamp (oldest first).
+    by_recency: BTreeMap<u64, (DateTime<Utc>, Entity)>,
+    /// Next update stamp.
+    next: u64,
+}
+
+impl TenantWindows {
+    fn len(&self) -> usize {
+        self.by_start.len()
+    }
+
+    /// The window of `key`, created if new, marked as the most recently seen.
+    fn touch(&mut self, key: (DateTime<Utc>, Entity)) -> &mut Counts {
+        let stamp = self.next;
+        self.next += 1;
+        let slot = match self.by_start.entry(key) {
+            std::collections::btree_map::Entry::Occupied(o) => {
+                let slot = o.into_mut();
+                if let Some(k) = self.by_recency.remove(&slot.0) {
+                    self.by_recency.insert(stamp, k);
+                }
+                slot
+            }
+            std::collections::btree_map::Entry::Vacant(v) => {
+                self.by_recency.insert(stamp, v.key().clone());
+                v.insert((stamp, Counts::default()))
+            }
+        };
+        slot.0 = stamp;
+        &mut slot.1
+    }
+
+    /// Removes the window that starts first, if it starts at or before `cutoff`.
+    fn pop_started_by(&mut self, cutoff: DateTime<Utc>) -> Option<(DateTime<Utc>, Entity, Counts)> {
+        let ((s, _), _) = self.by_start.first_key_value()?;
+        if *s > cutoff {
+            return None;
+        }
+        let ((s, e), (stamp, c)) = self.by_start.pop_first()?;
+        self.by_recency.remove(&stamp);
+        Some((s, e, c))
+    }
+
+    /// Removes the least recently seen window.
+    fn pop_least_recent(&mut self) -> Option<(DateTime<Utc>, Entity, Counts)> {
+        let (_, key) = self.by_recency.pop_first()?;
+        let (_, c) = self.by_start.remove(&key)?;
+        Some((key.0, key.1, c))
+    }
+}
+
 /// Aggregates events into per-entity tumbling windows.
+///
+/// Memory is bounded by `max_open` windows per tenant: when a new window
+/// would exceed it, the least recently seen window (the one whose last event
+/// is oldest in arrival order) closes early, is scored on the counts it has,
+/// and is counted in `picket_detect_evicted_total{kind="window"}`. If its
+/// entity comes back within the same window period it starts a fresh window.
 #[derive(Debug)]
 pub struct WindowAggregator {
     /// Window length.
     width: Duration,
     /// How long after a window's end late events are still counted.
     lateness: Duration,
-    /// Most open windows per tenant (oldest closed early beyond it).
+    /// Most open windows per tenant (least recently seen closed early beyond it).
     max_open: usize,
-    /// Open windows per tenant, by (start, entity).
-    open: HashMap<TenantId, BTreeMap<(DateTime<Utc>, Entity), Counts>>,
+    /// Open windows per tenant.
+    open: HashMap<TenantId, TenantWindows>,
     /// Newest event time seen per tenant.
     watermark: HashMap<TenantId, DateTime<Utc>>,
     /// Newest server receive time seen per tenant (quietness, for clock closing).
     arrival: HashMap<TenantId, DateTime<Utc>>,
+    /// Windows closed early because the cap was reached.
+    evicted: u64,
 }
 
 impl WindowAggregator {
@@ -177,7 +247,18 @@ impl WindowAggregator {
             open: HashMap::new(),
             watermark: HashMap::new(),
             arrival: HashMap::new(),
+            evicted: 0,
         }
+    }
+
+    /// Windows closed early so far because a tenant reached the cap.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Open windows of `tenant`.
+    pub fn open_windows(&self, tenant: TenantId) -> usize {
+        self.open.get(&tenant).map_or(0, TenantWindows::len)
     }
 
     /// The window start containing `t`.
@@ -213,7 +294,6 @@ impl WindowAggregator {
         if start + self.width + self.lateness <= watermark {
             return self.close_until(tenant, watermark);
         }
-        let open = self.open.entry(tenant).or_default();
         let mut entities = Vec::with_capacity(2);
         if !e.actor.is_empty() {
             entities.push(Entity::new(EntityKind::Actor, e.actor.clone()));
@@ -221,19 +301,27 @@ impl WindowAggregator {
         if let Some(ip) = e.source_ip {
             entities.push(Entity::new(EntityKind::Ip, ip.to_string()));
         }
-        for entity in entities {
-            open.entry((start, entity)).or_default().add(e, live);
-        }
-        let mut closed = self.close_until(tenant, watermark);
-        // Bound memory: close the oldest windows beyond the cap.
         let max_open = self.max_open;
         let open = self.open.entry(tenant).or_default();
         let mut evicted = Vec::new();
-        while open.len() > max_open {
-            let Some(w) = open.pop_first() else { break };
-            evicted.push(w);
+        for entity in entities {
+            open.touch((start, entity)).add(e, live);
+            // Bound memory: the least recently seen window closes early (never
+            // the one just touched, which is the most recent).
+            while open.len() > max_open {
+                let Some(w) = open.pop_least_recent() else {
+                    break;
+                };
+                evicted.push(w);
+            }
         }
-        for ((s, entity), counts) in evicted {
+        let mut closed = self.close_until(tenant, watermark);
+        if !evicted.is_empty() {
+            self.evicted += evicted.len() as u64;
+            metrics::counter!("picket_detect_evicted_total", "kind" => "window")
+                .increment(evicted.len() as u64);
+        }
+        for (s, entity, counts) in evicted {
             closed.push(self.closed(tenant, s, entity, &counts));
         }
         closed
@@ -246,12 +334,8 @@ impl WindowAggregator {
             return Vec::new();
         };
         let mut out = Vec::new();
-        while let Some(((s, _), _)) = open.first_key_value() {
-            if *s > cutoff {
-                break;
-            }
-            let ((s, entity), counts) = open.pop_first().expect("checked non-empty");
-            out.push((s, entity, counts));
+        while let Some(w) = open.pop_started_by(cutoff) {
+            out.push(w);
         }
         out.into_iter()
             .map(|(s, e, c)| self.closed(tenant, s, e, &c))
@@ -263,7 +347,7 @@ impl WindowAggregator {
         let all: Vec<_> = self.open.drain().collect();
         let mut out = Vec::new();
         for (tenant, windows) in all {
-            for ((s, e), c) in windows {
+            for ((s, e), (_, c)) in windows.by_start {
                 out.push(self.closed(tenant, s, e, &c));
             }
         }
@@ -381,7 +465,59 @@ mod tests {
         for i in 0..100 {
             closed += agg.observe(t, &ev(1, &format!("u{i}"), true, 1)).len();
         }
-        assert!(agg.open[&t].len() <= 10);
+        assert!(agg.open_windows(t) <= 10);
         assert!(closed > 0);
+    }
+
+    /// An event of `actor` with no source IP (one window per event).
+    fn only_actor(at: i64, actor: &str) -> NewEvent {
+        NewEvent {
+            source_ip: None,
+            ..ev(at, actor, true, 1)
+        }
+    }
+
+    #[test]
+    fn the_least_recently_seen_window_is_evicted_and_counted() {
+        let t = TenantId::new();
+        let cap = 3;
+        let mut agg = WindowAggregator::new(Duration::minutes(5), Duration::minutes(1), cap);
+        for a in ["a", "b", "c"] {
+            assert!(agg.observe(t, &only_actor(1, a)).is_empty());
+        }
+        // "a" is seen again: "b" is now the least recently seen.
+        assert!(agg.observe(t, &only_actor(2, "a")).is_empty());
+        let closed = agg.observe(t, &only_actor(3, "d"));
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].entity, Entity::new(EntityKind::Actor, "b"));
+        assert_eq!(agg.evicted(), 1);
+        assert_eq!(agg.open_windows(t), cap);
+        // A storm of new entities never exceeds the cap; every eviction counts.
+        let mut evicted = 1;
+        for i in 0..1000 {
+            evicted += agg.observe(t, &ev(4, &format!("u{i}"), true, 1)).len() as u64;
+            assert!(agg.open_windows(t) <= cap);
+        }
+        assert_eq!(agg.evicted(), evicted);
+    }
+
+    #[test]
+    fn an_evicted_entity_that_comes_back_starts_fresh() {
+        let t = TenantId::new();
+        let mut agg = WindowAggregator::new(Duration::minutes(5), Duration::minutes(1), 2);
+        for s in 0..5 {
+            assert!(agg.observe(t, &only_actor(s, "alice")).is_empty());
+        }
+        agg.observe(t, &only_actor(10, "bob"));
+        let closed = agg.observe(t, &only_actor(11, "carol"));
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].entity.value, "alice");
+        assert_eq!(closed[0].events, 5);
+        // Alice returns in the same window period: a new window, counting
+        // only what came after the eviction.
+        agg.observe(t, &only_actor(12, "alice"));
+        let rest = agg.close_all();
+        let alice = rest.iter().find(|w| w.entity.value == "alice").unwrap();
+        assert_eq!(alice.events, 1);
     }
 }

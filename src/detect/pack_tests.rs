@@ -702,9 +702,46 @@ fn correlation_state_is_bounded_and_expires() {
     // per correlation it feeds (three here).
     assert!(s.correlation_groups <= 20 + 3, "{s:?}");
     assert!(s.correlation_groups > 0);
+    assert!(s.groups_evicted > 0, "{s:?}");
     ev.advance(at(3600));
     assert_eq!(ev.stats().correlation_groups, 0);
     assert_eq!(ev.stats().evidence_refs, 0);
+}
+
+#[test]
+fn correlation_groups_evict_the_stalest_and_an_evicted_group_starts_fresh() {
+    let mut ev = Evaluator::new(
+        RuleSet::builtin().clone(),
+        EvaluatorConfig {
+            max_groups_per_tenant: 20,
+            ..Default::default()
+        },
+    );
+    // Five failures from one IP: one short of the burst.
+    let five = run(&mut ev, (0..5).map(|i| fail("dan", "192.0.2.60", i)));
+    assert!(only(&five, BRUTE_IP).is_empty());
+    // A storm of single failures from fresh IPs, each later than dan's.
+    let mut max = 0;
+    for i in 0..100u32 {
+        ev.observe(
+            tenant(),
+            &fail(
+                &format!("s{i}"),
+                &format!("10.9.{}.{}", i / 250, i % 250),
+                10,
+            ),
+        );
+        max = max.max(ev.stats().correlation_groups);
+    }
+    // The cap holds before each event, which may then open one group per
+    // correlation it feeds (three here).
+    assert!(max <= 20 + 3, "{max}");
+    let s = ev.stats();
+    assert!(s.groups_evicted >= 80, "{s:?}");
+    // Dan's group, the stalest, was dropped: a sixth failure starts a fresh
+    // window of one instead of firing the burst.
+    let sixth = ev.observe(tenant(), &fail("dan", "192.0.2.60", 11));
+    assert!(only(&sixth, BRUTE_IP).is_empty(), "{:?}", ids(&sixth));
 }
 
 #[test]

@@ -1,11 +1,20 @@
 //! Anomaly scoring of per-entity behaviour windows: a rolling baseline of
 //! closed windows per tenant, a model (ECOD by default, or Isolation Forest)
-//! trained on it once there are enough windows and retrained as new windows
-//! accumulate, stored through the store, and every closed window scored as it
-//! closes. Windows scoring above the model's contamination-based threshold
-//! become alerts with the score, the feature values and the top contributors.
+//! trained on it once there are enough windows and retrained at most once per
+//! `train_interval` (wall clock) while new windows arrive, stored through the
+//! store, and every closed window scored as it closes. Windows scoring above
+//! the model's contamination-based threshold become alerts with the score,
+//! the feature values and the top contributors.
+//!
+//! Training runs on a blocking thread (`spawn_blocking`) on a copy of the
+//! baseline (at most `max_baseline` most recent windows); scoring goes on with
+//! the model in use, which is swapped for the new one at the first closed
+//! window after the fit is done. Only a tenant's first model is waited for:
+//! with no model there is nothing to score with, and it is fitted on few
+//! windows.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
@@ -48,10 +57,15 @@ pub struct ScoringConfig {
     pub contamination: f64,
     /// Windows needed before a tenant's first model is trained.
     pub min_windows: usize,
-    /// New windows after which the model is retrained.
-    pub retrain_every: usize,
-    /// Most windows kept in a tenant's baseline (oldest dropped).
+    /// Least time between two trainings of a tenant's model (a retraining
+    /// starts at the first window that closes once it has passed).
+    pub train_interval: chrono::Duration,
+    /// Most windows kept in a tenant's baseline (oldest dropped); a training
+    /// fits on all of them.
     pub max_baseline: usize,
+    /// Most open behaviour windows per tenant, live and in [`analyse`];
+    /// beyond it the least recently seen closes early (see [`WindowAggregator`]).
+    pub max_open_windows: usize,
     /// Windows with fewer events never alert (they still train the baseline):
     /// a handful of events is not a behaviour profile, and one 404 would look extreme.
     pub min_window_events: u64,
@@ -64,8 +78,9 @@ impl Default for ScoringConfig {
             window: chrono::Duration::minutes(5),
             contamination: 0.0005,
             min_windows: 200,
-            retrain_every: 500,
+            train_interval: chrono::Duration::minutes(5),
             max_baseline: 5000,
+            max_open_windows: 50_000,
             min_window_events: 10,
         }
     }
@@ -208,6 +223,21 @@ pub async fn anomaly_alert(store: &dyn Store, a: &Anomaly) -> StoreResult<NewAle
     })
 }
 
+/// How a model is fitted (replaceable in tests, to hold a training open).
+type FitFn = Arc<
+    dyn Fn(Algorithm, &[[f64; 10]], f64) -> crate::anomaly::AnomalyResult<AnomalyModel>
+        + Send
+        + Sync,
+>;
+
+/// A training running on a blocking thread.
+struct Training {
+    /// Windows it fits on.
+    windows: usize,
+    /// The fit's outcome; closed without one if the fit panicked.
+    done: tokio::sync::oneshot::Receiver<crate::anomaly::AnomalyResult<AnomalyModel>>,
+}
+
 /// Live scoring state of the pipeline.
 pub struct AnomalyScorer {
     /// Tuning.
@@ -218,19 +248,36 @@ pub struct AnomalyScorer {
     baseline: HashMap<TenantId, VecDeque<[f64; 10]>>,
     /// Current model per tenant.
     models: HashMap<TenantId, AnomalyModel>,
-    /// Windows added since the last training, per tenant.
-    since_training: HashMap<TenantId, usize>,
+    /// When each tenant's last training started (tokio's clock, so tests can
+    /// pause and advance it).
+    last_training: HashMap<TenantId, tokio::time::Instant>,
+    /// Trainings in flight, at most one per tenant.
+    training: HashMap<TenantId, Training>,
+    /// Models fitted and swapped in but not yet saved to the store.
+    unsaved: Vec<StoredModel>,
+    /// Trainings completed (swapped in).
+    trainings: u64,
+    /// The fit.
+    fit: FitFn,
 }
 
 impl AnomalyScorer {
     /// Empty state.
     pub fn new(config: ScoringConfig) -> Self {
         Self {
-            windows: WindowAggregator::new(config.window, chrono::Duration::minutes(1), 200_000),
+            windows: WindowAggregator::new(
+                config.window,
+                chrono::Duration::minutes(1),
+                config.max_open_windows,
+            ),
             config,
             baseline: HashMap::new(),
             models: HashMap::new(),
-            since_training: HashMap::new(),
+            last_training: HashMap::new(),
+            training: HashMap::new(),
+            unsaved: Vec::new(),
+            trainings: 0,
+            fit: Arc::new(fit),
         }
     }
 
@@ -269,12 +316,32 @@ impl AnomalyScorer {
     }
 
     /// Scores a closed window with the tenant's model (if trained), then adds
-    /// it to the baseline and retrains when due (persisting the new model).
+    /// it to the baseline and starts a training when due; persists the models
+    /// trainings have produced. Waits for a fit only when the tenant has no
+    /// model yet.
     pub async fn on_closed(
         &mut self,
         store: &dyn Store,
         w: &ClosedWindow,
     ) -> StoreResult<Option<Anomaly>> {
+        let hit = self.score_and_learn(w);
+        if !self.models.contains_key(&w.tenant)
+            && let Some(t) = self.training.remove(&w.tenant)
+        {
+            let done = t.done.await.ok();
+            self.swap_in(w.tenant, t.windows, done);
+        }
+        for m in std::mem::take(&mut self.unsaved) {
+            store.save_model(&m).await?;
+        }
+        Ok(hit)
+    }
+
+    /// The synchronous part of [`AnomalyScorer::on_closed`]: swaps in the
+    /// models whose fit is done, scores `w`, adds it to the baseline and
+    /// starts a training when due. Never waits for a fit.
+    pub fn score_and_learn(&mut self, w: &ClosedWindow) -> Option<Anomaly> {
+        self.swap_finished();
         let hit = if w.events >= self.config.min_window_events {
             self.models
                 .get(&w.tenant)
@@ -288,36 +355,109 @@ impl AnomalyScorer {
         while base.len() > self.config.max_baseline {
             base.pop_front();
         }
-        let n = base.len();
-        let since = self.since_training.entry(w.tenant).or_default();
-        *since += 1;
-        let due = n >= self.config.min_windows
-            && (!self.models.contains_key(&w.tenant) || *since >= self.config.retrain_every);
+        let now = tokio::time::Instant::now();
+        let interval = self.config.train_interval.to_std().unwrap_or_default();
+        let due = base.len() >= self.config.min_windows
+            && !self.training.contains_key(&w.tenant)
+            && (!self.models.contains_key(&w.tenant)
+                || self
+                    .last_training
+                    .get(&w.tenant)
+                    .is_none_or(|t| now.duration_since(*t) >= interval));
         if due {
-            *since = 0;
             let rows: Vec<[f64; 10]> = base.iter().copied().collect();
-            match fit(self.config.algorithm, &rows, self.config.contamination) {
-                Ok(model) => {
-                    store
-                        .save_model(&StoredModel {
-                            tenant_id: w.tenant,
-                            algorithm: self.config.algorithm.as_str().into(),
-                            trained_at: Utc::now(),
-                            windows: rows.len() as u32,
-                            threshold: model.threshold(),
-                            bytes: model.to_bytes(),
-                        })
-                        .await?;
-                    tracing::info!(tenant_id = %w.tenant, windows = rows.len(), threshold = model.threshold(), "anomaly model trained");
-                    metrics::counter!("picket_anomaly_trainings_total").increment(1);
-                    self.models.insert(w.tenant, model);
-                }
-                Err(e) => {
-                    tracing::warn!(tenant_id = %w.tenant, error = %e, "anomaly model training failed")
-                }
+            let (fit, algorithm, contamination) = (
+                self.fit.clone(),
+                self.config.algorithm,
+                self.config.contamination,
+            );
+            let windows = rows.len();
+            let (tx, done) = tokio::sync::oneshot::channel();
+            // The handle is not kept: the outcome comes back on `done`.
+            drop(tokio::task::spawn_blocking(move || {
+                let _ = tx.send(fit(algorithm, &rows, contamination));
+            }));
+            self.training.insert(w.tenant, Training { windows, done });
+            self.last_training.insert(w.tenant, now);
+        }
+        hit
+    }
+
+    /// Swaps in every model whose fit has finished.
+    fn swap_finished(&mut self) {
+        use tokio::sync::oneshot::error::TryRecvError;
+        let mut finished = Vec::new();
+        for (tenant, t) in &mut self.training {
+            match t.done.try_recv() {
+                Ok(out) => finished.push((*tenant, t.windows, Some(out))),
+                Err(TryRecvError::Closed) => finished.push((*tenant, t.windows, None)),
+                Err(TryRecvError::Empty) => {}
             }
         }
-        Ok(hit)
+        for (tenant, windows, out) in finished {
+            self.training.remove(&tenant);
+            self.swap_in(tenant, windows, out);
+        }
+    }
+
+    fn swap_in(
+        &mut self,
+        tenant: TenantId,
+        windows: usize,
+        done: Option<crate::anomaly::AnomalyResult<AnomalyModel>>,
+    ) {
+        match done {
+            Some(Ok(model)) => {
+                tracing::info!(tenant_id = %tenant, windows, threshold = model.threshold(), "anomaly model trained");
+                metrics::counter!("picket_anomaly_trainings_total").increment(1);
+                self.trainings += 1;
+                self.unsaved.push(StoredModel {
+                    tenant_id: tenant,
+                    algorithm: self.config.algorithm.as_str().into(),
+                    trained_at: Utc::now(),
+                    windows: windows as u32,
+                    threshold: model.threshold(),
+                    bytes: model.to_bytes(),
+                });
+                self.models.insert(tenant, model);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(tenant_id = %tenant, error = %e, "anomaly model training failed")
+            }
+            None => tracing::error!(tenant_id = %tenant, "anomaly model training panicked"),
+        }
+    }
+
+    /// Waits for every training in flight and swaps its model in (tests; a
+    /// simulation that needs the retrained model before going on).
+    pub async fn settle(&mut self) {
+        let all: Vec<(TenantId, Training)> = self.training.drain().collect();
+        for (tenant, t) in all {
+            let done = t.done.await.ok();
+            self.swap_in(tenant, t.windows, done);
+        }
+    }
+
+    /// Trainings completed so far.
+    pub fn trainings(&self) -> u64 {
+        self.trainings
+    }
+
+    /// Whether a training of `tenant` is running.
+    pub fn is_training(&self, tenant: TenantId) -> bool {
+        self.training.contains_key(&tenant)
+    }
+
+    /// Open windows closed early so far because a tenant reached the cap.
+    pub fn windows_evicted(&self) -> u64 {
+        self.windows.evicted()
+    }
+
+    /// Fits models with `fit` instead (tests hold a training open with it).
+    #[cfg(test)]
+    fn with_fit(mut self, fit: FitFn) -> Self {
+        self.fit = fit;
+        self
     }
 }
 
@@ -392,7 +532,11 @@ pub async fn analyse(
                 MAX_EVENTS,
             )
             .await?;
-            let mut agg = WindowAggregator::new(config.window, chrono::Duration::zero(), 1_000_000);
+            let mut agg = WindowAggregator::new(
+                config.window,
+                chrono::Duration::zero(),
+                config.max_open_windows,
+            );
             let mut rows: Vec<[f64; 10]> = Vec::new();
             for e in &history {
                 rows.extend(
@@ -427,7 +571,11 @@ pub async fn analyse(
         }
     };
     let events = events_in_range(store, tenant, start, Some(end), MAX_EVENTS).await?;
-    let mut agg = WindowAggregator::new(config.window, chrono::Duration::zero(), 1_000_000);
+    let mut agg = WindowAggregator::new(
+        config.window,
+        chrono::Duration::zero(),
+        config.max_open_windows,
+    );
     let mut windows = Vec::new();
     for e in &events {
         windows.extend(agg.observe(tenant, &e.event));
@@ -442,4 +590,141 @@ pub async fn analyse(
         anomalies,
         threshold: threshold.unwrap_or_else(|| model.threshold()),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::alert::{Entity, EntityKind};
+
+    fn window(tenant: TenantId, i: usize, features: [f64; 10]) -> ClosedWindow {
+        let start = DateTime::from_timestamp(1_800_000_000 + 300 * i as i64, 0).unwrap();
+        ClosedWindow {
+            tenant,
+            entity: Entity::new(EntityKind::Actor, format!("u{}", i % 7)),
+            start,
+            end: start + chrono::Duration::minutes(5),
+            features,
+            events: 20,
+            event_ids: Vec::new(),
+            replayed: false,
+        }
+    }
+
+    /// An ordinary window: small, varied values.
+    fn ordinary(tenant: TenantId, i: usize) -> ClosedWindow {
+        let v = (i % 13) as f64 / 13.0;
+        window(
+            tenant,
+            i,
+            [
+                2.0 + v,
+                v / 4.0,
+                1.0 + v,
+                0.7,
+                v / 5.0,
+                0.0,
+                8.0 + v,
+                0.1,
+                0.0,
+                0.7,
+            ],
+        )
+    }
+
+    /// A window far beyond every ordinary one.
+    fn extreme(tenant: TenantId, i: usize) -> ClosedWindow {
+        window(
+            tenant,
+            i,
+            [9.0, 0.9, 6.0, 3.0, 0.9, 0.5, 20.0, 1.0, 4.0, 3.0],
+        )
+    }
+
+    fn config() -> ScoringConfig {
+        ScoringConfig {
+            min_windows: 10,
+            train_interval: chrono::Duration::minutes(5),
+            ..ScoringConfig::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn training_is_by_interval_not_by_window_count() {
+        let t = TenantId::new();
+        let mut s = AnomalyScorer::new(config());
+        for i in 0..10 {
+            s.score_and_learn(&ordinary(t, i));
+        }
+        assert!(s.is_training(t), "the first model starts at min_windows");
+        s.settle().await;
+        assert_eq!(s.trainings(), 1);
+        // 6,000 windows within one interval (12 × the old retrain count):
+        // no training.
+        for i in 10..6010 {
+            s.score_and_learn(&ordinary(t, i));
+            assert!(!s.is_training(t), "window {i} started a training");
+        }
+        s.settle().await;
+        assert_eq!(s.trainings(), 1);
+        // The next interval trains again, once.
+        tokio::time::advance(std::time::Duration::from_secs(300)).await;
+        s.score_and_learn(&ordinary(t, 6010));
+        assert!(s.is_training(t));
+        s.settle().await;
+        for i in 6011..7000 {
+            s.score_and_learn(&ordinary(t, i));
+        }
+        s.settle().await;
+        assert_eq!(s.trainings(), 2);
+        // Each tenant has its own interval.
+        let other = TenantId::new();
+        for i in 0..10 {
+            s.score_and_learn(&ordinary(other, i));
+        }
+        s.settle().await;
+        assert_eq!(s.trainings(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn scoring_goes_on_with_the_old_model_while_training_runs() {
+        let t = TenantId::new();
+        // Trainings after the first wait for the test's go, and fit a model
+        // with another threshold (contamination 0.4).
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let wait = std::sync::Mutex::new(wait);
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let gated: FitFn = Arc::new(move |algorithm, rows, contamination| {
+            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return fit(algorithm, rows, contamination);
+            }
+            wait.lock().unwrap().recv().unwrap();
+            fit(algorithm, rows, 0.4)
+        });
+        let mut s = AnomalyScorer::new(config()).with_fit(gated);
+        for i in 0..300 {
+            s.score_and_learn(&ordinary(t, i));
+        }
+        s.settle().await;
+        let old = s
+            .score_and_learn(&extreme(t, 300))
+            .expect("scored by the first model");
+        tokio::time::advance(std::time::Duration::from_secs(300)).await;
+        s.score_and_learn(&ordinary(t, 301));
+        assert!(s.is_training(t));
+        // The fit is held open: windows are still scored, by the old model.
+        for i in 302..310 {
+            let a = s.score_and_learn(&extreme(t, i)).expect("still scored");
+            assert_eq!(a.threshold, old.threshold);
+            assert!(s.is_training(t));
+        }
+        assert_eq!(s.trainings(), 1);
+        go.send(()).unwrap();
+        s.settle().await;
+        assert_eq!(s.trainings(), 2);
+        let new = s
+            .score_and_learn(&extreme(t, 310))
+            .expect("scored by the new model");
+        assert_ne!(new.threshold, old.threshold, "the new model is in use");
+    }
 }

@@ -128,6 +128,16 @@ pub struct Settings {
     #[arg(long, env = "PICKET_DETECT_REFIRE_SECONDS", default_value_t = 60)]
     pub detect_refire_seconds: u64,
 
+    /// Most correlation groups (rule × group-by values) per tenant; beyond
+    /// it the stalest are dropped (and counted).
+    #[arg(long, env = "PICKET_DETECT_MAX_GROUPS", default_value_t = 50_000)]
+    pub detect_max_groups: usize,
+
+    /// Most actors each behavioural detector tracks per tenant; beyond it the
+    /// least recently seen tenth is dropped (and counted).
+    #[arg(long, env = "PICKET_DETECT_MAX_ACTORS", default_value_t = 10_000)]
+    pub detect_max_actors: usize,
+
     /// Model that scores entity windows live.
     #[arg(
         long,
@@ -148,6 +158,23 @@ pub struct Settings {
     /// Windows a tenant needs before its first anomaly model is trained.
     #[arg(long, env = "PICKET_ANOMALY_MIN_WINDOWS", default_value_t = 200)]
     pub anomaly_min_windows: usize,
+
+    /// Least time between two trainings of a tenant's anomaly model, in seconds.
+    #[arg(
+        long,
+        env = "PICKET_ANOMALY_TRAIN_INTERVAL_SECONDS",
+        default_value_t = 300
+    )]
+    pub anomaly_train_interval_seconds: u64,
+
+    /// Most open behaviour windows per tenant; beyond it the least recently
+    /// seen closes early (and is counted).
+    #[arg(
+        long,
+        env = "PICKET_ANOMALY_MAX_OPEN_WINDOWS",
+        default_value_t = 50_000
+    )]
+    pub anomaly_max_open_windows: usize,
 
     /// An alert joins an open incident sharing its actor or IP updated within this many seconds.
     #[arg(long, env = "PICKET_INCIDENT_WINDOW_SECONDS", default_value_t = 3600)]
@@ -266,12 +293,22 @@ impl Settings {
             format!("detection = {}", self.detection),
             format!("detect_refire_seconds = {}", self.detect_refire_seconds),
             format!("detect_replay_hours = {}", self.detect_replay_hours),
+            format!("detect_max_groups = {}", self.detect_max_groups),
+            format!("detect_max_actors = {}", self.detect_max_actors),
             format!("incident_window_seconds = {}", self.incident_window_seconds),
             format!("incident_reopen_seconds = {}", self.incident_reopen_seconds),
             format!("anomaly_algorithm = {:?}", self.anomaly_algorithm),
             format!("anomaly_contamination = {}", self.anomaly_contamination),
             format!("anomaly_window_seconds = {}", self.anomaly_window_seconds),
             format!("anomaly_min_windows = {}", self.anomaly_min_windows),
+            format!(
+                "anomaly_train_interval_seconds = {}",
+                self.anomaly_train_interval_seconds
+            ),
+            format!(
+                "anomaly_max_open_windows = {}",
+                self.anomaly_max_open_windows
+            ),
             format!("cors_origins = {}", self.cors_origins.join(",")),
         ]
         .join("\n")
@@ -313,7 +350,25 @@ impl Settings {
             window: chrono::Duration::seconds(self.anomaly_window_seconds.max(1) as i64),
             contamination: self.anomaly_contamination.clamp(0.00001, 0.5),
             min_windows: self.anomaly_min_windows.max(10),
+            train_interval: chrono::Duration::seconds(
+                i64::try_from(self.anomaly_train_interval_seconds).unwrap_or(i64::MAX / 1000),
+            ),
+            max_open_windows: self.anomaly_max_open_windows.max(1),
             ..crate::pipeline::scoring::ScoringConfig::default()
+        }
+    }
+
+    /// The evaluator's bounds.
+    pub fn evaluator(&self) -> crate::detect::EvaluatorConfig {
+        let d = crate::detect::EvaluatorConfig::default();
+        crate::detect::EvaluatorConfig {
+            suppress: chrono::Duration::seconds(self.detect_refire_seconds as i64),
+            max_groups_per_tenant: self.detect_max_groups.max(10),
+            behavior: crate::detect::behavior::BehaviorConfig {
+                max_actors: self.detect_max_actors.max(1),
+                ..d.behavior.clone()
+            },
+            ..d
         }
     }
 }

@@ -20,7 +20,7 @@ use tower::Layer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::access::auth::{self, Authenticator};
-use crate::detect::{Evaluator, EvaluatorConfig};
+use crate::detect::Evaluator;
 use crate::grpc::admin::AdminApi;
 use crate::grpc::alerts::AlertApi;
 use crate::grpc::health::HealthState;
@@ -193,15 +193,7 @@ impl Application {
                 move |term: CancellationToken| {
                     DetectionPipeline::new(
                         store.clone(),
-                        Evaluator::new(
-                            (*shared_rules.current()).clone(),
-                            EvaluatorConfig {
-                                suppress: chrono::Duration::seconds(
-                                    settings.detect_refire_seconds as i64,
-                                ),
-                                ..EvaluatorConfig::default()
-                            },
-                        ),
+                        Evaluator::new((*shared_rules.current()).clone(), settings.evaluator()),
                         changes.clone(),
                         PipelineConfig {
                             replay: chrono::Duration::hours(settings.detect_replay_hours as i64),
