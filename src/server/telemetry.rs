@@ -139,4 +139,12 @@ fn describe_metrics() {
         "picket_detection_leader",
         "1 on the replica that runs the detection pipeline, 0 on the others"
     );
+    describe_counter!(
+        "picket_detect_evicted_total",
+        "Per-entity detection state evicted at its cap (least recently seen first), by kind: window, baseline, group"
+    );
+    describe_counter!(
+        "picket_anomaly_trainings_total",
+        "Anomaly model fits (at most one per tenant per --anomaly-train-interval-seconds)"
+    );
 }
