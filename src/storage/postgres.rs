@@ -175,6 +175,18 @@ impl Dialect for Postgres {
         Ok(())
     }
 
+    async fn lock_fingerprints(tx: &mut Tx<Self>, keys: Vec<String>) -> Result<(), sqlx::Error> {
+        // One round trip; the subquery's order is the order the locks are taken.
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(h) FROM \
+             (SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY 1) AS l",
+        )
+        .bind(keys)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
     async fn insert_events(
         store: &PgStore,
         groups: &[(TenantId, &[NewEvent])],
