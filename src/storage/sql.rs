@@ -423,12 +423,7 @@ impl<DB: Dialect> SqlStore<DB> {
                 .collect(),
         )
         .await?;
-        let since = alerts
-            .iter()
-            .map(|a| a.first_seen)
-            .min()
-            .unwrap_or(now)
-            - suppression;
+        let since = alerts.iter().map(|a| a.first_seen).min().unwrap_or(now) - suppression;
         // Open alerts of these fingerprints that any of the batch may fold into.
         let mut open: Vec<Alert> = Vec::new();
         for chunk in fingerprints.chunks(BATCH_ROWS) {
@@ -446,8 +441,7 @@ impl<DB: Dialect> SqlStore<DB> {
         let stored = open.len();
         // Which alerts changed (index into `open`), and each change to log.
         let mut touched = vec![false; stored];
-        let mut changes: Vec<(usize, &'static str, Alert)> = Vec::with_capacity(alerts.len());
-        let mut out = Vec::with_capacity(alerts.len());
+        let mut changes: Vec<(bool, Alert)> = Vec::with_capacity(alerts.len());
         for new in alerts {
             let cutoff = new.first_seen - suppression;
             let into = open
@@ -462,7 +456,10 @@ impl<DB: Dialect> SqlStore<DB> {
                 .map(|(n, _)| n);
             let (n, created) = match into {
                 Some(n) => {
-                    open[n].fold(new, now);
+                    // Each state of an alert is newer than the one before,
+                    // also within one batch (watchers order and resume by it).
+                    let at = now.max(open[n].updated_at + chrono::Duration::microseconds(1));
+                    open[n].fold(new, at);
                     (n, false)
                 }
                 None => {
@@ -472,9 +469,7 @@ impl<DB: Dialect> SqlStore<DB> {
                 }
             };
             touched[n] = true;
-            let alert = open[n].clone();
-            changes.push((n, if created { "created" } else { "updated" }, alert.clone()));
-            out.push((alert, created));
+            changes.push((created, open[n].clone()));
         }
         // Final rows: one upsert per chunk.
         let rows: Vec<&Alert> = open
@@ -512,18 +507,19 @@ impl<DB: Dialect> SqlStore<DB> {
             let mut q = Stmt::<DB>::new(
                 "INSERT INTO change_log (tenant_id, stream, subject_id, kind, payload, created_at) VALUES ",
             );
-            for (n, (_, kind, alert)) in chunk.iter().enumerate() {
+            for (n, (created, alert)) in chunk.iter().enumerate() {
                 q.push(if n == 0 { "(" } else { ", (" });
                 q.push_uuid(tenant.0).push(", ");
                 q.push_bind("alerts").push(", ");
                 q.push_uuid(alert.id).push(", ");
-                q.push_bind(*kind).push(", ");
+                q.push_bind(if *created { "created" } else { "updated" })
+                    .push(", ");
                 q.push_doc(alert).push(", ");
                 q.push_time(now).push(")");
             }
             q.execute(&mut **tx).await?;
         }
-        Ok(out)
+        Ok(changes.into_iter().map(|(c, a)| (a, c)).collect())
     }
 
     /// Writes an alert row (insert or update) and its change-log entry inside `tx`.

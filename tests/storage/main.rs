@@ -480,18 +480,27 @@ async fn raise_alerts_matches_raising_one_at_a_time(backend: Backend) {
     let now = Utc::now();
     // Stored before: an open alert "a", a resolved alert "b", an old open "e".
     for t in [one.id, batch.id] {
-        s.raise_alert(t, rule_alert("a", 0), supp, now).await.unwrap();
-        let (b, _) = s.raise_alert(t, rule_alert("b", 0), supp, now).await.unwrap();
-        s.update_alert_status(t, b.id, picket::domain::alert::AlertStatus::Resolved, "me", "", now)
+        s.raise_alert(t, rule_alert("a", 0), supp, now)
             .await
             .unwrap();
-        s.raise_alert(t, rule_alert("e", -3600), supp, now).await.unwrap();
+        let (b, _) = s
+            .raise_alert(t, rule_alert("b", 0), supp, now)
+            .await
+            .unwrap();
+        s.update_alert_status(
+            t,
+            b.id,
+            picket::domain::alert::AlertStatus::Resolved,
+            "me",
+            "",
+            now,
+        )
+        .await
+        .unwrap();
+        s.raise_alert(t, rule_alert("e", -3600), supp, now)
+            .await
+            .unwrap();
     }
-    let head = |t: TenantId| {
-        let s = s.clone();
-        async move { s.changes_head(t, "alerts").await.unwrap().unwrap() }
-    };
-    let (head_one, head_batch) = (head(one.id).await, head(batch.id).await);
     let input = vec![
         rule_alert("a", 60),   // folds into the stored open alert
         rule_alert("b", 60),   // the stored one is resolved: a new alert
@@ -526,7 +535,13 @@ async fn raise_alerts_matches_raising_one_at_a_time(backend: Backend) {
         let s = s.clone();
         async move {
             let mut v: Vec<_> = s
-                .list_alerts(t, &picket::domain::alert::AlertQuery { limit: 100, ..Default::default() })
+                .list_alerts(
+                    t,
+                    &picket::domain::alert::AlertQuery {
+                        limit: 100,
+                        ..Default::default()
+                    },
+                )
                 .await
                 .unwrap()
                 .iter()
@@ -538,22 +553,55 @@ async fn raise_alerts_matches_raising_one_at_a_time(backend: Backend) {
     };
     assert_eq!(all(batch.id).await, all(one.id).await);
     // One change per raise, in input order, each carrying that raise's state.
-    let log = |t: TenantId, after| {
+    // The whole log once all 12 changes (4 before, 8 raises) are readable (on
+    // Postgres a transaction of a concurrent test may hold them back briefly).
+    let log = |t: TenantId| {
         let s = s.clone();
-        async move { s.changes_after(t, "alerts", after, 100).await.unwrap() }
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let all = s
+                    .changes_after(t, "alerts", Default::default(), 100)
+                    .await
+                    .unwrap();
+                if all.len() >= 12 || std::time::Instant::now() > deadline {
+                    return all;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
     };
-    let (log_one, log_batch) = (log(one.id, head_one).await, log(batch.id, head_batch).await);
-    assert_eq!(log_batch.len(), 8);
-    for ((c, o), g) in log_batch.iter().zip(&log_one).zip(&got) {
+    let (log_one, log_batch) = (log(one.id).await, log(batch.id).await);
+    assert_eq!((log_one.len(), log_batch.len()), (12, 12));
+    let (log_one, log_batch) = (&log_one[4..], &log_batch[4..]);
+    for ((c, o), g) in log_batch.iter().zip(log_one).zip(&got) {
         assert_eq!(c.kind, o.kind);
         assert_eq!(c.kind, if g.1 { "created" } else { "updated" });
         assert_eq!(c.subject_id, g.0.id);
-        let payload: picket::domain::alert::Alert = serde_json::from_value(c.payload.clone()).unwrap();
+        let payload: picket::domain::alert::Alert =
+            serde_json::from_value(c.payload.clone()).unwrap();
         assert_eq!(payload, g.0);
     }
+    // Each state of an alert is newer than the one before, also in one batch.
+    for w in log_batch.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        if a.subject_id == b.subject_id {
+            let at = |c: &picket::domain::alert::Change| {
+                serde_json::from_value::<picket::domain::alert::Alert>(c.payload.clone())
+                    .unwrap()
+                    .updated_at
+            };
+            assert!(at(b) > at(a), "{} then {}", at(a), at(b));
+        }
+    }
     // An empty batch writes nothing.
-    assert!(s.raise_alerts(batch.id, Vec::new(), supp, now).await.unwrap().is_empty());
-    assert_eq!(log(batch.id, head_batch).await.len(), 8);
+    assert!(
+        s.raise_alerts(batch.id, Vec::new(), supp, now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(log(batch.id).await.len(), 12);
 }
 
 /// Raises stay within their tenant: a batch never folds into another
@@ -566,15 +614,32 @@ async fn raise_alerts_are_tenant_scoped(backend: Backend) {
     s.create_tenant(&b).await.unwrap();
     let supp = Duration::minutes(10);
     let now = Utc::now();
-    let (other, _) = s.raise_alert(b.id, rule_alert("x", 0), supp, now).await.unwrap();
+    let (other, _) = s
+        .raise_alert(b.id, rule_alert("x", 0), supp, now)
+        .await
+        .unwrap();
     let got = s
-        .raise_alerts(a.id, vec![rule_alert("x", 1), rule_alert("x", 2)], supp, now)
+        .raise_alerts(
+            a.id,
+            vec![rule_alert("x", 1), rule_alert("x", 2)],
+            supp,
+            now,
+        )
         .await
         .unwrap();
     assert!(got[0].1 && !got[1].1);
     assert_ne!(got[0].0.id, other.id);
-    assert_eq!(s.get_alert(b.id, other.id).await.unwrap().occurrence_count, 1);
-    assert_eq!(s.get_alert(a.id, got[0].0.id).await.unwrap().occurrence_count, 2);
+    assert_eq!(
+        s.get_alert(b.id, other.id).await.unwrap().occurrence_count,
+        1
+    );
+    assert_eq!(
+        s.get_alert(a.id, got[0].0.id)
+            .await
+            .unwrap()
+            .occurrence_count,
+        2
+    );
 }
 
 /// Throughput of batched raising (run by hand; see docs/PERFORMANCE.md):
