@@ -108,8 +108,10 @@ impl Dialect for Postgres {
     }
 
     fn add_doc<T: serde::Serialize + Sync + ?Sized>(q: &mut Stmt<Self>, v: &T) {
-        match serde_json::to_value(v) {
-            Ok(doc) => q.add(doc),
+        // Serialized once, straight to text (a `Value` tree would be built
+        // and then serialized again).
+        match serde_json::value::to_raw_value(v) {
+            Ok(doc) => q.add(sqlx::types::Json(doc)),
             Err(e) => q.fail(e.into()),
         }
     }

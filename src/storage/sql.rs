@@ -442,18 +442,25 @@ impl<DB: Dialect> SqlStore<DB> {
         // Which alerts changed (index into `open`), and each change to log.
         let mut touched = vec![false; stored];
         let mut changes: Vec<(bool, Alert)> = Vec::with_capacity(alerts.len());
+        // Open alerts (indices into `open`) by fingerprint.
+        let mut by_fp: std::collections::HashMap<String, Vec<usize>> =
+            std::collections::HashMap::new();
+        for (n, a) in open.iter().enumerate() {
+            by_fp.entry(a.fingerprint.clone()).or_default().push(n);
+        }
         for new in alerts {
             let cutoff = new.first_seen - suppression;
-            let into = open
-                .iter()
-                .enumerate()
-                .filter(|(_, a)| {
-                    a.fingerprint == new.fingerprint
-                        && matches!(a.status, AlertStatus::New | AlertStatus::Acknowledged)
+            let into = by_fp
+                .get(&new.fingerprint)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|n| {
+                    let a = &open[*n];
+                    matches!(a.status, AlertStatus::New | AlertStatus::Acknowledged)
                         && a.last_seen >= cutoff
                 })
-                .max_by_key(|(_, a)| a.last_seen)
-                .map(|(n, _)| n);
+                .max_by_key(|n| open[*n].last_seen);
             let (n, created) = match into {
                 Some(n) => {
                     // Each state of an alert is newer than the one before,
@@ -463,6 +470,10 @@ impl<DB: Dialect> SqlStore<DB> {
                     (n, false)
                 }
                 None => {
+                    by_fp
+                        .entry(new.fingerprint.clone())
+                        .or_default()
+                        .push(open.len());
                     open.push(Alert::from_new(tenant, new, now));
                     touched.push(true);
                     (open.len() - 1, true)

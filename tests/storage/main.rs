@@ -655,7 +655,7 @@ async fn raise_alerts_throughput() {
         let now = Utc::now();
         // A credential-stuffing storm: 2,000 users, each alerted repeatedly.
         let total = 20_000;
-        let batch = 500;
+        let batch = 1000; // the alert writer's batch (pipeline/raiser.rs)
         let started = std::time::Instant::now();
         for b in 0..total / batch {
             let alerts = (0..batch)
