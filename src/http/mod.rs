@@ -38,6 +38,8 @@ pub struct HttpState {
     pub alert_suppression: chrono::Duration,
     /// How webhook alerts are grouped into incidents.
     pub correlation: crate::incidents::CorrelationConfig,
+    /// Detection's progress (`None`: detection is off in this process).
+    pub detect_progress: Option<Arc<crate::pipeline::lag::DetectProgress>>,
 }
 
 /// The plain HTTP routes (no fallback: they are merged with the gRPC routes).
@@ -55,33 +57,49 @@ pub fn routes(state: HttpState) -> Router {
 /// `GET /healthz`: 200 with `{"status":"ok"}` when the store answers and the
 /// server is not shutting down, 503 otherwise. `redis` reports the replica
 /// signal channel (`off`, `up`, `down`); a replica without Redis keeps
-/// serving, so it does not make the server unhealthy.
+/// serving, so it does not make the server unhealthy. `detect_lag_seconds`
+/// is how far detection is behind ingest (see `pipeline/lag.rs`), `null`
+/// when this process does not run detection (off, or another replica leads);
+/// a lag is reported, never judged: it does not make the server unhealthy.
 async fn healthz(State(state): State<HttpState>) -> Response {
     let redis = state.peers.redis_status();
+    let lag = state
+        .detect_progress
+        .as_ref()
+        .and_then(|p| p.lag_seconds(chrono::Utc::now()));
     if state.shutdown.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            json("shutting_down", redis),
+            json("shutting_down", redis, lag),
         )
             .into_response();
     }
     match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, json("ok", redis)).into_response(),
+        Ok(()) => (StatusCode::OK, json("ok", redis, lag)).into_response(),
         Err(e) => {
             tracing::warn!(error = ?e, "health check: store unreachable");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                json("store_unavailable", redis),
+                json("store_unavailable", redis, lag),
             )
                 .into_response()
         }
     }
 }
 
-fn json(status: &str, redis: &str) -> ([(header::HeaderName, &'static str); 1], String) {
+fn json(
+    status: &str,
+    redis: &str,
+    detect_lag_seconds: Option<f64>,
+) -> ([(header::HeaderName, &'static str); 1], String) {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        serde_json::json!({ "status": status, "redis": redis }).to_string(),
+        serde_json::json!({
+            "status": status,
+            "redis": redis,
+            "detect_lag_seconds": detect_lag_seconds,
+        })
+        .to_string(),
     )
 }
 

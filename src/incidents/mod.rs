@@ -147,6 +147,134 @@ pub async fn correlate(
     Err(gave_up())
 }
 
+/// An incident a batch correlation touched: its state, whether it is new,
+/// the timeline entry to log (a new incident logs its creation), and the
+/// alerts to link in its save.
+struct Touched {
+    inc: Incident,
+    created: Option<TimelineEntry>,
+    links: Vec<Uuid>,
+}
+
+/// Groups a batch of new alerts of one tenant into incidents exactly as
+/// [`correlate`] would one after another, with one candidate listing and one
+/// save per touched incident (linking all its alerts of the batch in that
+/// save, whose change-log entry is the last timeline entry). An incident
+/// whose save meets a concurrent change is redone alert by alert with
+/// [`correlate`]. Returns how many alerts were grouped.
+pub async fn correlate_batch(
+    store: &dyn Store,
+    tenant: TenantId,
+    alerts: &[Alert],
+    cfg: CorrelationConfig,
+    now: DateTime<Utc>,
+) -> AppResult<usize> {
+    let alerts: Vec<(&Alert, Vec<Entity>)> = alerts
+        .iter()
+        .filter(|a| a.tenant_id == tenant && a.incident_id.is_none())
+        .map(|a| (a, keys(a)))
+        .filter(|(_, k)| !k.is_empty())
+        .collect();
+    if alerts.is_empty() {
+        return Ok(0);
+    }
+    let since = now - cfg.window.max(cfg.reopen);
+    let mut candidates = store
+        .list_incidents(
+            tenant,
+            &IncidentQuery {
+                start: Some(since),
+                limit: 500,
+                ..Default::default()
+            },
+        )
+        .await?;
+    // Touched incidents, most recently touched last (they were updated "now",
+    // so they come before every other candidate).
+    let mut touched: Vec<Touched> = Vec::new();
+    for (alert, keys) in &alerts {
+        let fits = |i: &Incident| {
+            i.merged_into.is_none()
+                && i.shares_entity(keys)
+                && ((i.status.is_active() && i.updated_at >= now - cfg.window)
+                    || (i.status == IncidentStatus::Resolved
+                        && cfg.reopen > chrono::Duration::zero()
+                        && i.resolved_at.is_some_and(|r| r >= now - cfg.reopen)))
+        };
+        let mut t = if let Some(n) = touched.iter().rposition(|t| fits(&t.inc)) {
+            touched.remove(n)
+        } else if let Some(n) = candidates.iter().position(&fits) {
+            Touched {
+                inc: candidates.remove(n),
+                created: None,
+                links: Vec::new(),
+            }
+        } else {
+            let subject = keys.first().map(|e| e.value.clone()).unwrap_or_default();
+            let mut inc = Incident::new(
+                tenant,
+                format!("{} — {subject}", alert.title),
+                alert.summary.clone(),
+                alert.severity,
+                now,
+            );
+            let created = inc.record(
+                "system",
+                TimelineKind::Created,
+                "opened by correlation".into(),
+                String::new(),
+                now,
+            );
+            Touched {
+                inc,
+                created: Some(created),
+                links: Vec::new(),
+            }
+        };
+        if t.inc.status == IncidentStatus::Resolved {
+            t.inc.status = IncidentStatus::Open;
+            t.inc.record(
+                "system",
+                TimelineKind::Reopened,
+                format!("reopened by alert \"{}\"", alert.title),
+                alert.id.to_string(),
+                now,
+            );
+        }
+        link_into(&mut t.inc, alert, now);
+        t.links.push(alert.id);
+        touched.push(t);
+    }
+    let mut grouped = 0;
+    for t in touched {
+        let saved = match &t.created {
+            Some(created) => store.insert_incident(&t.inc, created, &t.links).await,
+            None => {
+                let entry = t.inc.timeline.last().cloned().expect("just recorded");
+                store.update_incident(&t.inc, &entry, &t.links).await
+            }
+        };
+        match saved {
+            Ok(_) => {
+                metrics::counter!("picket_incident_correlations_total")
+                    .increment(t.links.len() as u64);
+                grouped += t.links.len();
+            }
+            Err(StoreError::Conflict(_)) => {
+                // Changed concurrently (through the API): one at a time on fresh state.
+                for id in &t.links {
+                    if let Some((a, _)) = alerts.iter().find(|(a, _)| a.id == *id) {
+                        correlate(store, a, cfg, now).await?;
+                        grouped += 1;
+                    }
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(grouped)
+}
+
 /// Adds an alert to an incident (ids, entities, severity) with a timeline entry.
 fn link_into(inc: &mut Incident, alert: &Alert, now: DateTime<Utc>) {
     if !inc.alert_ids.contains(&alert.id) {

@@ -22,11 +22,13 @@
 //! replay: they were scored before the restart. Only a window that live events
 //! join can raise. So a restart with no new events changes no alert.
 
+pub mod lag;
+mod raiser;
 pub mod scoring;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
@@ -35,16 +37,14 @@ use tokio_util::sync::CancellationToken;
 use crate::detect::features::ClosedWindow;
 use crate::detect::{Detection, Evaluator, RuleOrigin, RuleSource, TenantRules};
 use crate::domain::TenantId;
-use crate::domain::alert::{AlertQuery, Entity, EntityKind, Evidence, NewAlert, SourceKind};
-use crate::domain::event::{FeedPosition, NewEvent};
+use crate::domain::alert::AlertQuery;
+use crate::domain::event::FeedPosition;
 use crate::ingest::CommittedEvents;
 use crate::pipeline::scoring::{AnomalyScorer, ScoringConfig};
 use crate::storage::{Store, StoreResult};
 
 /// Events read from a tenant's feed per round trip.
 const READ: u32 = 1000;
-/// Most entities named on one alert.
-const MAX_ENTITIES: usize = 20;
 
 /// Pipeline tuning.
 #[derive(Debug, Clone, Copy)]
@@ -216,8 +216,6 @@ pub struct DetectionPipeline {
     evaluator: Evaluator,
     /// Next feed position per known tenant.
     positions: HashMap<TenantId, FeedPosition>,
-    /// Bumped after alerts change, to wake watch streams.
-    changes: Arc<crate::ingest::signal::Signal>,
     /// Tuning.
     config: PipelineConfig,
     /// Cancelled at shutdown; long passes stop between batches.
@@ -235,6 +233,10 @@ pub struct DetectionPipeline {
     )>,
     /// The wall clock that closes quiet tenants' windows.
     clock: Clock,
+    /// Raises alerts off the evaluation path (see `raiser.rs`).
+    raiser: raiser::Raiser,
+    /// How far evaluation is behind ingest.
+    progress: Arc<lag::DetectProgress>,
 }
 
 impl DetectionPipeline {
@@ -246,18 +248,37 @@ impl DetectionPipeline {
         config: PipelineConfig,
         shutdown: CancellationToken,
     ) -> Self {
+        let raiser = raiser::Raiser::spawn(raiser::RaiserConfig {
+            store: store.clone(),
+            changes,
+            suppression: config.suppression,
+            correlation: config.correlation,
+            shutdown: shutdown.clone(),
+        });
         Self {
             store,
             evaluator,
             positions: HashMap::new(),
-            changes,
             config,
             shutdown,
             rule_updates: None,
             scorer: AnomalyScorer::new(ScoringConfig::default()),
             rules_dir: None,
             clock: Clock::default(),
+            raiser,
+            progress: Arc::default(),
         }
+    }
+
+    /// Reports progress (detection lag) to `progress`.
+    pub fn with_progress(mut self, progress: Arc<lag::DetectProgress>) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// Waits until every alert queued so far is committed.
+    pub async fn flush(&self) {
+        self.raiser.flush().await;
     }
 
     /// Uses `clock` as the wall clock (a simulation drives it).
@@ -312,20 +333,6 @@ impl DetectionPipeline {
         self
     }
 
-    /// Groups a new alert into an incident; failures are logged, the alert stays.
-    async fn group(&self, alert: &crate::domain::alert::Alert) {
-        if let Err(e) = crate::incidents::correlate(
-            self.store.as_ref(),
-            alert,
-            self.config.correlation,
-            Utc::now(),
-        )
-        .await
-        {
-            tracing::error!(alert_id = %alert.id, error = %e, "incident correlation failed");
-        }
-    }
-
     /// Scores closed windows and raises alerts for anomalous ones.
     async fn score_windows(
         &mut self,
@@ -339,15 +346,13 @@ impl DetectionPipeline {
                 && !w.replayed
             {
                 let new = crate::pipeline::scoring::anomaly_alert(self.store.as_ref(), &a).await?;
-                let (alert, created) = self
-                    .store
-                    .raise_alert(w.tenant, new, self.config.suppression, Utc::now())
-                    .await?;
-                self.group(&alert).await;
-                self.changes.notify(w.tenant);
-                metrics::counter!("picket_alerts_raised_total", "source" => "model", "new" => if created { "true" } else { "false" })
-                    .increment(1);
-                tracing::info!(tenant_id = %w.tenant, alert_id = %alert.id, score = a.score, threshold = a.threshold, "anomaly alert");
+                tracing::info!(tenant_id = %w.tenant, score = a.score, threshold = a.threshold, "anomaly alert");
+                self.raiser
+                    .send(raiser::Job::Ready {
+                        tenant: w.tenant,
+                        alert: new,
+                    })
+                    .await;
                 raised += 1;
             }
         }
@@ -420,13 +425,22 @@ impl DetectionPipeline {
                 // does not yet (committed after it was read, or not yet
                 // readable on the feed on Postgres).
                 events.retain(|e| e.position <= head);
+                // Replayed detections queued but not yet written: a
+                // fingerprint's latest last_seen among them covers later
+                // ones as a stored alert would.
+                let mut queued: HashMap<String, DateTime<Utc>> = HashMap::new();
                 for e in &events {
                     // Windows that close during replay were scored before the restart.
                     let closed = self.scorer.replay(t.id, &e.event);
                     self.score_windows(closed, false).await?;
                     for d in self.evaluator.observe(t.id, &e.event) {
-                        if !self.already_alerted(t.id, &d).await? {
-                            self.raise(t.id, d, None).await?;
+                        let covered = queued
+                            .get(&d.fingerprint)
+                            .is_some_and(|last| *last >= d.first_seen);
+                        if !covered && !self.already_alerted(t.id, &d).await? {
+                            let last = queued.entry(d.fingerprint.clone()).or_insert(d.last_seen);
+                            *last = (*last).max(d.last_seen);
+                            self.raise(t.id, d, None).await;
                             raised += 1;
                         }
                     }
@@ -440,6 +454,7 @@ impl DetectionPipeline {
                 _ => break,
             }
         }
+        self.raiser.flush().await;
         Ok(raised)
     }
 
@@ -471,17 +486,22 @@ impl DetectionPipeline {
             let Some(last) = batch.last().map(|e| e.position) else {
                 break;
             };
+            self.progress.reading(tenant, batch[0].event.received_at);
             for stored in &batch {
                 metrics::counter!("picket_detect_events_total").increment(1);
                 for d in self.evaluator.observe(tenant, &stored.event) {
-                    self.raise(tenant, d, Some(&stored.event)).await?;
+                    self.raise(tenant, d, Some(stored.event.received_at)).await;
                     raised += 1;
                 }
                 let closed = self.scorer.observe(tenant, &stored.event);
                 raised += self.score_windows(closed, true).await?;
             }
             self.positions.insert(tenant, last);
-            if batch.len() < READ as usize {
+            let caught_up = batch.len() < READ as usize;
+            let newest = batch.last().map_or_else(Utc::now, |e| e.event.received_at);
+            self.progress
+                .evaluated(tenant, newest, caught_up, Utc::now());
+            if caught_up {
                 break;
             }
         }
@@ -510,84 +530,27 @@ impl DetectionPipeline {
         for t in tenants {
             raised += self.process_tenant(t).await?;
         }
+        // Callers (tests, the simulator's clock) rely on a pass's alerts being committed.
+        self.raiser.flush().await;
         Ok(raised)
     }
 
-    async fn raise(
-        &self,
-        tenant: TenantId,
-        d: Detection,
-        trigger: Option<&NewEvent>,
-    ) -> StoreResult<()> {
-        let started = Instant::now();
-        let stored = self.store.get_events(tenant, &d.evidence).await?;
-        let mut by_id: HashMap<uuid::Uuid, NewEvent> =
-            stored.into_iter().map(|e| (e.event.id, e.event)).collect();
-        // Affected entities: the rule's own plus the actors and IPs of its evidence.
-        let mut entities = d.entities.clone();
-        for e in by_id.values() {
-            let found = [
-                (!e.actor.is_empty()).then(|| Entity::new(EntityKind::Actor, e.actor.clone())),
-                e.source_ip
-                    .map(|ip| Entity::new(EntityKind::Ip, ip.to_string())),
-            ];
-            for ent in found.into_iter().flatten() {
-                if entities.len() < MAX_ENTITIES && !entities.contains(&ent) {
-                    entities.push(ent);
-                }
-            }
-        }
-        entities.sort();
-        let evidence = d
-            .evidence
-            .iter()
-            .map(|id| Evidence {
-                event_id: *id,
-                snapshot: by_id.remove(id),
+    /// Queues a detection for the alert writer (waits while its queue is full).
+    async fn raise(&self, tenant: TenantId, d: Detection, received_at: Option<DateTime<Utc>>) {
+        self.raiser
+            .send(raiser::Job::Rule {
+                tenant,
+                detection: d,
+                received_at,
             })
-            .collect();
-        let new = NewAlert {
-            title: d.rule_title.clone(),
-            summary: d.summary.clone(),
-            severity: d.severity,
-            category: d.category.clone(),
-            source_kind: SourceKind::Rule,
-            source_name: d.rule_id.clone(),
-            anomaly_score: 0.0,
-            anomaly_threshold: 0.0,
-            entities,
-            evidence,
-            features: Vec::new(),
-            attack_techniques: d.attack_techniques.clone(),
-            first_seen: d.first_seen,
-            last_seen: d.last_seen,
-            fingerprint: d.fingerprint.clone(),
-            raw: None,
-        };
-        let (alert, created) = self
-            .store
-            .raise_alert(tenant, new, self.config.suppression, Utc::now())
-            .await?;
-        self.group(&alert).await;
-        self.changes.notify(tenant);
-        metrics::counter!("picket_alerts_raised_total", "source" => "rule", "new" => if created { "true" } else { "false" })
-            .increment(1);
-        metrics::histogram!("picket_alert_write_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
-        if let Some(e) = trigger {
-            let lag = (Utc::now() - e.received_at).to_std().unwrap_or_default();
-            metrics::histogram!("picket_detect_latency_seconds").record(lag.as_secs_f64());
-        }
-        tracing::info!(
-            tenant_id = %tenant, alert_id = %alert.id, rule = %d.rule_id, created,
-            occurrences = alert.occurrence_count, "alert raised"
-        );
-        Ok(())
+            .await;
     }
 
     /// Runs until shutdown: wakes on the ingest hand-off, or every `poll`.
     pub async fn run(mut self, mut handoff: broadcast::Receiver<Arc<CommittedEvents>>) {
         let shutdown = self.shutdown.clone();
+        self.progress.set_leading(true);
+        let _leading = Leading(self.progress.clone());
         if let Err(e) = self.rebuild(Utc::now()).await {
             tracing::error!(error = ?anyhow::Error::from(e), "detection state rebuild failed; continuing from the feed heads");
         }
@@ -626,6 +589,18 @@ impl DetectionPipeline {
             metrics::gauge!("picket_detect_correlation_groups")
                 .set(stats.correlation_groups as f64);
         }
+        // A clean stop commits what evaluation has detected.
+        self.raiser.flush().await;
+    }
+}
+
+/// Marks this process as running detection while the pipeline runs (also
+/// when its future is dropped because the role was lost).
+struct Leading(Arc<lag::DetectProgress>);
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        self.0.set_leading(false);
     }
 }
 

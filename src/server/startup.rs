@@ -182,7 +182,10 @@ impl Application {
             peers,
             secrets,
         });
-        if settings.detection {
+        let detect_progress = settings
+            .detection
+            .then(Arc::<crate::pipeline::lag::DetectProgress>::default);
+        if let Some(progress) = detect_progress.clone() {
             let rule_updates: crate::pipeline::RuleUpdates =
                 Arc::new(tokio::sync::Mutex::new(rule_updates));
             let events = ctx.ingest.notices();
@@ -209,6 +212,7 @@ impl Application {
                     .with_rules_dir(settings.rules_dir.clone(), shared_rules.clone())
                     .with_scoring(settings.scoring())
                     .with_clock(settings.detection_clock.clone())
+                    .with_progress(progress.clone())
                 }
             };
             tracker.spawn(crate::pipeline::lead(
@@ -277,6 +281,7 @@ impl Application {
             peers: ctx.peers.clone(),
             alert_suppression: ctx.alert_suppression,
             correlation: settings.correlation(),
+            detect_progress,
         };
         let router = grpc_routes
             .into_axum_router()

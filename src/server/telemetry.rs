@@ -99,6 +99,15 @@ fn describe_metrics() {
         "1 while the server is serving, 0 while it shuts down"
     );
     describe_gauge!(
+        "picket_detect_lag_seconds",
+        Unit::Seconds,
+        "How far detection is behind ingest: while events wait to be evaluated, the time since the oldest was received; otherwise how long the newest evaluated event waited"
+    );
+    describe_gauge!(
+        "picket_alert_queue_depth",
+        "Detections waiting for the alert writer (bounded; evaluation waits when it is full)"
+    );
+    describe_gauge!(
         "picket_watch_streams_open",
         "Open watch and tail streams, by stream"
     );

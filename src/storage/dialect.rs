@@ -213,6 +213,10 @@ pub(crate) trait Dialect:
     /// Serializes raises of one alert fingerprint (`key`) within `tx`.
     async fn lock_fingerprint(tx: &mut Tx<Self>, key: String) -> Result<(), sqlx::Error>;
 
+    /// [`Dialect::lock_fingerprint`] for several keys at once (in a fixed
+    /// order, so two batches never wait on each other in a cycle).
+    async fn lock_fingerprints(tx: &mut Tx<Self>, keys: Vec<String>) -> Result<(), sqlx::Error>;
+
     /// See [`crate::storage::EventStore::insert_events`].
     async fn insert_events(
         store: &SqlStore<Self>,
@@ -329,6 +333,18 @@ impl<DB: Dialect> Stmt<DB> {
     /// Binds a uuid and appends its placeholder.
     pub(crate) fn push_uuid(&mut self, v: Uuid) -> &mut Self {
         DB::add_uuid(self, Some(v));
+        self.placeholder()
+    }
+
+    /// Binds a uuid or NULL and appends its placeholder.
+    pub(crate) fn push_opt_uuid(&mut self, v: Option<Uuid>) -> &mut Self {
+        DB::add_uuid(self, v);
+        self.placeholder()
+    }
+
+    /// Binds a JSON document and appends its placeholder.
+    pub(crate) fn push_doc<T: serde::Serialize + Sync + ?Sized>(&mut self, v: &T) -> &mut Self {
+        DB::add_doc(self, v);
         self.placeholder()
     }
 

@@ -298,6 +298,19 @@ pub trait AlertStore: Send + Sync {
         now: DateTime<Utc>,
     ) -> StoreResult<(Alert, bool)>;
 
+    /// Raises or folds each of `alerts` in order, with exactly the outcome
+    /// [`AlertStore::raise_alert`] would give them one after another (a later
+    /// one folds into an alert an earlier one created), in ONE transaction:
+    /// one change-log entry per alert raised or folded, in order. Returns one
+    /// (alert after this raise, created) per input, in order.
+    async fn raise_alerts(
+        &self,
+        tenant: TenantId,
+        alerts: Vec<NewAlert>,
+        suppression: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<(Alert, bool)>>;
+
     /// One alert.
     async fn get_alert(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<Alert>;
 

@@ -108,8 +108,10 @@ impl Dialect for Postgres {
     }
 
     fn add_doc<T: serde::Serialize + Sync + ?Sized>(q: &mut Stmt<Self>, v: &T) {
-        match serde_json::to_value(v) {
-            Ok(doc) => q.add(doc),
+        // Serialized once, straight to text (a `Value` tree would be built
+        // and then serialized again).
+        match serde_json::value::to_raw_value(v) {
+            Ok(doc) => q.add(sqlx::types::Json(doc)),
             Err(e) => q.fail(e.into()),
         }
     }
@@ -172,6 +174,18 @@ impl Dialect for Postgres {
             .bind(key)
             .execute(&mut **tx)
             .await?;
+        Ok(())
+    }
+
+    async fn lock_fingerprints(tx: &mut Tx<Self>, keys: Vec<String>) -> Result<(), sqlx::Error> {
+        // One round trip; the subquery's order is the order the locks are taken.
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(h) FROM \
+             (SELECT DISTINCT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY 1) AS l",
+        )
+        .bind(keys)
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 

@@ -23,6 +23,10 @@ use crate::storage::{
     StoreError, StoreResult, WebhookStore,
 };
 
+/// Most rows (or list items) in one multi-row statement of a batch: well
+/// under both backends' bound-parameter limits at 10 parameters a row.
+const BATCH_ROWS: usize = 500;
+
 /// Store on a SQL database `DB` (see [`crate::storage::PgStore`] and
 /// [`crate::storage::SqliteStore`]).
 pub struct SqlStore<DB: Database> {
@@ -394,6 +398,139 @@ impl<DB: Dialect> SqlStore<DB> {
                 (alert, true)
             }
         })
+    }
+
+    /// Raises or folds every alert of `alerts` in order inside `tx` (see
+    /// [`AlertStore::raise_alerts`]): the fingerprints are locked and their
+    /// open alerts read in one statement each, the folding happens in memory
+    /// in input order, then every touched alert's final row is upserted and
+    /// every intermediate state appended to the change log, in order.
+    async fn raise_all_in(
+        tx: &mut Tx<DB>,
+        tenant: TenantId,
+        alerts: Vec<NewAlert>,
+        suppression: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(Alert, bool)>, sqlx::Error> {
+        let mut fingerprints: Vec<String> = alerts.iter().map(|a| a.fingerprint.clone()).collect();
+        fingerprints.sort();
+        fingerprints.dedup();
+        DB::lock_fingerprints(
+            tx,
+            fingerprints
+                .iter()
+                .map(|f| format!("{}/{f}", tenant.0))
+                .collect(),
+        )
+        .await?;
+        let since = alerts.iter().map(|a| a.first_seen).min().unwrap_or(now) - suppression;
+        // Open alerts of these fingerprints that any of the batch may fold into.
+        let mut open: Vec<Alert> = Vec::new();
+        for chunk in fingerprints.chunks(BATCH_ROWS) {
+            let mut q = Stmt::<DB>::new(
+                "SELECT doc FROM alerts WHERE tenant_id = $1 AND status IN (1, 2) AND last_seen >= $2",
+            )
+            .uuid(tenant.0)
+            .time(since);
+            q.push_in("fingerprint", chunk.iter().map(String::as_str));
+            q.push(DB::FOR_UPDATE);
+            for row in q.fetch_all(&mut **tx).await? {
+                open.push(DB::doc(&row, "doc")?);
+            }
+        }
+        let stored = open.len();
+        // Which alerts changed (index into `open`), and each change to log.
+        let mut touched = vec![false; stored];
+        let mut changes: Vec<(bool, Alert)> = Vec::with_capacity(alerts.len());
+        // Open alerts (indices into `open`) by fingerprint.
+        let mut by_fp: std::collections::HashMap<String, Vec<usize>> =
+            std::collections::HashMap::new();
+        for (n, a) in open.iter().enumerate() {
+            by_fp.entry(a.fingerprint.clone()).or_default().push(n);
+        }
+        for new in alerts {
+            let cutoff = new.first_seen - suppression;
+            let into = by_fp
+                .get(&new.fingerprint)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|n| {
+                    let a = &open[*n];
+                    matches!(a.status, AlertStatus::New | AlertStatus::Acknowledged)
+                        && a.last_seen >= cutoff
+                })
+                .max_by_key(|n| open[*n].last_seen);
+            let (n, created) = match into {
+                Some(n) => {
+                    // Each state of an alert is newer than the one before,
+                    // also within one batch (watchers order and resume by it).
+                    let at = now.max(open[n].updated_at + chrono::Duration::microseconds(1));
+                    open[n].fold(new, at);
+                    (n, false)
+                }
+                None => {
+                    by_fp
+                        .entry(new.fingerprint.clone())
+                        .or_default()
+                        .push(open.len());
+                    open.push(Alert::from_new(tenant, new, now));
+                    touched.push(true);
+                    (open.len() - 1, true)
+                }
+            };
+            touched[n] = true;
+            changes.push((created, open[n].clone()));
+        }
+        // Final rows: one upsert per chunk.
+        let rows: Vec<&Alert> = open
+            .iter()
+            .zip(&touched)
+            .filter_map(|(a, t)| t.then_some(a))
+            .collect();
+        for chunk in rows.chunks(BATCH_ROWS) {
+            let mut q = Stmt::<DB>::new(
+                "INSERT INTO alerts (tenant_id, id, fingerprint, severity, status, category, last_seen, created_at, incident_id, doc) VALUES ",
+            );
+            for (n, a) in chunk.iter().enumerate() {
+                q.push(if n == 0 { "(" } else { ", (" });
+                q.push_uuid(a.tenant_id.0).push(", ");
+                q.push_uuid(a.id).push(", ");
+                q.push_bind(a.fingerprint.as_str()).push(", ");
+                q.push_bind(a.severity.as_i16()).push(", ");
+                q.push_bind(a.status.as_i16()).push(", ");
+                q.push_bind(a.category.as_str()).push(", ");
+                q.push_time(a.last_seen).push(", ");
+                q.push_time(a.created_at).push(", ");
+                q.push_opt_uuid(a.incident_id).push(", ");
+                q.push_doc(*a).push(")");
+            }
+            q.push(
+                " ON CONFLICT (tenant_id, id) DO UPDATE SET fingerprint = excluded.fingerprint, \
+                 severity = excluded.severity, status = excluded.status, category = excluded.category, \
+                 last_seen = excluded.last_seen, created_at = excluded.created_at, \
+                 incident_id = excluded.incident_id, doc = excluded.doc",
+            );
+            q.execute(&mut **tx).await?;
+        }
+        // Every state in order: watchers see each raise once.
+        for chunk in changes.chunks(BATCH_ROWS) {
+            let mut q = Stmt::<DB>::new(
+                "INSERT INTO change_log (tenant_id, stream, subject_id, kind, payload, created_at) VALUES ",
+            );
+            for (n, (created, alert)) in chunk.iter().enumerate() {
+                q.push(if n == 0 { "(" } else { ", (" });
+                q.push_uuid(tenant.0).push(", ");
+                q.push_bind("alerts").push(", ");
+                q.push_uuid(alert.id).push(", ");
+                q.push_bind(if *created { "created" } else { "updated" })
+                    .push(", ");
+                q.push_doc(alert).push(", ");
+                q.push_time(now).push(")");
+            }
+            q.execute(&mut **tx).await?;
+        }
+        Ok(changes.into_iter().map(|(c, a)| (a, c)).collect())
     }
 
     /// Writes an alert row (insert or update) and its change-log entry inside `tx`.
@@ -846,6 +983,25 @@ impl<DB: Dialect> AlertStore for SqlStore<DB> {
         let fail = fail("alert", "failed to raise an alert");
         let mut tx = self.write(tenant).await.map_err(&fail)?;
         let raised = Self::raise_in(&mut tx, tenant, new, suppression, now)
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(raised)
+    }
+
+    async fn raise_alerts(
+        &self,
+        tenant: TenantId,
+        alerts: Vec<NewAlert>,
+        suppression: chrono::Duration,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<(Alert, bool)>> {
+        if alerts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let fail = fail("alerts", "failed to raise alerts");
+        let mut tx = self.write(tenant).await.map_err(&fail)?;
+        let raised = Self::raise_all_in(&mut tx, tenant, alerts, suppression, now)
             .await
             .map_err(&fail)?;
         tx.commit().await.map_err(fail)?;

@@ -195,6 +195,10 @@ impl Dialect for Sqlite {
         Ok(())
     }
 
+    async fn lock_fingerprints(_tx: &mut Tx<Self>, _keys: Vec<String>) -> Result<(), sqlx::Error> {
+        Ok(())
+    }
+
     async fn insert_events(
         store: &SqliteStore,
         groups: &[(TenantId, &[NewEvent])],

@@ -351,7 +351,54 @@ async fn a_new_alert_joining_an_incident_is_sent_once_per_visible_change(backend
     }
 }
 
+/// The value of an unlabelled metric on `/metrics`.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// After a burst, `/metrics` reports the detection lag and the alert queue
+/// depth, and `/healthz` the lag, all with sensible values.
+async fn detection_lag_and_alert_queue_are_reported(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (_, key) = app
+        .tenant_with_key("acme", &[pb::Scope::Ingest, pb::Scope::Read])
+        .await;
+    let mut stream = watch(&app, &key, "").await;
+    let mut events = failures("lag", "203.0.113.77", "mallory", 7);
+    events
+        .extend((0..200).map(|i| login(&format!("ok-{i}"), &format!("user{i}"), "10.1.0.1", true)));
+    send(&app, &key, events).await;
+    next_alert(&mut stream, |a| names_ip(a, "203.0.113.77")).await;
+
+    let (status, _, body) = common::http1(app.addr, "GET", "/metrics", &[], vec![]).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(
+        text.contains("# TYPE picket_detect_lag_seconds gauge"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE picket_alert_queue_depth gauge"),
+        "{text}"
+    );
+    // Servers of other tests share the registry: bounds, not exact values.
+    let lag = metric(&text, "picket_detect_lag_seconds").expect("lag reported");
+    assert!((0.0..60.0).contains(&lag), "lag {lag}");
+    let depth = metric(&text, "picket_alert_queue_depth").expect("depth reported");
+    assert!((0.0..=10_000.0).contains(&depth), "depth {depth}");
+
+    let (status, _, body) = common::http1(app.addr, "GET", "/healthz", &[], vec![]).await;
+    assert_eq!(status, 200);
+    let health: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let lag = health["detect_lag_seconds"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("this server runs detection: {health}"));
+    assert!((0.0..60.0).contains(&lag), "{health}");
+}
+
 crate::both_backends!(
+    detection_lag_and_alert_queue_are_reported,
     brute_force_raises_one_alert_with_evidence,
     restart_mid_window_keeps_the_detection,
     a_new_alert_joining_an_incident_is_sent_once_per_visible_change

@@ -1,0 +1,306 @@
+//! Alert raising off the evaluation path: the pipeline hands each detection
+//! (or ready anomaly alert) to a bounded queue and goes on evaluating; one
+//! writer task takes whatever is queued (up to [`BATCH`]) and raises it per
+//! tenant with one evidence read, one alert transaction
+//! ([`crate::storage::AlertStore::raise_alerts`]) and one incident
+//! correlation pass ([`crate::incidents::correlate_batch`]).
+//!
+//! The queue is bounded ([`QUEUE`]): when it is full the pipeline waits
+//! (backpressure), nothing is dropped. Jobs are raised in the order they were
+//! queued, so folding and the change log see exactly the order evaluation
+//! produced. A failed write is retried (with backoff) until it succeeds or
+//! the pipeline stops; detections still queued when the process dies are
+//! raised again by the next leader's replay (see the pipeline's module docs).
+//! [`Raiser::flush`] waits until everything queued before it is committed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::detect::Detection;
+use crate::domain::TenantId;
+use crate::domain::alert::{Entity, EntityKind, Evidence, NewAlert, SourceKind};
+use crate::domain::event::NewEvent;
+use crate::incidents::CorrelationConfig;
+use crate::storage::{Store, StoreResult};
+
+/// Jobs the queue holds before evaluation waits.
+pub const QUEUE: usize = 10_000;
+/// Most jobs raised in one batch.
+pub const BATCH: usize = 1_000;
+/// Most evidence ids read in one query.
+const EVIDENCE_READ: usize = 2_000;
+/// Most entities named on one alert.
+const MAX_ENTITIES: usize = 20;
+
+/// What the writer raises.
+pub(crate) enum Job {
+    /// A rule detection; its evidence is read by the writer.
+    Rule {
+        tenant: TenantId,
+        detection: Detection,
+        /// When the event that completed it was received (live only).
+        received_at: Option<DateTime<Utc>>,
+    },
+    /// An alert already built (anomaly windows).
+    Ready { tenant: TenantId, alert: NewAlert },
+    /// Answered once every job queued before it is committed.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The queue's sending side, held by the pipeline.
+pub(crate) struct Raiser {
+    tx: mpsc::Sender<Job>,
+}
+
+/// What the writer needs.
+pub(crate) struct RaiserConfig {
+    pub store: Arc<dyn Store>,
+    pub changes: Arc<crate::ingest::signal::Signal>,
+    pub suppression: chrono::Duration,
+    pub correlation: CorrelationConfig,
+    /// Stops retrying a failed write.
+    pub shutdown: CancellationToken,
+}
+
+impl Raiser {
+    /// Starts the writer task; it ends once every `Raiser` is dropped and the
+    /// queue is drained.
+    pub(crate) fn spawn(config: RaiserConfig) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(write(config, rx));
+        Self { tx }
+    }
+
+    /// Queues a job, waiting while the queue is full.
+    pub(crate) async fn send(&self, job: Job) {
+        if self.tx.capacity() == 0 {
+            metrics::counter!("picket_alert_queue_full_total").increment(1);
+        }
+        if self.tx.send(job).await.is_err() {
+            tracing::error!("the alert writer stopped; detection dropped");
+        }
+        self.gauge();
+    }
+
+    /// Waits until everything queued so far is committed (or given up at shutdown).
+    pub(crate) async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Job::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        self.gauge();
+    }
+
+    fn gauge(&self) {
+        let depth = self.tx.max_capacity() - self.tx.capacity();
+        metrics::gauge!("picket_alert_queue_depth").set(depth as f64);
+    }
+}
+
+/// The writer task: raises queued jobs in batches until the queue closes.
+async fn write(config: RaiserConfig, mut rx: mpsc::Receiver<Job>) {
+    let mut buf = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut buf, BATCH).await > 0 {
+        let mut flushes = Vec::new();
+        // Per tenant, in queue order.
+        let mut tenants: Vec<(TenantId, Vec<Job>)> = Vec::new();
+        for job in buf.drain(..) {
+            let tenant = match &job {
+                Job::Flush(_) => {
+                    if let Job::Flush(tx) = job {
+                        flushes.push(tx);
+                    }
+                    continue;
+                }
+                Job::Rule { tenant, .. } | Job::Ready { tenant, .. } => *tenant,
+            };
+            match tenants.iter_mut().find(|(t, _)| *t == tenant) {
+                Some((_, jobs)) => jobs.push(job),
+                None => tenants.push((tenant, vec![job])),
+            }
+        }
+        for (tenant, jobs) in tenants {
+            raise_tenant(&config, tenant, jobs).await;
+        }
+        metrics::gauge!("picket_alert_queue_depth").set(rx.len() as f64);
+        for f in flushes {
+            let _ = f.send(());
+        }
+    }
+}
+
+/// Retries `op` with backoff until it succeeds or shutdown; `None` at shutdown.
+async fn retrying<T, F, Fut>(config: &RaiserConfig, what: &str, mut op: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<T>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                metrics::counter!("picket_alert_write_errors_total").increment(1);
+                tracing::error!(error = ?anyhow::Error::from(e), what, "alert writer: store call failed; retrying");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = config.shutdown.cancelled() => {
+                tracing::warn!(what, "alert writer stopped while retrying; the next start's replay raises what was lost");
+                return None;
+            }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// What the writer remembers about a job for metrics and logs.
+struct Meta {
+    source: &'static str,
+    rule: String,
+    received_at: Option<DateTime<Utc>>,
+}
+
+/// Raises one tenant's jobs of a batch.
+async fn raise_tenant(config: &RaiserConfig, tenant: TenantId, jobs: Vec<Job>) {
+    let started = Instant::now();
+    // Evidence for every rule detection of the batch, read in as few queries as possible.
+    let mut ids: Vec<uuid::Uuid> = Vec::new();
+    let mut seen = HashSet::new();
+    for job in &jobs {
+        if let Job::Rule { detection, .. } = job {
+            ids.extend(detection.evidence.iter().filter(|id| seen.insert(**id)));
+        }
+    }
+    let mut by_id: HashMap<uuid::Uuid, NewEvent> = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(EVIDENCE_READ) {
+        let Some(found) = retrying(config, "evidence", || {
+            config.store.get_events(tenant, chunk)
+        })
+        .await
+        else {
+            return;
+        };
+        by_id.extend(found.into_iter().map(|e| (e.event.id, e.event)));
+    }
+    let mut alerts = Vec::with_capacity(jobs.len());
+    let mut meta = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match job {
+            Job::Rule {
+                detection,
+                received_at,
+                ..
+            } => {
+                meta.push(Meta {
+                    source: "rule",
+                    rule: detection.rule_id.clone(),
+                    received_at,
+                });
+                alerts.push(rule_alert(detection, &by_id));
+            }
+            Job::Ready { alert, .. } => {
+                meta.push(Meta {
+                    source: "model",
+                    rule: alert.source_name.clone(),
+                    received_at: None,
+                });
+                alerts.push(alert);
+            }
+            Job::Flush(_) => {}
+        }
+    }
+    let Some(raised) = retrying(config, "alerts", || {
+        config
+            .store
+            .raise_alerts(tenant, alerts.clone(), config.suppression, Utc::now())
+    })
+    .await
+    else {
+        return;
+    };
+    config.changes.notify(tenant);
+    let committed = Utc::now();
+    for ((alert, created), m) in raised.iter().zip(&meta) {
+        metrics::counter!("picket_alerts_raised_total", "source" => m.source, "new" => if *created { "true" } else { "false" })
+            .increment(1);
+        if let Some(at) = m.received_at {
+            let lag = (committed - at).to_std().unwrap_or_default();
+            metrics::histogram!("picket_detect_latency_seconds").record(lag.as_secs_f64());
+        }
+        tracing::info!(
+            tenant_id = %tenant, alert_id = %alert.id, rule = %m.rule, created = *created,
+            occurrences = alert.occurrence_count, "alert raised"
+        );
+    }
+    metrics::histogram!("picket_alert_write_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    // Group the new alerts into incidents; failures are logged, the alerts stay.
+    let new: Vec<_> = raised
+        .into_iter()
+        .filter_map(|(a, created)| created.then_some(a))
+        .collect();
+    if let Err(e) = crate::incidents::correlate_batch(
+        config.store.as_ref(),
+        tenant,
+        &new,
+        config.correlation,
+        Utc::now(),
+    )
+    .await
+    {
+        tracing::error!(tenant_id = %tenant, alerts = new.len(), error = %e, "incident correlation failed");
+    }
+}
+
+/// The alert a rule detection raises: its evidence with snapshots, and the
+/// rule's entities plus the actors and IPs of its evidence.
+fn rule_alert(d: Detection, by_id: &HashMap<uuid::Uuid, NewEvent>) -> NewAlert {
+    let mut entities = d.entities.clone();
+    for id in &d.evidence {
+        let Some(e) = by_id.get(id) else { continue };
+        let found = [
+            (!e.actor.is_empty()).then(|| Entity::new(EntityKind::Actor, e.actor.clone())),
+            e.source_ip
+                .map(|ip| Entity::new(EntityKind::Ip, ip.to_string())),
+        ];
+        for ent in found.into_iter().flatten() {
+            if entities.len() < MAX_ENTITIES && !entities.contains(&ent) {
+                entities.push(ent);
+            }
+        }
+    }
+    entities.sort();
+    let evidence = d
+        .evidence
+        .iter()
+        .map(|id| Evidence {
+            event_id: *id,
+            snapshot: by_id.get(id).cloned(),
+        })
+        .collect();
+    NewAlert {
+        title: d.rule_title,
+        summary: d.summary,
+        severity: d.severity,
+        category: d.category,
+        source_kind: SourceKind::Rule,
+        source_name: d.rule_id,
+        anomaly_score: 0.0,
+        anomaly_threshold: 0.0,
+        entities,
+        evidence,
+        features: Vec::new(),
+        attack_techniques: d.attack_techniques,
+        first_seen: d.first_seen,
+        last_seen: d.last_seen,
+        fingerprint: d.fingerprint,
+        raw: None,
+    }
+}
