@@ -103,6 +103,10 @@ fn describe_metrics() {
         Unit::Seconds,
         "How far detection is behind ingest: while events wait to be evaluated, the time since the oldest was received; otherwise how long the newest evaluated event waited"
     );
+    describe_counter!(
+        "picket_alert_queue_full_total",
+        "Times evaluation found the alert queue full and waited for the writer"
+    );
     describe_gauge!(
         "picket_alert_queue_depth",
         "Detections waiting for the alert writer (bounded; evaluation waits when it is full)"
