@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::domain::TenantId;
 use crate::domain::alert::Entity;
 use crate::domain::event::{FeedPosition, InsertOutcome, NewEvent};
-use crate::storage::sql::SqlStore;
+use crate::storage::store::SqlStore;
 use crate::storage::{Backend, Leadership, StoreResult};
 
 /// A transaction on `DB`.

@@ -17,6 +17,7 @@ pub mod lock;
 mod postgres;
 mod sql;
 mod sqlite;
+mod store;
 
 use std::sync::Arc;
 

@@ -6,7 +6,7 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::{Database, Pool};
+use sqlx::Database;
 use uuid::Uuid;
 
 use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
@@ -18,6 +18,7 @@ use crate::domain::rule::{StoredModel, TenantRule};
 use crate::domain::webhook::{DeliveryOutcome, WebhookSource};
 use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
 use crate::storage::dialect::{Col, Dialect, Stmt, Tx};
+pub use crate::storage::store::SqlStore;
 use crate::storage::{
     AlertStore, Backend, EventStore, IncidentStore, Leadership, ModelStore, RuleStore, Store,
     StoreError, StoreResult, WebhookStore,
@@ -26,33 +27,6 @@ use crate::storage::{
 /// Most rows (or list items) in one multi-row statement of a batch: well
 /// under both backends' bound-parameter limits at 10 parameters a row.
 const BATCH_ROWS: usize = 500;
-
-/// Store on a SQL database `DB` (see [`crate::storage::PgStore`] and
-/// [`crate::storage::SqliteStore`]).
-pub struct SqlStore<DB: Database> {
-    /// The connection pool (on Postgres, connections that have all run
-    /// `SET ROLE picket_app`).
-    pub(super) pool: Pool<DB>,
-    /// The serving lock of a SQLite store (one process per file, see
-    /// `storage/lock.rs`), held as long as any clone of the store.
-    pub(super) lock: Option<std::sync::Arc<crate::storage::lock::StoreLock>>,
-}
-
-impl<DB: Database> Clone for SqlStore<DB> {
-    fn clone(&self) -> Self {
-        Self {
-            pool: self.pool.clone(),
-            lock: self.lock.clone(),
-        }
-    }
-}
-
-impl<DB: Database> SqlStore<DB> {
-    /// The pool (for the conformance suite's checks and for benchmarks).
-    pub fn pool(&self) -> &Pool<DB> {
-        &self.pool
-    }
-}
 
 /// Classifies a failed operation on `what` (see [`StoreError::classify`]).
 pub(crate) fn fail<'a>(
