@@ -467,12 +467,23 @@ async fn restart_never_evaluates_an_event_twice() {
 
     // Three more make six: now the burst is real and detected.
     send(&app, &key, failures("late", "192.0.2.99", "erin", 3)).await;
-    pipeline.run_once().await.unwrap();
-    let listed = alerts(&app)
-        .list_alerts(with_key(pb::ListAlertsRequest::default(), &key))
-        .await
-        .unwrap()
-        .into_inner()
-        .alerts;
+    // A commit is readable on the Postgres feed once every older transaction
+    // of the cluster has ended (another test's may be open): run passes until
+    // the alert is there, or 15 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let listed = loop {
+        pipeline.run_once().await.unwrap();
+        let listed = alerts(&app)
+            .list_alerts(with_key(pb::ListAlertsRequest::default(), &key))
+            .await
+            .unwrap()
+            .into_inner()
+            .alerts;
+        if listed.iter().any(|a| names_ip(a, "192.0.2.99")) || std::time::Instant::now() > deadline
+        {
+            break listed;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert!(listed.iter().any(|a| names_ip(a, "192.0.2.99")));
 }
