@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::cli::client::with_key;
+use crate::cli::client::{tenant_with_key, with_key};
 use crate::domain::TenantId;
 use crate::grpc::pb;
 use crate::grpc::pb::admin_service_client::AdminServiceClient;
@@ -281,31 +281,14 @@ pub async fn bench(args: &BenchIngestArgs) -> anyhow::Result<BenchReport> {
         .await?;
     let run_id = hex::encode(rand::random::<[u8; 4]>());
     let mut admin = AdminServiceClient::new(channel);
-    let tenant = admin
-        .create_tenant(with_key(
-            pb::CreateTenantRequest {
-                name: format!("bench-{run_id}"),
-                ..Default::default()
-            },
-            &operator,
-        )?)
-        .await?
-        .into_inner()
-        .tenant
-        .context("no tenant")?;
-    let key = admin
-        .create_api_key(with_key(
-            pb::CreateApiKeyRequest {
-                tenant_id: tenant.id.clone(),
-                name: "bench".into(),
-                scopes: vec![pb::Scope::Ingest as i32],
-                expires_at: None,
-            },
-            &operator,
-        )?)
-        .await?
-        .into_inner()
-        .secret;
+    let (_, key) = tenant_with_key(
+        &mut admin,
+        &operator,
+        format!("bench-{run_id}"),
+        "bench",
+        &[pb::Scope::Ingest],
+    )
+    .await?;
 
     let events = generate(args.events, &run_id, 7);
 

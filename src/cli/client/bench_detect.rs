@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 
-use crate::cli::client::with_key;
+use crate::cli::client::{tenant_with_key, with_key};
 use crate::grpc::pb;
 use crate::grpc::pb::admin_service_client::AdminServiceClient;
 use crate::grpc::pb::alert_service_client::AlertServiceClient;
@@ -327,31 +327,14 @@ impl InProcess {
             .await?;
         let run_id = hex::encode(rand::random::<[u8; 4]>());
         let mut admin = AdminServiceClient::new(channel.clone());
-        let tenant = admin
-            .create_tenant(with_key(
-                pb::CreateTenantRequest {
-                    name: format!("{prefix}-{run_id}"),
-                    ..Default::default()
-                },
-                &operator,
-            )?)
-            .await?
-            .into_inner()
-            .tenant
-            .context("no tenant")?;
-        let key = admin
-            .create_api_key(with_key(
-                pb::CreateApiKeyRequest {
-                    tenant_id: tenant.id.clone(),
-                    name: prefix.into(),
-                    scopes: vec![pb::Scope::Ingest as i32, pb::Scope::Read as i32],
-                    expires_at: None,
-                },
-                &operator,
-            )?)
-            .await?
-            .into_inner()
-            .secret;
+        let (_, key) = tenant_with_key(
+            &mut admin,
+            &operator,
+            format!("{prefix}-{run_id}"),
+            prefix,
+            &[pb::Scope::Ingest, pb::Scope::Read],
+        )
+        .await?;
         Ok(Self {
             channel,
             key,

@@ -82,3 +82,42 @@ pub fn retry_delay(status: &tonic::Status, fallback: Duration) -> Duration {
         .and_then(|r| r.retry_delay)
         .unwrap_or(fallback)
 }
+
+/// Creates tenant `name` and an API key named `key_name` with `scopes` for it,
+/// as the operator; returns the tenant id and the key's secret. The bench and
+/// simulation commands set themselves up this way.
+pub async fn tenant_with_key(
+    admin: &mut crate::grpc::pb::admin_service_client::AdminServiceClient<Channel>,
+    operator: &str,
+    name: String,
+    key_name: &str,
+    scopes: &[crate::grpc::pb::Scope],
+) -> anyhow::Result<(String, String)> {
+    use crate::grpc::pb;
+    let tenant = admin
+        .create_tenant(with_key(
+            pb::CreateTenantRequest {
+                name,
+                ..Default::default()
+            },
+            operator,
+        )?)
+        .await?
+        .into_inner()
+        .tenant
+        .context("no tenant")?;
+    let secret = admin
+        .create_api_key(with_key(
+            pb::CreateApiKeyRequest {
+                tenant_id: tenant.id.clone(),
+                name: key_name.into(),
+                scopes: scopes.iter().map(|s| *s as i32).collect(),
+                expires_at: None,
+            },
+            operator,
+        )?)
+        .await?
+        .into_inner()
+        .secret;
+    Ok((tenant.id, secret))
+}
