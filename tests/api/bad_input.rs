@@ -9,46 +9,8 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::common::{self, spawn_app, with_key};
+use crate::common::{self, RawCodec, spawn_app, with_key};
 use crate::ingest::login;
-
-/// Sends hand-encoded bytes as the request message; decodes responses as `D`.
-struct RawCodec<D>(std::marker::PhantomData<D>);
-
-impl<D> Default for RawCodec<D> {
-    fn default() -> Self {
-        Self(std::marker::PhantomData)
-    }
-}
-
-impl<D: Message + Default + Send + 'static> tonic::codec::Codec for RawCodec<D> {
-    type Encode = Vec<u8>;
-    type Decode = D;
-    type Encoder = RawEncoder;
-    type Decoder = tonic_prost::ProstDecoder<D>;
-    fn encoder(&mut self) -> Self::Encoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
-    }
-}
-
-struct RawEncoder;
-
-impl tonic::codec::Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        use bytes::BufMut;
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
 
 /// `msg` encoded, with the bytes `@@@@` replaced by four bytes that are not UTF-8.
 fn with_invalid_utf8(msg: &impl Message) -> Vec<u8> {

@@ -502,3 +502,41 @@ impl Drop for RedisProcess {
         self.stop();
     }
 }
+
+/// Sends hand-encoded bytes as the request message; decodes responses as `D`.
+pub struct RawCodec<D>(std::marker::PhantomData<D>);
+
+impl<D> Default for RawCodec<D> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<D: prost::Message + Default + Send + 'static> tonic::codec::Codec for RawCodec<D> {
+    type Encode = Vec<u8>;
+    type Decode = D;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<D>;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+pub struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
