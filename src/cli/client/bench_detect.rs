@@ -297,18 +297,19 @@ impl InProcess {
     /// Starts the server (detection on, defaults otherwise) and creates a
     /// tenant named `{prefix}-{random}`.
     pub async fn start(database_url: &str, prefix: &str) -> anyhow::Result<Self> {
-        Self::start_with_clock(database_url, prefix, crate::pipeline::Clock::default()).await
+        Self::start_with(database_url, prefix, |_| {}).await
     }
 
-    /// [`InProcess::start`] with `clock` as the detection pipeline's wall clock.
-    pub async fn start_with_clock(
+    /// [`InProcess::start`] with `configure` applied to the server's settings
+    /// (detection is on and the address and operator token are set after it).
+    pub async fn start_with(
         database_url: &str,
         prefix: &str,
-        clock: crate::pipeline::Clock,
+        configure: impl FnOnce(&mut Settings),
     ) -> anyhow::Result<Self> {
         let operator = crate::access::auth::random_secret();
         let mut settings = Settings::with_database(Some(database_url));
-        settings.detection_clock = clock;
+        configure(&mut settings);
         settings.listen = "127.0.0.1:0".parse().expect("static address");
         settings.admin_token = Some(SecretString::from(operator.clone()));
         settings.detection = true;

@@ -1062,7 +1062,16 @@ pub async fn simulate(args: &SimulateArgs) -> anyhow::Result<SimReport> {
 async fn simulate_on(database_url: &str, args: &SimulateArgs) -> anyhow::Result<SimReport> {
     let timeout = Duration::from_secs(args.timeout_seconds);
     let clock = crate::pipeline::Clock::adjustable();
-    let server = InProcess::start_with_clock(database_url, "simulate", clock.clone()).await?;
+    // Fourteen days of history arrive in seconds: a model retrained at most
+    // once per interval of real time would stay fitted on the first
+    // `--anomaly-min-windows` windows of the history, where a server that
+    // lived through those days would have retrained on all of it. So the
+    // simulated server retrains as soon as its last training is done.
+    let server = InProcess::start_with(database_url, "simulate", |s| {
+        s.detection_clock = clock.clone();
+        s.anomaly_train_interval_seconds = 0;
+    })
+    .await?;
     let watcher = AlertWatcher::start(server.alerts(), &server.key).await?;
     let mut ingest = server.ingest();
 
