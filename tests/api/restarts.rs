@@ -203,9 +203,18 @@ async fn restarts_with_no_new_events_change_no_alert(backend: Backend) {
     let later = now + Duration::minutes(30);
     // On Postgres a commit becomes readable on the feed only once every older
     // transaction of the cluster has ended (another test's may still be
-    // open), so run passes until the setup's alerts are there, or 15 s.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let alerts = loop {
+    // open). The first process must have evaluated every event before the
+    // restarts (an event it had not read would be new to them), so run
+    // passes until a pass began with the whole feed readable (a pass reads
+    // each feed to its end) and the setup's alerts are there, or 60 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let (alerts, readable) = loop {
+        let readable = app
+            .store
+            .events_after(tenant, Default::default(), 100_000)
+            .await
+            .unwrap()
+            .len();
         first.run_once_at(later).await.unwrap();
         first.run_once_at(later).await.unwrap();
         let alerts = app
@@ -223,13 +232,18 @@ async fn restarts_with_no_new_events_change_no_alert(backend: Backend) {
             (a.source_kind == SourceKind::Model && a.title.contains("user3"))
                 || a.category == "exfiltration"
         };
-        if alerts.iter().filter(|a| raised(a)).count() >= 2 || std::time::Instant::now() > deadline
-        {
-            break alerts;
+        let done = readable == events.len() && alerts.iter().filter(|a| raised(a)).count() >= 2;
+        if done || std::time::Instant::now() > deadline {
+            break (alerts, readable);
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     drop(first);
+    assert_eq!(
+        readable,
+        events.len(),
+        "the feed did not show every committed event within 60 s"
+    );
     assert!(
         alerts
             .iter()
