@@ -1,4 +1,5 @@
-//! The command line: `picket serve | migrate | config | admin …`.
+//! The command line: `picket serve | migrate | config | admin … | decisions …`
+//! and the other client commands.
 
 pub mod anomaly;
 pub mod client;
@@ -61,6 +62,9 @@ pub enum Command {
     Ingest(crate::cli::client::ingest::IngestArgs),
     /// Follow newly committed events live.
     Tail(crate::cli::client::tail::TailArgs),
+    /// Enforcement decisions: list, add, revoke, check.
+    #[command(subcommand)]
+    Decisions(crate::cli::client::decisions::DecisionsCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -238,6 +242,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Anomaly(AnomalyCommand::Score(args)) => crate::cli::anomaly::run(&args),
         Command::Ingest(args) => crate::cli::client::ingest::run(args).await,
         Command::Tail(args) => crate::cli::client::tail::run(args).await,
+        Command::Decisions(cmd) => crate::cli::client::decisions::run(cmd).await,
         Command::Bench(BenchCommand::Ingest(args)) => crate::cli::client::bench::run(args).await,
         Command::Bench(BenchCommand::Detect(args)) => {
             crate::cli::client::bench_detect::run(args).await
