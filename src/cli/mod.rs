@@ -83,8 +83,11 @@ pub enum BenchCommand {
     Ingest(crate::cli::client::bench::BenchIngestArgs),
     /// Detection latency: failed-login burst → alert on WatchAlerts.
     Detect(crate::cli::client::bench_detect::BenchDetectArgs),
-    /// Live fan-out: N WatchIncidents subscribers, each change to all of them.
+    /// Live fan-out: N WatchIncidents (or WatchDecisions) subscribers, each
+    /// change to all of them.
     Fanout(crate::cli::client::bench_fanout::BenchFanoutArgs),
+    /// CheckAccess latency with 10,000 decisions in force.
+    Enforce(crate::cli::client::bench_enforce::BenchEnforceArgs),
 }
 
 /// `picket anomaly …`
@@ -249,6 +252,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Fanout(args)) => {
             crate::cli::client::bench_fanout::run(args).await
+        }
+        Command::Bench(BenchCommand::Enforce(args)) => {
+            crate::cli::client::bench_enforce::run(args).await
         }
         Command::Simulate(args) => crate::cli::client::simulate::run(args).await,
     }

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod bench_detect;
+pub mod bench_enforce;
 pub mod bench_fanout;
 pub mod decisions;
 pub mod ingest;
