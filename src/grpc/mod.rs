@@ -7,6 +7,7 @@ pub mod admin;
 pub mod alerts;
 pub mod codec;
 pub mod convert;
+pub mod enforcement;
 pub mod events;
 pub mod health;
 pub mod incidents;
@@ -91,6 +92,9 @@ pub struct ApiContext {
     pub peers: crate::cluster::replicas::Peers,
     /// Seals and opens webhook signing secrets.
     pub secrets: crate::webhooks::SecretBox,
+    /// Enforcement decisions: writes, and the index behind CheckAccess and
+    /// WatchDecisions.
+    pub decisions: crate::response::decisions::Decisions,
 }
 
 /// Limits and defaults of streaming RPCs.

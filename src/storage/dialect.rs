@@ -139,6 +139,7 @@ pub(crate) trait Dialect:
     + Bind<i16>
     + Bind<i32>
     + Bind<i64>
+    + Bind<Option<i64>>
     + Bind<f64>
     + Bind<String>
     + Bind<Option<String>>
@@ -150,6 +151,7 @@ pub(crate) trait Dialect:
     + Get<i16>
     + Get<i32>
     + Get<i64>
+    + Get<Option<i64>>
     + Get<f64>
     + Get<String>
     + Get<Option<String>>
@@ -169,6 +171,9 @@ pub(crate) trait Dialect:
     const SOURCE_BY_NAME: &'static str;
     /// A query returning the `tenant_id` (maybe NULL, maybe no row) of webhook source `$1`.
     const SOURCE_TENANT: &'static str;
+    /// The `FROM` source of every tenant's decision schedule (`tenant_id,
+    /// next_change_at, active, revision, log_floor`), across tenants.
+    const DECISION_SCHEDULE: &'static str;
     /// The select-list expression of a feed row's transaction position, read
     /// back by [`Dialect::position`] as column `feed_xid`.
     const FEED_XID: &'static str;
@@ -184,6 +189,8 @@ pub(crate) trait Dialect:
     fn add_uuid(q: &mut Stmt<Self>, v: Option<Uuid>);
     /// Binds an event-time column (events, alerts, incidents, change log).
     fn add_time(q: &mut Stmt<Self>, t: DateTime<Utc>);
+    /// Binds an event-time value or NULL.
+    fn add_opt_time(q: &mut Stmt<Self>, t: Option<DateTime<Utc>>);
     /// Binds a JSON document.
     fn add_doc<T: serde::Serialize + Sync + ?Sized>(q: &mut Stmt<Self>, v: &T);
     /// Appends the condition ` AND (feed position) > after`.
@@ -196,6 +203,8 @@ pub(crate) trait Dialect:
     fn opt_uuid(row: &Self::Row, col: &str) -> Result<Option<Uuid>, sqlx::Error>;
     /// An event-time column.
     fn time(row: &Self::Row, col: &str) -> Result<DateTime<Utc>, sqlx::Error>;
+    /// An event-time column that may be NULL.
+    fn opt_time(row: &Self::Row, col: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error>;
     /// A JSON document column.
     fn doc<T: serde::de::DeserializeOwned>(row: &Self::Row, col: &str) -> Result<T, sqlx::Error>;
     /// The feed position of a row selected with `FEED_XID` and `seq`.
@@ -351,6 +360,12 @@ impl<DB: Dialect> Stmt<DB> {
     /// Binds an event-time value and appends its placeholder.
     pub(crate) fn push_time(&mut self, t: DateTime<Utc>) -> &mut Self {
         DB::add_time(self, t);
+        self.placeholder()
+    }
+
+    /// Binds an event-time value or NULL and appends its placeholder.
+    pub(crate) fn push_opt_time(&mut self, t: Option<DateTime<Utc>>) -> &mut Self {
+        DB::add_opt_time(self, t);
         self.placeholder()
     }
 

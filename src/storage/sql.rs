@@ -26,7 +26,7 @@ use crate::storage::{
 
 /// Most rows (or list items) in one multi-row statement of a batch: well
 /// under both backends' bound-parameter limits at 10 parameters a row.
-const BATCH_ROWS: usize = 500;
+pub(crate) const BATCH_ROWS: usize = 500;
 
 /// Classifies a failed operation on `what` (see [`StoreError::classify`]).
 pub(crate) fn fail<'a>(
@@ -60,7 +60,7 @@ const EVENT_COLUMNS: &str = "tenant_id, id, seq, idem, occurred_at, received_at,
      ocsf_class_uid, ocsf_category_uid, actor, action, resource, outcome, severity, source_ip, \
      destination_ip, source_system, service, environment, details";
 
-fn uuid<DB: Dialect>(row: &DB::Row, col: &str) -> Result<Uuid, sqlx::Error> {
+pub(crate) fn uuid<DB: Dialect>(row: &DB::Row, col: &str) -> Result<Uuid, sqlx::Error> {
     DB::opt_uuid(row, col)?.ok_or_else(|| sqlx::Error::Decode(format!("{col} is null").into()))
 }
 
@@ -160,7 +160,7 @@ fn source_from_row<DB: Dialect>(row: &DB::Row) -> Result<WebhookSource, sqlx::Er
 }
 
 /// Decodes every row with `decode`.
-fn decode_all<DB: Database, T>(
+pub(crate) fn decode_all<DB: Database, T>(
     rows: &[DB::Row],
     decode: fn(&DB::Row) -> Result<T, sqlx::Error>,
 ) -> Result<Vec<T>, sqlx::Error> {
@@ -183,7 +183,7 @@ fn push_range<DB: Dialect>(
 }
 
 /// Appends the keyset condition `(col, id) < before`, newest-first order and the limit.
-fn push_newest_first<DB: Dialect>(
+pub(crate) fn push_newest_first<DB: Dialect>(
     q: &mut Stmt<DB>,
     col: &str,
     before: Option<(DateTime<Utc>, Uuid)>,
@@ -201,12 +201,12 @@ fn push_newest_first<DB: Dialect>(
 #[allow(private_bounds)]
 impl<DB: Dialect> SqlStore<DB> {
     /// A transaction reading `tenant`'s data.
-    async fn read(&self, tenant: TenantId) -> Result<Tx<DB>, sqlx::Error> {
+    pub(crate) async fn read(&self, tenant: TenantId) -> Result<Tx<DB>, sqlx::Error> {
         DB::begin(self, tenant, false).await
     }
 
     /// A transaction writing `tenant`'s data.
-    async fn write(&self, tenant: TenantId) -> Result<Tx<DB>, sqlx::Error> {
+    pub(crate) async fn write(&self, tenant: TenantId) -> Result<Tx<DB>, sqlx::Error> {
         DB::begin(self, tenant, true).await
     }
 
@@ -218,7 +218,7 @@ impl<DB: Dialect> SqlStore<DB> {
     }
 
     /// Runs `q` on a pooled connection outside any tenant; returns all rows.
-    async fn all(&self, q: Stmt<DB>) -> Result<Vec<DB::Row>, sqlx::Error> {
+    pub(crate) async fn all(&self, q: Stmt<DB>) -> Result<Vec<DB::Row>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         q.fetch_all(&mut *conn).await
     }
@@ -230,7 +230,11 @@ impl<DB: Dialect> SqlStore<DB> {
     }
 
     /// Runs `q` in a read transaction of `tenant`; returns all rows.
-    async fn read_all(&self, tenant: TenantId, q: Stmt<DB>) -> Result<Vec<DB::Row>, sqlx::Error> {
+    pub(crate) async fn read_all(
+        &self,
+        tenant: TenantId,
+        q: Stmt<DB>,
+    ) -> Result<Vec<DB::Row>, sqlx::Error> {
         let mut tx = self.read(tenant).await?;
         let rows = q.fetch_all(&mut *tx).await?;
         tx.commit().await?;
@@ -272,7 +276,7 @@ impl<DB: Dialect> SqlStore<DB> {
     }
 
     /// Runs `q` in a read transaction of `tenant`; returns its first row.
-    async fn read_first(
+    pub(crate) async fn read_first(
         &self,
         tenant: TenantId,
         q: Stmt<DB>,
