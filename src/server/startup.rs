@@ -215,8 +215,9 @@ impl Application {
                     .with_progress(progress.clone())
                 }
             };
-            tracker.spawn(crate::pipeline::lead(
+            tracker.spawn(crate::pipeline::shards::lead(
                 store.clone(),
+                settings.detect_shards,
                 build,
                 move || events.subscribe(),
                 rule_updates,
