@@ -168,17 +168,19 @@ impl DetectionPipeline {
                 if raised > 0 {
                     tracing::info!(raised, "alerts raised by the replay of acquired shards");
                 }
-                true
+                return true;
             }
-            Ok(_) => false,
+            // Stopped half-way by shutdown.
+            Ok(_) => {}
             Err(e) => {
                 tracing::error!(error = ?anyhow::Error::from(e), "rebuilding acquired detection shards failed; handing them back");
-                self.forget_where(|t| new.leads(t));
-                // What the replay queued is committed before the locks go.
-                self.raiser.flush().await;
-                false
             }
         }
+        // Half-rebuilt tenants must not be evaluated, and what the replay
+        // queued is committed before the locks go.
+        self.forget_where(|t| new.leads(t));
+        self.raiser.flush().await;
+        false
     }
 
     /// Hands `shards` back: their tenants are no longer evaluated here, their

@@ -21,7 +21,10 @@ use picket::grpc::pb;
 use picket::storage::Backend;
 use tonic::transport::Channel;
 
-use crate::common::{OPERATOR_TOKEN, RedisProcess, ServerProcess, TestDb, http1, with_key};
+use crate::common::{
+    OPERATOR_TOKEN, RedisProcess, ServerProcess, TestDb, http1, spawn_with, test_settings,
+    with_key,
+};
 use crate::ingest::login;
 use crate::replicas::gauge;
 
@@ -320,3 +323,27 @@ async fn three_replicas_share_detection_and_take_over_on_a_kill() {
     send_round(&survivors, &tenants, 3).await;
     wait_alerted(survivors[1].clone(), &tenants, 3).await;
 }
+
+/// One process (SQLite, or a single replica on Postgres) leads every shard,
+/// whatever their count, and evaluates every tenant as before shards.
+async fn one_process_leads_every_shard(backend: Backend) {
+    for shards in [64, 5] {
+        let db = TestDb::new(backend).await;
+        let mut settings = test_settings(&db);
+        settings.detect_shards = shards;
+        // As a served process: a burst fires once (the tests' 0 lets every
+        // firing through, which folds as extra occurrences).
+        settings.detect_refire_seconds = 60;
+        let app = spawn_with(db, settings).await;
+        let started = Instant::now();
+        while shards_led(app.addr).await != u64::from(shards) {
+            assert!(started.elapsed() < DEADLINE, "never led all {shards} shards");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let tenants = create_tenants(app.channel.clone(), "alone", 4).await;
+        send_round(&[app.channel.clone()], &tenants, 1).await;
+        wait_alerted(app.channel.clone(), &tenants, 1).await;
+    }
+}
+
+crate::both_backends!(one_process_leads_every_shard);
