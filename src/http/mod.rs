@@ -72,21 +72,13 @@ async fn healthz(State(state): State<HttpState>) -> Response {
     let shards = state.detect_progress.as_ref().map(|p| p.shards());
     let json = |status: &str| json(status, redis, lag, shards);
     if state.shutdown.is_cancelled() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            json("shutting_down"),
-        )
-            .into_response();
+        return (StatusCode::SERVICE_UNAVAILABLE, json("shutting_down")).into_response();
     }
     match state.store.ping().await {
         Ok(()) => (StatusCode::OK, json("ok")).into_response(),
         Err(e) => {
             tracing::warn!(error = ?e, "health check: store unreachable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                json("store_unavailable"),
-            )
-                .into_response()
+            (StatusCode::SERVICE_UNAVAILABLE, json("store_unavailable")).into_response()
         }
     }
 }

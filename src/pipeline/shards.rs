@@ -183,10 +183,24 @@ impl DetectionPipeline {
         false
     }
 
-    /// Hands `shards` back: their tenants are no longer evaluated here, their
-    /// state is dropped (open anomaly windows unscored, as at a restart), and
-    /// this returns once every alert queued so far is committed.
+    /// Hands `shards` back: their tenants are evaluated up to their feed
+    /// heads one last time (so the next leader's replay has as little as
+    /// possible left to raise), then no longer evaluated here; their state is
+    /// dropped (open anomaly windows unscored, as at a restart), and this
+    /// returns once every alert queued so far is committed.
     async fn release(&mut self, shards: &[u32]) {
+        let going = ShardSet::of(self.shards.count, shards.iter().copied());
+        let tenants: Vec<TenantId> = self
+            .positions
+            .keys()
+            .copied()
+            .filter(|t| going.leads(*t))
+            .collect();
+        for t in tenants {
+            if let Err(e) = self.process_tenant(t).await {
+                tracing::warn!(tenant_id = %t, error = ?anyhow::Error::from(e), "last pass before a hand-over failed; the next leader's replay covers it");
+            }
+        }
         for s in shards {
             self.shards.led.remove(s);
         }
@@ -198,7 +212,12 @@ impl DetectionPipeline {
 
     /// Drops everything held for the tenants `drop` picks.
     fn forget_where(&mut self, drop: impl Fn(TenantId) -> bool) {
-        let gone: Vec<TenantId> = self.positions.keys().copied().filter(|t| drop(*t)).collect();
+        let gone: Vec<TenantId> = self
+            .positions
+            .keys()
+            .copied()
+            .filter(|t| drop(*t))
+            .collect();
         for t in gone {
             self.positions.remove(&t);
             self.evaluator.remove_tenant(t);

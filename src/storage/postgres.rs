@@ -4,7 +4,8 @@
 //! transaction that first sets `picket.tenant_id` ([`PgStore::tenant_tx`]).
 //! Uuids are `uuid`, documents `jsonb`, times `timestamptz`; the feed position
 //! is `(xid, seq)`, read only below `pg_snapshot_xmin`; events are inserted
-//! with one UNNEST statement per tenant; leadership is a session advisory lock.
+//! with one UNNEST statement per tenant; detection shards and presence are
+//! session advisory locks on one dedicated connection.
 
 use std::str::FromStr;
 use std::time::Duration;

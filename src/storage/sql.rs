@@ -2,7 +2,7 @@
 //! runs the same statements (with `$1..$n` placeholders) on Postgres and
 //! SQLite; each backend's [`Dialect`] supplies only what really differs
 //! (uuid, JSON and event-time encodings, tenant transactions, feed positions,
-//! row locks, the event insert path and leadership).
+//! row locks, the event insert path and the detection shard locks).
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};

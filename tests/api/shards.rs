@@ -22,8 +22,7 @@ use picket::storage::Backend;
 use tonic::transport::Channel;
 
 use crate::common::{
-    OPERATOR_TOKEN, RedisProcess, ServerProcess, TestDb, http1, spawn_with, test_settings,
-    with_key,
+    OPERATOR_TOKEN, RedisProcess, ServerProcess, TestDb, http1, spawn_with, test_settings, with_key,
 };
 use crate::ingest::login;
 use crate::replicas::gauge;
@@ -82,10 +81,7 @@ async fn wait_spread(replicas: &[SocketAddr]) -> Vec<u64> {
         }
         let settled = led.iter().sum::<u64>() == SHARDS
             && led.iter().all(|n| (1..=share).contains(n))
-            && gauges
-                .iter()
-                .zip(&led)
-                .all(|(g, n)| *g == Some(*n as f64));
+            && gauges.iter().zip(&led).all(|(g, n)| *g == Some(*n as f64));
         if settled {
             return led;
         }
@@ -150,15 +146,21 @@ fn actor(round: usize, i: usize) -> String {
 async fn send_round(through: &[Channel], tenants: &[Tenant], round: usize) {
     for (i, t) in tenants.iter().enumerate() {
         let events = (0..BURST)
-            .map(|n| login(&format!("r{round}-t{i}-{n}"), &actor(round, i), &ip(round, i), false))
+            .map(|n| {
+                login(
+                    &format!("r{round}-t{i}-{n}"),
+                    &actor(round, i),
+                    &ip(round, i),
+                    false,
+                )
+            })
             .collect();
-        let reply = pb::ingest_service_client::IngestServiceClient::new(
-            through[i % through.len()].clone(),
-        )
-        .ingest(with_key(pb::IngestRequest { events }, &t.key))
-        .await
-        .unwrap()
-        .into_inner();
+        let reply =
+            pb::ingest_service_client::IngestServiceClient::new(through[i % through.len()].clone())
+                .ingest(with_key(pb::IngestRequest { events }, &t.key))
+                .await
+                .unwrap()
+                .into_inner();
         assert_eq!(reply.accepted as usize, BURST);
     }
 }
@@ -212,7 +214,11 @@ async fn wait_alerted(channel: Channel, tenants: &[Tenant], rounds: usize) {
         };
         let want_ips: BTreeSet<String> = (1..=rounds).map(|r| ip(r, i)).collect();
         let want_actors: BTreeSet<String> = (1..=rounds).map(|r| actor(r, i)).collect();
-        assert_eq!(named(pb::EntityKind::Ip), want_ips, "tenant {i}: each round's burst");
+        assert_eq!(
+            named(pb::EntityKind::Ip),
+            want_ips,
+            "tenant {i}: each round's burst"
+        );
         assert_eq!(
             named(pb::EntityKind::Actor),
             want_actors,
@@ -249,16 +255,20 @@ async fn kill_and_wait_handover(victim: &mut ServerProcess, survivors: &[SocketA
 async fn two_replicas_share_detection_and_take_over_on_a_kill() {
     let db = TestDb::new(Backend::Postgres).await;
     let mut a = ServerProcess::start(&db, &[]);
-    assert_eq!(wait_spread(&[a.addr]).await, vec![SHARDS], "alone, A leads every shard");
+    assert_eq!(
+        wait_spread(&[a.addr]).await,
+        vec![SHARDS],
+        "alone, A leads every shard"
+    );
     let ca = a.channel().await;
     let tenants = create_tenants(ca.clone(), "tenant", TENANTS).await;
 
     // Round 1 on A alone.
-    send_round(&[ca.clone()], &tenants, 1).await;
+    send_round(std::slice::from_ref(&ca), &tenants, 1).await;
     wait_alerted(ca.clone(), &tenants, 1).await;
 
     // Round 2 goes in while B joins: A hands half its shards over.
-    send_round(&[ca.clone()], &tenants, 2).await;
+    send_round(std::slice::from_ref(&ca), &tenants, 2).await;
     let b = ServerProcess::start(&db, &[]);
     let cb = b.channel().await;
     assert_eq!(wait_spread(&[a.addr, b.addr]).await, vec![32, 32]);
@@ -267,7 +277,7 @@ async fn two_replicas_share_detection_and_take_over_on_a_kill() {
     // Tenants created now, with their events ingested through A only: B
     // never hears of those of its shards but by looking for new tenants.
     let late = create_tenants(ca.clone(), "late", 6).await;
-    send_round(&[ca.clone()], &late, 1).await;
+    send_round(std::slice::from_ref(&ca), &late, 1).await;
     wait_alerted(cb.clone(), &late, 1).await;
 
     // Round 3 through both, then A dies with it in flight.
@@ -276,7 +286,7 @@ async fn two_replicas_share_detection_and_take_over_on_a_kill() {
     wait_alerted(cb.clone(), &tenants, 3).await;
 
     // Round 4 on B alone.
-    send_round(&[cb.clone()], &tenants, 4).await;
+    send_round(std::slice::from_ref(&cb), &tenants, 4).await;
     wait_alerted(cb.clone(), &tenants, 4).await;
     drop(b);
 }
@@ -337,11 +347,14 @@ async fn one_process_leads_every_shard(backend: Backend) {
         let app = spawn_with(db, settings).await;
         let started = Instant::now();
         while shards_led(app.addr).await != u64::from(shards) {
-            assert!(started.elapsed() < DEADLINE, "never led all {shards} shards");
+            assert!(
+                started.elapsed() < DEADLINE,
+                "never led all {shards} shards"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let tenants = create_tenants(app.channel.clone(), "alone", 4).await;
-        send_round(&[app.channel.clone()], &tenants, 1).await;
+        send_round(std::slice::from_ref(&app.channel), &tenants, 1).await;
         wait_alerted(app.channel.clone(), &tenants, 1).await;
     }
 }
