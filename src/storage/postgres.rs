@@ -43,7 +43,7 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
 pub type PgStore = SqlStore<Postgres>;
 
 /// How often the connection holding the shard locks is checked.
-const LOCKS_CHECK: Duration = Duration::from_secs(2);
+const LOCKS_CHECK: Duration = Duration::from_secs(1);
 
 /// Advisory lock keys of detection, in the two-`int4` form whose first key is
 /// a namespace (disjoint from the one-`bigint` keys of the fingerprint locks).

@@ -293,7 +293,8 @@ async fn two_replicas_share_detection_and_take_over_on_a_kill() {
 
 /// Three replicas with Redis: the shards spread over all three and each
 /// raises alerts for its own tenants; one is killed with bursts in flight
-/// and the other two share its shards.
+/// and the other two share its shards; then one of those loses its lock
+/// connection without dying, hands everything over and joins again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_detection_and_take_over_on_a_kill() {
     let db = TestDb::new(Backend::Postgres).await;
@@ -332,6 +333,41 @@ async fn three_replicas_share_detection_and_take_over_on_a_kill() {
 
     send_round(&survivors, &tenants, 3).await;
     wait_alerted(survivors[1].clone(), &tenants, 3).await;
+
+    // One survivor's lock connection fails while it keeps running: it stops
+    // detecting, the other takes every shard, then it joins again and gets
+    // its share back. Still every burst once: the replica that lost its
+    // locks evaluates nothing of its old shards.
+    let survivor_addrs = [addrs[0], addrs[2]];
+    let terminated: bool = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+         AND granted AND objsubid = 2 AND classid::int8 = $1 \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         LIMIT 1",
+    )
+    .bind(0x7069_6b01_i64)
+    .fetch_one(&sqlx::PgPool::connect(&db.url).await.unwrap())
+    .await
+    .unwrap();
+    assert!(terminated);
+    let started = Instant::now();
+    loop {
+        let mut lost = 0.0;
+        for addr in &survivor_addrs {
+            lost += counter(*addr, "picket_detection_shards_lost_total").await;
+        }
+        if lost >= 1.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no replica noticed its lost locks"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_spread(&survivor_addrs).await;
+    send_round(&survivors, &tenants, 4).await;
+    wait_alerted(survivors[0].clone(), &tenants, 4).await;
 }
 
 /// One process (SQLite, or a single replica on Postgres) leads every shard,

@@ -417,6 +417,22 @@ async fn detection_shards_are_exclusive_where_replicas_share_the_store(backend: 
             assert!(a.try_lock(&[5], 1).await.unwrap().is_empty());
             a.unlock(3).await.unwrap();
             assert_eq!(b.try_lock(&[3], 1).await.unwrap(), vec![3]);
+            // A version with one detection leader and no shards cannot lead
+            // beside members.
+            let old_leader = |db_url: String| async move {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&db_url).await.unwrap();
+                let took: bool =
+                    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('picket:detection'))")
+                        .fetch_one(&mut conn)
+                        .await
+                        .unwrap();
+                (took, conn)
+            };
+            assert!(
+                !old_leader(db.url.clone()).await.0,
+                "an old leader beside members"
+            );
             // Another count would put tenants in other shards: refused.
             match other.join_detection(16).await.unwrap() {
                 Joined::Refused(why) => assert!(why.contains("16"), "{why}"),
@@ -439,6 +455,24 @@ async fn detection_shards_are_exclusive_where_replicas_share_the_store(backend: 
             assert_eq!(b.replicas().await.unwrap(), 1);
             assert_eq!(b.try_lock(&[4], 1).await.unwrap(), vec![4]);
             drop(b);
+            // Nor members beside an old leader.
+            let (took, old) = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                loop {
+                    let (took, conn) = old_leader(db.url.clone()).await;
+                    if took {
+                        break (took, conn);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            })
+            .await
+            .expect("the old leader's lock is free once the members are gone");
+            assert!(took);
+            match other.join_detection(8).await.unwrap() {
+                Joined::Refused(why) => assert!(why.contains("earlier version"), "{why}"),
+                Joined::Member(_) => panic!("a member joined beside an old leader"),
+            }
+            drop(old);
             // With nobody left, another count may join.
             let c = tokio::time::timeout(std::time::Duration::from_secs(10), async {
                 loop {
