@@ -81,6 +81,8 @@ pub enum BenchCommand {
     Detect(crate::cli::client::bench_detect::BenchDetectArgs),
     /// Live fan-out: N WatchIncidents subscribers, each change to all of them.
     Fanout(crate::cli::client::bench_fanout::BenchFanoutArgs),
+    /// Detection throughput with detection shared over replicas (Postgres).
+    Shards(crate::cli::client::bench_shards::BenchShardsArgs),
 }
 
 /// `picket anomaly …`
@@ -244,6 +246,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Fanout(args)) => {
             crate::cli::client::bench_fanout::run(args).await
+        }
+        Command::Bench(BenchCommand::Shards(args)) => {
+            crate::cli::client::bench_shards::run(args).await
         }
         Command::Simulate(args) => crate::cli::client::simulate::run(args).await,
     }

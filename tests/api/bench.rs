@@ -1,4 +1,5 @@
-//! `picket bench detect` and `picket simulate` run on a store of their own.
+//! `picket bench detect` and `picket simulate` run on a store of their own;
+//! `picket bench shards` measures detection shared over replicas.
 
 /// Item 9 of issue 11: `bench detect` (and `simulate`, which shares the
 /// code) defaulted to the developer's store, `sqlite://picket-data/picket.db`
@@ -41,4 +42,36 @@ fn bench_detect_runs_on_a_temporary_store_by_default() {
     assert!(!kept.starts_with(cwd.path()));
     std::fs::remove_dir_all(kept.parent().unwrap()).unwrap();
     assert!(!cwd.path().join("picket-data").exists());
+}
+
+/// `bench shards` starts replica processes on one Postgres, waits until they
+/// share the shards out, and counts every event sent as evaluated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_shards_counts_every_event_evaluated_across_replicas() {
+    let db = crate::common::TestDb::new(picket::storage::Backend::Postgres).await;
+    let url = db.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_picket"))
+            .args(["bench", "shards", "--replicas", "2", "--tenants", "6"])
+            .args(["--events-per-tenant", "100", "--batch-size", "50", "--json"])
+            .args(["--database-url", &url])
+            .env_remove("PICKET_DETECT_SHARDS")
+            .output()
+            .expect("run picket")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["events"], 600, "{report}");
+    assert_eq!(
+        report["shards_led"],
+        serde_json::json!([32, 32]),
+        "{report}"
+    );
+    assert!(
+        report["detect_events_per_sec"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
 }

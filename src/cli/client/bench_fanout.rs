@@ -145,26 +145,40 @@ pub async fn run(args: BenchFanoutArgs) -> anyhow::Result<()> {
 }
 
 /// The server under test, as a child process; killed when dropped.
-struct ServerChild {
+pub(crate) struct ServerChild {
     child: std::process::Child,
-    addr: String,
+    /// Where it listens (`host:port`).
+    pub addr: String,
 }
 
 impl ServerChild {
     /// Starts `picket serve` (this binary) on port 0, detection off so only
     /// the fan-out is measured, and waits for its "serving" line.
     fn start(database_url: &str, operator: &str, redis_url: Option<&str>) -> anyhow::Result<Self> {
+        let mut env = vec![("PICKET_DETECTION", "false")];
+        if let Some(url) = redis_url {
+            env.push(("PICKET_REDIS_URL", url));
+        }
+        Self::spawn(database_url, operator, &env)
+    }
+
+    /// Starts `picket serve` (this binary) on port 0 with the extra
+    /// environment `env`, and waits for its "serving" line.
+    pub(crate) fn spawn(
+        database_url: &str,
+        operator: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the picket binary")?;
         let mut cmd = std::process::Command::new(exe);
         cmd.args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
             .env("PICKET_DATABASE_URL", database_url)
             .env("PICKET_ADMIN_TOKEN", operator)
-            .env("PICKET_DETECTION", "false")
             .env("PICKET_LOG", "warn,picket=info")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
-        if let Some(url) = redis_url {
-            cmd.env("PICKET_REDIS_URL", url);
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let mut child = cmd.spawn().context("failed to start picket serve")?;
         let stderr = child.stderr.take().context("no stderr")?;
@@ -364,18 +378,28 @@ pub async fn bench(args: &BenchFanoutArgs) -> anyhow::Result<FanoutReport> {
     })
 }
 
-/// Waits (at most 10 s) until the server at `addr` reports its Redis
-/// subscription up on `/healthz`. A bare HTTP/1.1 request: the CLI has no
-/// HTTP client dependency, and this is its only plain-HTTP call.
-async fn redis_up(addr: &str) -> anyhow::Result<()> {
+/// `GET path` on the server at `addr` (`host:port`): the whole answer,
+/// headers included. A bare HTTP/1.1 request: the CLI has no HTTP client
+/// dependency, and the benches' `/healthz` and `/metrics` reads are its only
+/// plain-HTTP calls.
+pub(crate) async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: picket\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await?;
+    Ok(answer)
+}
+
+/// Waits (at most 10 s) until the server at `addr` reports its Redis
+/// subscription up on `/healthz`.
+async fn redis_up(addr: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut conn = tokio::net::TcpStream::connect(addr).await?;
-        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: picket\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut answer = String::new();
-        conn.read_to_string(&mut answer).await?;
+        let answer = http_get(addr, "/healthz").await?;
         if answer.contains(r#""redis":"up""#) {
             return Ok(());
         }

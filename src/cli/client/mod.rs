@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod bench_detect;
 pub mod bench_fanout;
+pub mod bench_shards;
 pub mod ingest;
 pub mod json;
 pub mod simulate;
