@@ -430,7 +430,8 @@ impl DetectionPipeline {
             .is_some_and(|a| a.last_seen >= d.first_seen))
     }
 
-    /// Evaluates everything new in `tenant`'s feed; returns alerts raised or updated.
+    /// Evaluates everything new in `tenant`'s feed; returns alerts raised or
+    /// updated. A tenant of a shard this pipeline does not lead is left alone.
     pub async fn process_tenant(&mut self, tenant: TenantId) -> StoreResult<usize> {
         let mut raised = 0;
         if !self.positions.contains_key(&tenant) {
