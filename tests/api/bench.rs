@@ -66,6 +66,10 @@ async fn bench_shards_counts_every_event_evaluated_across_replicas() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["events"], 600, "{report}");
     assert_eq!(
+        report["events_evaluated"], 600.0,
+        "each event once: {report}"
+    );
+    assert_eq!(
         report["shards_led"],
         serde_json::json!([32, 32]),
         "{report}"

@@ -70,8 +70,11 @@ pub struct ShardsReport {
     pub shards_led: Vec<u64>,
     /// Tenants.
     pub tenants: usize,
-    /// Events sent (and evaluated).
+    /// Events sent.
     pub events: usize,
+    /// Events the replicas evaluated, counted once detection was done (more
+    /// than `events` would mean an event evaluated twice).
+    pub events_evaluated: f64,
     /// First send → last ack, seconds.
     pub ingest_seconds: f64,
     /// Events acknowledged per second.
@@ -98,8 +101,8 @@ pub async fn run(args: BenchShardsArgs) -> anyhow::Result<()> {
         r.replicas, r.shards_led
     );
     println!(
-        "load               {} events over {} tenants",
-        r.events, r.tenants
+        "load               {} events over {} tenants ({} evaluated)",
+        r.events, r.tenants, r.events_evaluated
     );
     println!(
         "ingest             {:.0} events/s ({:.1} s)",
@@ -242,10 +245,10 @@ pub async fn bench(args: &BenchShardsArgs) -> anyhow::Result<ShardsReport> {
     }
     let ingested = started.elapsed();
     let deadline = Instant::now() + Duration::from_secs(args.timeout_seconds);
-    let detected = loop {
+    let (detected, events_evaluated) = loop {
         let evaluated = sum_counter(&replicas, "picket_detect_events_total").await? - before;
         if evaluated >= total as f64 {
-            break started.elapsed();
+            break (started.elapsed(), evaluated);
         }
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -260,6 +263,7 @@ pub async fn bench(args: &BenchShardsArgs) -> anyhow::Result<ShardsReport> {
         shards_led,
         tenants: args.tenants,
         events: total,
+        events_evaluated,
         ingest_seconds: ingested.as_secs_f64(),
         ingest_events_per_sec: total as f64 / ingested.as_secs_f64(),
         detect_seconds: detected.as_secs_f64(),
