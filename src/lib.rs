@@ -17,7 +17,8 @@
 //! - [`ingest`]: the batching write path, the post-commit hand-off, per-tenant
 //!   wake-up signals, retention.
 //! - [`pipeline`]: the detection pipeline (follows committed events, raises
-//!   alerts) and anomaly scoring of behaviour windows.
+//!   alerts), anomaly scoring of behaviour windows, and detection shards
+//!   (tenants shared out among the replicas).
 //! - [`incidents`]: correlation of alerts into incidents, manual changes.
 //! - [`webhooks`]: webhook sources, secrets sealed at rest, signature checks.
 //! - [`response`]: enforcement decisions (bans, allows, throttles), the

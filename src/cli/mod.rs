@@ -88,6 +88,8 @@ pub enum BenchCommand {
     Fanout(crate::cli::client::bench_fanout::BenchFanoutArgs),
     /// CheckAccess latency with 10,000 decisions in force.
     Enforce(crate::cli::client::bench_enforce::BenchEnforceArgs),
+    /// Detection throughput with detection shared over replicas (Postgres).
+    Shards(crate::cli::client::bench_shards::BenchShardsArgs),
 }
 
 /// `picket anomaly …`
@@ -255,6 +257,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Enforce(args)) => {
             crate::cli::client::bench_enforce::run(args).await
+        }
+        Command::Bench(BenchCommand::Shards(args)) => {
+            crate::cli::client::bench_shards::run(args).await
         }
         Command::Simulate(args) => crate::cli::client::simulate::run(args).await,
     }

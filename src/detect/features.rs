@@ -256,6 +256,14 @@ impl WindowAggregator {
         self.evicted
     }
 
+    /// Drops a tenant's open windows unscored (another replica now
+    /// evaluates the tenant and rebuilds them by replay).
+    pub fn forget(&mut self, tenant: TenantId) {
+        self.open.remove(&tenant);
+        self.watermark.remove(&tenant);
+        self.arrival.remove(&tenant);
+    }
+
     /// Open windows of `tenant`.
     pub fn open_windows(&self, tenant: TenantId) -> usize {
         self.open.get(&tenant).map_or(0, TenantWindows::len)

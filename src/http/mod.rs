@@ -59,30 +59,26 @@ pub fn routes(state: HttpState) -> Router {
 /// signal channel (`off`, `up`, `down`); a replica without Redis keeps
 /// serving, so it does not make the server unhealthy. `detect_lag_seconds`
 /// is how far detection is behind ingest (see `pipeline/lag.rs`), `null`
-/// when this process does not run detection (off, or another replica leads);
+/// when this process does not run detection (off, or it leads no shard);
 /// a lag is reported, never judged: it does not make the server unhealthy.
+/// `detect_shards` is how many detection shards this process leads (`null`
+/// with detection off; see `pipeline/shards.rs`).
 async fn healthz(State(state): State<HttpState>) -> Response {
     let redis = state.peers.redis_status();
     let lag = state
         .detect_progress
         .as_ref()
         .and_then(|p| p.lag_seconds(chrono::Utc::now()));
+    let shards = state.detect_progress.as_ref().map(|p| p.shards());
+    let json = |status: &str| json(status, redis, lag, shards);
     if state.shutdown.is_cancelled() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            json("shutting_down", redis, lag),
-        )
-            .into_response();
+        return (StatusCode::SERVICE_UNAVAILABLE, json("shutting_down")).into_response();
     }
     match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, json("ok", redis, lag)).into_response(),
+        Ok(()) => (StatusCode::OK, json("ok")).into_response(),
         Err(e) => {
             tracing::warn!(error = ?e, "health check: store unreachable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                json("store_unavailable", redis, lag),
-            )
-                .into_response()
+            (StatusCode::SERVICE_UNAVAILABLE, json("store_unavailable")).into_response()
         }
     }
 }
@@ -91,6 +87,7 @@ fn json(
     status: &str,
     redis: &str,
     detect_lag_seconds: Option<f64>,
+    detect_shards: Option<u32>,
 ) -> ([(header::HeaderName, &'static str); 1], String) {
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -98,6 +95,7 @@ fn json(
             "status": status,
             "redis": redis,
             "detect_lag_seconds": detect_lag_seconds,
+            "detect_shards": detect_shards,
         })
         .to_string(),
     )

@@ -26,8 +26,8 @@ pub struct DetectProgress {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// This process runs detection now.
-    leading: bool,
+    /// Detection shards this process leads now (it runs detection if any).
+    shards: u32,
     /// Per tenant behind: when its oldest unevaluated event read was received.
     behind: HashMap<TenantId, DateTime<Utc>>,
     /// Seconds the newest evaluated event waited.
@@ -39,19 +39,31 @@ impl DetectProgress {
     /// this process does not run detection.
     pub fn lag_seconds(&self, now: DateTime<Utc>) -> Option<f64> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.leading.then(|| match inner.behind.values().min() {
+        (inner.shards > 0).then(|| match inner.behind.values().min() {
             Some(oldest) => secs(now - *oldest),
             None => inner.last,
         })
     }
 
-    pub(crate) fn set_leading(&self, leading: bool) {
+    /// Detection shards this process leads (0: it runs no detection now).
+    pub fn shards(&self) -> u32 {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).shards
+    }
+
+    /// This process now leads `shards` detection shards.
+    pub(crate) fn set_shards(&self, shards: u32) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.leading = leading;
-        inner.behind.clear();
-        if !leading {
+        inner.shards = shards;
+        if shards == 0 {
+            inner.behind.clear();
             inner.last = 0.0;
         }
+    }
+
+    /// `tenant` is no longer evaluated here (its shard was handed over).
+    pub(crate) fn forget(&self, tenant: TenantId) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.behind.remove(&tenant);
     }
 
     /// `tenant`'s events from one received at `oldest` on are read, not yet evaluated.

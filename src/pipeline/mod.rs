@@ -25,6 +25,7 @@
 pub mod lag;
 mod raiser;
 pub mod scoring;
+pub mod shards;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -146,68 +147,6 @@ impl Clock {
 /// shared by the pipelines of successive leadership terms.
 pub type RuleUpdates = Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<TenantId>>>;
 
-/// How often a replica without the detection role tries to take it.
-pub const LEAD_RETRY: Duration = Duration::from_secs(3);
-
-/// Runs detection on exactly one replica per store: takes the `detection`
-/// role ([`Store::try_lead`]), runs a pipeline built by `build` (which
-/// rebuilds its windows by replay) until shutdown or until the role is lost,
-/// and otherwise retries every [`LEAD_RETRY`]. Several replicas on one
-/// Postgres therefore never raise the same alert twice, and another replica
-/// takes over within seconds when the leader stops.
-pub async fn lead(
-    store: Arc<dyn Store>,
-    build: impl Fn(CancellationToken) -> DetectionPipeline,
-    subscribe: impl Fn() -> broadcast::Receiver<Arc<CommittedEvents>>,
-    rule_updates: RuleUpdates,
-    shutdown: CancellationToken,
-) {
-    let mut waiting_logged = false;
-    while !shutdown.is_cancelled() {
-        // Subscribe before taking the role, so no commit notice falls between.
-        let handoff = subscribe();
-        match store.try_lead("detection").await {
-            Ok(Some(role)) => {
-                tracing::info!("this replica runs detection");
-                metrics::gauge!("picket_detection_leader").set(1.0);
-                waiting_logged = false;
-                let term = shutdown.child_token();
-                let lost = role.lost();
-                let pipeline = build(term.clone());
-                let stop = term.clone();
-                tokio::select! {
-                    () = pipeline.run(handoff) => {}
-                    () = lost.cancelled() => {
-                        stop.cancel();
-                        tracing::warn!("detection role lost (its database connection failed); trying to take it again");
-                    }
-                }
-                metrics::gauge!("picket_detection_leader").set(0.0);
-                drop(role);
-            }
-            Ok(None) => {
-                metrics::gauge!("picket_detection_leader").set(0.0);
-                // Rule changes are for the leader; a replica that takes over
-                // later loads every tenant's rules afresh.
-                if let Ok(mut rx) = rule_updates.try_lock() {
-                    while rx.try_recv().is_ok() {}
-                }
-                if !waiting_logged {
-                    tracing::info!("another replica runs detection; standing by");
-                    waiting_logged = true;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = ?anyhow::Error::from(e), "could not ask for the detection role; retrying");
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(LEAD_RETRY) => {}
-            () = shutdown.cancelled() => {}
-        }
-    }
-}
-
 /// The detection pipeline's state.
 pub struct DetectionPipeline {
     /// Where events are read and alerts written.
@@ -237,6 +176,11 @@ pub struct DetectionPipeline {
     raiser: raiser::Raiser,
     /// How far evaluation is behind ingest.
     progress: Arc<lag::DetectProgress>,
+    /// The detection shards whose tenants this pipeline evaluates (all of
+    /// them unless it runs under [`shards::lead`]).
+    shards: shards::ShardSet,
+    /// Cancelled when the shards are lost: the alert writer drops its queue.
+    fence: CancellationToken,
 }
 
 impl DetectionPipeline {
@@ -248,12 +192,14 @@ impl DetectionPipeline {
         config: PipelineConfig,
         shutdown: CancellationToken,
     ) -> Self {
+        let fence = CancellationToken::new();
         let raiser = raiser::Raiser::spawn(raiser::RaiserConfig {
             store: store.clone(),
             changes,
             suppression: config.suppression,
             correlation: config.correlation,
             shutdown: shutdown.clone(),
+            fence: fence.clone(),
         });
         Self {
             store,
@@ -267,6 +213,8 @@ impl DetectionPipeline {
             clock: Clock::default(),
             raiser,
             progress: Arc::default(),
+            shards: shards::ShardSet::all(1),
+            fence,
         }
     }
 
@@ -398,12 +346,22 @@ impl DetectionPipeline {
     /// Rebuilds window state from recent events (see the module docs) and
     /// positions every tenant at its current feed head. Returns alerts raised.
     pub async fn rebuild(&mut self, now: DateTime<Utc>) -> StoreResult<usize> {
+        let all = self.shards.clone();
+        self.rebuild_of(&all, now).await
+    }
+
+    /// [`DetectionPipeline::rebuild`] for the tenants of `shards` only.
+    async fn rebuild_of(
+        &mut self,
+        shards: &shards::ShardSet,
+        now: DateTime<Utc>,
+    ) -> StoreResult<usize> {
         let since = now - self.config.replay.min(self.evaluator.max_lookback());
         let mut raised = 0;
         let mut after: Option<String> = None;
         loop {
             let tenants = self.store.list_tenants(after.as_deref(), 500).await?;
-            for t in &tenants {
+            for t in tenants.iter().filter(|t| shards.leads(t.id)) {
                 if self.shutdown.is_cancelled() {
                     return Ok(raised);
                 }
@@ -472,10 +430,15 @@ impl DetectionPipeline {
             .is_some_and(|a| a.last_seen >= d.first_seen))
     }
 
-    /// Evaluates everything new in `tenant`'s feed; returns alerts raised or updated.
+    /// Evaluates everything new in `tenant`'s feed; returns alerts raised or
+    /// updated. A tenant of a shard this pipeline does not lead is left alone.
     pub async fn process_tenant(&mut self, tenant: TenantId) -> StoreResult<usize> {
         let mut raised = 0;
         if !self.positions.contains_key(&tenant) {
+            // Known tenants are all of led shards; another's is not ours.
+            if !self.shards.leads(tenant) {
+                return Ok(0);
+            }
             self.reload_rules(tenant).await?;
             self.scorer.load(self.store.as_ref(), tenant).await?;
             self.positions.insert(tenant, FeedPosition::default());
@@ -546,14 +509,18 @@ impl DetectionPipeline {
             .await;
     }
 
-    /// Runs until shutdown: wakes on the ingest hand-off, or every `poll`.
-    pub async fn run(mut self, mut handoff: broadcast::Receiver<Arc<CommittedEvents>>) {
+    /// Runs until shutdown, evaluating the tenants of the detection shards
+    /// (of `shards`) that `commands` hands it and takes back (none at first;
+    /// see [`shards::lead`]): wakes on the ingest hand-off, or every `poll`.
+    pub(crate) async fn run(
+        mut self,
+        mut handoff: broadcast::Receiver<Arc<CommittedEvents>>,
+        shards: u32,
+        mut commands: tokio::sync::mpsc::Receiver<shards::Command>,
+    ) {
         let shutdown = self.shutdown.clone();
-        self.progress.set_leading(true);
+        self.shards = shards::ShardSet::none(shards);
         let _leading = Leading(self.progress.clone());
-        if let Err(e) = self.rebuild(Utc::now()).await {
-            tracing::error!(error = ?anyhow::Error::from(e), "detection state rebuild failed; continuing from the feed heads");
-        }
         // One pipeline at a time reads the rule updates (a later leadership
         // term takes them over).
         let mut rule_updates = match self.rule_updates.take() {
@@ -562,6 +529,7 @@ impl DetectionPipeline {
         };
         let mut ticker = tokio::time::interval(self.config.poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u64 = 0;
         loop {
             let result = tokio::select! {
                 msg = handoff.recv() => match msg {
@@ -573,11 +541,26 @@ impl DetectionPipeline {
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
+                Some(command) = commands.recv() => {
+                    self.command(command).await;
+                    Ok(0)
+                }
                 Some(tenant) = async { match rule_updates.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
-                    self.reload_rules(tenant).await.map(|()| 0)
+                    // Another replica's tenant: its leader reloads it.
+                    if self.shards.leads(tenant) {
+                        self.reload_rules(tenant).await.map(|()| 0)
+                    } else {
+                        Ok(0)
+                    }
                 }
                 _ = ticker.tick() => {
                     self.reload_rules_dir_if_changed();
+                    ticks += 1;
+                    if ticks.is_multiple_of(shards::DISCOVER_EVERY)
+                        && let Err(e) = self.discover().await
+                    {
+                        tracing::warn!(error = ?anyhow::Error::from(e), "looking for new tenants failed; will retry");
+                    }
                     self.run_once().await
                 }
                 () = shutdown.cancelled() => break,
@@ -594,13 +577,13 @@ impl DetectionPipeline {
     }
 }
 
-/// Marks this process as running detection while the pipeline runs (also
-/// when its future is dropped because the role was lost).
+/// Marks this process as running no detection once the pipeline stops (also
+/// when its future is dropped because the shards were lost).
 struct Leading(Arc<lag::DetectProgress>);
 
 impl Drop for Leading {
     fn drop(&mut self) {
-        self.0.set_leading(false);
+        self.0.set_shards(0);
     }
 }
 

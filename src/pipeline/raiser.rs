@@ -12,6 +12,12 @@
 //! the pipeline stops; detections still queued when the process dies are
 //! raised again by the next leader's replay (see the pipeline's module docs).
 //! [`Raiser::flush`] waits until everything queued before it is committed.
+//!
+//! Fencing: when this replica loses its detection shards without stopping
+//! (its lock connection failed), other replicas take them over and raise by
+//! replay what was detected here but not committed. The writer then drops
+//! what is still queued instead of committing it late ([`RaiserConfig::fence`]),
+//! so at worst a write already under way folds into the same alert.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -65,6 +71,8 @@ pub(crate) struct RaiserConfig {
     pub correlation: CorrelationConfig,
     /// Stops retrying a failed write.
     pub shutdown: CancellationToken,
+    /// Cancelled when this replica lost its shards: queued jobs are dropped.
+    pub fence: CancellationToken,
 }
 
 impl Raiser {
@@ -125,6 +133,11 @@ async fn write(config: RaiserConfig, mut rx: mpsc::Receiver<Job>) {
             }
         }
         for (tenant, jobs) in tenants {
+            if config.fence.is_cancelled() {
+                metrics::counter!("picket_alert_jobs_fenced_total").increment(jobs.len() as u64);
+                tracing::warn!(tenant_id = %tenant, jobs = jobs.len(), "detection shards lost: queued alerts dropped (the new leader's replay raises them)");
+                continue;
+            }
             raise_tenant(&config, tenant, jobs).await;
         }
         metrics::gauge!("picket_alert_queue_depth").set(rx.len() as f64);
@@ -153,6 +166,10 @@ where
             () = tokio::time::sleep(backoff) => {}
             () = config.shutdown.cancelled() => {
                 tracing::warn!(what, "alert writer stopped while retrying; the next start's replay raises what was lost");
+                return None;
+            }
+            () = config.fence.cancelled() => {
+                tracing::warn!(what, "alert writer fenced while retrying; the new leader's replay raises what was lost");
                 return None;
             }
         }

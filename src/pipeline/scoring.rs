@@ -438,6 +438,19 @@ impl AnomalyScorer {
         }
     }
 
+    /// Drops everything held for `tenant`: open windows (unscored),
+    /// baseline, model, training in flight, unsaved model. Another replica
+    /// now evaluates the tenant and loads its model from the store.
+    pub fn forget(&mut self, tenant: TenantId) {
+        self.windows.forget(tenant);
+        self.baseline.remove(&tenant);
+        self.models.remove(&tenant);
+        self.last_training.remove(&tenant);
+        // The fit finishes on its thread; its outcome goes nowhere.
+        self.training.remove(&tenant);
+        self.unsaved.retain(|m| m.tenant_id != tenant);
+    }
+
     /// Trainings completed so far.
     pub fn trainings(&self) -> u64 {
         self.trainings

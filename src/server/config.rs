@@ -185,6 +185,14 @@ pub struct Settings {
     #[arg(long, env = "PICKET_INCIDENT_REOPEN_SECONDS", default_value_t = 86_400)]
     pub incident_reopen_seconds: u64,
 
+    /// Detection shards: tenants are split into this many shards by a hash
+    /// of their id, and each shard is evaluated by one replica (replicas
+    /// share them out). Every replica on one database must use the same
+    /// count; a replica with another is refused detection while they run.
+    #[arg(long, env = "PICKET_DETECT_SHARDS", default_value_t = crate::pipeline::shards::DEFAULT_SHARDS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::pipeline::shards::MAX_SHARDS)))]
+    pub detect_shards: u32,
+
     /// How many hours of events are replayed at start to rebuild detection windows.
     #[arg(long, env = "PICKET_DETECT_REPLAY_HOURS", default_value_t = 24)]
     pub detect_replay_hours: u64,
@@ -307,6 +315,7 @@ impl Settings {
             format!("detection = {}", self.detection),
             format!("detect_refire_seconds = {}", self.detect_refire_seconds),
             format!("detect_replay_hours = {}", self.detect_replay_hours),
+            format!("detect_shards = {}", self.detect_shards),
             format!("detect_max_groups = {}", self.detect_max_groups),
             format!("detect_max_actors = {}", self.detect_max_actors),
             format!("incident_window_seconds = {}", self.incident_window_seconds),

@@ -244,8 +244,9 @@ impl Application {
                     .with_progress(progress.clone())
                 }
             };
-            tracker.spawn(crate::pipeline::lead(
+            tracker.spawn(crate::pipeline::shards::lead(
                 store.clone(),
+                settings.detect_shards,
                 build,
                 move || events.subscribe(),
                 rule_updates,

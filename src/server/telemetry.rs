@@ -161,7 +161,32 @@ fn describe_metrics() {
     );
     describe_gauge!(
         "picket_detection_leader",
-        "1 on the replica that runs the detection pipeline, 0 on the others"
+        "1 while this replica leads at least one detection shard, 0 otherwise"
+    );
+    describe_gauge!(
+        "picket_detection_shards_led",
+        "Detection shards this replica leads (evaluates the tenants of)"
+    );
+    describe_gauge!(
+        "picket_detection_replicas",
+        "Replicas running detection on this store, as this replica last counted them"
+    );
+    describe_counter!(
+        "picket_detection_shard_handovers_total",
+        "Detection shards taken on or handed over by this replica, by direction: acquired, released"
+    );
+    describe_counter!(
+        "picket_detection_shards_lost_total",
+        "Times this replica lost all its detection shards because their lock connection failed"
+    );
+    describe_histogram!(
+        "picket_detection_shard_rebuild_seconds",
+        Unit::Seconds,
+        "Time to rebuild the state of shards taken on (replay) before their tenants are evaluated live"
+    );
+    describe_counter!(
+        "picket_alert_jobs_fenced_total",
+        "Queued detections dropped because this replica lost its shards (the new leaders' replay raises them)"
     );
     describe_counter!(
         "picket_detect_evicted_total",

@@ -22,7 +22,7 @@ use crate::domain::TenantId;
 use crate::domain::alert::Entity;
 use crate::domain::event::{FeedPosition, InsertOutcome, NewEvent};
 use crate::storage::store::SqlStore;
-use crate::storage::{Backend, Leadership, StoreResult};
+use crate::storage::{Backend, Joined, StoreResult};
 
 /// A transaction on `DB`.
 pub(crate) type Tx<DB> = sqlx::Transaction<'static, DB>;
@@ -232,8 +232,8 @@ pub(crate) trait Dialect:
         groups: &[(TenantId, &[NewEvent])],
     ) -> StoreResult<Vec<Vec<InsertOutcome>>>;
 
-    /// See [`crate::storage::Store::try_lead`].
-    async fn try_lead(store: &SqlStore<Self>, role: &str) -> StoreResult<Option<Leadership>>;
+    /// See [`crate::storage::Store::join_detection`].
+    async fn join_detection(store: &SqlStore<Self>, shards: u32) -> StoreResult<Joined>;
 }
 
 /// One SQL statement and its arguments. Static text names its parameters

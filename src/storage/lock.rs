@@ -3,7 +3,7 @@
 //! A process that serves a SQLite store (`picket serve`, and `picket simulate`
 //! / `picket bench detect`, which run a server in-process) runs detection on
 //! it, and two of them would raise every alert twice: SQLite has no session
-//! advisory lock to elect a detection leader the way Postgres does. So the
+//! advisory locks to share detection out the way Postgres does. So the
 //! server takes an exclusive OS lock (`flock`, through std's
 //! [`File::try_lock`]) on a file beside the database, `<db>.lock`, before it
 //! opens the store, writes its pid into it, and keeps it as long as the store:
@@ -16,7 +16,7 @@
 //! the lock: they run short transactions that SQLite serializes with the
 //! server's, and work beside a running server as before. Postgres stores are
 //! never locked here (several replicas share one; detection is elected with
-//! `Store::try_lead`).
+//! `Store::join_detection`).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};

@@ -133,47 +133,120 @@ impl Backend {
     }
 }
 
-/// Holding a role among the replicas (see [`Store::try_lead`]).
-pub struct Leadership {
-    /// Cancelled if the role is lost (the holding connection failed).
+/// This replica's seat in detection over the store: its presence among the
+/// replicas that run detection (counted by [`ShardLocks::replicas`]) and the
+/// locks of the detection shards it leads (see `pipeline/shards.rs`).
+///
+/// On Postgres everything is a session advisory lock on ONE dedicated
+/// connection: presence is a shared lock keyed by the shard count (so
+/// replicas can see which count the others use), each shard an exclusive
+/// lock. When the connection ends, by [`Drop`] or because the process died,
+/// the server releases them all at once, and the other replicas see the
+/// shards free and the replica gone. A background check pings the connection
+/// and cancels [`ShardLocks::lost`] when it fails. SQLite has one process,
+/// which is alone and may lock every shard.
+pub struct ShardLocks {
+    /// The backend's locks.
+    session: Box<dyn LockSession>,
+    /// Cancelled when the locks are lost (the holding connection failed).
     lost: tokio_util::sync::CancellationToken,
-    /// Keeps the lock's connection alive and checks it; aborted on drop,
-    /// which closes the connection and releases the role.
-    holder: Option<tokio::task::JoinHandle<()>>,
+    /// Checks the lock connection; aborted on drop.
+    checker: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl Leadership {
-    /// A role nobody else can hold (a single-process store).
-    pub fn sole() -> Self {
+/// What a backend's [`ShardLocks`] do.
+#[async_trait]
+pub(crate) trait LockSession: Send + Sync {
+    /// Locks the first `want` of `shards` (in that order) that no other
+    /// replica holds; returns the ones now held by this session. A shard this
+    /// session already holds must not be passed (the locks are re-entrant).
+    async fn try_lock(&self, shards: &[u32], want: usize) -> StoreResult<Vec<u32>>;
+    /// Unlocks one held shard.
+    async fn unlock(&self, shard: u32) -> StoreResult<()>;
+    /// Replicas present, this one included.
+    async fn replicas(&self) -> StoreResult<u32>;
+}
+
+/// The single process of a SQLite store: every shard is free, it is alone.
+struct SoleSession;
+
+#[async_trait]
+impl LockSession for SoleSession {
+    async fn try_lock(&self, shards: &[u32], want: usize) -> StoreResult<Vec<u32>> {
+        Ok(shards.iter().copied().take(want).collect())
+    }
+    async fn unlock(&self, _shard: u32) -> StoreResult<()> {
+        Ok(())
+    }
+    async fn replicas(&self) -> StoreResult<u32> {
+        Ok(1)
+    }
+}
+
+impl ShardLocks {
+    /// The locks of a single-process store (nobody else can hold a shard).
+    pub(crate) fn sole() -> Self {
         Self {
+            session: Box::new(SoleSession),
             lost: tokio_util::sync::CancellationToken::new(),
-            holder: None,
+            checker: None,
         }
     }
 
-    /// A role held by `holder`, which cancels `lost` when it loses it.
-    pub fn held(
+    /// Locks held by `session`; `checker` cancels `lost` when they are lost.
+    pub(crate) fn held(
+        session: Box<dyn LockSession>,
         lost: tokio_util::sync::CancellationToken,
-        holder: tokio::task::JoinHandle<()>,
+        checker: tokio::task::JoinHandle<()>,
     ) -> Self {
         Self {
+            session,
             lost,
-            holder: Some(holder),
+            checker: Some(checker),
         }
     }
 
-    /// Cancelled when the role is lost.
+    /// Locks up to `want` of `shards` (tried in that order) that no other
+    /// replica holds; returns those now held. Never pass a shard already held.
+    pub async fn try_lock(&self, shards: &[u32], want: usize) -> StoreResult<Vec<u32>> {
+        if want == 0 || shards.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.session.try_lock(shards, want).await
+    }
+
+    /// Releases a held shard.
+    pub async fn unlock(&self, shard: u32) -> StoreResult<()> {
+        self.session.unlock(shard).await
+    }
+
+    /// How many replicas run detection now, this one included.
+    pub async fn replicas(&self) -> StoreResult<u32> {
+        self.session.replicas().await
+    }
+
+    /// Cancelled when the locks are lost.
     pub fn lost(&self) -> tokio_util::sync::CancellationToken {
         self.lost.clone()
     }
 }
 
-impl Drop for Leadership {
+impl Drop for ShardLocks {
     fn drop(&mut self) {
-        if let Some(h) = self.holder.take() {
+        if let Some(h) = self.checker.take() {
             h.abort();
         }
     }
+}
+
+/// The answer to [`Store::join_detection`].
+pub enum Joined {
+    /// This replica takes part; it leads no shard yet.
+    Member(ShardLocks),
+    /// It may not take part yet, and why (for the log): the replicas already
+    /// running detection use another shard count, or a version that elects
+    /// one leader for everything does.
+    Refused(String),
 }
 
 /// Everything Picket persists. Implementations must behave identically; the
@@ -200,13 +273,12 @@ pub trait Store:
     /// Closes the connection pool, waiting for checked-out connections.
     async fn close(&self);
 
-    /// Tries to become the one process that runs `role` (the detection
-    /// pipeline) over this store; `None` if another process holds it. On
-    /// Postgres this is a session advisory lock on a dedicated connection,
-    /// released when the [`Leadership`] is dropped or the connection dies
-    /// (which cancels [`Leadership::lost`]); SQLite has one process, which
-    /// always leads.
-    async fn try_lead(&self, role: &str) -> StoreResult<Option<Leadership>>;
+    /// Joins the replicas that run detection over this store, with `shards`
+    /// detection shards (see [`ShardLocks`]). Refused while replicas with
+    /// another shard count (or of a version without shards) run detection:
+    /// two counts would put a tenant in two shards with two leaders. Joining
+    /// is serialized, so two replicas with different counts cannot both join.
+    async fn join_detection(&self, shards: u32) -> StoreResult<Joined>;
 
     /// A server-wide setting.
     async fn get_setting(&self, key: &str) -> StoreResult<Option<String>>;

@@ -4,7 +4,8 @@
 //! transaction that first sets `picket.tenant_id` ([`PgStore::tenant_tx`]).
 //! Uuids are `uuid`, documents `jsonb`, times `timestamptz`; the feed position
 //! is `(xid, seq)`, read only below `pg_snapshot_xmin`; events are inserted
-//! with one UNNEST statement per tenant; leadership is a session advisory lock.
+//! with one UNNEST statement per tenant; detection shards and presence are
+//! session advisory locks on one dedicated connection.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use crate::domain::alert::Entity;
 use crate::domain::event::{FeedPosition, InsertOutcome, NewEvent};
 use crate::storage::dialect::{Col, Dialect, Stmt, Tx};
 use crate::storage::sql::{SqlStore, fail};
-use crate::storage::{Backend, Leadership, StoreResult};
+use crate::storage::{Backend, Joined, LockSession, ShardLocks, StoreResult};
 
 /// Runs the Postgres migrations on a dedicated connection as the owner role.
 pub async fn migrate(url: &str) -> anyhow::Result<()> {
@@ -41,8 +42,25 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
 /// Store on PostgreSQL.
 pub type PgStore = SqlStore<Postgres>;
 
-/// How often a held leadership lock's connection is checked.
-const LEADERSHIP_CHECK: Duration = Duration::from_secs(2);
+/// How often the connection holding the shard locks is checked.
+const LOCKS_CHECK: Duration = Duration::from_secs(1);
+
+/// Advisory lock keys of detection, in the two-`int4` form whose first key is
+/// a namespace (disjoint from the one-`bigint` keys of the fingerprint locks).
+/// Presence: `(PRESENCE, shard count)`, shared, one per replica.
+const PRESENCE: i32 = 0x7069_6b01;
+/// Shard `s`: `(SHARD, s)`, exclusive.
+const SHARD: i32 = 0x7069_6b02;
+/// Serializes joining (transaction-scoped).
+const JOIN: i32 = 0x7069_6b03;
+/// The one detection lock of versions before shards (`bigint` form). Members
+/// hold it shared, so such a version cannot lead beside them, nor they
+/// beside it.
+const LEGACY_LEADER: &str = "SELECT pg_try_advisory_lock_shared(hashtext('picket:detection'))";
+/// Advisory locks held in this database under namespace `$1` (granted ones).
+const HELD: &str = "SELECT objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+     AND objsubid = 2 AND classid::int8 = $1 \
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
 impl PgStore {
     /// Migrates, then opens a pool of at most `max_connections`.
@@ -216,31 +234,148 @@ impl Dialect for Postgres {
         Ok(out)
     }
 
-    async fn try_lead(store: &PgStore, role: &str) -> StoreResult<Option<Leadership>> {
-        let fail = fail("try_lead", "failed to take a leadership lock");
+    async fn join_detection(store: &PgStore, shards: u32) -> StoreResult<Joined> {
+        let fail = fail("join_detection", "failed to join detection");
+        let shards_key = i32::try_from(shards).map_err(|e| fail(sqlx::Error::Encode(e.into())))?;
         let options = store.pool.connect_options();
         let mut conn = PgConnection::connect_with(&options).await.map_err(&fail)?;
-        let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
-            .bind(format!("picket:{role}"))
-            .fetch_one(&mut conn)
-            .await
-            .map_err(&fail)?;
-        if !held {
+        let refused = {
+            let mut tx = conn.begin().await.map_err(&fail)?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1, 0)")
+                .bind(JOIN)
+                .execute(&mut *tx)
+                .await
+                .map_err(&fail)?;
+            let legacy_free: bool = sqlx::query_scalar(LEGACY_LEADER)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(&fail)?;
+            let counts: Vec<i64> = sqlx::query_scalar(HELD)
+                .bind(i64::from(PRESENCE))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(&fail)?;
+            let refused = if !legacy_free {
+                Some(
+                    "a replica of an earlier version (one detection leader, no shards) runs detection on this database"
+                        .to_owned(),
+                )
+            } else {
+                counts.iter().find(|c| **c != i64::from(shards)).map(|c| {
+                    format!(
+                        "the replicas running detection use --detect-shards {c} and this one {shards}; every replica must use the same count"
+                    )
+                })
+            };
+            if refused.is_none() {
+                sqlx::query("SELECT pg_advisory_lock_shared($1, $2)")
+                    .bind(PRESENCE)
+                    .bind(shards_key)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(&fail)?;
+            }
+            tx.commit().await.map_err(&fail)?;
+            refused
+        };
+        if let Some(why) = refused {
+            // Closing the connection drops the shared legacy lock too.
             let _ = conn.close().await;
-            return Ok(None);
+            return Ok(Joined::Refused(why));
         }
+        let conn = std::sync::Arc::new(tokio::sync::Mutex::new(conn));
         let lost = tokio_util::sync::CancellationToken::new();
         let flag = lost.clone();
-        let holder = tokio::spawn(async move {
+        let checked = conn.clone();
+        let checker = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(LEADERSHIP_CHECK).await;
-                if sqlx::query("SELECT 1").execute(&mut conn).await.is_err() {
+                tokio::time::sleep(LOCKS_CHECK).await;
+                let mut conn = checked.lock().await;
+                if sqlx::query("SELECT 1").execute(&mut *conn).await.is_err() {
                     flag.cancel();
                     return;
                 }
             }
         });
-        Ok(Some(Leadership::held(lost, holder)))
+        Ok(Joined::Member(ShardLocks::held(
+            Box::new(PgLocks { conn, shards_key }),
+            lost,
+            checker,
+        )))
+    }
+}
+
+/// Shard locks on one dedicated connection (see [`ShardLocks`]).
+struct PgLocks {
+    /// The connection holding every lock of this replica.
+    conn: std::sync::Arc<tokio::sync::Mutex<PgConnection>>,
+    /// The shard count, the second key of the presence lock.
+    shards_key: i32,
+}
+
+#[async_trait]
+impl LockSession for PgLocks {
+    async fn try_lock(&self, shards: &[u32], want: usize) -> StoreResult<Vec<u32>> {
+        let fail = fail("shard locks", "failed to lock detection shards");
+        let mut conn = self.conn.lock().await;
+        // Skip the shards other replicas hold (one query instead of one
+        // refused attempt each); a shard taken meanwhile is refused below.
+        let taken: std::collections::HashSet<i64> = sqlx::query_scalar(HELD)
+            .bind(i64::from(SHARD))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(&fail)?
+            .into_iter()
+            .collect();
+        let mut locked = Vec::new();
+        for &shard in shards {
+            if locked.len() >= want {
+                break;
+            }
+            if taken.contains(&i64::from(shard)) {
+                continue;
+            }
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(SHARD)
+                .bind(shard as i32)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(&fail)?;
+            if got {
+                locked.push(shard);
+            }
+        }
+        Ok(locked)
+    }
+
+    async fn unlock(&self, shard: u32) -> StoreResult<()> {
+        let fail = fail("shard locks", "failed to unlock a detection shard");
+        let mut conn = self.conn.lock().await;
+        let held: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1, $2)")
+            .bind(SHARD)
+            .bind(shard as i32)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(&fail)?;
+        if !held {
+            tracing::warn!(shard, "a detection shard to unlock was not locked");
+        }
+        Ok(())
+    }
+
+    async fn replicas(&self) -> StoreResult<u32> {
+        let fail = fail("shard locks", "failed to count the detection replicas");
+        let mut conn = self.conn.lock().await;
+        let present: Vec<i64> = sqlx::query_scalar(HELD)
+            .bind(i64::from(PRESENCE))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(&fail)?;
+        let same = present
+            .iter()
+            .filter(|c| **c == i64::from(self.shards_key))
+            .count();
+        Ok(u32::try_from(same).unwrap_or(u32::MAX).max(1))
     }
 }
 

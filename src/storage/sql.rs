@@ -2,7 +2,7 @@
 //! runs the same statements (with `$1..$n` placeholders) on Postgres and
 //! SQLite; each backend's [`Dialect`] supplies only what really differs
 //! (uuid, JSON and event-time encodings, tenant transactions, feed positions,
-//! row locks, the event insert path and leadership).
+//! row locks, the event insert path and the detection shard locks).
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -20,7 +20,7 @@ use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
 use crate::storage::dialect::{Col, Dialect, Stmt, Tx};
 pub use crate::storage::store::SqlStore;
 use crate::storage::{
-    AlertStore, Backend, EventStore, IncidentStore, Leadership, ModelStore, RuleStore, Store,
+    AlertStore, Backend, EventStore, IncidentStore, Joined, ModelStore, RuleStore, Store,
     StoreError, StoreResult, WebhookStore,
 };
 
@@ -651,8 +651,8 @@ impl<DB: Dialect> Store for SqlStore<DB> {
         self.pool.close().await;
     }
 
-    async fn try_lead(&self, role: &str) -> StoreResult<Option<Leadership>> {
-        DB::try_lead(self, role).await
+    async fn join_detection(&self, shards: u32) -> StoreResult<Joined> {
+        DB::join_detection(self, shards).await
     }
 
     async fn get_setting(&self, key: &str) -> StoreResult<Option<String>> {

@@ -26,7 +26,7 @@ use crate::domain::alert::Entity;
 use crate::domain::event::{FeedPosition, InsertOutcome, NewEvent};
 use crate::storage::dialect::{Col, Dialect, Stmt, Tx};
 use crate::storage::sql::{SqlStore, fail};
-use crate::storage::{Backend, Leadership, StoreError, StoreResult};
+use crate::storage::{Backend, Joined, ShardLocks, StoreError, StoreResult};
 
 /// Connection options for `url`, creating the file's directory if needed.
 fn options(url: &str) -> anyhow::Result<SqliteConnectOptions> {
@@ -276,7 +276,8 @@ impl Dialect for Sqlite {
         Ok(out)
     }
 
-    async fn try_lead(_store: &SqliteStore, _role: &str) -> StoreResult<Option<Leadership>> {
-        Ok(Some(Leadership::sole()))
+    async fn join_detection(_store: &SqliteStore, _shards: u32) -> StoreResult<Joined> {
+        // One serving process per file (`storage/lock.rs`): it is alone.
+        Ok(Joined::Member(ShardLocks::sole()))
     }
 }

@@ -1,5 +1,6 @@
 //! The benchmark commands: `picket bench detect` and `picket simulate` run on
-//! a store of their own; the enforcement benches check what they measure.
+//! a store of their own; the enforcement benches check what they measure;
+//! `picket bench shards` measures detection shared over replicas.
 
 /// Item 9 of issue 11: `bench detect` (and `simulate`, which shares the
 /// code) defaulted to the developer's store, `sqlite://picket-data/picket.db`
@@ -86,4 +87,40 @@ fn enforcement_benches_run_and_check_their_answers() {
     assert_eq!(report["deliveries"], 200, "{report}");
     assert_eq!(report["missed"], 0, "{report}");
     assert_eq!(report["duplicates_or_reordered"], 0, "{report}");
+}
+
+/// `bench shards` starts replica processes on one Postgres, waits until they
+/// share the shards out, and counts every event sent as evaluated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_shards_counts_every_event_evaluated_across_replicas() {
+    let db = crate::common::TestDb::new(picket::storage::Backend::Postgres).await;
+    let url = db.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_picket"))
+            .args(["bench", "shards", "--replicas", "2", "--tenants", "6"])
+            .args(["--events-per-tenant", "100", "--batch-size", "50", "--json"])
+            .args(["--database-url", &url])
+            .env_remove("PICKET_DETECT_SHARDS")
+            .output()
+            .expect("run picket")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["events"], 600, "{report}");
+    assert_eq!(
+        report["events_evaluated"], 600.0,
+        "each event once: {report}"
+    );
+    assert_eq!(
+        report["shards_led"],
+        serde_json::json!([32, 32]),
+        "{report}"
+    );
+    assert!(
+        report["detect_events_per_sec"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
 }

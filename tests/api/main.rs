@@ -20,4 +20,5 @@ mod restarts;
 mod rule_pack;
 mod rules;
 mod server;
+mod shards;
 mod webhooks;

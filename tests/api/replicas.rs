@@ -2,9 +2,9 @@
 //! Redis. A change committed through replica A reaches a subscriber on
 //! replica B through the Redis signal; when Redis dies both keep serving
 //! (local subscribers still see local changes at once), and when it returns
-//! B catches up from the change log with nothing lost or repeated. Exactly one
-//! replica runs detection, a tenant rule created through the other reaches it,
-//! and the other takes over when it dies.
+//! B catches up from the change log with nothing lost or repeated. With one
+//! detection shard exactly one replica runs detection, a tenant rule created
+//! through the other reaches it, and the other takes over when it dies.
 //!
 //! Both servers re-read the store only every 60 s without a signal
 //! (`PICKET_WATCH_POLL_MS`), so a delivery within seconds can only come from
@@ -33,7 +33,7 @@ const PROMPT: Duration = Duration::from_secs(5);
 const DEADLINE: Duration = Duration::from_secs(30);
 
 /// The value of gauge `name` on `addr`'s `/metrics`, if exported.
-async fn gauge(addr: SocketAddr, name: &str) -> Option<f64> {
+pub(crate) async fn gauge(addr: SocketAddr, name: &str) -> Option<f64> {
     let (_, _, body) = http1(addr, "GET", "/metrics", &[], vec![]).await;
     String::from_utf8(body.to_vec())
         .unwrap()
@@ -107,9 +107,12 @@ async fn replicas_share_changes_through_redis_and_survive_its_outage() {
     let db = TestDb::new(Backend::Postgres).await;
     let mut redis = RedisProcess::start();
     let url = redis.url();
+    // One detection shard: exactly one replica leads it (shared detection
+    // over many shards is `shards.rs`).
     let env = [
         ("PICKET_REDIS_URL", url.as_str()),
         ("PICKET_WATCH_POLL_MS", POLL_MS),
+        ("PICKET_DETECT_SHARDS", "1"),
     ];
     let mut a = ServerProcess::start(&db, &env);
     let mut b = ServerProcess::start(&db, &env);

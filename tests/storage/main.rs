@@ -388,41 +388,111 @@ async fn webhook_deliveries_are_deduplicated_with_the_alert(backend: Backend) {
     ));
 }
 
-/// A role can be taken; on Postgres, which several replicas share, a held
-/// role is refused to a second store (another replica) and is lost when its
-/// connection ends. SQLite has one process, which always holds it.
-async fn leadership_is_exclusive_where_replicas_share_the_store(backend: Backend) {
+/// Detection shards: on Postgres, which several replicas share, a shard
+/// locked by one replica is refused to another, presence counts the
+/// replicas, a replica with another shard count is refused, and a replica's
+/// shards and presence go when its connection ends. SQLite has one process,
+/// which is alone and locks every shard.
+async fn detection_shards_are_exclusive_where_replicas_share_the_store(backend: Backend) {
+    use storage::Joined;
+    let member = |j: Joined| match j {
+        Joined::Member(locks) => locks,
+        Joined::Refused(why) => panic!("refused: {why}"),
+    };
     let (s, db) = store(backend).await;
-    let held = s.try_lead("detection").await.unwrap().expect("a free role");
-    assert!(!held.lost().is_cancelled());
+    let a = member(s.join_detection(8).await.unwrap());
+    assert!(!a.lost().is_cancelled());
+    assert_eq!(a.try_lock(&[3, 4, 5], 2).await.unwrap(), vec![3, 4]);
     let other = storage::connect(&db.url, 2).await.unwrap();
-    let second = other.try_lead("detection").await.unwrap();
     match backend {
         Backend::Postgres => {
-            assert!(
-                second.is_none(),
-                "a held role is refused to another replica"
+            let b = member(other.join_detection(8).await.unwrap());
+            assert_eq!(a.replicas().await.unwrap(), 2);
+            assert_eq!(b.replicas().await.unwrap(), 2);
+            assert_eq!(
+                b.try_lock(&[3, 4, 5, 6], 8).await.unwrap(),
+                vec![5, 6],
+                "shards held by another replica are refused"
             );
+            assert!(a.try_lock(&[5], 1).await.unwrap().is_empty());
+            a.unlock(3).await.unwrap();
+            assert_eq!(b.try_lock(&[3], 1).await.unwrap(), vec![3]);
+            // A version with one detection leader and no shards cannot lead
+            // beside members.
+            let old_leader = |db_url: String| async move {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&db_url).await.unwrap();
+                let took: bool =
+                    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('picket:detection'))")
+                        .fetch_one(&mut conn)
+                        .await
+                        .unwrap();
+                (took, conn)
+            };
             assert!(
-                other.try_lead("another-role").await.unwrap().is_some(),
-                "roles are independent"
+                !old_leader(db.url.clone()).await.0,
+                "an old leader beside members"
             );
-            // Kill the holder's connection: the role is lost, then free again.
+            // Another count would put tenants in other shards: refused.
+            match other.join_detection(16).await.unwrap() {
+                Joined::Refused(why) => assert!(why.contains("16"), "{why}"),
+                Joined::Member(_) => panic!("a replica with another shard count joined"),
+            }
+            // Kill A's connection: A notices, and its shard and presence go.
             let admin = sqlx::PgPool::connect(&db.url).await.unwrap();
             sqlx::query(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks \
-                 WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid() \
-                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objid = 4 AND l.objsubid = 2 \
+                 AND l.pid <> pg_backend_pid() \
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             )
             .execute(&admin)
             .await
             .unwrap();
-            tokio::time::timeout(std::time::Duration::from_secs(10), held.lost().cancelled())
+            tokio::time::timeout(std::time::Duration::from_secs(10), a.lost().cancelled())
                 .await
                 .expect("the holder notices its lost connection");
-            assert!(other.try_lead("detection").await.unwrap().is_some());
+            assert_eq!(b.replicas().await.unwrap(), 1);
+            assert_eq!(b.try_lock(&[4], 1).await.unwrap(), vec![4]);
+            drop(b);
+            // Nor members beside an old leader.
+            let (took, old) = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                loop {
+                    let (took, conn) = old_leader(db.url.clone()).await;
+                    if took {
+                        break (took, conn);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            })
+            .await
+            .expect("the old leader's lock is free once the members are gone");
+            assert!(took);
+            match other.join_detection(8).await.unwrap() {
+                Joined::Refused(why) => assert!(why.contains("earlier version"), "{why}"),
+                Joined::Member(_) => panic!("a member joined beside an old leader"),
+            }
+            drop(old);
+            // With nobody left, another count may join.
+            let c = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                loop {
+                    match other.join_detection(16).await.unwrap() {
+                        Joined::Member(locks) => break locks,
+                        Joined::Refused(_) => {
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                        }
+                    }
+                }
+            })
+            .await
+            .expect("the count of the replicas gone no longer binds");
+            assert_eq!(c.replicas().await.unwrap(), 1);
         }
-        Backend::Sqlite => assert!(second.is_some()),
+        Backend::Sqlite => {
+            let b = member(other.join_detection(8).await.unwrap());
+            assert_eq!(b.replicas().await.unwrap(), 1);
+            assert_eq!(b.try_lock(&[3, 4], 2).await.unwrap(), vec![3, 4]);
+        }
     }
 }
 
@@ -677,7 +747,7 @@ async fn raise_alerts_throughput() {
 crate::both_backends!(
     raise_alerts_matches_raising_one_at_a_time,
     raise_alerts_are_tenant_scoped,
-    leadership_is_exclusive_where_replicas_share_the_store,
+    detection_shards_are_exclusive_where_replicas_share_the_store,
     tenants_round_trip,
     tenants_page_by_name,
     settings_first_writer_wins,

@@ -185,22 +185,31 @@ pub(crate) struct ServerChild {
 impl ServerChild {
     /// Starts `picket serve` (this binary) on port 0, detection off so only
     /// the fan-out is measured, and waits for its "serving" line.
-    pub(crate) fn start(
+    fn start(database_url: &str, operator: &str, redis_url: Option<&str>) -> anyhow::Result<Self> {
+        let mut env = vec![("PICKET_DETECTION", "false")];
+        if let Some(url) = redis_url {
+            env.push(("PICKET_REDIS_URL", url));
+        }
+        Self::spawn(database_url, operator, &env)
+    }
+
+    /// Starts `picket serve` (this binary) on port 0 with the extra
+    /// environment `env`, and waits for its "serving" line.
+    pub(crate) fn spawn(
         database_url: &str,
         operator: &str,
-        redis_url: Option<&str>,
+        env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the picket binary")?;
         let mut cmd = std::process::Command::new(exe);
         cmd.args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
             .env("PICKET_DATABASE_URL", database_url)
             .env("PICKET_ADMIN_TOKEN", operator)
-            .env("PICKET_DETECTION", "false")
             .env("PICKET_LOG", "warn,picket=info")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
-        if let Some(url) = redis_url {
-            cmd.env("PICKET_REDIS_URL", url);
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let mut child = cmd.spawn().context("failed to start picket serve")?;
         let stderr = child.stderr.take().context("no stderr")?;
