@@ -185,7 +185,7 @@ pub(crate) struct ServerChild {
 impl ServerChild {
     /// Starts `picket serve` (this binary) on port 0, detection off so only
     /// the fan-out is measured, and waits for its "serving" line.
-    fn start(database_url: &str, operator: &str, redis_url: Option<&str>) -> anyhow::Result<Self> {
+    pub(crate) fn start(database_url: &str, operator: &str, redis_url: Option<&str>) -> anyhow::Result<Self> {
         let mut env = vec![("PICKET_DETECTION", "false")];
         if let Some(url) = redis_url {
             env.push(("PICKET_REDIS_URL", url));
