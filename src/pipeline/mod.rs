@@ -474,6 +474,14 @@ impl DetectionPipeline {
 
     /// Evaluates everything new in `tenant`'s feed; returns alerts raised or updated.
     pub async fn process_tenant(&mut self, tenant: TenantId) -> StoreResult<usize> {
+        let started = std::time::Instant::now();
+        let result = self.process_tenant_feed(tenant).await;
+        metrics::histogram!("picket_detect_pass_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn process_tenant_feed(&mut self, tenant: TenantId) -> StoreResult<usize> {
         let mut raised = 0;
         if !self.positions.contains_key(&tenant) {
             self.reload_rules(tenant).await?;

@@ -103,6 +103,11 @@ fn describe_metrics() {
         Unit::Seconds,
         "How far detection is behind ingest: while events wait to be evaluated, the time since the oldest was received; otherwise how long the newest evaluated event waited"
     );
+    describe_histogram!(
+        "picket_detect_pass_duration_seconds",
+        Unit::Seconds,
+        "Time detection spends on one pass over a tenant's new events (reading the feed, evaluating, queueing alerts); its sum is detection's busy time"
+    );
     describe_counter!(
         "picket_alert_queue_full_total",
         "Times evaluation found the alert queue full and waited for the writer"

@@ -15,6 +15,7 @@ pub mod ceiling;
 mod dialect;
 pub mod lock;
 mod postgres;
+pub mod scratch;
 mod sql;
 mod sqlite;
 mod store;

@@ -6,8 +6,10 @@
 pub mod bench;
 pub mod bench_detect;
 pub mod bench_fanout;
+pub mod bench_storm;
 pub mod ingest;
 pub mod json;
+mod serve_child;
 pub mod simulate;
 pub mod tail;
 
