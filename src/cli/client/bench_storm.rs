@@ -148,6 +148,15 @@ pub struct StormReport {
     pub alert_raises: f64,
     /// Times evaluation waited on a full alert queue.
     pub alert_queue_full: f64,
+    /// Batches the alert writers raised, and the seconds they took
+    /// (`picket_alert_write_duration_seconds`).
+    pub alert_write_batches: f64,
+    /// Seconds the alert writers spent raising (evidence reads and alert
+    /// transactions).
+    pub alert_write_seconds: f64,
+    /// Seconds they spent correlating new alerts into incidents
+    /// (`picket_incident_correlation_duration_seconds`).
+    pub correlation_seconds: f64,
     /// Per server started by the bench: its figures.
     pub servers: Vec<ServerFigures>,
     /// Targets of issue 12 that apply to this kind, and whether they were met.
@@ -224,6 +233,10 @@ pub async fn run(args: &BenchDetectArgs, kind: StormKind) -> anyhow::Result<()> 
     println!(
         "alerts             {} ({} occurrences, {:.0} raises), {} incidents, queue full {:.0} times",
         r.alerts, r.alert_occurrences, r.alert_raises, r.incidents, r.alert_queue_full
+    );
+    println!(
+        "alert writer       {:.0} batches: raising {:.1} s, correlating {:.1} s",
+        r.alert_write_batches, r.alert_write_seconds, r.correlation_seconds
     );
     for s in &r.servers {
         println!(
@@ -682,6 +695,9 @@ async fn measure(
         incidents,
         alert_raises: after.raises - before.raises,
         alert_queue_full: after.queue_full - before.queue_full,
+        alert_write_batches: after.write_batches - before.write_batches,
+        alert_write_seconds: after.write_seconds - before.write_seconds,
+        correlation_seconds: after.correlation_seconds - before.correlation_seconds,
         servers: servers_fig,
         targets,
     })
@@ -727,6 +743,10 @@ struct Scrape {
     queue_full: f64,
     /// `picket_alert_queue_depth`.
     queue_depth: f64,
+    /// `picket_alert_write_duration_seconds` count and sum.
+    write_batches: f64,
+    write_seconds: f64,
+    correlation_seconds: f64,
 }
 
 async fn scrape(addrs: &[String]) -> anyhow::Result<Scrape> {
@@ -740,6 +760,10 @@ async fn scrape(addrs: &[String]) -> anyhow::Result<Scrape> {
         s.raises += metric_sum(&text, "picket_alerts_raised_total");
         s.queue_full += metric_sum(&text, "picket_alert_queue_full_total");
         s.queue_depth += metric_sum(&text, "picket_alert_queue_depth");
+        s.write_batches += metric_sum(&text, "picket_alert_write_duration_seconds_count");
+        s.write_seconds += metric_sum(&text, "picket_alert_write_duration_seconds_sum");
+        s.correlation_seconds +=
+            metric_sum(&text, "picket_incident_correlation_duration_seconds_sum");
     }
     Ok(s)
 }
@@ -905,7 +929,7 @@ async fn count_alerts(channel: Channel, key: &str) -> anyhow::Result<(usize, u64
             .list_alerts(with_key(
                 pb::ListAlertsRequest {
                     filter: None,
-                    page_size: 1000,
+                    page_size: 100,
                     page_token: token,
                 },
                 key,
@@ -935,7 +959,7 @@ async fn count_incidents(channel: Channel, key: &str) -> anyhow::Result<usize> {
             .list_incidents(with_key(
                 pb::ListIncidentsRequest {
                     filter: None,
-                    page_size: 1000,
+                    page_size: 100,
                     page_token: token,
                 },
                 key,
