@@ -616,8 +616,12 @@ mod tests {
             observed: 3.0,
             throttled: true,
         });
-        full.details.attributes.insert("k8s.pod".into(), "web-1".into());
-        full.details.attributes.insert("empty".into(), String::new());
+        full.details
+            .attributes
+            .insert("k8s.pod".into(), "web-1".into());
+        full.details
+            .attributes
+            .insert("empty".into(), String::new());
         let mut names: Vec<&str> = FIELDS.to_vec();
         names.extend(ALIASES.iter().map(|(a, _)| *a));
         names.extend([

@@ -112,8 +112,15 @@ async fn bench_detect_storm_reports_a_small_run_on_a_fresh_postgres_database() {
     let servers = r["servers"].as_array().unwrap();
     assert_eq!(servers.len(), 1, "{r}");
     // Storm, admin bursts, sentinel and warm-up: every event was evaluated.
-    assert!(servers[0]["events_evaluated"].as_f64().unwrap() >= 3000.0 + 18.0, "{r}");
+    assert!(
+        servers[0]["events_evaluated"].as_f64().unwrap() >= 3000.0 + 18.0,
+        "{r}"
+    );
     assert!(servers[0]["rss_end_mib"].as_f64().unwrap() > 1.0, "{r}");
     assert_eq!(r["targets"].as_array().unwrap().len(), 2, "{r}");
-    assert_eq!(scratch_dbs().await, before, "the run's database was dropped");
+    assert_eq!(
+        scratch_dbs().await,
+        before,
+        "the run's database was dropped"
+    );
 }

@@ -391,9 +391,11 @@ async fn client_run(
         .await?;
     let batches: Vec<Vec<pb::Event>> = events.chunks(batch_size).map(|c| c.to_vec()).collect();
     let window = std::sync::Arc::new(tokio::sync::Semaphore::new(in_flight));
-    Ok(stream_batches(id, channel, &key, batches.into_iter(), window, pace, None)
-        .await?
-        .latencies)
+    Ok(
+        stream_batches(id, channel, &key, batches.into_iter(), window, pace, None)
+            .await?
+            .latencies,
+    )
 }
 
 /// What [`stream_batches`] measured.
@@ -464,8 +466,7 @@ where
             }
         })
     };
-    let mut latencies =
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static bounds");
+    let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static bounds");
     let mut last_ack = None;
     for _ in 0..total {
         let ack = acks

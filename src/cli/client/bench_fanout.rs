@@ -312,7 +312,10 @@ pub async fn bench(args: &BenchFanoutArgs) -> anyhow::Result<FanoutReport> {
 async fn redis_up(addr: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if http_get(addr, "/healthz").await?.contains(r#""redis":"up""#) {
+        if http_get(addr, "/healthz")
+            .await?
+            .contains(r#""redis":"up""#)
+        {
             return Ok(());
         }
         anyhow::ensure!(

@@ -329,9 +329,7 @@ pub async fn bench(args: &BenchDetectArgs, kind: StormKind) -> anyhow::Result<St
             env.push(("PICKET_REDIS_URL".to_owned(), r.clone()));
         }
         for kv in &args.serve_env {
-            let (k, v) = kv
-                .split_once('=')
-                .context("--serve-env takes NAME=VALUE")?;
+            let (k, v) = kv.split_once('=').context("--serve-env takes NAME=VALUE")?;
             anyhow::ensure!(k.starts_with("PICKET_"), "--serve-env sets PICKET_* only");
             env.push((k.to_owned(), v.to_owned()));
         }
@@ -556,13 +554,21 @@ async fn measure(
         let acked = send(
             &mut ingest,
             key,
-            burst(&format!("{run_id}-{t}-sentinel"), "sentinel@example.com", &ip),
+            burst(
+                &format!("{run_id}-{t}-sentinel"),
+                "sentinel@example.com",
+                &ip,
+            ),
             true,
         )
         .await?;
         sentinel_acks.push(acked);
     }
-    let last_ack = sentinel_acks.iter().copied().max().unwrap_or(last_storm_ack);
+    let last_ack = sentinel_acks
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(last_storm_ack);
     let drain = Duration::from_secs(args.drain_timeout_seconds);
     let mut sentinel_at: Option<Instant> = Some(last_ack);
     for (t, w) in watchers.iter().enumerate() {
@@ -593,9 +599,7 @@ async fn measure(
         incidents += count_incidents(channel, key).await?;
     }
     let memory: Vec<Option<(f64, f64)>> = match servers {
-        Servers::Children { children, .. } => {
-            children.iter().map(|c| c.memory().ok()).collect()
-        }
+        Servers::Children { children, .. } => children.iter().map(|c| c.memory().ok()).collect(),
         Servers::Given(urls) => urls.iter().map(|_| None).collect(),
     };
     let servers_fig: Vec<ServerFigures> = addrs
@@ -609,7 +613,8 @@ async fn measure(
         })
         .collect();
 
-    let since_last = |t: Option<Instant>| t.map(|t| t.saturating_duration_since(last_ack).as_secs_f64());
+    let since_last =
+        |t: Option<Instant>| t.map(|t| t.saturating_duration_since(last_ack).as_secs_f64());
     let evaluated_after_last_ack_s = since_last(evaluated_at);
     let sentinel_alert_after_last_ack_s = since_last(sentinel_at);
     let ingest_events_per_sec = args.events as f64 / ingest_seconds.max(1e-9);
@@ -1051,12 +1056,7 @@ impl Shape {
 
     fn failed_logins(&self) -> usize {
         (0..self.events as u64)
-            .filter(|i| {
-                matches!(
-                    self.kind_of(self.dice(*i)),
-                    Kind::Login { failed: true }
-                )
-            })
+            .filter(|i| matches!(self.kind_of(self.dice(*i)), Kind::Login { failed: true }))
             .count()
     }
 
@@ -1126,7 +1126,7 @@ impl Shape {
                     "/static/app.js",
                 ];
                 let path = PATHS[((r >> 32) % 4) as usize];
-                let status = if (r >> 36) % 50 == 0 { 404 } else { 200 };
+                let status = if (r >> 36).is_multiple_of(50) { 404 } else { 200 };
                 e.event_type = "http_request".into();
                 e.action = "GET".into();
                 e.resource = path.into();
