@@ -1126,7 +1126,11 @@ impl Shape {
                     "/static/app.js",
                 ];
                 let path = PATHS[((r >> 32) % 4) as usize];
-                let status = if (r >> 36).is_multiple_of(50) { 404 } else { 200 };
+                let status = if (r >> 36).is_multiple_of(50) {
+                    404
+                } else {
+                    200
+                };
                 e.event_type = "http_request".into();
                 e.action = "GET".into();
                 e.resource = path.into();
