@@ -53,7 +53,8 @@ struct Counts {
 }
 
 fn insert_capped(set: &mut HashSet<String>, v: &str) {
-    if !v.is_empty() && set.len() < MAX_DISTINCT {
+    // Look before allocating: most events repeat a value the window holds.
+    if !v.is_empty() && set.len() < MAX_DISTINCT && !set.contains(v) {
         set.insert(v.to_owned());
     }
 }
@@ -73,15 +74,16 @@ pub fn is_privileged(e: &NewEvent) -> bool {
 }
 
 impl Counts {
-    fn add(&mut self, e: &NewEvent, live: bool) {
+    /// Counts `e`, whose source IP as text is `ip`.
+    fn add(&mut self, e: &NewEvent, ip: Option<&str>, live: bool) {
         self.live |= live;
         self.events += 1;
         if e.outcome == Outcome::Failure {
             self.failures += 1;
         }
         insert_capped(&mut self.resources, &e.resource);
-        if let Some(ip) = e.source_ip {
-            insert_capped(&mut self.source_ips, &ip.to_string());
+        if let Some(ip) = ip {
+            insert_capped(&mut self.source_ips, ip);
         }
         insert_capped(&mut self.actors, &e.actor);
         if let Some(h) = &e.details.http {
@@ -302,18 +304,19 @@ impl WindowAggregator {
         if start + self.width + self.lateness <= watermark {
             return self.close_until(tenant, watermark);
         }
+        let ip = e.source_ip.map(|ip| ip.to_string());
         let mut entities = Vec::with_capacity(2);
         if !e.actor.is_empty() {
             entities.push(Entity::new(EntityKind::Actor, e.actor.clone()));
         }
-        if let Some(ip) = e.source_ip {
-            entities.push(Entity::new(EntityKind::Ip, ip.to_string()));
+        if let Some(ip) = &ip {
+            entities.push(Entity::new(EntityKind::Ip, ip.clone()));
         }
         let max_open = self.max_open;
         let open = self.open.entry(tenant).or_default();
         let mut evicted = Vec::new();
         for entity in entities {
-            open.touch((start, entity)).add(e, live);
+            open.touch((start, entity)).add(e, ip.as_deref(), live);
             // Bound memory: the least recently seen window closes early (never
             // the one just touched, which is the most recent).
             while open.len() > max_open {

@@ -234,34 +234,70 @@ pub fn severity_str(s: Severity) -> &'static str {
 
 /// An event as Sigma rules see it: a flat document of canonical fields,
 /// read through the alias table.
-pub struct PicketEvent {
-    /// The flat document (`Http.Method` is one key, not a nested object).
-    inner: JsonEvent<'static>,
+///
+/// Field lookups read the event in place: most events match no rule, and the
+/// engine asks each of them only for a few fields (its logsource, the fields
+/// its rules index), so building the whole document for every event (about
+/// 25 map entries, each allocated) was most of evaluation's cost. The
+/// document is built on first need only (keyword search, `to_json`, which
+/// correlations call for their evidence references) and is the same as
+/// before, so rules see exactly the same values either way.
+pub struct PicketEvent<'a> {
+    /// The event.
+    e: &'a NewEvent,
+    /// Its logsource category.
+    category: &'static str,
+    /// Its id as text.
+    id: String,
+    /// Source and destination addresses as text.
+    source_ip: Option<String>,
+    destination_ip: Option<String>,
+    /// The flat document (`Http.Method` is one key, not a nested object),
+    /// built on first need.
+    doc: std::cell::OnceCell<JsonEvent<'static>>,
 }
 
-impl PicketEvent {
-    /// Flattens an event. Empty strings are left out, so `Field: null` and
-    /// missing group-by values behave as in Sigma.
-    pub fn new(e: &NewEvent) -> Self {
+impl<'a> PicketEvent<'a> {
+    /// The event as rules see it. Empty strings are absent, so `Field: null`
+    /// and missing group-by values behave as in Sigma.
+    pub fn new(e: &'a NewEvent) -> Self {
+        Self {
+            e,
+            category: category_of(e),
+            id: e.id.to_string(),
+            source_ip: e.source_ip.map(|ip| ip.to_string()),
+            destination_ip: e.destination_ip.map(|ip| ip.to_string()),
+            doc: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The flat document.
+    fn doc(&self) -> &JsonEvent<'static> {
+        self.doc.get_or_init(|| JsonEvent::owned(self.document()))
+    }
+
+    /// Builds the flat document.
+    fn document(&self) -> Value {
+        let e = self.e;
         let mut m = Map::new();
         // Logsource dimensions read by the engine's logsource pruning and the
         // id read into correlation evidence references.
         m.insert("product".into(), PRODUCT.into());
-        m.insert("category".into(), category_of(e).into());
-        m.insert("id".into(), e.id.to_string().into());
-        m.insert("EventId".into(), e.id.to_string().into());
-        m.insert("Category".into(), category_of(e).into());
+        m.insert("category".into(), self.category.into());
+        m.insert("id".into(), self.id.clone().into());
+        m.insert("EventId".into(), self.id.clone().into());
+        m.insert("Category".into(), self.category.into());
         put_str(&mut m, "EventType", &e.event_type);
         put_str(&mut m, "Actor", &e.actor);
         put_str(&mut m, "Action", &e.action);
         put_str(&mut m, "Resource", &e.resource);
         m.insert("Outcome".into(), outcome_str(e.outcome).into());
         m.insert("Severity".into(), severity_str(e.severity).into());
-        if let Some(ip) = e.source_ip {
-            m.insert("SourceIp".into(), ip.to_string().into());
+        if let Some(ip) = &self.source_ip {
+            m.insert("SourceIp".into(), ip.clone().into());
         }
-        if let Some(ip) = e.destination_ip {
-            m.insert("DestinationIp".into(), ip.to_string().into());
+        if let Some(ip) = &self.destination_ip {
+            m.insert("DestinationIp".into(), ip.clone().into());
         }
         put_str(&mut m, "SourceSystem", &e.source_system);
         put_str(&mut m, "Service", &e.service);
@@ -319,25 +355,151 @@ impl PicketEvent {
         for (k, v) in &d.attributes {
             m.insert(format!("Attributes.{k}"), v.clone().into());
         }
-        Self {
-            inner: JsonEvent::owned(Value::Object(m)),
+        Value::Object(m)
+    }
+
+    /// The value the document holds under `key`, read from the event (the
+    /// same value and type the document would give).
+    fn field(&self, key: &str) -> Option<EventValue<'_>> {
+        let e = self.e;
+        let d = &e.details;
+        let s = |v: &'a str| (!v.is_empty()).then_some(EventValue::Str(Cow::Borrowed(v)));
+        let int = |v: u64| Some(number(v));
+        let float = |v: f64| v.is_finite().then_some(EventValue::Float(v));
+        match key {
+            "product" => Some(EventValue::Str(Cow::Borrowed(PRODUCT))),
+            "category" | "Category" => Some(EventValue::Str(Cow::Borrowed(self.category))),
+            "id" | "EventId" => Some(EventValue::Str(Cow::Borrowed(&self.id))),
+            "EventType" => s(&e.event_type),
+            "Actor" => s(&e.actor),
+            "Action" => s(&e.action),
+            "Resource" => s(&e.resource),
+            "Outcome" => Some(EventValue::Str(Cow::Borrowed(outcome_str(e.outcome)))),
+            "Severity" => Some(EventValue::Str(Cow::Borrowed(severity_str(e.severity)))),
+            "SourceIp" => self
+                .source_ip
+                .as_deref()
+                .map(|v| EventValue::Str(Cow::Borrowed(v))),
+            "DestinationIp" => self
+                .destination_ip
+                .as_deref()
+                .map(|v| EventValue::Str(Cow::Borrowed(v))),
+            "SourceSystem" => s(&e.source_system),
+            "Service" => s(&e.service),
+            "Environment" => s(&e.environment),
+            "OcsfClassUid" => int(e.ocsf_class_uid.into()),
+            "OcsfCategoryUid" => int(e.ocsf_category_uid.into()),
+            _ => {
+                if let Some(rest) = key.strip_prefix("Http.") {
+                    let h = d.http.as_ref()?;
+                    return match rest {
+                        "Method" => s(&h.method),
+                        "Path" => s(&h.path),
+                        "Route" => s(&h.route),
+                        "StatusCode" => int(h.status_code.into()),
+                        "LatencyMs" => float(h.latency_ms),
+                        "BytesIn" => int(h.bytes_in),
+                        "BytesOut" => int(h.bytes_out),
+                        "UserAgent" => s(&h.user_agent),
+                        _ => None,
+                    };
+                }
+                if let Some(rest) = key.strip_prefix("Auth.") {
+                    let a = d.auth.as_ref()?;
+                    return match rest {
+                        "Method" => s(&a.method),
+                        "MfaUsed" => Some(EventValue::Bool(a.mfa_used)),
+                        "MfaMethod" => s(&a.mfa_method),
+                        "FailureReason" => s(&a.failure_reason),
+                        "SessionId" => s(&a.session_id),
+                        _ => None,
+                    };
+                }
+                if let Some(rest) = key.strip_prefix("Network.") {
+                    let n = d.network.as_ref()?;
+                    return match rest {
+                        "SourcePort" => int(n.source_port.into()),
+                        "DestinationPort" => int(n.destination_port.into()),
+                        "Protocol" => s(&n.protocol),
+                        "BytesSent" => int(n.bytes_sent),
+                        "BytesReceived" => int(n.bytes_received),
+                        "Device" => s(&n.device),
+                        "RuleId" => s(&n.rule_id),
+                        _ => None,
+                    };
+                }
+                if let Some(rest) = key.strip_prefix("Database.") {
+                    let db = d.database.as_ref()?;
+                    return match rest {
+                        "System" => s(&db.system),
+                        "Name" => s(&db.database),
+                        "User" => s(&db.db_user),
+                        "Operation" => s(&db.operation),
+                        "Rows" => int(db.rows),
+                        _ => None,
+                    };
+                }
+                if let Some(rest) = key.strip_prefix("Change.") {
+                    let c = d.change.as_ref()?;
+                    return match rest {
+                        "ObjectType" => s(&c.object_type),
+                        "ObjectId" => s(&c.object_id),
+                        "OldValue" => s(&c.old_value),
+                        "NewValue" => s(&c.new_value),
+                        "Privilege" => s(&c.privilege),
+                        "TargetActor" => s(&c.target_actor),
+                        _ => None,
+                    };
+                }
+                if let Some(rest) = key.strip_prefix("Quota.") {
+                    let q = d.quota.as_ref()?;
+                    return match rest {
+                        "LimitName" => s(&q.limit_name),
+                        "Limit" => float(q.limit),
+                        "Observed" => float(q.observed),
+                        "Throttled" => Some(EventValue::Bool(q.throttled)),
+                        _ => None,
+                    };
+                }
+                if let Some(k) = key.strip_prefix("Attributes.") {
+                    // Attributes keep empty values (the document does too).
+                    return d
+                        .attributes
+                        .get(k)
+                        .map(|v| EventValue::Str(Cow::Borrowed(v.as_str())));
+                }
+                None
+            }
         }
     }
 
     /// The name under which `path` is stored in the flat document.
     fn key<'p>(&self, path: &'p str) -> Cow<'p, str> {
+        // The logsource dimensions first: the engine asks every event for
+        // them, and only `category` has a canonical twin (`Category`, the
+        // same value), so this order reads the same values without
+        // normalizing the name.
+        if matches!(path, "product" | "category" | "id") {
+            return Cow::Borrowed(path);
+        }
         if let Some(canonical) = canonical_field(path) {
             return Cow::Borrowed(canonical);
         }
         if let Some(k) = attribute_key(path) {
             return Cow::Owned(format!("Attributes.{k}"));
         }
-        if matches!(path, "product" | "category" | "id") {
-            return Cow::Borrowed(path);
-        }
         // An unknown name falls back to an attribute of that exact name, so
         // rules can match webhook fields kept as attributes.
         Cow::Owned(format!("Attributes.{path}"))
+    }
+}
+
+/// An unsigned count as the document's JSON number reads back: an integer,
+/// or beyond `i64` a float.
+fn number(v: u64) -> EventValue<'static> {
+    match i64::try_from(v) {
+        Ok(i) => EventValue::Int(i),
+        Err(_) => EventValue::Float(v as f64),
     }
 }
 
@@ -353,26 +515,26 @@ fn put_f64(m: &mut Map<String, Value>, k: &str, v: f64) {
     }
 }
 
-impl Event for PicketEvent {
+impl Event for PicketEvent<'_> {
     fn get_field(&self, path: &str) -> Option<EventValue<'_>> {
         let key = self.key(path);
-        self.inner.get_field(&key)
+        self.field(&key)
     }
 
     fn any_string_value(&self, pred: &dyn Fn(&str) -> bool) -> bool {
-        self.inner.any_string_value(pred)
+        self.doc().any_string_value(pred)
     }
 
     fn all_string_values(&self) -> Vec<Cow<'_, str>> {
-        self.inner.all_string_values()
+        self.doc().all_string_values()
     }
 
     fn visit_string_values(&self, visit: &mut dyn FnMut(&str)) {
-        self.inner.visit_string_values(visit)
+        self.doc().visit_string_values(visit)
     }
 
     fn to_json(&self) -> Value {
-        self.inner.to_json()
+        self.doc().to_json()
     }
     // `top_level_keys` stays `None`: aliases mean a rule's field names are
     // not the document's keys, so the engine must probe every field.
@@ -394,6 +556,95 @@ mod tests {
         assert_eq!(canonical_field("Nope"), None);
         assert!(is_known_field("Attributes.k8s.pod"));
         assert!(!is_known_field("Attributes."));
+    }
+
+    /// Fields are read from the event in place; every name reads back the
+    /// same value and type as from the flat document the engine saw before
+    /// (and still gets for keyword search and `to_json`).
+    #[test]
+    fn fields_read_in_place_equal_the_flat_document() {
+        use crate::domain::event::{
+            AuthDetails, ChangeDetails, DatabaseDetails, HttpDetails, NetworkDetails, QuotaDetails,
+        };
+        let mut full = event("user.login");
+        full.actor = "alice".into();
+        full.action = "login".into();
+        full.resource = "/auth".into();
+        full.outcome = Outcome::Failure;
+        full.severity = Severity::High;
+        full.source_ip = Some("192.0.2.7".parse().unwrap());
+        full.destination_ip = Some("2001:db8::1".parse().unwrap());
+        full.source_system = "idp".into();
+        full.service = "accounts".into();
+        full.environment = "production".into();
+        full.details.http = Some(HttpDetails {
+            method: "GET".into(),
+            path: "/x".into(),
+            status_code: 404,
+            latency_ms: 12.5,
+            bytes_in: 0,
+            bytes_out: u64::MAX,
+            user_agent: String::new(),
+            route: "/x".into(),
+        });
+        full.details.auth = Some(AuthDetails {
+            method: "password".into(),
+            mfa_used: true,
+            failure_reason: "bad_password".into(),
+            ..Default::default()
+        });
+        full.details.network = Some(NetworkDetails {
+            source_port: 5000,
+            destination_port: 443,
+            protocol: "tcp".into(),
+            bytes_sent: 7,
+            ..Default::default()
+        });
+        full.details.database = Some(DatabaseDetails {
+            system: "postgres".into(),
+            rows: 3,
+            ..Default::default()
+        });
+        full.details.change = Some(ChangeDetails {
+            privilege: "admin".into(),
+            target_actor: "bob".into(),
+            ..Default::default()
+        });
+        full.details.quota = Some(QuotaDetails {
+            limit_name: "rps".into(),
+            limit: f64::NAN,
+            observed: 3.0,
+            throttled: true,
+        });
+        full.details
+            .attributes
+            .insert("k8s.pod".into(), "web-1".into());
+        full.details
+            .attributes
+            .insert("empty".into(), String::new());
+        let mut names: Vec<&str> = FIELDS.to_vec();
+        names.extend(ALIASES.iter().map(|(a, _)| *a));
+        names.extend([
+            "product",
+            "category",
+            "id",
+            "Attributes.k8s.pod",
+            "k8s.pod",
+            "Attributes.empty",
+            "Attributes.missing",
+            "nope",
+            "Http.Nope",
+            "Http",
+        ]);
+        for e in [full, event("http_request"), event("tenant.delete")] {
+            let pe = PicketEvent::new(&e);
+            let doc = JsonEvent::owned(pe.document());
+            for name in &names {
+                let key = pe.key(name);
+                assert_eq!(pe.get_field(name), doc.get_field(&key), "{name}");
+            }
+            assert_eq!(pe.to_json(), pe.document());
+        }
     }
 
     #[test]

@@ -433,6 +433,14 @@ impl DetectionPipeline {
     /// Evaluates everything new in `tenant`'s feed; returns alerts raised or
     /// updated. A tenant of a shard this pipeline does not lead is left alone.
     pub async fn process_tenant(&mut self, tenant: TenantId) -> StoreResult<usize> {
+        let started = std::time::Instant::now();
+        let result = self.process_tenant_feed(tenant).await;
+        metrics::histogram!("picket_detect_pass_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn process_tenant_feed(&mut self, tenant: TenantId) -> StoreResult<usize> {
         let mut raised = 0;
         if !self.positions.contains_key(&tenant) {
             // Known tenants are all of led shards; another's is not ours.
@@ -443,15 +451,26 @@ impl DetectionPipeline {
             self.scorer.load(self.store.as_ref(), tenant).await?;
             self.positions.insert(tenant, FeedPosition::default());
         }
+        // While a full batch is evaluated, the next one is read and decoded
+        // on another task (another core), so a backlog is worked through
+        // without waiting on the store between batches.
+        let mut prefetch: Option<Prefetch> = None;
         while !self.shutdown.is_cancelled() {
-            let pos = self.positions.get(&tenant).copied().unwrap_or_default();
-            let batch = self.store.events_after(tenant, pos, READ).await?;
+            let batch = match prefetch.take() {
+                Some(next) => next.batch().await?,
+                None => {
+                    let pos = self.positions.get(&tenant).copied().unwrap_or_default();
+                    self.store.events_after(tenant, pos, READ).await?
+                }
+            };
             let Some(last) = batch.last().map(|e| e.position) else {
                 break;
             };
+            if batch.len() == READ as usize {
+                prefetch = Some(Prefetch::start(self.store.clone(), tenant, last));
+            }
             self.progress.reading(tenant, batch[0].event.received_at);
             for stored in &batch {
-                metrics::counter!("picket_detect_events_total").increment(1);
                 for d in self.evaluator.observe(tenant, &stored.event) {
                     self.raise(tenant, d, Some(stored.event.received_at)).await;
                     raised += 1;
@@ -460,6 +479,7 @@ impl DetectionPipeline {
                 raised += self.score_windows(closed, true).await?;
             }
             self.positions.insert(tenant, last);
+            metrics::counter!("picket_detect_events_total").increment(batch.len() as u64);
             let caught_up = batch.len() < READ as usize;
             let newest = batch.last().map_or_else(Utc::now, |e| e.event.received_at);
             self.progress
@@ -574,6 +594,33 @@ impl DetectionPipeline {
         }
         // A clean stop commits what evaluation has detected.
         self.raiser.flush().await;
+    }
+}
+
+/// The read of a tenant's next batch of events, running while the current
+/// one is evaluated; aborted if the pass ends first.
+struct Prefetch(tokio::task::JoinHandle<StoreResult<Vec<crate::domain::event::StoredEvent>>>);
+
+impl Prefetch {
+    /// Reads `tenant`'s events after `after`.
+    fn start(store: Arc<dyn Store>, tenant: TenantId, after: FeedPosition) -> Self {
+        Self(tokio::spawn(async move {
+            store.events_after(tenant, after, READ).await
+        }))
+    }
+
+    /// The batch read.
+    async fn batch(mut self) -> StoreResult<Vec<crate::domain::event::StoredEvent>> {
+        match (&mut self.0).await {
+            Ok(read) => read,
+            Err(e) => Err(anyhow::anyhow!("the feed read task failed: {e}").into()),
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

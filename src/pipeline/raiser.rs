@@ -263,6 +263,7 @@ async fn raise_tenant(config: &RaiserConfig, tenant: TenantId, jobs: Vec<Job>) {
         .into_iter()
         .filter_map(|(a, created)| created.then_some(a))
         .collect();
+    let correlating = Instant::now();
     if let Err(e) = crate::incidents::correlate_batch(
         config.store.as_ref(),
         tenant,
@@ -274,6 +275,8 @@ async fn raise_tenant(config: &RaiserConfig, tenant: TenantId, jobs: Vec<Job>) {
     {
         tracing::error!(tenant_id = %tenant, alerts = new.len(), error = %e, "incident correlation failed");
     }
+    metrics::histogram!("picket_incident_correlation_duration_seconds")
+        .record(correlating.elapsed().as_secs_f64());
 }
 
 /// The alert a rule detection raises: its evidence with snapshots, and the

@@ -114,6 +114,21 @@ fn describe_metrics() {
         Unit::Seconds,
         "How far detection is behind ingest: while events wait to be evaluated, the time since the oldest was received; otherwise how long the newest evaluated event waited"
     );
+    describe_histogram!(
+        "picket_detect_pass_duration_seconds",
+        Unit::Seconds,
+        "Time detection spends on one pass over a tenant's new events (reading the feed, evaluating, queueing alerts); its sum is detection's busy time"
+    );
+    describe_histogram!(
+        "picket_alert_write_duration_seconds",
+        Unit::Seconds,
+        "Time the alert writer takes to raise one tenant's share of a batch (evidence read and alert transaction)"
+    );
+    describe_histogram!(
+        "picket_incident_correlation_duration_seconds",
+        Unit::Seconds,
+        "Time the alert writer takes to correlate one tenant's new alerts of a batch into incidents"
+    );
     describe_counter!(
         "picket_alert_queue_full_total",
         "Times evaluation found the alert queue full and waited for the writer"

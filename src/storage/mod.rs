@@ -16,6 +16,7 @@ mod decisions;
 mod dialect;
 pub mod lock;
 mod postgres;
+pub mod scratch;
 mod sql;
 mod sqlite;
 mod store;

@@ -170,8 +170,11 @@ impl Dialect for Postgres {
     }
 
     fn doc<T: serde::de::DeserializeOwned>(row: &PgRow, col: &str) -> Result<T, sqlx::Error> {
-        let doc: serde_json::Value = row.col(col)?;
-        serde_json::from_value(doc).map_err(|e| sqlx::Error::Decode(e.into()))
+        // Straight from the column's bytes into `T`, without a
+        // `serde_json::Value` tree in between (the detection pipeline reads
+        // every event's details this way).
+        let sqlx::types::Json(doc) = sqlx::Row::try_get::<sqlx::types::Json<T>, _>(row, col)?;
+        Ok(doc)
     }
 
     fn position(row: &PgRow) -> Result<FeedPosition, sqlx::Error> {

@@ -124,3 +124,85 @@ async fn bench_shards_counts_every_event_evaluated_across_replicas() {
         "{report}"
     );
 }
+
+/// Issue 12: `picket bench detect --storm` starts a real `picket serve`
+/// (detection on) over a fresh Postgres database that it creates and drops,
+/// sends a small storm with admin bursts during it, and reports the figures.
+/// Without the storm mode the command refuses `--storm`.
+#[tokio::test]
+async fn bench_detect_storm_reports_a_small_run_on_a_fresh_postgres_database() {
+    use sqlx::Connection;
+    let admin = crate::common::postgres_admin_url();
+    let scratch_dbs = || async {
+        let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'picket_bench_storm_%'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        n
+    };
+    let before = scratch_dbs().await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_picket"))
+        .args([
+            "bench",
+            "detect",
+            "--storm",
+            "--database-url",
+            &admin,
+            "--events",
+            "3000",
+            "--users",
+            "20",
+            "--fail-percent",
+            "50",
+            "--admin-bursts",
+            "2",
+            "--batch-size",
+            "250",
+            "--json",
+        ])
+        .env_remove("PICKET_BENCH_DATABASE_URL")
+        .env_remove("PICKET_ADMIN_TOKEN")
+        .output()
+        .await
+        .expect("run picket");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["kind"], "credential-stuffing", "{r}");
+    assert_eq!(r["backend"], "postgres", "{r}");
+    assert_eq!(r["events"], 3000, "{r}");
+    // 25 % logins, half of them failing, over 20 users: every user's
+    // failures cross "more than 5 for one account in 5 minutes".
+    assert!(r["failed_logins"].as_u64().unwrap() > 100, "{r}");
+    assert!(r["alerts"].as_u64().unwrap() >= 20, "{r}");
+    assert!(r["incidents"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(r["admin_bursts"], 2, "{r}");
+    assert_eq!(r["admin_alerted"], 2, "{r}");
+    assert!(r["admin_latency_ms"]["p99"].as_f64().is_some(), "{r}");
+    for field in [
+        "ingest_events_per_sec",
+        "evaluated_after_last_ack_s",
+        "sentinel_alert_after_last_ack_s",
+        "detect_events_per_sec",
+        "detect_capacity_events_per_sec",
+    ] {
+        assert!(r[field].as_f64().is_some_and(|v| v >= 0.0), "{field}: {r}");
+    }
+    let servers = r["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 1, "{r}");
+    // Storm, admin bursts, sentinel and warm-up: every event was evaluated.
+    assert!(
+        servers[0]["events_evaluated"].as_f64().unwrap() >= 3000.0 + 18.0,
+        "{r}"
+    );
+    assert!(servers[0]["rss_end_mib"].as_f64().unwrap() > 1.0, "{r}");
+    assert_eq!(r["targets"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(
+        scratch_dbs().await,
+        before,
+        "the run's database was dropped"
+    );
+}

@@ -374,8 +374,8 @@ pub async fn bench(args: &BenchIngestArgs) -> anyhow::Result<BenchReport> {
     })
 }
 
-/// One client: a paced sender and a concurrent ack reader sharing a window of
-/// `in_flight` batches; returns ack latencies (send → ack) in µs.
+/// One client: its own connection and one stream; returns ack latencies
+/// (send → ack) in µs.
 async fn client_run(
     id: usize,
     endpoint: String,
@@ -385,20 +385,53 @@ async fn client_run(
     in_flight: usize,
     pace: Option<Duration>,
 ) -> anyhow::Result<Histogram<u64>> {
-    use std::sync::{Arc, Mutex};
     let channel = tonic::transport::Endpoint::from_shared(endpoint)?
         .tcp_nodelay(true)
         .connect()
         .await?;
+    let batches: Vec<Vec<pb::Event>> = events.chunks(batch_size).map(|c| c.to_vec()).collect();
+    let window = std::sync::Arc::new(tokio::sync::Semaphore::new(in_flight));
+    Ok(
+        stream_batches(id, channel, &key, batches.into_iter(), window, pace, None)
+            .await?
+            .latencies,
+    )
+}
+
+/// What [`stream_batches`] measured.
+pub(crate) struct StreamRun {
+    /// Ack latencies (send → ack) in µs.
+    pub latencies: Histogram<u64>,
+    /// When the last ack arrived.
+    pub last_ack: Option<Instant>,
+}
+
+/// Sends `batches` on one `IngestStream` over `channel` with `key`: a paced
+/// sender and a concurrent ack reader, each batch holding a permit of
+/// `window` (shared by several streams when the caller wants one window
+/// across them) until it is acknowledged. Every event must be accepted.
+/// `acked`, if given, counts acknowledged events as they arrive.
+pub(crate) async fn stream_batches<I>(
+    id: usize,
+    channel: tonic::transport::Channel,
+    key: &str,
+    batches: I,
+    window: std::sync::Arc<tokio::sync::Semaphore>,
+    pace: Option<Duration>,
+    acked: Option<std::sync::Arc<tokio::sync::watch::Sender<usize>>>,
+) -> anyhow::Result<StreamRun>
+where
+    I: ExactSizeIterator<Item = Vec<pb::Event>> + Send + 'static,
+{
+    use std::sync::{Arc, Mutex};
     let mut client = IngestServiceClient::new(channel).max_encoding_message_size(64 << 20);
-    let (tx, rx) = mpsc::channel::<pb::IngestStreamRequest>(in_flight + 1);
+    let (tx, rx) = mpsc::channel::<pb::IngestStreamRequest>(4);
     let mut acks = client
-        .ingest_stream(with_key(ReceiverStream::new(rx), &key)?)
+        .ingest_stream(with_key(ReceiverStream::new(rx), key)?)
         .await?
         .into_inner();
-    let window = Arc::new(tokio::sync::Semaphore::new(in_flight));
-    let sent_at: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
-    let batches: Vec<Vec<pb::Event>> = events.chunks(batch_size).map(|c| c.to_vec()).collect();
+    // (send instant, events) per sequence number.
+    let sent_at: Arc<Mutex<HashMap<u64, (Instant, usize)>>> = Arc::default();
     let total = batches.len();
     let sender = {
         let window = window.clone();
@@ -409,7 +442,7 @@ async fn client_run(
                 i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 i
             });
-            for (n, batch) in batches.into_iter().enumerate() {
+            for (n, batch) in batches.enumerate() {
                 if let Some(t) = ticker.as_mut() {
                     t.tick().await;
                 }
@@ -419,7 +452,7 @@ async fn client_run(
                 sent_at
                     .lock()
                     .expect("not poisoned")
-                    .insert(seq, Instant::now());
+                    .insert(seq, (Instant::now(), batch.len()));
                 if tx
                     .send(pb::IngestStreamRequest {
                         sequence: seq,
@@ -433,7 +466,8 @@ async fn client_run(
             }
         })
     };
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static bounds");
+    let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static bounds");
+    let mut last_ack = None;
     for _ in 0..total {
         let ack = acks
             .message()
@@ -451,13 +485,23 @@ async fn client_run(
             "client {id}: {} events rejected",
             ack.rejected
         );
-        if let Some(t) = sent_at.lock().expect("not poisoned").remove(&ack.sequence) {
-            hist.record(t.elapsed().as_micros().max(1) as u64).ok();
+        let now = Instant::now();
+        last_ack = Some(now);
+        if let Some((t, n)) = sent_at.lock().expect("not poisoned").remove(&ack.sequence) {
+            latencies
+                .record(now.duration_since(t).as_micros().max(1) as u64)
+                .ok();
+            if let Some(acked) = &acked {
+                acked.send_modify(|a| *a += n);
+            }
         }
         window.add_permits(1);
     }
     sender.await.context("sender panicked")?;
-    Ok(hist)
+    Ok(StreamRun {
+        latencies,
+        last_ack,
+    })
 }
 
 /// Nearest-rank p50, p99 and max in milliseconds; `None` when empty.

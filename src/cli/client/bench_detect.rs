@@ -50,6 +50,68 @@ pub struct BenchDetectArgs {
     /// Print a machine-readable JSON summary instead of text.
     #[arg(long)]
     pub json: bool,
+
+    /// Measure detection under an ingest storm instead (see
+    /// `bench_storm.rs`): `credential-stuffing` (the default), `quiet` or
+    /// `fresh-ips`. Starts `picket serve` processes with detection on; with a
+    /// Postgres `--database-url` (a database on the cluster it may connect
+    /// to, e.g. `/postgres`) it creates a fresh database for the run and
+    /// drops it afterwards.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "credential-stuffing")]
+    pub storm: Option<crate::cli::client::bench_storm::StormKind>,
+    /// Storm: events to send, over all tenants.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: usize,
+    /// Storm: users per tenant.
+    #[arg(long, default_value_t = 2_000)]
+    pub users: usize,
+    /// Storm: percent of events that are logins.
+    #[arg(long, default_value_t = 25)]
+    pub login_percent: u32,
+    /// Storm: percent of logins that fail (default: 10 for credential
+    /// stuffing, 1 for quiet, 20 for fresh IPs).
+    #[arg(long)]
+    pub fail_percent: Option<u32>,
+    /// Storm: bursts of six failed logins for an administrator account sent
+    /// during the storm (one account each), measured ack → alert.
+    #[arg(long, default_value_t = 20)]
+    pub admin_bursts: usize,
+    /// Storm: tenants the events are spread over (one stream each at least).
+    #[arg(long, default_value_t = 1)]
+    pub tenants: usize,
+    /// Storm: HTTP/2 connections (and at least as many IngestStreams).
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Storm: events per batch.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_size: usize,
+    /// Storm: batches in flight per connection (one window shared by all streams).
+    #[arg(long, default_value_t = 4)]
+    pub in_flight: usize,
+    /// Storm: servers to start over the run's database (above 1 needs
+    /// Postgres and `--redis-url`).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// Storm: Redis for the replicas.
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// Storm: extra `PICKET_*=value` settings for the servers it starts.
+    #[arg(long = "serve-env", value_name = "NAME=VALUE")]
+    pub serve_env: Vec<String>,
+    /// Storm: target running servers instead (`http://host:port`, repeat for
+    /// several replicas); needs `--admin-token`. RSS is then not measured.
+    #[arg(long = "server", value_name = "URL")]
+    pub servers: Vec<String>,
+    /// Storm: the operator token of the servers given with `--server`.
+    #[arg(long, env = "PICKET_ADMIN_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub admin_token: Option<SecretString>,
+    /// Storm: give up waiting for detection to finish this long after the last ack.
+    #[arg(long, default_value_t = 600)]
+    pub drain_timeout_seconds: u64,
+}
+
+fn secret(s: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(s.to_owned()))
 }
 
 /// The measured figures.
@@ -74,6 +136,9 @@ pub struct DetectReport {
 
 /// Runs the benchmark and prints the report.
 pub async fn run(args: BenchDetectArgs) -> anyhow::Result<()> {
+    if let Some(kind) = args.storm {
+        return crate::cli::client::bench_storm::run(&args, kind).await;
+    }
     let report = bench(&args).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -23,7 +23,8 @@ use tonic::transport::Channel;
 
 use crate::cli::client::bench::Latency;
 use crate::cli::client::bench_detect::RunStore;
-use crate::cli::client::bench_fanout::{ServerChild, http_get, tenant_key};
+use crate::cli::client::bench_fanout::tenant_key;
+use crate::cli::client::serve_child::{ServerChild, http_get};
 use crate::cli::client::with_key;
 use crate::grpc::pb;
 use crate::grpc::pb::enforcement_service_client::EnforcementServiceClient;
@@ -284,7 +285,11 @@ pub async fn bench(args: &BenchEnforceArgs, database_url: &str) -> anyhow::Resul
     } else {
         "sqlite"
     };
-    let server = ServerChild::start(database_url, &operator, None)?;
+    let server = ServerChild::start(
+        database_url,
+        &operator,
+        &[("PICKET_DETECTION".into(), "false".into())],
+    )?;
     let connect = || async {
         tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))?
             .tcp_nodelay(true)

@@ -14,7 +14,6 @@
 //! `--redis-url` two replicas run on the same Postgres and Redis: the
 //! subscribers use one, the changes go through the other.
 
-use std::io::{BufRead, BufReader};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -27,6 +26,7 @@ use tokio::sync::Notify;
 use tonic::transport::Channel;
 
 use crate::cli::client::bench::Latency;
+use crate::cli::client::serve_child::{ServerChild, http_get};
 use crate::cli::client::with_key;
 use crate::grpc::pb;
 use crate::grpc::pb::admin_service_client::AdminServiceClient;
@@ -174,83 +174,6 @@ pub async fn run(args: BenchFanoutArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The server under test, as a child process; killed when dropped.
-pub(crate) struct ServerChild {
-    /// The process.
-    child: std::process::Child,
-    /// Where it listens (`host:port`).
-    pub addr: String,
-}
-
-impl ServerChild {
-    /// Starts `picket serve` (this binary) on port 0, detection off so only
-    /// the fan-out is measured, and waits for its "serving" line.
-    pub(crate) fn start(database_url: &str, operator: &str, redis_url: Option<&str>) -> anyhow::Result<Self> {
-        let mut env = vec![("PICKET_DETECTION", "false")];
-        if let Some(url) = redis_url {
-            env.push(("PICKET_REDIS_URL", url));
-        }
-        Self::spawn(database_url, operator, &env)
-    }
-
-    /// Starts `picket serve` (this binary) on port 0 with the extra
-    /// environment `env`, and waits for its "serving" line.
-    pub(crate) fn spawn(
-        database_url: &str,
-        operator: &str,
-        env: &[(&str, &str)],
-    ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("cannot find the picket binary")?;
-        let mut cmd = std::process::Command::new(exe);
-        cmd.args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
-            .env("PICKET_DATABASE_URL", database_url)
-            .env("PICKET_ADMIN_TOKEN", operator)
-            .env("PICKET_LOG", "warn,picket=info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().context("failed to start picket serve")?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            let line = lines.next().context("the server exited before serving")??;
-            if line.contains("picket serving") {
-                let v: serde_json::Value = serde_json::from_str(&line)?;
-                break v["addr"].as_str().context("no addr")?.to_owned();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Ok(Self { child, addr })
-    }
-
-    /// (RSS, peak RSS) in MiB.
-    pub(crate) fn memory(&self) -> anyhow::Result<(f64, f64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .context("cannot read the server's /proc status (Linux only)")?;
-        let kib = |field: &str| -> anyhow::Result<f64> {
-            let line = status
-                .lines()
-                .find(|l| l.starts_with(field))
-                .with_context(|| format!("no {field} in /proc status"))?;
-            Ok(line
-                .split_whitespace()
-                .nth(1)
-                .context("malformed /proc status")?
-                .parse::<f64>()?)
-        };
-        Ok((kib("VmRSS:")? / 1024.0, kib("VmHWM:")? / 1024.0))
-    }
-}
-
-impl Drop for ServerChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// What one subscriber saw.
 struct Seen {
     /// Latencies in µs.
@@ -281,9 +204,14 @@ pub async fn bench(args: &BenchFanoutArgs) -> anyhow::Result<FanoutReport> {
     );
     // `server` serves the subscribers; `writer` takes the changes (the same
     // process unless --redis-url asks for two replicas).
-    let server = ServerChild::start(&args.database_url, &operator, redis)?;
+    // Detection off, so only the fan-out is measured.
+    let mut env = vec![("PICKET_DETECTION".to_owned(), "false".to_owned())];
+    if let Some(url) = redis {
+        env.push(("PICKET_REDIS_URL".to_owned(), url.to_owned()));
+    }
+    let server = ServerChild::start(&args.database_url, &operator, &env)?;
     let other = match redis {
-        Some(_) => Some(ServerChild::start(&args.database_url, &operator, redis)?),
+        Some(_) => Some(ServerChild::start(&args.database_url, &operator, &env)?),
         None => None,
     };
     if redis.is_some() {
@@ -451,8 +379,10 @@ pub async fn bench(args: &BenchFanoutArgs) -> anyhow::Result<FanoutReport> {
 async fn redis_up(addr: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let answer = http_get(addr, "/healthz").await?;
-        if answer.contains(r#""redis":"up""#) {
+        if http_get(addr, "/healthz")
+            .await?
+            .contains(r#""redis":"up""#)
+        {
             return Ok(());
         }
         anyhow::ensure!(
@@ -461,21 +391,6 @@ async fn redis_up(addr: &str) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// `GET path` on `addr` over plain HTTP/1.1: the whole answer, headers
-/// included. The CLI has no HTTP client dependency; the benchmarks only read
-/// `/healthz` and `/metrics` this way.
-pub(crate) async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(addr).await?;
-    conn.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: picket\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer).await?;
-    Ok(answer)
 }
 
 /// A fresh tenant and a read/respond key for it.

@@ -21,7 +21,7 @@ use anyhow::Context;
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::cli::client::bench_fanout::{ServerChild, http_get};
+use crate::cli::client::serve_child::{ServerChild, http_get, metric_sum};
 use crate::cli::client::{tenant_with_key, with_key};
 use crate::grpc::pb;
 use crate::grpc::pb::admin_service_client::AdminServiceClient;
@@ -148,10 +148,10 @@ pub async fn bench(args: &BenchShardsArgs) -> anyhow::Result<ShardsReport> {
 
     // Tenants first, through a server that runs no detection.
     let keys = {
-        let setup = ServerChild::spawn(
+        let setup = ServerChild::start(
             &args.database_url,
             &operator,
-            &[("PICKET_DETECTION", "false")],
+            &[("PICKET_DETECTION".into(), "false".into())],
         )?;
         let mut admin = AdminServiceClient::new(connect(&setup.addr).await?);
         let mut keys = Vec::with_capacity(args.tenants);
@@ -170,14 +170,14 @@ pub async fn bench(args: &BenchShardsArgs) -> anyhow::Result<ShardsReport> {
     };
 
     let mut replicas = Vec::with_capacity(args.replicas);
-    let env: Vec<(&str, &str)> = args
+    let env: Vec<(String, String)> = args
         .redis_url
         .as_deref()
-        .map(|url| ("PICKET_REDIS_URL", url))
+        .map(|url| ("PICKET_REDIS_URL".to_owned(), url.to_owned()))
         .into_iter()
         .collect();
     for _ in 0..args.replicas {
-        replicas.push(ServerChild::spawn(&args.database_url, &operator, &env)?);
+        replicas.push(ServerChild::start(&args.database_url, &operator, &env)?);
     }
     let shards_led = wait_spread(&replicas).await?;
     let mut channels = Vec::with_capacity(args.replicas);
@@ -289,9 +289,8 @@ async fn wait_spread(replicas: &[ServerChild]) -> anyhow::Result<Vec<u64>> {
     loop {
         let mut led = Vec::with_capacity(replicas.len());
         for r in replicas {
-            let answer = http_get(&r.addr, "/healthz").await?;
-            let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
-            let health: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            let body = http_get(&r.addr, "/healthz").await?;
+            let health: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
             led.push(health["detect_shards"].as_u64().unwrap_or(0));
         }
         let share = crate::pipeline::shards::fair_share(
@@ -316,14 +315,7 @@ async fn sum_counter(replicas: &[ServerChild], name: &str) -> anyhow::Result<f64
     let mut sum = 0.0;
     for r in replicas {
         let text = http_get(&r.addr, "/metrics").await?;
-        sum += text
-            .lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
+        sum += metric_sum(&text, name);
     }
     Ok(sum)
 }

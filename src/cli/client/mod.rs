@@ -9,9 +9,11 @@ pub mod bench_detect;
 pub mod bench_enforce;
 pub mod bench_fanout;
 pub mod bench_shards;
+pub mod bench_storm;
 pub mod decisions;
 pub mod ingest;
 pub mod json;
+mod serve_child;
 pub mod simulate;
 pub mod tail;
 
