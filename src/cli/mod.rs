@@ -61,6 +61,9 @@ pub enum Command {
     Ingest(crate::cli::client::ingest::IngestArgs),
     /// Follow newly committed events live.
     Tail(crate::cli::client::tail::TailArgs),
+    /// Audit exports of stored events.
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -70,6 +73,14 @@ pub enum Command {
     /// Try the anomaly models on your own CSV data.
     #[command(subcommand)]
     Anomaly(AnomalyCommand),
+}
+
+/// `picket export …`
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// Every stored event matching the filters in a time range, oldest first,
+    /// as JSON lines or CSV (ReportService.ExportEvents).
+    Events(crate::cli::client::export::ExportEventsArgs),
 }
 
 /// `picket bench …`
@@ -238,6 +249,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Anomaly(AnomalyCommand::Score(args)) => crate::cli::anomaly::run(&args),
         Command::Ingest(args) => crate::cli::client::ingest::run(args).await,
         Command::Tail(args) => crate::cli::client::tail::run(args).await,
+        Command::Export(ExportCommand::Events(args)) => {
+            crate::cli::client::export::run(args).await.map(|_| ())
+        }
         Command::Bench(BenchCommand::Ingest(args)) => crate::cli::client::bench::run(args).await,
         Command::Bench(BenchCommand::Detect(args)) => {
             crate::cli::client::bench_detect::run(args).await

@@ -1,4 +1,5 @@
-//! The command line's gRPC client side: `picket ingest`, `picket tail` and the
+//! The command line's gRPC client side: `picket ingest`, `picket tail`,
+//! `picket export` and the
 //! `picket bench` load generators and the `picket simulate` scenario
 //! simulator. Talks to a server through the generated
 //! clients exactly like any other client would.
@@ -6,6 +7,7 @@
 pub mod bench;
 pub mod bench_detect;
 pub mod bench_fanout;
+pub mod export;
 pub mod ingest;
 pub mod json;
 pub mod simulate;
