@@ -241,6 +241,15 @@ async fn export_streams_every_match_in_time_order_and_resumes(backend: Backend) 
     .await
     .unwrap_err();
     assert_eq!(field(&err), "after_cursor");
+
+    // Exports are timed (the stream closes only after the time is recorded).
+    let (_, _, body) = crate::common::http1(app.addr, "GET", "/metrics", &[], vec![]).await;
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("picket_report_duration_seconds_bucket{report=\"export_events\""),
+        "{text}"
+    );
+    assert!(text.contains("picket_export_events_total"), "{text}");
 }
 
 async fn export_refuses_bad_input_and_missing_scope(backend: Backend) {
