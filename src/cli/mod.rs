@@ -65,6 +65,9 @@ pub enum Command {
     /// Enforcement decisions: list, add, revoke, check.
     #[command(subcommand)]
     Decisions(crate::cli::client::decisions::DecisionsCommand),
+    /// Audit exports of stored events.
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -74,6 +77,14 @@ pub enum Command {
     /// Try the anomaly models on your own CSV data.
     #[command(subcommand)]
     Anomaly(AnomalyCommand),
+}
+
+/// `picket export …`
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// Every stored event matching the filters in a time range, oldest first,
+    /// as JSON lines or CSV (ReportService.ExportEvents).
+    Events(crate::cli::client::export::ExportEventsArgs),
 }
 
 /// `picket bench …`
@@ -248,6 +259,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ingest(args) => crate::cli::client::ingest::run(args).await,
         Command::Tail(args) => crate::cli::client::tail::run(args).await,
         Command::Decisions(cmd) => crate::cli::client::decisions::run(cmd).await,
+        Command::Export(ExportCommand::Events(args)) => {
+            crate::cli::client::export::run(args).await.map(|_| ())
+        }
         Command::Bench(BenchCommand::Ingest(args)) => crate::cli::client::bench::run(args).await,
         Command::Bench(BenchCommand::Detect(args)) => {
             crate::cli::client::bench_detect::run(args).await

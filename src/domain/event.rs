@@ -544,6 +544,12 @@ pub struct EventQuery {
     pub received_before: Option<DateTime<Utc>>,
     /// Keyset: only events strictly older than (occurred_at, id).
     pub before: Option<(DateTime<Utc>, Uuid)>,
+    /// Oldest first (by occurred_at, then id) instead of newest first; pages
+    /// with `after` instead of `before` (audit exports).
+    pub oldest_first: bool,
+    /// Keyset of an oldest-first query: only events strictly newer than
+    /// (occurred_at, id).
+    pub after: Option<(DateTime<Utc>, Uuid)>,
     /// Most rows to return.
     pub limit: u32,
 }

@@ -353,13 +353,14 @@ pub struct EventPageToken {
 
 /// Binds a page token to the request's filter and time range.
 fn query_tag(
+    kind: &str,
     tenant: TenantId,
     filter: Option<&pb::EventFilter>,
     range: Option<&pb::TimeRange>,
 ) -> String {
     let f = filter.map(Message::encode_to_vec).unwrap_or_default();
     let r = range.map(Message::encode_to_vec).unwrap_or_default();
-    tag(&[b"events", tenant.0.as_bytes(), &f, &r])
+    tag(&[kind.as_bytes(), tenant.0.as_bytes(), &f, &r])
 }
 
 /// Encodes a page token.
@@ -371,7 +372,7 @@ pub fn encode_page_token(
 ) -> String {
     URL_SAFE_NO_PAD.encode(format!(
         "{}.{}.{}.{}",
-        query_tag(tenant, filter, range),
+        query_tag("events", tenant, filter, range),
         token.before.0.timestamp_micros(),
         token.before.1,
         token.received_before.timestamp_micros()
@@ -397,7 +398,7 @@ pub fn decode_page_token(
     let [t, at, id, recv] = parts.as_slice() else {
         return Err(bad());
     };
-    if *t != query_tag(tenant, filter, range) {
+    if *t != query_tag("events", tenant, filter, range) {
         return Err(bad());
     }
     let micros = |s: &str| {
@@ -407,6 +408,67 @@ pub fn decode_page_token(
     };
     Ok(EventPageToken {
         before: (
+            micros(at).ok_or_else(bad)?,
+            Uuid::parse_str(id).map_err(|_| bad())?,
+        ),
+        received_before: micros(recv).ok_or_else(bad)?,
+    })
+}
+
+/// What an ExportEvents cursor carries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExportCursor {
+    /// Keyset: the last event delivered.
+    pub after: (DateTime<Utc>, Uuid),
+    /// The export is pinned to events received up to the moment it first opened.
+    pub received_before: DateTime<Utc>,
+}
+
+/// Encodes an export cursor, bound to the tenant, filter and time range.
+pub fn encode_export_cursor(
+    tenant: TenantId,
+    filter: Option<&pb::EventFilter>,
+    range: Option<&pb::TimeRange>,
+    c: ExportCursor,
+) -> String {
+    URL_SAFE_NO_PAD.encode(format!(
+        "{}.{}.{}.{}",
+        query_tag("export", tenant, filter, range),
+        c.after.0.timestamp_micros(),
+        c.after.1,
+        c.received_before.timestamp_micros()
+    ))
+}
+
+/// Decodes an export cursor; it must come from the same tenant, filter and range.
+pub fn decode_export_cursor(
+    tenant: TenantId,
+    filter: Option<&pb::EventFilter>,
+    range: Option<&pb::TimeRange>,
+    cursor: &str,
+) -> AppResult<ExportCursor> {
+    let bad = || {
+        AppError::invalid(
+            "after_cursor",
+            "not an export cursor for this query (filter and time range must not change)",
+        )
+    };
+    let raw =
+        String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?).map_err(|_| bad())?;
+    let parts: Vec<&str> = raw.split('.').collect();
+    let [t, at, id, recv] = parts.as_slice() else {
+        return Err(bad());
+    };
+    if *t != query_tag("export", tenant, filter, range) {
+        return Err(bad());
+    }
+    let micros = |s: &str| {
+        s.parse::<i64>()
+            .ok()
+            .and_then(DateTime::from_timestamp_micros)
+    };
+    Ok(ExportCursor {
+        after: (
             micros(at).ok_or_else(bad)?,
             Uuid::parse_str(id).map_err(|_| bad())?,
         ),

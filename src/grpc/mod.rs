@@ -13,6 +13,7 @@ pub mod health;
 pub mod incidents;
 pub mod ingest;
 pub mod placeholder;
+pub mod reports;
 pub mod rules;
 pub mod status;
 pub mod watch;

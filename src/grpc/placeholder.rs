@@ -70,14 +70,3 @@ placeholder_service! {
     }
     streaming {}
 }
-
-placeholder_service! {
-    /// `picket.v1.ReportService` until reports land.
-    ReportApi: pb::report_service_server::ReportService, "reports are not implemented yet";
-    unary {
-        get_access_report(GetAccessReportRequest) -> GetAccessReportResponse, Read;
-        get_security_summary(GetSecuritySummaryRequest) -> GetSecuritySummaryResponse, Read;
-        get_dashboard_metrics(GetDashboardMetricsRequest) -> GetDashboardMetricsResponse, Read;
-    }
-    streaming {}
-}

@@ -158,6 +158,15 @@ fn describe_metrics() {
         Unit::Seconds,
         "Time a feed reader takes to read new entries from the store"
     );
+    describe_histogram!(
+        "picket_report_duration_seconds",
+        Unit::Seconds,
+        "Time to produce a report, by report (export_events: from the stream's start to its last event)"
+    );
+    describe_counter!(
+        "picket_export_events_total",
+        "Events sent by ExportEvents streams"
+    );
     describe_gauge!(
         "picket_redis_connected",
         "1 while the replica signal subscription to Redis is up"

@@ -197,6 +197,21 @@ pub(crate) fn push_newest_first<DB: Dialect>(
         .push_bind(i64::from(limit));
 }
 
+/// Appends the keyset condition `(col, id) > after`, oldest-first order and the limit.
+fn push_oldest_first<DB: Dialect>(
+    q: &mut Stmt<DB>,
+    col: &str,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: u32,
+) {
+    if let Some((t, id)) = after {
+        q.push(&format!(" AND ({col}, id) > (")).push_time(t);
+        q.push(", ").push_uuid(id).push(")");
+    }
+    q.push(&format!(" ORDER BY {col} ASC, id ASC LIMIT "))
+        .push_bind(i64::from(limit));
+}
+
 // Only private helpers: the crate-internal `Dialect` bound never reaches callers.
 #[allow(private_bounds)]
 impl<DB: Dialect> SqlStore<DB> {
@@ -881,7 +896,11 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
         if let Some(t) = q.received_before {
             b.push(" AND received_at <= ").push_time(t);
         }
-        push_newest_first(&mut b, "occurred_at", q.before, q.limit);
+        if q.oldest_first {
+            push_oldest_first(&mut b, "occurred_at", q.after, q.limit);
+        } else {
+            push_newest_first(&mut b, "occurred_at", q.before, q.limit);
+        }
         self.read_list(
             tenant,
             b,

@@ -16,6 +16,7 @@ mod grpcweb;
 mod incidents;
 mod ingest;
 mod replicas;
+mod reports;
 mod restarts;
 mod rule_pack;
 mod rules;

@@ -1110,10 +1110,42 @@ mod events {
         );
     }
 
+    /// The oldest-first keyset the audit export pages with: ascending by
+    /// (occurred_at, id), strictly after `after`, ties broken by id.
+    pub async fn query_pages_oldest_first(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let (a, b) = two_tenants(s.as_ref()).await;
+        // Two events per second for five seconds: every second is a tie.
+        let evs: Vec<_> = (0..10)
+            .map(|i| event(&format!("o{i}"), "x", i / 2))
+            .collect();
+        let theirs = vec![event("t0", "x", 0)];
+        s.insert_events(&[(a, &evs), (b, &theirs)]).await.unwrap();
+        let mut expected: Vec<_> = evs.iter().map(|e| (e.occurred_at, e.id)).collect();
+        expected.sort();
+        let mut q = EventQuery {
+            start: Some(evs[2].occurred_at),
+            end: Some(evs[8].occurred_at),
+            oldest_first: true,
+            limit: 3,
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let page = s.query_events(a, &q).await.unwrap();
+            let Some(last) = page.last() else { break };
+            q.after = Some((last.event.occurred_at, last.event.id));
+            seen.extend(page.iter().map(|r| (r.event.occurred_at, r.event.id)));
+        }
+        // [second 1, second 4): events 2..8 in (occurred_at, id) order.
+        assert_eq!(seen, expected[2..8]);
+    }
+
     crate::both_backends!(
         insert_reports_accepted_and_duplicates,
         feed_is_ordered_and_tenant_scoped,
         query_pages_and_purge,
+        query_pages_oldest_first,
     );
 }
 

@@ -1,5 +1,5 @@
 //! The command line's gRPC client side: `picket ingest`, `picket tail`,
-//! `picket decisions` and the
+//! `picket decisions`, `picket export` and the
 //! `picket bench` load generators and the `picket simulate` scenario
 //! simulator. Talks to a server through the generated
 //! clients exactly like any other client would.
@@ -11,6 +11,7 @@ pub mod bench_fanout;
 pub mod bench_shards;
 pub mod bench_storm;
 pub mod decisions;
+pub mod export;
 pub mod ingest;
 pub mod json;
 mod serve_child;
