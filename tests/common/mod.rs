@@ -32,6 +32,39 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// Waits (at most 30 s) until every transaction the cluster had begun
+    /// before this call has ended, so every commit made before it is
+    /// readable on the Postgres feeds (they read only below the snapshot's
+    /// xmin; another test's open transaction holds it back). SQLite feeds
+    /// show every commit at once.
+    pub async fn feeds_settled(&self) {
+        use sqlx::Connection;
+        if self.pg.is_none() {
+            return;
+        }
+        let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
+        let mine: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let xmin: i64 =
+                sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
+            if xmin > mine {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "an older transaction stayed open for 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// A fresh, empty database on `backend`. Panics (failing the test) if
     /// Postgres cannot be reached: no test is skipped silently.
     pub async fn new(backend: Backend) -> Self {
