@@ -20,6 +20,8 @@
 //!   alerts) and anomaly scoring of behaviour windows.
 //! - [`incidents`]: correlation of alerts into incidents, manual changes.
 //! - [`webhooks`]: webhook sources, secrets sealed at rest, signature checks.
+//! - [`response`]: response playbooks, runs under approval, the engine that
+//!   executes them, automatic runs, signed outbound notifications.
 //! - [`error`]: [`error::AppError`], what every capability returns.
 //!
 //! Storage and transports:
@@ -46,6 +48,7 @@ pub mod http;
 pub mod incidents;
 pub mod ingest;
 pub mod pipeline;
+pub mod response;
 pub mod server;
 pub mod storage;
 pub mod webhooks;

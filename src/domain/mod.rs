@@ -7,6 +7,7 @@
 pub mod alert;
 pub mod event;
 pub mod incident;
+pub mod playbook;
 pub mod rule;
 pub mod tenant;
 pub mod webhook;

@@ -12,6 +12,7 @@ pub mod health;
 pub mod incidents;
 pub mod ingest;
 pub mod placeholder;
+pub mod playbooks;
 pub mod rules;
 pub mod status;
 pub mod watch;
@@ -91,6 +92,8 @@ pub struct ApiContext {
     pub peers: crate::cluster::replicas::Peers,
     /// Seals and opens webhook signing secrets.
     pub secrets: crate::webhooks::SecretBox,
+    /// Playbooks, runs and their engine.
+    pub response: Arc<crate::response::Responder>,
 }
 
 /// Limits and defaults of streaming RPCs.

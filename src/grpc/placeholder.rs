@@ -53,25 +53,6 @@ macro_rules! placeholder_service {
 }
 
 placeholder_service! {
-    /// `picket.v1.PlaybookService` until playbooks land.
-    PlaybookApi: pb::playbook_service_server::PlaybookService, "playbooks are not implemented yet";
-    unary {
-        create_playbook(CreatePlaybookRequest) -> CreatePlaybookResponse, Admin;
-        get_playbook(GetPlaybookRequest) -> GetPlaybookResponse, Read;
-        list_playbooks(ListPlaybooksRequest) -> ListPlaybooksResponse, Read;
-        update_playbook(UpdatePlaybookRequest) -> UpdatePlaybookResponse, Admin;
-        delete_playbook(DeletePlaybookRequest) -> DeletePlaybookResponse, Admin;
-        start_playbook_run(StartPlaybookRunRequest) -> StartPlaybookRunResponse, Respond;
-        get_playbook_run(GetPlaybookRunRequest) -> GetPlaybookRunResponse, Read;
-        list_playbook_runs(ListPlaybookRunsRequest) -> ListPlaybookRunsResponse, Read;
-        approve_playbook_run(ApprovePlaybookRunRequest) -> ApprovePlaybookRunResponse, Respond;
-        reject_playbook_run(RejectPlaybookRunRequest) -> RejectPlaybookRunResponse, Respond;
-        cancel_playbook_run(CancelPlaybookRunRequest) -> CancelPlaybookRunResponse, Respond;
-    }
-    streaming {}
-}
-
-placeholder_service! {
     /// `picket.v1.ReportService` until reports land.
     ReportApi: pb::report_service_server::ReportService, "reports are not implemented yet";
     unary {

@@ -144,6 +144,7 @@ pub(crate) trait Dialect:
     + Bind<Option<String>>
     + for<'a> Bind<&'a str>
     + for<'a> Bind<&'a [u8]>
+    + Bind<Option<Vec<u8>>>
     + Bind<DateTime<Utc>>
     + Bind<Option<DateTime<Utc>>>
     + Get<bool>
@@ -154,6 +155,7 @@ pub(crate) trait Dialect:
     + Get<String>
     + Get<Option<String>>
     + Get<Vec<u8>>
+    + Get<Option<Vec<u8>>>
     + Get<DateTime<Utc>>
     + Get<Option<DateTime<Utc>>>
 {
@@ -169,6 +171,12 @@ pub(crate) trait Dialect:
     const SOURCE_BY_NAME: &'static str;
     /// A query returning the `tenant_id` (maybe NULL, maybe no row) of webhook source `$1`.
     const SOURCE_TENANT: &'static str;
+    /// Leases runnable playbook runs across tenants: `$1` owner, `$2` lease
+    /// end, `$3` now, `$4` limit; returns `tenant_id, id` of the claimed runs.
+    const CLAIM_RUNS: &'static str;
+    /// Pending playbook runs past their deadline across tenants: `$1` now,
+    /// `$2` limit; returns `tenant_id, id`.
+    const DUE_RUNS: &'static str;
     /// The select-list expression of a feed row's transaction position, read
     /// back by [`Dialect::position`] as column `feed_xid`.
     const FEED_XID: &'static str;
@@ -184,6 +192,8 @@ pub(crate) trait Dialect:
     fn add_uuid(q: &mut Stmt<Self>, v: Option<Uuid>);
     /// Binds an event-time column (events, alerts, incidents, change log).
     fn add_time(q: &mut Stmt<Self>, t: DateTime<Utc>);
+    /// Binds an event-time column or NULL.
+    fn add_opt_time(q: &mut Stmt<Self>, t: Option<DateTime<Utc>>);
     /// Binds a JSON document.
     fn add_doc<T: serde::Serialize + Sync + ?Sized>(q: &mut Stmt<Self>, v: &T);
     /// Appends the condition ` AND (feed position) > after`.
@@ -196,6 +206,8 @@ pub(crate) trait Dialect:
     fn opt_uuid(row: &Self::Row, col: &str) -> Result<Option<Uuid>, sqlx::Error>;
     /// An event-time column.
     fn time(row: &Self::Row, col: &str) -> Result<DateTime<Utc>, sqlx::Error>;
+    /// An event-time column that may be NULL.
+    fn opt_time(row: &Self::Row, col: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error>;
     /// A JSON document column.
     fn doc<T: serde::de::DeserializeOwned>(row: &Self::Row, col: &str) -> Result<T, sqlx::Error>;
     /// The feed position of a row selected with `FEED_XID` and `seq`.
@@ -299,6 +311,12 @@ impl<DB: Dialect> Stmt<DB> {
     /// Binds an event-time value.
     pub(crate) fn time(mut self, t: DateTime<Utc>) -> Self {
         DB::add_time(&mut self, t);
+        self
+    }
+
+    /// Binds an event-time value or NULL.
+    pub(crate) fn opt_time(mut self, t: Option<DateTime<Utc>>) -> Self {
+        DB::add_opt_time(&mut self, t);
         self
     }
 
