@@ -24,7 +24,7 @@ use crate::domain::playbook::{
 };
 use crate::error::AppError;
 use crate::response::Responder;
-use crate::response::decisions::{DecisionKind, DecisionScope, NewDecision};
+use crate::response::decision_writer::{DecisionKind, DecisionScope, NewDecision};
 use crate::response::notify::Post;
 use crate::storage::StoreError;
 

@@ -9,7 +9,7 @@
 //!   the expiry of approval deadlines.
 //! - `actions.rs`: what each action does, idempotently per (run, step).
 //! - `notify.rs`: signed outbound notifications to checked addresses.
-//! - `decisions.rs`: the enforcement list as the engine sees it.
+//! - `decision_writer.rs`: the enforcement list as the engine sees it.
 //! - `triggers.rs`: automatic runs.
 //!
 //! **Every change to a run is a save at the version read**, committed with
@@ -19,7 +19,7 @@
 //! the worker that then claims it is the only one that executes it.
 
 pub mod actions;
-pub mod decisions;
+pub mod decision_writer;
 pub mod engine;
 pub mod notify;
 pub mod pack;
@@ -39,7 +39,7 @@ use crate::domain::playbook::{
 use crate::domain::{FieldViolation, TenantId};
 use crate::error::{AppError, AppResult};
 use crate::ingest::signal::Signal;
-use crate::response::decisions::DecisionWriter;
+use crate::response::decision_writer::DecisionWriter;
 use crate::response::notify::Notifier;
 use crate::storage::{Store, StoreError};
 use crate::webhooks::SecretBox;

@@ -167,7 +167,7 @@ impl Application {
             store.clone(),
             crate::response::pack::load(settings.playbooks_dir.as_deref())?,
             // TODO(merge `enforce`): the enforcement capability's DecisionWriter.
-            Arc::new(crate::response::decisions::NoDecisionList),
+            Arc::new(crate::response::decision_writer::NoDecisionList),
             crate::response::notify::Notifier::new(settings.notify_allow_cidr.clone()),
             crate::webhooks::SecretBox::with_label(
                 auth.hasher(),
