@@ -76,6 +76,10 @@ impl From<StoreError> for AppError {
         match e {
             StoreError::NotFound(what) => Self::NotFound(what),
             StoreError::Conflict(what) => Self::AlreadyExists(what),
+            StoreError::LimitReached(what) => Self::ResourceExhausted {
+                message: what,
+                retry_after: Duration::from_secs(60),
+            },
             StoreError::Unexpected(e) => Self::Internal(e),
         }
     }

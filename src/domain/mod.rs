@@ -5,6 +5,7 @@
 //! always well-formed.
 
 pub mod alert;
+pub mod decision;
 pub mod event;
 pub mod incident;
 pub mod playbook;

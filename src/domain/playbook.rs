@@ -40,6 +40,8 @@ pub const MAX_ATTEMPTS: u32 = 10;
 pub const DEFAULT_ATTEMPTS: u32 = 3;
 /// Shortest and longest decision duration, in seconds.
 pub const DURATION_RANGE: (u64, u64) = (60, 30 * 86_400);
+/// Requests per minute a THROTTLE step allows when it sets none.
+pub const DEFAULT_PER_MINUTE: u32 = 60;
 /// Longest notification URL, in bytes.
 pub const MAX_URL_BYTES: usize = 2048;
 /// Shortest and longest approval deadline, in seconds from the request.
@@ -91,6 +93,8 @@ enum ParamKind {
     Url,
     /// An incident status name.
     Status,
+    /// Requests per minute, 1..1,000,000; no templates.
+    Rate,
 }
 
 /// One parameter an action takes.
@@ -121,6 +125,7 @@ const ACTOR_PARAMS: &[ParamSpec] = &[
 const THROTTLE_PARAMS: &[ParamSpec] = &[
     p("ip", false, ParamKind::Ip),
     p("actor", false, ParamKind::Actor),
+    p("per_minute", false, ParamKind::Rate),
     p("duration_seconds", false, ParamKind::Duration),
     p("reason", false, ParamKind::Text(512)),
 ];
@@ -366,9 +371,13 @@ fn check_value(kind: ParamKind, v: &str) -> Result<(), String> {
             )),
         },
         ParamKind::Url => check_url(v),
-        ParamKind::Status => parse_incident_status(v).map(|_| ()).ok_or_else(|| {
-            "one of open, investigating, contained, resolved, closed".into()
-        }),
+        ParamKind::Rate => match v.parse::<u32>() {
+            Ok(n) if (1..=1_000_000).contains(&n) => Ok(()),
+            _ => Err("requests per minute, 1..1000000".into()),
+        },
+        ParamKind::Status => parse_incident_status(v)
+            .map(|_| ())
+            .ok_or_else(|| "one of open, investigating, contained, resolved, closed".into()),
     }
 }
 
@@ -490,7 +499,10 @@ impl PlaybookDef {
                 match templates_in(value) {
                     Err(e) => bad(field, format!("step `{}`: {e}", step.name)),
                     Ok(t) if !t.is_empty() => {
-                        if matches!(spec.kind, ParamKind::Duration | ParamKind::Url) {
+                        if matches!(
+                            spec.kind,
+                            ParamKind::Duration | ParamKind::Url | ParamKind::Rate
+                        ) {
                             bad(
                                 field,
                                 format!("step `{}`: `{name}` takes no templates", step.name),
@@ -522,7 +534,10 @@ impl PlaybookDef {
             {
                 bad(
                     format!("{at}.params"),
-                    format!("step `{}`: throttle takes exactly one of `ip` or `actor`", step.name),
+                    format!(
+                        "step `{}`: throttle takes exactly one of `ip` or `actor`",
+                        step.name
+                    ),
                 );
             }
         }
@@ -631,7 +646,10 @@ pub fn resolve_steps(
                 .map_err(|e| FieldViolation::new(field(), format!("step `{}`: {e}", s.name)))?;
             if let Some(spec) = s.action.params().iter().find(|p| p.name == name) {
                 check_value(spec.kind, &filled).map_err(|e| {
-                    FieldViolation::new(field(), format!("step `{}`: resolved to an invalid value: {e}", s.name))
+                    FieldViolation::new(
+                        field(),
+                        format!("step `{}`: resolved to an invalid value: {e}", s.name),
+                    )
                 })?;
             }
             params.insert(name.clone(), filled);
@@ -991,8 +1009,7 @@ impl PlaybookRun {
             comment: comment.to_owned(),
             params_digest: self.params_digest.clone(),
         });
-        if self.approvals.iter().filter(|a| a.approved).count() as u32 >= self.required_approvals
-        {
+        if self.approvals.iter().filter(|a| a.approved).count() as u32 >= self.required_approvals {
             self.status = RunStatus::Approved;
         }
         self.updated_at = now;
@@ -1000,7 +1017,12 @@ impl PlaybookRun {
     }
 
     /// Records a rejection; the run is REJECTED.
-    pub fn reject(&mut self, by: &str, comment: &str, now: DateTime<Utc>) -> Result<(), RunRefusal> {
+    pub fn reject(
+        &mut self,
+        by: &str,
+        comment: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), RunRefusal> {
         self.pending("reject", now)?;
         self.approvals.push(Approval {
             decided_by: by.to_owned(),
@@ -1009,7 +1031,11 @@ impl PlaybookRun {
             comment: comment.to_owned(),
             params_digest: self.params_digest.clone(),
         });
-        self.finish(RunStatus::Rejected, format!("rejected by {by}: {comment}"), now);
+        self.finish(
+            RunStatus::Rejected,
+            format!("rejected by {by}: {comment}"),
+            now,
+        );
         Ok(())
     }
 
@@ -1188,9 +1214,21 @@ mod tests {
                 &[("text", "owner {{incident.owner}}")],
             ),
             step("notify", ActionKind::NotifyWebhook, &[("colour", "red")]),
-            step("status", ActionKind::SetIncidentStatus, &[("status", "done")]),
-            step("t", ActionKind::Throttle, &[("ip", "1.2.3.4"), ("actor", "x")]),
-            step("b2", ActionKind::BlockIp, &[("ip", "nope"), ("duration_seconds", "5")]),
+            step(
+                "status",
+                ActionKind::SetIncidentStatus,
+                &[("status", "done")],
+            ),
+            step(
+                "t",
+                ActionKind::Throttle,
+                &[("ip", "1.2.3.4"), ("actor", "x")],
+            ),
+            step(
+                "b2",
+                ActionKind::BlockIp,
+                &[("ip", "nope"), ("duration_seconds", "5")],
+            ),
         ]);
         let v = d.validate("playbook.");
         let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
@@ -1205,8 +1243,16 @@ mod tests {
                 "playbook.steps[5].params[ip]",
             ]
         );
-        assert!(v[0].description.contains("step `note`"), "{}", v[0].description);
-        assert!(v[0].description.contains("{{incident.owner}}"), "{}", v[0].description);
+        assert!(
+            v[0].description.contains("step `note`"),
+            "{}",
+            v[0].description
+        );
+        assert!(
+            v[0].description.contains("{{incident.owner}}"),
+            "{}",
+            v[0].description
+        );
     }
 
     #[test]
@@ -1236,7 +1282,10 @@ mod tests {
         ]);
         let steps = resolve_steps(&d, &ctx).unwrap();
         assert_eq!(steps[0].params["ip"], "203.0.113.7");
-        assert_eq!(steps[1].params["text"], "blocked 203.0.113.7 for Brute force");
+        assert_eq!(
+            steps[1].params["text"],
+            "blocked 203.0.113.7 for Brute force"
+        );
         let missing = def(vec![step(
             "disable",
             ActionKind::DisableActor,
@@ -1244,7 +1293,11 @@ mod tests {
         )]);
         let err = resolve_steps(&missing, &ctx).unwrap_err();
         assert_eq!(err.field, "steps[0].params[actor]");
-        assert!(err.description.contains("names no actor"), "{}", err.description);
+        assert!(
+            err.description.contains("names no actor"),
+            "{}",
+            err.description
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod alerts;
 pub mod codec;
 pub mod convert;
+pub mod enforcement;
 pub mod events;
 pub mod health;
 pub mod incidents;
@@ -94,6 +95,9 @@ pub struct ApiContext {
     pub secrets: crate::webhooks::SecretBox,
     /// Playbooks, runs and their engine.
     pub response: Arc<crate::response::Responder>,
+    /// Enforcement decisions: writes, and the index behind CheckAccess and
+    /// WatchDecisions.
+    pub decisions: crate::response::decisions::Decisions,
 }
 
 /// Limits and defaults of streaming RPCs.

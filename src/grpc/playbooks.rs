@@ -14,8 +14,8 @@ use uuid::Uuid;
 use crate::domain::event::FeedPosition;
 use crate::domain::playbook::{
     APPROVAL_TIMEOUT_RANGE, ActionKind, DEFAULT_APPROVAL_TIMEOUT, MAX_TEXT_BYTES,
-    NotificationSettings, Origin, Playbook, PlaybookDef, PlaybookRun, RunQuery, RunStatus,
-    StepResult, StepState, Step, Trigger,
+    NotificationSettings, Origin, Playbook, PlaybookDef, PlaybookRun, RunQuery, RunStatus, Step,
+    StepResult, StepState, Trigger,
 };
 use crate::domain::{Scope, TenantId};
 use crate::error::{AppError, AppResult};
@@ -117,7 +117,11 @@ fn def_from_pb(p: &pb::Playbook) -> AppResult<PlaybookDef> {
         steps.push(Step {
             name: s.name.clone(),
             action: action_from_pb(s.action, &format!("playbook.steps[{i}].action"))?,
-            params: s.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            params: s
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             requires_approval: s.requires_approval,
             timeout_seconds: s.timeout_seconds,
             max_attempts: s.max_attempts,
@@ -128,7 +132,10 @@ fn def_from_pb(p: &pb::Playbook) -> AppResult<PlaybookDef> {
             min_severity: if t.min_severity == 0 {
                 None
             } else {
-                Some(severity_from_pb(t.min_severity, "playbook.trigger.min_severity")?)
+                Some(severity_from_pb(
+                    t.min_severity,
+                    "playbook.trigger.min_severity",
+                )?)
             },
             categories: t.categories.clone(),
         },
@@ -157,7 +164,11 @@ pub fn playbook_to_pb(p: &Playbook) -> pb::Playbook {
             .map(|s| pb::PlaybookStep {
                 name: s.name.clone(),
                 action: action_to_pb(s.action) as i32,
-                params: s.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                params: s
+                    .params
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
                 requires_approval: s.requires_approval,
                 timeout_seconds: s.timeout_seconds,
                 max_attempts: s.max_attempts,
@@ -239,7 +250,11 @@ pub fn run_to_pb(r: &PlaybookRun) -> pb::PlaybookRun {
             .map(|s| pb::ResolvedStep {
                 name: s.name.clone(),
                 action: action_to_pb(s.action) as i32,
-                params: s.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                params: s
+                    .params
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
                 requires_approval: s.requires_approval,
                 timeout_seconds: s.timeout_seconds,
                 max_attempts: s.max_attempts,
@@ -375,7 +390,9 @@ impl PlaybookService for PlaybookApi {
                 .await?;
             let next = if list.len() > limit as usize {
                 list.truncate(limit as usize);
-                list.last().map(|p| name_token(&p.def.name)).unwrap_or_default()
+                list.last()
+                    .map(|p| name_token(&p.def.name))
+                    .unwrap_or_default()
             } else {
                 String::new()
             };
@@ -535,7 +552,13 @@ impl PlaybookService for PlaybookApi {
             }
             self.ctx
                 .response
-                .approve(tenant, id, &caller.actor(), &req.comment, &req.params_digest)
+                .approve(
+                    tenant,
+                    id,
+                    &caller.actor(),
+                    &req.comment,
+                    &req.params_digest,
+                )
                 .await
         };
         let r = run.await.map_err(to_status)?;
@@ -621,7 +644,10 @@ impl PlaybookService for PlaybookApi {
         Ok(Response::new(stream))
     }
 
-    #[instrument(skip_all, fields(rpc = "PlaybookService.GetNotificationSettings", tenant))]
+    #[instrument(
+        skip_all,
+        fields(rpc = "PlaybookService.GetNotificationSettings", tenant)
+    )]
     async fn get_notification_settings(
         &self,
         request: Request<pb::GetNotificationSettingsRequest>,
@@ -641,7 +667,10 @@ impl PlaybookService for PlaybookApi {
         }))
     }
 
-    #[instrument(skip_all, fields(rpc = "PlaybookService.UpdateNotificationSettings", tenant))]
+    #[instrument(
+        skip_all,
+        fields(rpc = "PlaybookService.UpdateNotificationSettings", tenant)
+    )]
     async fn update_notification_settings(
         &self,
         request: Request<pb::UpdateNotificationSettingsRequest>,
@@ -658,7 +687,10 @@ impl PlaybookService for PlaybookApi {
         }))
     }
 
-    #[instrument(skip_all, fields(rpc = "PlaybookService.RotateNotificationSecret", tenant))]
+    #[instrument(
+        skip_all,
+        fields(rpc = "PlaybookService.RotateNotificationSecret", tenant)
+    )]
     async fn rotate_notification_secret(
         &self,
         request: Request<pb::RotateNotificationSecretRequest>,

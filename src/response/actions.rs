@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::domain::incident::{IncidentStatus, TimelineKind};
 use crate::domain::playbook::{
-    ActionKind, Inverse, PlaybookRun, derived_id, parse_incident_status,
+    ActionKind, DEFAULT_PER_MINUTE, Inverse, PlaybookRun, derived_id, parse_incident_status,
 };
 use crate::error::AppError;
 use crate::response::Responder;
@@ -95,7 +95,11 @@ pub fn run_actor(run: &PlaybookRun) -> String {
 
 impl Responder {
     /// Performs step `index` of `run` once.
-    pub async fn execute_step(&self, run: &PlaybookRun, index: usize) -> Result<Effect, ActionError> {
+    pub async fn execute_step(
+        &self,
+        run: &PlaybookRun,
+        index: usize,
+    ) -> Result<Effect, ActionError> {
         let step = &run.steps[index];
         match step.action {
             ActionKind::BlockIp
@@ -127,7 +131,10 @@ impl Responder {
         };
         let value = value.ok_or_else(|| ActionError::permanent("the step names no target"))?;
         let reason = param("reason").unwrap_or_else(|| {
-            format!("playbook `{}` run {} step `{}`", run.playbook_name, run.id, step.name)
+            format!(
+                "playbook `{}` run {} step `{}`",
+                run.playbook_name, run.id, step.name
+            )
         });
         let duration = step.duration();
         let decision = self
@@ -140,6 +147,9 @@ impl Responder {
                 origin_run: run.id,
                 reason,
                 duration,
+                per_minute: param("per_minute")
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(DEFAULT_PER_MINUTE),
                 idempotency_key: run.effect_key(index),
                 at: Utc::now(),
             })
@@ -165,7 +175,11 @@ impl Responder {
         })
     }
 
-    async fn change_incident(&self, run: &PlaybookRun, index: usize) -> Result<Effect, ActionError> {
+    async fn change_incident(
+        &self,
+        run: &PlaybookRun,
+        index: usize,
+    ) -> Result<Effect, ActionError> {
         let step = &run.steps[index];
         let incident_id = run
             .incident_id
@@ -182,7 +196,7 @@ impl Responder {
                 return Ok(Effect {
                     message: "already recorded on the incident (by an earlier attempt)".into(),
                     inverse: None,
-                        skipped: false,
+                    skipped: false,
                 });
             }
             let now = Utc::now();
@@ -221,7 +235,10 @@ impl Responder {
                 let entry = inc.record(
                     &actor,
                     TimelineKind::StatusChanged,
-                    format!("status {from:?} → {to:?} (playbook `{}`)", run.playbook_name),
+                    format!(
+                        "status {from:?} → {to:?} (playbook `{}`)",
+                        run.playbook_name
+                    ),
                     format!("{to:?}"),
                     now,
                 );
@@ -324,7 +341,7 @@ impl Responder {
             Ok(status) => Ok(Effect {
                 message: format!("notification delivered ({status})"),
                 inverse: None,
-                        skipped: false,
+                skipped: false,
             }),
             Err(e) => Err(ActionError {
                 retryable: e.retryable,

@@ -1,14 +1,15 @@
 //! The enforcement list as the playbook engine sees it: BLOCK_IP,
 //! DISABLE_ACTOR, REVOKE_SESSIONS and THROTTLE write a decision through a
-//! [`DecisionWriter`] (idempotently, keyed by run and step), and undoing such
-//! a step revokes the decision it recorded.
+//! [`DecisionWriter`] (idempotently, keyed by run and step, with the run as
+//! origin), and undoing such a step revokes the decision it recorded.
+//! [`crate::response::decisions::Decisions`] implements it over the
+//! decision list that EnforcementService serves (WatchDecisions,
+//! CheckAccess), so a playbook's ban reaches gateways like any other.
 //!
-//! TODO(merge `enforce`): the decision list (`EnforcementService`, the
-//! decisions table, WatchDecisions, RevokeDecision) is built on the `enforce`
-//! branch. Until that branch is merged, the server wires [`NoDecisionList`],
-//! so these four actions fail with a plain message and everything else runs.
-//! The merge implements [`DecisionWriter`] on the enforcement capability and
-//! passes it to `Responder::new` in `server/startup.rs`.
+//! The decision list knows bans, allows and throttles. REVOKE_SESSIONS
+//! writes a ban on the actor for its duration (1 h by default): gateways
+//! then refuse the actor's requests, which ends every session it holds;
+//! DISABLE_ACTOR is the same ban for longer (24 h by default).
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -65,6 +66,8 @@ pub struct NewDecision {
     pub reason: String,
     /// How long it lasts.
     pub duration: chrono::Duration,
+    /// Requests per minute a throttle allows; 0 for other kinds.
+    pub per_minute: u32,
     /// `run:<id>:step:<index>`: a second create with the same key returns the
     /// first decision and writes nothing.
     pub idempotency_key: String,
@@ -92,19 +95,50 @@ pub trait DecisionWriter: Send + Sync + 'static {
     async fn revoke(&self, tenant: TenantId, id: &str, by: &str, reason: &str) -> AppResult<()>;
 }
 
-/// No decision list in this build (see the module header): the decision
-/// actions fail with a message saying so.
-pub struct NoDecisionList;
-
-const MISSING: &str = "the enforcement list is not available on this server";
-
 #[async_trait]
-impl DecisionWriter for NoDecisionList {
-    async fn create(&self, _decision: NewDecision) -> AppResult<DecisionRef> {
-        Err(AppError::FailedPrecondition(MISSING.into()))
+impl DecisionWriter for crate::response::decisions::Decisions {
+    async fn create(&self, d: NewDecision) -> AppResult<DecisionRef> {
+        use crate::domain::decision as list;
+        let (kind, reason) = match d.kind {
+            DecisionKind::Ban => (list::DecisionKind::Ban, d.reason),
+            DecisionKind::Throttle => (list::DecisionKind::Throttle, d.reason),
+            DecisionKind::RevokeSessions => (
+                list::DecisionKind::Ban,
+                format!("sessions revoked: {}", d.reason),
+            ),
+        };
+        let input = list::DecisionInput {
+            scope: Some(match d.scope {
+                DecisionScope::Ip => list::DecisionScope::Ip,
+                DecisionScope::Actor => list::DecisionScope::Actor,
+            }),
+            value: d.value,
+            kind: Some(kind),
+            duration_seconds: d.duration.num_seconds().max(1) as u64,
+            reason: reason.chars().take(list::MAX_REASON).collect(),
+            throttle_per_minute: if kind == list::DecisionKind::Throttle {
+                d.per_minute.max(1)
+            } else {
+                0
+            },
+            idempotency_key: d.idempotency_key,
+        };
+        let new = list::NewDecision::parse(&input, list::Origin::run(d.origin_run), "params.")
+            .map_err(AppError::InvalidArgument)?;
+        let by = format!("playbook-run:{}", d.origin_run);
+        let created =
+            crate::response::decisions::Decisions::create(self, d.tenant, &by, new).await?;
+        Ok(DecisionRef {
+            id: created.decision.id.to_string(),
+            expires_at: created.decision.expires_at,
+        })
     }
 
-    async fn revoke(&self, _tenant: TenantId, _id: &str, _by: &str, _reason: &str) -> AppResult<()> {
-        Err(AppError::FailedPrecondition(MISSING.into()))
+    async fn revoke(&self, tenant: TenantId, id: &str, by: &str, reason: &str) -> AppResult<()> {
+        let id = Uuid::parse_str(id).map_err(|_| {
+            AppError::Internal(anyhow::anyhow!("a recorded decision id is not a UUID"))
+        })?;
+        crate::response::decisions::Decisions::revoke(self, tenant, id, by, reason).await?;
+        Ok(())
     }
 }

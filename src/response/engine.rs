@@ -66,7 +66,8 @@ pub async fn run(responder: Arc<Responder>, shutdown: CancellationToken) {
         let free = slots.available_permits();
         if free > 0 {
             let now = now_micros();
-            let until = now + chrono::Duration::from_std(responder.config.lease).unwrap_or_default();
+            let until =
+                now + chrono::Duration::from_std(responder.config.lease).unwrap_or_default();
             match responder
                 .store
                 .claim_runs(&owner, until, now, free as u32)
@@ -122,7 +123,8 @@ async fn execute(
                     () = tokio::time::sleep(every) => {}
                     () = shutdown.cancelled() => return,
                 }
-                let until = now_micros() + chrono::Duration::from_std(r.config.lease).unwrap_or_default();
+                let until =
+                    now_micros() + chrono::Duration::from_std(r.config.lease).unwrap_or_default();
                 match r.store.renew_run_lease(tenant, id, &o, until).await {
                     Ok(true) => {}
                     Ok(false) => {
@@ -131,7 +133,9 @@ async fn execute(
                         return;
                     }
                     // The lease still runs; try again at the next beat.
-                    Err(e) => tracing::warn!(run_id = %id, error = %e, "renewing a run lease failed"),
+                    Err(e) => {
+                        tracing::warn!(run_id = %id, error = %e, "renewing a run lease failed")
+                    }
                 }
             }
         })
@@ -211,7 +215,10 @@ impl Worker<'_> {
                 Err(e) => return Err(e),
             }
         }
-        Err(StoreError::Conflict(format!("run {} (kept changing)", run.id)))
+        Err(StoreError::Conflict(format!(
+            "run {} (kept changing)",
+            run.id
+        )))
     }
 
     async fn drive(&mut self, tenant: TenantId, id: Uuid) -> Result<Stop, StoreError> {

@@ -1,15 +1,22 @@
+//! Response: what Picket does about threats. Enforcement decisions (bans,
+//! allows and throttles on IPs, ranges and actors) that gateways consult
+//! live ([`decisions`] to make and revoke them, [`enforcer`] for the
+//! in-memory index behind CheckAccess and WatchDecisions, [`expiry`] for the
+//! task that applies expiries and compacts the log).
+//!
 //! Response playbooks: definitions (the tenant's own, the built-in pack and
 //! `--playbooks-dir`), runs and their approval state machine, the engine
 //! that executes them, automatic runs for new or escalated incidents, and
-//! the tenant's notification settings. Shared by `PlaybookService` and the
-//! process's background tasks; knows neither tonic nor sqlx.
+//! the tenant's notification settings ([`Responder`], shared by
+//! `PlaybookService` and the process's background tasks):
 //!
 //! - `pack.rs`: the shared playbooks (built-in pack + directory).
 //! - `engine.rs`: workers that lease runnable runs and execute their steps;
 //!   the expiry of approval deadlines.
 //! - `actions.rs`: what each action does, idempotently per (run, step).
 //! - `notify.rs`: signed outbound notifications to checked addresses.
-//! - `decision_writer.rs`: the enforcement list as the engine sees it.
+//! - `decision_writer.rs`: the enforcement list as the engine sees it
+//!   (implemented by [`decisions::Decisions`]).
 //! - `triggers.rs`: automatic runs.
 //!
 //! **Every change to a run is a save at the version read**, committed with
@@ -20,7 +27,10 @@
 
 pub mod actions;
 pub mod decision_writer;
+pub mod decisions;
+pub mod enforcer;
 pub mod engine;
+pub mod expiry;
 pub mod notify;
 pub mod pack;
 pub mod triggers;
@@ -252,10 +262,9 @@ impl Responder {
             def,
         };
         let p = self.store.create_playbook(&p).await.map_err(|e| match e {
-            StoreError::Conflict(_) => AppError::AlreadyExists(format!(
-                "the tenant has a playbook named `{}`",
-                p.def.name
-            )),
+            StoreError::Conflict(_) => {
+                AppError::AlreadyExists(format!("the tenant has a playbook named `{}`", p.def.name))
+            }
             e => e.into(),
         })?;
         tracing::info!(tenant_id = %tenant, playbook_id = %p.id, playbook = %p.def.name, "playbook created");
@@ -284,13 +293,12 @@ impl Responder {
         p.def = def;
         p.updated_at = now_micros();
         let p = self.store.update_playbook(&p).await.map_err(|e| match e {
-            StoreError::Conflict(m) if m.contains("changed concurrently") => AppError::Aborted(
-                format!("playbook {id} changed concurrently; read it again"),
-            ),
-            StoreError::Conflict(_) => AppError::AlreadyExists(format!(
-                "the tenant has a playbook named `{}`",
-                p.def.name
-            )),
+            StoreError::Conflict(m) if m.contains("changed concurrently") => {
+                AppError::Aborted(format!("playbook {id} changed concurrently; read it again"))
+            }
+            StoreError::Conflict(_) => {
+                AppError::AlreadyExists(format!("the tenant has a playbook named `{}`", p.def.name))
+            }
             e => e.into(),
         })?;
         tracing::info!(tenant_id = %tenant, playbook_id = %id, version = p.version, "playbook updated");
@@ -537,7 +545,10 @@ impl Responder {
             .position(|r| r.step == step)
             .ok_or_else(|| AppError::invalid("step", format!("the run has no step `{step}`")))?;
         // Check first (nothing is revoked for a step that cannot be undone).
-        let inverse = run.clone().undo(index, by, reason, now_micros()).map_err(refusal)?;
+        let inverse = run
+            .clone()
+            .undo(index, by, reason, now_micros())
+            .map_err(refusal)?;
         let why = if reason.is_empty() {
             format!("undo of step `{step}` of run {id}")
         } else {
@@ -547,7 +558,9 @@ impl Responder {
             .revoke(tenant, &inverse.decision_id, by, &why)
             .await?;
         let run = self
-            .modify_run(tenant, id, |run, now| run.undo(index, by, reason, now).map(|_| ()))
+            .modify_run(tenant, id, |run, now| {
+                run.undo(index, by, reason, now).map(|_| ())
+            })
             .await?;
         metrics::counter!("picket_playbook_undos_total").increment(1);
         tracing::info!(tenant_id = %tenant, run_id = %id, step, by, decision = %inverse.decision_id, "step undone");
@@ -645,7 +658,10 @@ impl Responder {
     }
 
     /// The tenant's signing secret, generated on first use.
-    pub async fn signing_secret(&self, tenant: TenantId) -> AppResult<(NotificationSettings, SecretString)> {
+    pub async fn signing_secret(
+        &self,
+        tenant: TenantId,
+    ) -> AppResult<(NotificationSettings, SecretString)> {
         let (settings, secret) = self.notification_settings(tenant).await?;
         if let Some(secret) = secret {
             return Ok((settings, secret));

@@ -108,7 +108,9 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
     let embedded_v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
     match s[0] {
         // NAT64 (64:ff9b::/96): the IPv4 address is the last 32 bits.
-        0x0064 if s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] => is_public_v4(embedded_v4(s[6], s[7])),
+        0x0064 if s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] => {
+            is_public_v4(embedded_v4(s[6], s[7]))
+        }
         // 6to4 (2002::/16): the IPv4 address follows the prefix.
         0x2002 => is_public_v4(embedded_v4(s[1], s[2])),
         // Teredo (2001::/32) and documentation (2001:db8::/32).
@@ -205,22 +207,19 @@ impl Notifier {
         let addrs = self.addresses(&host, port).await?;
         let mut last = NotifyError::transient(format!("could not connect to `{host}`"));
         for addr in addrs {
-            let tcp =
-                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(_)) => {
-                        last = NotifyError::transient(format!(
-                            "could not connect to `{host}` (connection refused or unreachable)"
-                        ));
-                        continue;
-                    }
-                    Err(_) => {
-                        last = NotifyError::transient(format!(
-                            "connecting to `{host}` timed out"
-                        ));
-                        continue;
-                    }
-                };
+            let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(_)) => {
+                    last = NotifyError::transient(format!(
+                        "could not connect to `{host}` (connection refused or unreachable)"
+                    ));
+                    continue;
+                }
+                Err(_) => {
+                    last = NotifyError::transient(format!("connecting to `{host}` timed out"));
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let path = uri
                 .path_and_query()
@@ -240,7 +239,9 @@ impl Notifier {
                 .map_err(|_| NotifyError::permanent("a header value is not valid"))?;
             let outcome = if https {
                 let name = rustls::pki_types::ServerName::try_from(
-                    host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                    host.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned(),
                 )
                 .map_err(|_| NotifyError::permanent(format!("`{host}` is not a valid TLS name")))?;
                 match tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(name, tcp)).await {
@@ -279,10 +280,9 @@ where
         let _ = conn.await;
     });
     let result = async {
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|_| NotifyError::transient("the receiver closed the connection without answering"))?;
+        let resp = sender.send_request(req).await.map_err(|_| {
+            NotifyError::transient("the receiver closed the connection without answering")
+        })?;
         let status = resp.status();
         // Read (a bounded part of) the answer so the exchange completes.
         let mut body = resp.into_body();
@@ -297,13 +297,17 @@ where
         if status.is_success() {
             Ok(code)
         } else if status.is_server_error() || code == 408 || code == 425 || code == 429 {
-            Err(NotifyError::transient(format!("the receiver answered {code}")))
+            Err(NotifyError::transient(format!(
+                "the receiver answered {code}"
+            )))
         } else if status.is_redirection() {
             Err(NotifyError::permanent(format!(
                 "the receiver answered {code} (redirects are not followed)"
             )))
         } else {
-            Err(NotifyError::permanent(format!("the receiver answered {code}")))
+            Err(NotifyError::permanent(format!(
+                "the receiver answered {code}"
+            )))
         }
     }
     .await;
@@ -345,7 +349,12 @@ mod tests {
         ] {
             assert!(!is_public(ip(s)), "{s} is not public");
         }
-        for s in ["203.0.114.7", "8.8.8.8", "2606:4700::1111", "64:ff9b::808:808"] {
+        for s in [
+            "203.0.114.7",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "64:ff9b::808:808",
+        ] {
             assert!(is_public(ip(s)), "{s} is public");
         }
     }

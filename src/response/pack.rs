@@ -40,7 +40,11 @@ pub struct PackError {
 
 impl std::fmt::Display for PackError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}: {}", self.file, self.error.line, self.error.message)
+        write!(
+            f,
+            "{}:{}: {}",
+            self.file, self.error.line, self.error.message
+        )
     }
 }
 
@@ -106,8 +110,7 @@ pub fn load_path(path: &Path) -> anyhow::Result<(Vec<PlaybookDef>, Vec<PackError
     let mut errors = Vec::new();
     for p in yaml_files(path)? {
         let file = p.display().to_string();
-        let text =
-            std::fs::read_to_string(&p).with_context(|| format!("failed to read {file}"))?;
+        let text = std::fs::read_to_string(&p).with_context(|| format!("failed to read {file}"))?;
         let (found, errs) = parse_file(&file, &text);
         errors.extend(errs);
         for d in found {

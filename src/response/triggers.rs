@@ -29,9 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::TenantId;
 use crate::domain::incident::{Incident, IncidentQuery, TimelineKind};
-use crate::domain::playbook::{
-    DEFAULT_APPROVAL_TIMEOUT, Playbook, PlaybookRun, RunStatus, SYSTEM,
-};
+use crate::domain::playbook::{DEFAULT_APPROVAL_TIMEOUT, Playbook, PlaybookRun, RunStatus, SYSTEM};
 use crate::error::AppResult;
 use crate::response::{Responder, StartRun, now_micros};
 use crate::storage::StoreError;
@@ -103,10 +101,7 @@ async fn sweep(
 ) -> AppResult<()> {
     let mut after: Option<String> = None;
     loop {
-        let tenants = responder
-            .store
-            .list_tenants(after.as_deref(), 500)
-            .await?;
+        let tenants = responder.store.list_tenants(after.as_deref(), 500).await?;
         for t in &tenants {
             let now = now_micros();
             evaluate(responder, t.id, since).await?;
@@ -140,7 +135,11 @@ fn escalated_since(incident: &Incident, after: DateTime<Utc>) -> bool {
 
 /// Creates the automatic runs a tenant's incidents changed since `since`
 /// call for; returns how many.
-pub async fn evaluate(responder: &Responder, tenant: TenantId, since: DateTime<Utc>) -> AppResult<usize> {
+pub async fn evaluate(
+    responder: &Responder,
+    tenant: TenantId,
+    since: DateTime<Utc>,
+) -> AppResult<usize> {
     let playbooks: Vec<Playbook> = responder
         .in_force(tenant)
         .await?
@@ -232,7 +231,8 @@ pub async fn evaluate(responder: &Responder, tenant: TenantId, since: DateTime<U
         match responder.store.insert_run(&run).await {
             Ok(run) => {
                 responder.after_change(&run, None);
-                metrics::counter!("picket_playbook_auto_runs_total", "outcome" => outcome).increment(1);
+                metrics::counter!("picket_playbook_auto_runs_total", "outcome" => outcome)
+                    .increment(1);
                 tracing::info!(tenant_id = %tenant, run_id = %run.id, playbook = %run.playbook_name, incident_id = %inc.id, status = run.status.as_str(), "automatic run created");
                 created += 1;
             }

@@ -215,6 +215,20 @@ pub struct Settings {
     #[arg(long, env = "PICKET_DETECT_REPLAY_HOURS", default_value_t = 24)]
     pub detect_replay_hours: u64,
 
+    /// Most enforcement decisions in force per tenant; beyond it creating one
+    /// answers RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PICKET_DECISIONS_MAX_ACTIVE", default_value_t = crate::response::decisions::DEFAULT_MAX_ACTIVE)]
+    pub decisions_max_active: u64,
+
+    /// How many hours of decision deltas are kept; a WatchDecisions client
+    /// resuming from an older revision gets a fresh snapshot.
+    #[arg(
+        long,
+        env = "PICKET_DECISION_LOG_RETENTION_HOURS",
+        default_value_t = 24
+    )]
+    pub decision_log_retention_hours: u64,
+
     /// Origins allowed to call from a browser (grpc-web), comma-separated; `*` allows any.
     #[arg(
         long,
@@ -366,6 +380,11 @@ impl Settings {
             format!(
                 "anomaly_max_open_windows = {}",
                 self.anomaly_max_open_windows
+            ),
+            format!("decisions_max_active = {}", self.decisions_max_active),
+            format!(
+                "decision_log_retention_hours = {}",
+                self.decision_log_retention_hours
             ),
             format!("cors_origins = {}", self.cors_origins.join(",")),
         ]

@@ -23,11 +23,13 @@ use crate::access::auth::{self, Authenticator};
 use crate::detect::Evaluator;
 use crate::grpc::admin::AdminApi;
 use crate::grpc::alerts::AlertApi;
+use crate::grpc::enforcement::EnforcementApi;
 use crate::grpc::health::HealthState;
 use crate::grpc::incidents::IncidentApi;
 use crate::grpc::ingest::IngestApi;
 use crate::grpc::pb::admin_service_server::AdminServiceServer;
 use crate::grpc::pb::alert_service_server::AlertServiceServer;
+use crate::grpc::pb::enforcement_service_server::EnforcementServiceServer;
 use crate::grpc::pb::incident_service_server::IncidentServiceServer;
 use crate::grpc::pb::ingest_service_server::IngestServiceServer;
 use crate::grpc::pb::playbook_service_server::PlaybookServiceServer;
@@ -44,13 +46,14 @@ use crate::server::telemetry;
 use crate::storage::{self, Store};
 
 /// The fully qualified names of Picket's services, as health and reflection report them.
-pub const SERVICE_NAMES: [&str; 6] = [
+pub const SERVICE_NAMES: [&str; 7] = [
     "picket.v1.IngestService",
     "picket.v1.AlertService",
     "picket.v1.IncidentService",
     "picket.v1.PlaybookService",
     "picket.v1.ReportService",
     "picket.v1.AdminService",
+    "picket.v1.EnforcementService",
 ];
 
 /// A built server: store connected and migrated, credentials bootstrapped,
@@ -163,11 +166,35 @@ impl Application {
                 peers
             }
         };
+        let poll = std::time::Duration::from_millis(settings.watch_poll_ms.max(10));
+        let enforcer = Arc::new(crate::response::enforcer::Enforcer::new(
+            store.clone(),
+            changes.clone(),
+            poll,
+            token.clone(),
+        ));
+        let decisions = crate::response::decisions::Decisions::new(
+            store.clone(),
+            changes.clone(),
+            enforcer,
+            settings.decisions_max_active,
+        );
+        tracker.spawn(crate::response::expiry::run(
+            store.clone(),
+            changes.clone(),
+            decisions.expiry_wake(),
+            crate::response::expiry::ExpiryConfig {
+                log_retention: chrono::Duration::hours(
+                    settings.decision_log_retention_hours.max(1) as i64,
+                ),
+                ..Default::default()
+            },
+            token.clone(),
+        ));
         let response = Arc::new(crate::response::Responder::new(
             store.clone(),
             crate::response::pack::load(settings.playbooks_dir.as_deref())?,
-            // TODO(merge `enforce`): the enforcement capability's DecisionWriter.
-            Arc::new(crate::response::decision_writer::NoDecisionList),
+            Arc::new(decisions.clone()),
             crate::response::notify::Notifier::new(settings.notify_allow_cidr.clone()),
             crate::webhooks::SecretBox::with_label(
                 auth.hasher(),
@@ -194,7 +221,7 @@ impl Application {
                 default_heartbeat: std::time::Duration::from_secs(
                     settings.heartbeat_seconds.max(1),
                 ),
-                poll: std::time::Duration::from_millis(settings.watch_poll_ms.max(10)),
+                poll,
             },
             changes: changes.clone(),
             rules: shared_rules.clone(),
@@ -204,6 +231,7 @@ impl Application {
             peers,
             secrets,
             response,
+            decisions,
         });
         let detect_progress = settings
             .detection
@@ -292,6 +320,10 @@ impl Application {
             ))
             .add_service(limited!(ReportServiceServer, ReportApi::new(ctx.clone())))
             .add_service(limited!(AdminServiceServer, AdminApi::new(ctx.clone())))
+            .add_service(limited!(
+                EnforcementServiceServer,
+                EnforcementApi::new(ctx.clone())
+            ))
             .add_service(web.layer(health_service))
             .add_service(web.layer(reflection_v1))
             .add_service(web.layer(reflection_v1alpha));

@@ -52,6 +52,12 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Buckets of `picket_check_access_seconds`, finer below a millisecond (its target).
+const CHECK_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05,
+    0.25, 1.0,
+];
+
 /// The process-wide Prometheus recorder, installed on first use. One process
 /// has one metrics registry, so servers started by tests share it.
 pub fn metrics_handle() -> PrometheusHandle {
@@ -60,6 +66,11 @@ pub fn metrics_handle() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("static buckets are valid")
+                .set_buckets_for_metric(
+                    Matcher::Full("picket_check_access_seconds".into()),
+                    CHECK_BUCKETS,
+                )
                 .expect("static buckets are valid")
                 .build_recorder();
             let handle = recorder.handle();
@@ -155,6 +166,31 @@ fn describe_metrics() {
     describe_counter!(
         "picket_detect_evicted_total",
         "Per-entity detection state evicted at its cap (least recently seen first), by kind: window, baseline, group"
+    );
+    describe_histogram!(
+        "picket_check_access_seconds",
+        Unit::Seconds,
+        "Server-side time of a CheckAccess call: authentication, validation and the in-memory decision lookup"
+    );
+    describe_counter!(
+        "picket_check_access_total",
+        "CheckAccess answers, by verdict"
+    );
+    describe_gauge!(
+        "picket_decisions_active",
+        "Enforcement decisions in force across tenants (as of the last expiry pass)"
+    );
+    describe_counter!(
+        "picket_decision_writes_total",
+        "Decision writes through this replica that changed something, by operation (create, revoke)"
+    );
+    describe_counter!(
+        "picket_decisions_expired_total",
+        "Effective-state changes logged by the expiry task (EXPIRED or UPDATED deltas)"
+    );
+    describe_gauge!(
+        "picket_enforcement_tenants_loaded",
+        "Tenants whose decisions this replica holds in memory (CheckAccess, WatchDecisions)"
     );
     describe_counter!(
         "picket_anomaly_trainings_total",

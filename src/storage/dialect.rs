@@ -139,6 +139,7 @@ pub(crate) trait Dialect:
     + Bind<i16>
     + Bind<i32>
     + Bind<i64>
+    + Bind<Option<i64>>
     + Bind<f64>
     + Bind<String>
     + Bind<Option<String>>
@@ -151,6 +152,7 @@ pub(crate) trait Dialect:
     + Get<i16>
     + Get<i32>
     + Get<i64>
+    + Get<Option<i64>>
     + Get<f64>
     + Get<String>
     + Get<Option<String>>
@@ -177,6 +179,9 @@ pub(crate) trait Dialect:
     /// Pending playbook runs past their deadline across tenants: `$1` now,
     /// `$2` limit; returns `tenant_id, id`.
     const DUE_RUNS: &'static str;
+    /// The `FROM` source of every tenant's decision schedule (`tenant_id,
+    /// next_change_at, active, revision, log_floor`), across tenants.
+    const DECISION_SCHEDULE: &'static str;
     /// The select-list expression of a feed row's transaction position, read
     /// back by [`Dialect::position`] as column `feed_xid`.
     const FEED_XID: &'static str;
@@ -192,7 +197,7 @@ pub(crate) trait Dialect:
     fn add_uuid(q: &mut Stmt<Self>, v: Option<Uuid>);
     /// Binds an event-time column (events, alerts, incidents, change log).
     fn add_time(q: &mut Stmt<Self>, t: DateTime<Utc>);
-    /// Binds an event-time column or NULL.
+    /// Binds an event-time value or NULL.
     fn add_opt_time(q: &mut Stmt<Self>, t: Option<DateTime<Utc>>);
     /// Binds a JSON document.
     fn add_doc<T: serde::Serialize + Sync + ?Sized>(q: &mut Stmt<Self>, v: &T);
@@ -369,6 +374,12 @@ impl<DB: Dialect> Stmt<DB> {
     /// Binds an event-time value and appends its placeholder.
     pub(crate) fn push_time(&mut self, t: DateTime<Utc>) -> &mut Self {
         DB::add_time(self, t);
+        self.placeholder()
+    }
+
+    /// Binds an event-time value or NULL and appends its placeholder.
+    pub(crate) fn push_opt_time(&mut self, t: Option<DateTime<Utc>>) -> &mut Self {
+        DB::add_opt_time(self, t);
         self.placeholder()
     }
 

@@ -12,6 +12,7 @@
 //! [`TenantId`]; on Postgres, row-level security enforces it a second time.
 
 pub mod ceiling;
+mod decisions;
 mod dialect;
 pub mod lock;
 mod postgres;
@@ -26,6 +27,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
+use crate::domain::decision::{
+    Decision, DecisionHead, DecisionLogEntry, DecisionQuery, TargetState,
+};
 use crate::domain::event::{EventQuery, FeedPosition, InsertOutcome, NewEvent, StoredEvent};
 use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
 use crate::domain::playbook::{NotificationSettings, Playbook, PlaybookRun, RunQuery};
@@ -49,6 +53,10 @@ pub enum StoreError {
     /// A unique constraint refused the write.
     #[error("{0} already exists")]
     Conflict(String),
+    /// The write would exceed a limit (decisions in force per tenant or per
+    /// target); nothing was written.
+    #[error("limit reached: {0}")]
+    LimitReached(String),
     /// Anything else; carries the cause chain for the logs, never for clients.
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
@@ -180,6 +188,7 @@ pub trait Store:
     + IncidentStore
     + WebhookStore
     + PlaybookStore
+    + DecisionStore
     + Send
     + Sync
     + 'static
@@ -524,8 +533,11 @@ pub trait PlaybookStore: Send + Sync {
     /// `lease_owner`, still leased to that worker), logging its new state in
     /// the same transaction; returns it at its new version. A run that
     /// reached a terminal state gives up its lease. `Conflict` otherwise.
-    async fn save_run(&self, run: &PlaybookRun, lease_owner: Option<&str>)
-        -> StoreResult<PlaybookRun>;
+    async fn save_run(
+        &self,
+        run: &PlaybookRun,
+        lease_owner: Option<&str>,
+    ) -> StoreResult<PlaybookRun>;
 
     /// Leases at most `limit` runnable runs (APPROVED or RUNNING) whose lease
     /// is free or expired at `now` to `owner` until `until`; returns them.
@@ -548,8 +560,12 @@ pub trait PlaybookStore: Send + Sync {
     ) -> StoreResult<bool>;
 
     /// Gives up `owner`'s lease on a run (it is runnable again at once).
-    async fn release_run_lease(&self, tenant: TenantId, id: uuid::Uuid, owner: &str)
-        -> StoreResult<()>;
+    async fn release_run_lease(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        owner: &str,
+    ) -> StoreResult<()>;
 
     /// Runs of every tenant still waiting for approval at `now` past their
     /// deadline, at most `limit`.
@@ -560,8 +576,11 @@ pub trait PlaybookStore: Send + Sync {
     ) -> StoreResult<Vec<(TenantId, uuid::Uuid)>>;
 
     /// Which of `keys` are trigger keys of the tenant's runs.
-    async fn used_trigger_keys(&self, tenant: TenantId, keys: &[String])
-        -> StoreResult<Vec<String>>;
+    async fn used_trigger_keys(
+        &self,
+        tenant: TenantId,
+        keys: &[String],
+    ) -> StoreResult<Vec<String>>;
 
     /// The tenant's notification settings, if set.
     async fn get_notification_settings(
@@ -580,6 +599,116 @@ pub trait PlaybookStore: Send + Sync {
         sealed_secret: &[u8],
         at: DateTime<Utc>,
     ) -> StoreResult<NotificationSettings>;
+}
+
+/// What a decision write did, besides its result.
+#[derive(Debug, Clone)]
+pub struct DecisionWrite<T> {
+    /// The operation's result.
+    pub result: T,
+    /// The tenant's log head after the write (the newest revision).
+    pub head: DecisionHead,
+    /// The state of every target the write touched, after it.
+    pub targets: Vec<TargetState>,
+}
+
+/// A tenant's place in the decision schedule (the expiry task and log
+/// compaction read it across tenants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecisionSchedule {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// When its decisions next change by time alone; `None`: never.
+    pub next_change_at: Option<DateTime<Utc>>,
+    /// Its log head.
+    pub head: DecisionHead,
+}
+
+/// Enforcement decisions and each tenant's revision log (see ARCHITECTURE.md,
+/// "Enforcement"). Every write locks the tenant's log head first, so a
+/// tenant's writes are serialized and revisions are assigned in commit
+/// order, one per logged change, with no gaps: a reader that sees revision
+/// n+1 also sees n. Each write recomputes the touched targets' effective
+/// states (`domain::decision`) and logs one entry per target whose decisions
+/// changed, in the same transaction.
+#[async_trait]
+pub trait DecisionStore: Send + Sync {
+    /// Creates `decisions` in order, in ONE transaction. A decision whose
+    /// idempotency key the tenant already used (or an earlier one of the
+    /// batch used) is not created: the existing one is returned with
+    /// `false`, unless it names another target or kind (`Conflict`).
+    /// `LimitReached` if the tenant would have more than `max_active`
+    /// decisions in force, or a target more than
+    /// [`crate::domain::decision::MAX_DECISIONS_PER_TARGET`]; nothing is
+    /// written then.
+    async fn create_decisions(
+        &self,
+        tenant: TenantId,
+        decisions: Vec<Decision>,
+        max_active: u64,
+        now: DateTime<Utc>,
+    ) -> StoreResult<DecisionWrite<Vec<(Decision, bool)>>>;
+
+    /// Revokes decision `id` (recording who, why and when) and logs its
+    /// target's change. A revoked or expired decision is returned unchanged
+    /// and nothing is written. `NotFound` if the tenant has no such decision.
+    async fn revoke_decision(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        by: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<DecisionWrite<Decision>>;
+
+    /// Applies the passage of time up to `now`: every target whose decisions
+    /// have ended by then is recomputed, and each whose effective state
+    /// changed is logged (EXPIRED or UPDATED). Conditional on the stored
+    /// schedule, so running it twice (two replicas) logs nothing twice.
+    /// Returns the number of log entries written.
+    async fn expire_decisions(&self, tenant: TenantId, now: DateTime<Utc>) -> StoreResult<u64>;
+
+    /// One decision, active or not.
+    async fn get_decision(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<Decision>;
+
+    /// Decisions matching `query`, newest first by (created_at, id).
+    async fn list_decisions(
+        &self,
+        tenant: TenantId,
+        query: &DecisionQuery,
+    ) -> StoreResult<Vec<Decision>>;
+
+    /// Log entries after revision `after`, oldest first, at most `limit`.
+    /// If entries after `after` were compacted away, the first entry returned
+    /// is not `after + 1`.
+    async fn decision_log_after(
+        &self,
+        tenant: TenantId,
+        after: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<DecisionLogEntry>>;
+
+    /// The tenant's log head and every target with decisions, read at one
+    /// moment (one statement): the state after the head's revision.
+    async fn decision_snapshot(
+        &self,
+        tenant: TenantId,
+    ) -> StoreResult<(DecisionHead, Vec<TargetState>)>;
+
+    /// Every tenant with decisions and its schedule (across tenants: on
+    /// Postgres through a definer-rights function that returns only this).
+    async fn decision_schedule(&self) -> StoreResult<Vec<DecisionSchedule>>;
+
+    /// Deletes the tenant's log entries written before `log_before` (raising
+    /// the floor: a resume from an older revision must re-snapshot) and its
+    /// decisions that ended (expired or revoked) before `history_before`.
+    /// Returns the head after.
+    async fn compact_decisions(
+        &self,
+        tenant: TenantId,
+        log_before: DateTime<Utc>,
+        history_before: DateTime<Utc>,
+    ) -> StoreResult<DecisionHead>;
 }
 
 /// The default embedded database: `./picket-data/picket.db`.

@@ -96,6 +96,7 @@ impl Dialect for Postgres {
     const CLAIM_RUNS: &'static str =
         "SELECT tenant_id, id FROM picket_claim_playbook_runs($1, $2, $3, $4)";
     const DUE_RUNS: &'static str = "SELECT tenant_id, id FROM picket_due_playbook_runs($1, $2)";
+    const DECISION_SCHEDULE: &'static str = "picket_decision_schedule()";
     const FEED_XID: &'static str = "xid::text AS feed_xid";
     // A transaction still in flight may commit rows with a smaller xid than
     // rows already visible; stop below the oldest one.

@@ -27,7 +27,7 @@ use crate::storage::{
 
 /// Most rows (or list items) in one multi-row statement of a batch: well
 /// under both backends' bound-parameter limits at 10 parameters a row.
-const BATCH_ROWS: usize = 500;
+pub(crate) const BATCH_ROWS: usize = 500;
 
 /// Classifies a failed operation on `what` (see [`StoreError::classify`]).
 pub(crate) fn fail<'a>(
@@ -61,7 +61,7 @@ const EVENT_COLUMNS: &str = "tenant_id, id, seq, idem, occurred_at, received_at,
      ocsf_class_uid, ocsf_category_uid, actor, action, resource, outcome, severity, source_ip, \
      destination_ip, source_system, service, environment, details";
 
-fn uuid<DB: Dialect>(row: &DB::Row, col: &str) -> Result<Uuid, sqlx::Error> {
+pub(crate) fn uuid<DB: Dialect>(row: &DB::Row, col: &str) -> Result<Uuid, sqlx::Error> {
     DB::opt_uuid(row, col)?.ok_or_else(|| sqlx::Error::Decode(format!("{col} is null").into()))
 }
 
@@ -161,7 +161,7 @@ fn source_from_row<DB: Dialect>(row: &DB::Row) -> Result<WebhookSource, sqlx::Er
 }
 
 /// Decodes every row with `decode`.
-fn decode_all<DB: Database, T>(
+pub(crate) fn decode_all<DB: Database, T>(
     rows: &[DB::Row],
     decode: fn(&DB::Row) -> Result<T, sqlx::Error>,
 ) -> Result<Vec<T>, sqlx::Error> {
@@ -184,7 +184,7 @@ fn push_range<DB: Dialect>(
 }
 
 /// Appends the keyset condition `(col, id) < before`, newest-first order and the limit.
-fn push_newest_first<DB: Dialect>(
+pub(crate) fn push_newest_first<DB: Dialect>(
     q: &mut Stmt<DB>,
     col: &str,
     before: Option<(DateTime<Utc>, Uuid)>,
@@ -202,12 +202,12 @@ fn push_newest_first<DB: Dialect>(
 #[allow(private_bounds)]
 impl<DB: Dialect> SqlStore<DB> {
     /// A transaction reading `tenant`'s data.
-    async fn read(&self, tenant: TenantId) -> Result<Tx<DB>, sqlx::Error> {
+    pub(crate) async fn read(&self, tenant: TenantId) -> Result<Tx<DB>, sqlx::Error> {
         DB::begin(self, tenant, false).await
     }
 
     /// A transaction writing `tenant`'s data.
-    async fn write(&self, tenant: TenantId) -> Result<Tx<DB>, sqlx::Error> {
+    pub(crate) async fn write(&self, tenant: TenantId) -> Result<Tx<DB>, sqlx::Error> {
         DB::begin(self, tenant, true).await
     }
 
@@ -219,7 +219,7 @@ impl<DB: Dialect> SqlStore<DB> {
     }
 
     /// Runs `q` on a pooled connection outside any tenant; returns all rows.
-    async fn all(&self, q: Stmt<DB>) -> Result<Vec<DB::Row>, sqlx::Error> {
+    pub(crate) async fn all(&self, q: Stmt<DB>) -> Result<Vec<DB::Row>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         q.fetch_all(&mut *conn).await
     }
@@ -231,7 +231,11 @@ impl<DB: Dialect> SqlStore<DB> {
     }
 
     /// Runs `q` in a read transaction of `tenant`; returns all rows.
-    async fn read_all(&self, tenant: TenantId, q: Stmt<DB>) -> Result<Vec<DB::Row>, sqlx::Error> {
+    pub(crate) async fn read_all(
+        &self,
+        tenant: TenantId,
+        q: Stmt<DB>,
+    ) -> Result<Vec<DB::Row>, sqlx::Error> {
         let mut tx = self.read(tenant).await?;
         let rows = q.fetch_all(&mut *tx).await?;
         tx.commit().await?;
@@ -273,7 +277,7 @@ impl<DB: Dialect> SqlStore<DB> {
     }
 
     /// Runs `q` in a read transaction of `tenant`; returns its first row.
-    async fn read_first(
+    pub(crate) async fn read_first(
         &self,
         tenant: TenantId,
         q: Stmt<DB>,
@@ -1499,12 +1503,17 @@ const SETTINGS_COLUMNS: &str = "tenant_id, url, secret, secret_rotated_at, updat
 #[allow(private_bounds)]
 impl<DB: Dialect> SqlStore<DB> {
     /// Logs a run's state as `kind` inside `tx`.
-    async fn log_run(
-        tx: &mut Tx<DB>,
-        run: &PlaybookRun,
-        kind: &str,
-    ) -> Result<(), sqlx::Error> {
-        Self::log_change(tx, run.tenant_id, RUNS_STREAM, run.id, kind, run, Utc::now()).await
+    async fn log_run(tx: &mut Tx<DB>, run: &PlaybookRun, kind: &str) -> Result<(), sqlx::Error> {
+        Self::log_change(
+            tx,
+            run.tenant_id,
+            RUNS_STREAM,
+            run.id,
+            kind,
+            run,
+            Utc::now(),
+        )
+        .await
     }
 }
 
@@ -1513,9 +1522,9 @@ impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
     async fn create_playbook(&self, playbook: &Playbook) -> StoreResult<Playbook> {
         let mut p = playbook.clone();
         p.version = 1;
-        let tenant = p
-            .tenant_id
-            .ok_or_else(|| StoreError::Unexpected(anyhow::anyhow!("a shared playbook cannot be stored")))?;
+        let tenant = p.tenant_id.ok_or_else(|| {
+            StoreError::Unexpected(anyhow::anyhow!("a shared playbook cannot be stored"))
+        })?;
         let what = format!("playbook `{}`", p.def.name);
         let q = Stmt::<DB>::new(
             "INSERT INTO playbooks (tenant_id, id, name, version, enabled, created_at, updated_at, doc) \
@@ -1539,9 +1548,10 @@ impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
 
     async fn get_playbook(&self, tenant: TenantId, id: Uuid) -> StoreResult<Playbook> {
         let what = format!("playbook {id}");
-        let q = Stmt::<DB>::new("SELECT version, doc FROM playbooks WHERE tenant_id = $1 AND id = $2")
-            .uuid(tenant.0)
-            .uuid(id);
+        let q =
+            Stmt::<DB>::new("SELECT version, doc FROM playbooks WHERE tenant_id = $1 AND id = $2")
+                .uuid(tenant.0)
+                .uuid(id);
         let row = self
             .read_first(tenant, q)
             .await
@@ -1551,9 +1561,11 @@ impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
     }
 
     async fn find_playbook(&self, tenant: TenantId, name: &str) -> StoreResult<Option<Playbook>> {
-        let q = Stmt::<DB>::new("SELECT version, doc FROM playbooks WHERE tenant_id = $1 AND name = $2")
-            .uuid(tenant.0)
-            .arg(name);
+        let q = Stmt::<DB>::new(
+            "SELECT version, doc FROM playbooks WHERE tenant_id = $1 AND name = $2",
+        )
+        .uuid(tenant.0)
+        .arg(name);
         let row = self
             .read_first(tenant, q)
             .await
@@ -1608,12 +1620,13 @@ impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
         .await
         .map_err(&fail)?;
         if done == 0 {
-            let exists = Stmt::<DB>::new("SELECT version FROM playbooks WHERE tenant_id = $1 AND id = $2")
-                .uuid(tenant.0)
-                .uuid(p.id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(&fail)?;
+            let exists =
+                Stmt::<DB>::new("SELECT version FROM playbooks WHERE tenant_id = $1 AND id = $2")
+                    .uuid(tenant.0)
+                    .uuid(p.id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(&fail)?;
             return Err(match exists {
                 None => StoreError::NotFound(what.clone()),
                 Some(_) => StoreError::Conflict(format!("{what} (changed concurrently)")),
@@ -1627,15 +1640,23 @@ impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
         let q = Stmt::<DB>::new("DELETE FROM playbooks WHERE tenant_id = $1 AND id = $2")
             .uuid(tenant.0)
             .uuid(id);
-        self.write_existing(tenant, q, format!("playbook {id}"), "failed to delete a playbook")
-            .await
+        self.write_existing(
+            tenant,
+            q,
+            format!("playbook {id}"),
+            "failed to delete a playbook",
+        )
+        .await
     }
 
     async fn insert_run(&self, run: &PlaybookRun) -> StoreResult<PlaybookRun> {
         let mut r = run.clone();
         r.version = 1;
         let what = match &r.trigger_key {
-            Some(_) => format!("automatic run of playbook {} for this incident", r.playbook_id),
+            Some(_) => format!(
+                "automatic run of playbook {} for this incident",
+                r.playbook_id
+            ),
             None => format!("run {}", r.id),
         };
         let fail = fail(&what, "failed to insert a run");
@@ -1665,9 +1686,11 @@ impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
 
     async fn get_run(&self, tenant: TenantId, id: Uuid) -> StoreResult<PlaybookRun> {
         let what = format!("run {id}");
-        let q = Stmt::<DB>::new("SELECT version, doc FROM playbook_runs WHERE tenant_id = $1 AND id = $2")
-            .uuid(tenant.0)
-            .uuid(id);
+        let q = Stmt::<DB>::new(
+            "SELECT version, doc FROM playbook_runs WHERE tenant_id = $1 AND id = $2",
+        )
+        .uuid(tenant.0)
+        .uuid(id);
         let row = self
             .read_first(tenant, q)
             .await
@@ -1728,7 +1751,9 @@ impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
         }
         let done = q.execute(&mut *tx).await.map_err(&fail)?;
         if done == 0 {
-            return Err(StoreError::Conflict(format!("{what} (changed concurrently)")));
+            return Err(StoreError::Conflict(format!(
+                "{what} (changed concurrently)"
+            )));
         }
         Self::log_run(&mut tx, &r, "updated").await.map_err(&fail)?;
         tx.commit().await.map_err(fail)?;
@@ -1796,7 +1821,11 @@ impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
         pairs::<DB>(&rows).map_err(fail)
     }
 
-    async fn used_trigger_keys(&self, tenant: TenantId, keys: &[String]) -> StoreResult<Vec<String>> {
+    async fn used_trigger_keys(
+        &self,
+        tenant: TenantId,
+        keys: &[String],
+    ) -> StoreResult<Vec<String>> {
         let mut used = Vec::new();
         for chunk in keys.chunks(BATCH_ROWS) {
             let mut q = Stmt::<DB>::new("SELECT trigger_key FROM playbook_runs WHERE tenant_id = ");
@@ -1819,7 +1848,10 @@ impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
             "SELECT {SETTINGS_COLUMNS} FROM notification_settings WHERE tenant_id = $1"
         ))
         .uuid(tenant.0);
-        let fail = fail("notification settings", "failed to read notification settings");
+        let fail = fail(
+            "notification settings",
+            "failed to read notification settings",
+        );
         let row = self.read_first(tenant, q).await.map_err(&fail)?;
         row.as_ref()
             .map(settings_from_row::<DB>)

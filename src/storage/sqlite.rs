@@ -120,6 +120,7 @@ impl Dialect for Sqlite {
          RETURNING tenant_id, id";
     const DUE_RUNS: &'static str = "SELECT tenant_id, id FROM playbook_runs \
          WHERE status = 1 AND approval_deadline <= $1 ORDER BY approval_deadline LIMIT $2";
+    const DECISION_SCHEDULE: &'static str = "decision_heads";
     const FEED_XID: &'static str = "xid AS feed_xid";
     const READABLE: &'static str = "";
     const FEED_ORDER: &'static str = "seq";

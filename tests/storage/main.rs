@@ -777,9 +777,32 @@ async fn postgres_row_level_security_confines_the_app_role() {
         .unwrap();
     }
 
+    for t in [a.id, b.id] {
+        use picket::domain::decision::{DecisionKind, DecisionScope};
+        use picket::storage::DecisionStore;
+        let now = Utc::now();
+        let d = decisions::decision(
+            t,
+            DecisionScope::Ip,
+            "192.0.2.1",
+            DecisionKind::Ban,
+            60,
+            now,
+        );
+        s.create_decisions(t, vec![d], 100, now).await.unwrap();
+    }
+
     let owner = sqlx::PgPool::connect(&db.url).await.unwrap();
     let tables = tenant_tables(&owner).await;
-    for t in ["api_keys", "webhook_sources", "webhook_deliveries"] {
+    for t in [
+        "api_keys",
+        "webhook_sources",
+        "webhook_deliveries",
+        "decisions",
+        "decision_targets",
+        "decision_log",
+        "decision_heads",
+    ] {
         assert!(tables.contains(&t.to_string()), "{t}");
     }
 
@@ -1021,5 +1044,401 @@ mod events {
         insert_reports_accepted_and_duplicates,
         feed_is_ordered_and_tenant_scoped,
         query_pages_and_purge,
+    );
+}
+
+mod decisions {
+    use super::*;
+    use picket::domain::decision::{
+        Decision, DecisionKind, DecisionQuery, DecisionScope, DeltaKind, NewDecision, Origin,
+        Target,
+    };
+
+    /// A decision on `scope value` made at `now`, lasting `seconds`.
+    pub fn decision(
+        tenant: TenantId,
+        scope: DecisionScope,
+        value: &str,
+        kind: DecisionKind,
+        seconds: i64,
+        now: chrono::DateTime<Utc>,
+    ) -> Decision {
+        NewDecision {
+            target: Target::parse(scope, value, "value").unwrap(),
+            kind,
+            throttle_per_minute: if kind == DecisionKind::Throttle {
+                10
+            } else {
+                0
+            },
+            origin: Origin::manual("k1"),
+            reason: "test".into(),
+            duration: Duration::seconds(seconds),
+            idempotency_key: None,
+        }
+        .into_decision(tenant, "k1", now)
+    }
+
+    fn now() -> chrono::DateTime<Utc> {
+        // Whole microseconds: both backends keep microsecond precision.
+        chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap()
+    }
+
+    pub async fn overlapping_decisions_resolve_and_log_dense_revisions(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let (a, b) = (TenantId::new(), TenantId::new());
+        let t0 = now();
+        let ip = |kind, secs, at| decision(a, DecisionScope::Ip, "203.0.113.7", kind, secs, at);
+        let long = ip(DecisionKind::Ban, 3600, t0);
+        let w = s
+            .create_decisions(a, vec![long.clone()], 100, t0)
+            .await
+            .unwrap();
+        assert_eq!(w.head.revision, 1);
+        assert_eq!(w.result, vec![(long.clone(), true)]);
+        // A 60 s ban after the 1 h one: logged (the index needs the list) but
+        // the effective state is unchanged.
+        let short = ip(DecisionKind::Ban, 60, t0 + Duration::seconds(1));
+        let w = s
+            .create_decisions(a, vec![short.clone()], 100, t0 + Duration::seconds(1))
+            .await
+            .unwrap();
+        assert_eq!(w.head.revision, 2);
+        assert_eq!(
+            w.targets[0].effective.as_ref().unwrap().decision_id,
+            long.id
+        );
+        // Revoking the long one: the short one decides.
+        let w = s
+            .revoke_decision(a, long.id, "k2", "oops", t0 + Duration::seconds(2))
+            .await
+            .unwrap();
+        assert_eq!(w.result.revoked_by, "k2");
+        assert_eq!(
+            w.targets[0].effective.as_ref().unwrap().decision_id,
+            short.id
+        );
+        // Revoking again changes nothing.
+        let again = s
+            .revoke_decision(a, long.id, "k3", "", t0 + Duration::seconds(3))
+            .await
+            .unwrap();
+        assert_eq!(again.head.revision, 3);
+        assert_eq!(again.result.revoked_by, "k2");
+        // Another tenant's writes have their own revisions and are invisible here.
+        let other = decision(b, DecisionScope::Actor, "eve", DecisionKind::Ban, 60, t0);
+        assert_eq!(
+            s.create_decisions(b, vec![other.clone()], 100, t0)
+                .await
+                .unwrap()
+                .head
+                .revision,
+            1
+        );
+        assert!(matches!(
+            s.get_decision(a, other.id).await,
+            Err(StoreError::NotFound(_))
+        ));
+        let log = s.decision_log_after(a, 0, 100).await.unwrap();
+        let kinds: Vec<_> = log.iter().map(|e| (e.revision, e.kind)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (1, DeltaKind::Added),
+                (2, DeltaKind::Unchanged),
+                (3, DeltaKind::Updated)
+            ]
+        );
+        assert_eq!(log[2].decisions, vec![short.clone()]);
+        assert_eq!(s.decision_log_after(a, 2, 100).await.unwrap().len(), 1);
+        let (head, targets) = s.decision_snapshot(a).await.unwrap();
+        assert_eq!((head.revision, head.active), (3, 1));
+        assert_eq!(targets.len(), 1);
+        assert_eq!(targets[0].effective.as_ref().unwrap().decision_id, short.id);
+        let (empty, none) = s.decision_snapshot(TenantId::new()).await.unwrap();
+        assert_eq!((empty.revision, none.len()), (0, 0));
+        // Listing: active only by default, newest first; filters.
+        let q = |f: fn(&mut DecisionQuery)| {
+            let mut q = DecisionQuery {
+                limit: 10,
+                now: Some(t0 + Duration::seconds(3)),
+                ..Default::default()
+            };
+            f(&mut q);
+            q
+        };
+        let ids = |v: Vec<Decision>| v.into_iter().map(|d| d.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(s.list_decisions(a, &q(|_| {})).await.unwrap()),
+            [short.id]
+        );
+        assert_eq!(
+            ids(s
+                .list_decisions(a, &q(|q| q.include_inactive = true))
+                .await
+                .unwrap()),
+            [short.id, long.id]
+        );
+        let by_target = q(|q| {
+            q.scope = Some(DecisionScope::Ip);
+            q.value = Some("203.0.113.7".into());
+            q.kinds = vec![DecisionKind::Ban];
+            q.origin_id = Some("k1".into());
+            q.include_inactive = true;
+        });
+        assert_eq!(s.list_decisions(a, &by_target).await.unwrap().len(), 2);
+        let none = q(|q| q.kinds = vec![DecisionKind::Allow]);
+        assert!(s.list_decisions(a, &none).await.unwrap().is_empty());
+        // The schedule names both tenants with their next change.
+        let schedule = s.decision_schedule().await.unwrap();
+        let mine = schedule.iter().find(|x| x.tenant == a).unwrap();
+        assert_eq!(mine.next_change_at, Some(short.expires_at));
+        assert!(schedule.iter().any(|x| x.tenant == b));
+    }
+
+    pub async fn idempotency_keys_and_limits(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let a = TenantId::new();
+        let t0 = now();
+        let mut first = decision(
+            a,
+            DecisionScope::Cidr,
+            "198.51.100.0/24",
+            DecisionKind::Ban,
+            60,
+            t0,
+        );
+        first.idempotency_key = Some("run:1:step:0".into());
+        let mut repeat = decision(
+            a,
+            DecisionScope::Cidr,
+            "198.51.100.0/24",
+            DecisionKind::Ban,
+            90,
+            t0,
+        );
+        repeat.idempotency_key = first.idempotency_key.clone();
+        let w = s
+            .create_decisions(a, vec![first.clone(), repeat.clone()], 100, t0)
+            .await
+            .unwrap();
+        assert_eq!(
+            w.result,
+            vec![(first.clone(), true), (first.clone(), false)]
+        );
+        let w = s
+            .create_decisions(a, vec![repeat.clone()], 100, t0)
+            .await
+            .unwrap();
+        assert_eq!(w.result, vec![(first.clone(), false)]);
+        assert_eq!(w.head.revision, 1, "a replay writes nothing");
+        let mut other = decision(
+            a,
+            DecisionScope::Ip,
+            "198.51.100.1",
+            DecisionKind::Ban,
+            60,
+            t0,
+        );
+        other.idempotency_key = first.idempotency_key.clone();
+        assert!(matches!(
+            s.create_decisions(a, vec![other], 100, t0).await,
+            Err(StoreError::Conflict(_))
+        ));
+        // The tenant cap counts decisions in force; nothing is written past it.
+        let batch: Vec<_> = (0..3)
+            .map(|i| {
+                decision(
+                    a,
+                    DecisionScope::Actor,
+                    &format!("u{i}"),
+                    DecisionKind::Ban,
+                    60,
+                    t0,
+                )
+            })
+            .collect();
+        assert!(matches!(
+            s.create_decisions(a, batch.clone(), 3, t0).await,
+            Err(StoreError::LimitReached(_))
+        ));
+        assert_eq!(s.decision_snapshot(a).await.unwrap().0.active, 1);
+        s.create_decisions(a, batch, 4, t0).await.unwrap();
+        // The per-target cap.
+        let many: Vec<_> = (0..101)
+            .map(|_| decision(a, DecisionScope::Actor, "busy", DecisionKind::Ban, 60, t0))
+            .collect();
+        assert!(matches!(
+            s.create_decisions(a, many, 10_000, t0).await,
+            Err(StoreError::LimitReached(_))
+        ));
+    }
+
+    pub async fn expiry_is_logged_once_even_when_raced(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let a = TenantId::new();
+        let t0 = now();
+        let allow = decision(
+            a,
+            DecisionScope::Ip,
+            "192.0.2.1",
+            DecisionKind::Allow,
+            10,
+            t0,
+        );
+        let ban = decision(a, DecisionScope::Ip, "192.0.2.1", DecisionKind::Ban, 20, t0);
+        let gone = decision(
+            a,
+            DecisionScope::Actor,
+            "mallory",
+            DecisionKind::Ban,
+            10,
+            t0,
+        );
+        s.create_decisions(a, vec![allow, ban.clone(), gone], 100, t0)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.expire_decisions(a, t0 + Duration::seconds(5))
+                .await
+                .unwrap(),
+            0
+        );
+        // Two replicas expire at once: each change is logged exactly once.
+        let at = t0 + Duration::seconds(11);
+        let (x, y) = tokio::join!(s.expire_decisions(a, at), s.expire_decisions(a, at));
+        assert_eq!(x.unwrap() + y.unwrap(), 2);
+        let log = s.decision_log_after(a, 2, 100).await.unwrap();
+        let mut kinds: Vec<_> = log.iter().map(|e| (e.target.scope, e.kind)).collect();
+        kinds.sort_by_key(|k| k.0);
+        assert_eq!(
+            kinds,
+            [
+                (DecisionScope::Ip, DeltaKind::Updated),
+                (DecisionScope::Actor, DeltaKind::Expired)
+            ]
+        );
+        let ip = log
+            .iter()
+            .find(|e| e.target.scope == DecisionScope::Ip)
+            .unwrap();
+        assert_eq!(
+            ip.effective.as_ref().unwrap().decision_id,
+            ban.id,
+            "the ban shows again"
+        );
+        let (head, targets) = s.decision_snapshot(a).await.unwrap();
+        assert_eq!((head.revision, head.active, targets.len()), (4, 1, 1));
+        let mine = s
+            .decision_schedule()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|x| x.tenant == a)
+            .unwrap();
+        assert_eq!(mine.next_change_at, Some(ban.expires_at));
+    }
+
+    pub async fn compaction_raises_the_floor_and_drops_old_history(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let a = TenantId::new();
+        let t0 = now() - Duration::days(40);
+        let old = decision(a, DecisionScope::Ip, "192.0.2.9", DecisionKind::Ban, 60, t0);
+        s.create_decisions(a, vec![old.clone()], 100, t0)
+            .await
+            .unwrap();
+        let t1 = now();
+        let fresh = decision(
+            a,
+            DecisionScope::Ip,
+            "192.0.2.10",
+            DecisionKind::Ban,
+            600,
+            t1,
+        );
+        s.create_decisions(a, vec![fresh.clone()], 100, t1)
+            .await
+            .unwrap();
+        let head = s
+            .compact_decisions(a, t1 - Duration::days(1), t1 - Duration::days(30))
+            .await
+            .unwrap();
+        assert_eq!((head.revision, head.floor), (2, 1));
+        let log = s.decision_log_after(a, 0, 10).await.unwrap();
+        assert_eq!(log.iter().map(|e| e.revision).collect::<Vec<_>>(), [2]);
+        assert!(matches!(
+            s.get_decision(a, old.id).await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(s.get_decision(a, fresh.id).await.unwrap(), fresh);
+        assert_eq!(s.decision_snapshot(a).await.unwrap().0.floor, 1);
+    }
+
+    /// Many writers at once: every reader, reading while they commit, sees
+    /// the log as a gapless prefix (revision n+1 is never visible before n),
+    /// and the revisions end dense.
+    pub async fn concurrent_writes_are_read_in_revision_order(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let a = TenantId::new();
+        let writers = 6;
+        let per = 25;
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (s, done) = (s.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut seen = 0u64;
+                loop {
+                    let finished = done.load(std::sync::atomic::Ordering::Acquire);
+                    let entries = s.decision_log_after(a, seen, 1000).await.unwrap();
+                    for e in &entries {
+                        assert_eq!(
+                            e.revision,
+                            seen + 1,
+                            "a revision became visible before an older one"
+                        );
+                        seen = e.revision;
+                    }
+                    if finished && entries.is_empty() {
+                        return seen;
+                    }
+                }
+            })
+        };
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..per {
+                    let t = now();
+                    let d = decision(
+                        a,
+                        DecisionScope::Actor,
+                        &format!("w{w}-{i}"),
+                        DecisionKind::Ban,
+                        600,
+                        t,
+                    );
+                    s.create_decisions(a, vec![d], 10_000, t).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        let seen = reader.await.unwrap();
+        assert_eq!(seen, (writers * per) as u64);
+        assert_eq!(
+            s.decision_snapshot(a).await.unwrap().0.revision,
+            (writers * per) as u64
+        );
+    }
+
+    crate::both_backends!(
+        overlapping_decisions_resolve_and_log_dense_revisions,
+        idempotency_keys_and_limits,
+        expiry_is_logged_once_even_when_raced,
+        compaction_raises_the_floor_and_drops_old_history,
+        concurrent_writes_are_read_in_revision_order,
     );
 }

@@ -249,10 +249,7 @@ pub fn line_of(doc: &str, field: &str) -> usize {
         Some((k, i)) => (k, i.trim_end_matches(']').parse::<usize>().ok()),
         None => (head, None),
     };
-    let Some(top_line) = lines
-        .iter()
-        .position(|l| indent(l) == 0 && has_key(l, top))
-    else {
+    let Some(top_line) = lines.iter().position(|l| indent(l) == 0 && has_key(l, top)) else {
         return 1;
     };
     let Some(index) = index else {
@@ -292,9 +289,7 @@ pub fn line_of(doc: &str, field: &str) -> usize {
             .position(|l| !l.trim().is_empty() && indent(l) == 0)
             .map_or(lines.len(), |p| item + 1 + p)
     });
-    let within = |key: &str, from: usize| {
-        (from..end).find(|n| has_key(lines[*n], key))
-    };
+    let within = |key: &str, from: usize| (from..end).find(|n| has_key(lines[*n], key));
     let (sub, param) = match rest.split_once('[') {
         Some((k, p)) => (k, Some(p.trim_end_matches(']'))),
         None => (rest, None),
@@ -355,7 +350,10 @@ steps:
         assert!(parsed[0].is_ok());
         let second = parsed[1].as_ref().unwrap_err();
         assert_eq!(second[0].line, 22, "{second:?}");
-        assert!(second[0].message.contains("steps[0].params[text]"), "{second:?}");
+        assert!(
+            second[0].message.contains("steps[0].params[text]"),
+            "{second:?}"
+        );
         let third = parsed[2].as_ref().unwrap_err();
         assert!(third[0].line >= 24, "{third:?}");
     }
