@@ -61,6 +61,9 @@ pub enum Command {
     Ingest(crate::cli::client::ingest::IngestArgs),
     /// Follow newly committed events live.
     Tail(crate::cli::client::tail::TailArgs),
+    /// Response playbooks kept as YAML files.
+    #[command(subcommand)]
+    Playbook(PlaybookCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -81,6 +84,14 @@ pub enum BenchCommand {
     Detect(crate::cli::client::bench_detect::BenchDetectArgs),
     /// Live fan-out: N WatchIncidents subscribers, each change to all of them.
     Fanout(crate::cli::client::bench_fanout::BenchFanoutArgs),
+}
+
+/// `picket playbook …`
+#[derive(Debug, Subcommand)]
+pub enum PlaybookCommand {
+    /// Create or update the tenant's playbooks from a YAML file or a
+    /// directory of them (by name; unchanged ones are left alone).
+    Apply(crate::cli::client::playbook::ApplyArgs),
 }
 
 /// `picket anomaly …`
@@ -238,6 +249,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Anomaly(AnomalyCommand::Score(args)) => crate::cli::anomaly::run(&args),
         Command::Ingest(args) => crate::cli::client::ingest::run(args).await,
         Command::Tail(args) => crate::cli::client::tail::run(args).await,
+        Command::Playbook(PlaybookCommand::Apply(args)) => {
+            crate::cli::client::playbook::run(args).await
+        }
         Command::Bench(BenchCommand::Ingest(args)) => crate::cli::client::bench::run(args).await,
         Command::Bench(BenchCommand::Detect(args)) => {
             crate::cli::client::bench_detect::run(args).await

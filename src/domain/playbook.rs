@@ -235,6 +235,17 @@ pub struct Trigger {
     pub min_severity: Option<Severity>,
     /// Alert categories that trigger it; empty: any.
     pub categories: Vec<String>,
+    /// Alert sources (rule ids) that trigger it; empty: any.
+    #[serde(default)]
+    pub rules: Vec<String>,
+}
+
+impl Trigger {
+    /// Whether an alert of `category` raised by `source` matches the lists.
+    pub fn matches_alert(&self, category: &str, source: &str) -> bool {
+        (self.categories.is_empty() || self.categories.iter().any(|c| c == category))
+            && (self.rules.is_empty() || self.rules.iter().any(|r| r == source))
+    }
 }
 
 /// What a playbook is, independent of where it is stored.
@@ -441,6 +452,18 @@ impl PlaybookDef {
             bad(
                 "trigger.categories".into(),
                 format!("at most {MAX_CATEGORIES} categories of 1..64 bytes"),
+            );
+        }
+        if self.trigger.rules.len() > 32
+            || self
+                .trigger
+                .rules
+                .iter()
+                .any(|r| r.is_empty() || r.len() > 128)
+        {
+            bad(
+                "trigger.rules".into(),
+                "at most 32 rule ids of 1..128 bytes".into(),
             );
         }
         if self.steps.is_empty() || self.steps.len() > MAX_STEPS {

@@ -138,6 +138,7 @@ fn def_from_pb(p: &pb::Playbook) -> AppResult<PlaybookDef> {
                 )?)
             },
             categories: t.categories.clone(),
+            rules: t.rules.clone(),
         },
         None => Trigger::default(),
     };
@@ -149,6 +150,24 @@ fn def_from_pb(p: &pb::Playbook) -> AppResult<PlaybookDef> {
         enabled: p.enabled,
         required_approvals: p.required_approvals,
     })
+}
+
+/// A definition as a protobuf playbook (no id, version or times).
+pub fn def_to_pb(def: &PlaybookDef) -> pb::Playbook {
+    let mut p = playbook_to_pb(&Playbook {
+        tenant_id: None,
+        id: Uuid::nil(),
+        origin: Origin::Tenant,
+        version: 0,
+        created_at: chrono::DateTime::UNIX_EPOCH,
+        updated_at: chrono::DateTime::UNIX_EPOCH,
+        def: def.clone(),
+    });
+    p.id.clear();
+    p.origin = 0;
+    p.created_at = None;
+    p.updated_at = None;
+    p
 }
 
 /// A playbook as protobuf.
@@ -181,6 +200,7 @@ pub fn playbook_to_pb(p: &Playbook) -> pb::Playbook {
                 .min_severity
                 .map_or(0, |s| severity_to_pb(s) as i32),
             categories: p.def.trigger.categories.clone(),
+            rules: p.def.trigger.rules.clone(),
         }),
         enabled: p.def.enabled,
         version: p.version.clamp(0, i64::from(u32::MAX)) as u32,
@@ -718,7 +738,12 @@ struct RunFilter {
 
 impl RunFilter {
     fn matches(&self, r: &PlaybookRun) -> bool {
-        (self.statuses.is_empty() || self.statuses.contains(&r.status))
+        self.matched(r, r.status)
+    }
+
+    /// Whether `r` matched when its status was `status`.
+    fn matched(&self, r: &PlaybookRun, status: RunStatus) -> bool {
+        (self.statuses.is_empty() || self.statuses.contains(&status))
             && self.playbook_id.is_none_or(|p| p == r.playbook_id)
     }
 }
@@ -836,7 +861,7 @@ struct RunFeed {
 #[tonic::async_trait]
 impl watch::Feed for RunFeed {
     const STREAM: &'static str = "playbook_runs";
-    type Entry = (pb::RunChangeKind, PlaybookRun);
+    type Entry = (pb::RunChangeKind, PlaybookRun, Option<RunStatus>);
     type Msg = (String, WatchItem);
 
     fn tenant(&self) -> TenantId {
@@ -855,22 +880,26 @@ impl watch::Feed for RunFeed {
         changes
             .into_iter()
             .map(|c| {
-                let run: PlaybookRun = serde_json::from_value(c.payload).map_err(|e| {
+                let bad = |e: serde_json::Error| {
                     AppError::Internal(
                         anyhow::Error::new(e).context("failed to decode a logged run change"),
                     )
-                })?;
+                };
+                let run: PlaybookRun =
+                    serde_json::from_value(c.payload["run"].clone()).map_err(bad)?;
+                let previous: Option<RunStatus> =
+                    serde_json::from_value(c.payload["previous_status"].clone()).map_err(bad)?;
                 let kind = if c.kind == "created" {
                     pb::RunChangeKind::Created
                 } else {
                     pb::RunChangeKind::Updated
                 };
-                Ok((c.position, (kind, run)))
+                Ok((c.position, (kind, run, previous)))
             })
             .collect()
     }
 
-    fn message(&self, (kind, run): &Self::Entry) -> Option<Self::Msg> {
+    fn message(&self, (kind, run, previous): &Self::Entry) -> Option<Self::Msg> {
         if self
             .reflected
             .get(&run.id)
@@ -878,7 +907,8 @@ impl watch::Feed for RunFeed {
         {
             return None;
         }
-        self.filter.matches(run).then(|| {
+        let left = previous.is_some_and(|p| self.filter.matched(run, p));
+        (self.filter.matches(run) || left).then(|| {
             (
                 String::new(),
                 WatchItem::Change(Box::new(pb::PlaybookRunChange {

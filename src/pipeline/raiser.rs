@@ -246,7 +246,7 @@ async fn raise_tenant(config: &RaiserConfig, tenant: TenantId, jobs: Vec<Job>) {
         .into_iter()
         .filter_map(|(a, created)| created.then_some(a))
         .collect();
-    if let Err(e) = crate::incidents::correlate_batch(
+    match crate::incidents::correlate_batch(
         config.store.as_ref(),
         tenant,
         &new,
@@ -255,7 +255,13 @@ async fn raise_tenant(config: &RaiserConfig, tenant: TenantId, jobs: Vec<Job>) {
     )
     .await
     {
-        tracing::error!(tenant_id = %tenant, alerts = new.len(), error = %e, "incident correlation failed");
+        // The incident changes are committed: wake their watchers (and the
+        // playbook triggers) now rather than at their next poll.
+        Ok(grouped) if grouped > 0 => config.changes.notify(tenant),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(tenant_id = %tenant, alerts = new.len(), error = %e, "incident correlation failed")
+        }
     }
 }
 

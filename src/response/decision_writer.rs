@@ -125,9 +125,9 @@ impl DecisionWriter for crate::response::decisions::Decisions {
         };
         let new = list::NewDecision::parse(&input, list::Origin::run(d.origin_run), "params.")
             .map_err(AppError::InvalidArgument)?;
-        let by = format!("playbook-run:{}", d.origin_run);
+        let by = "playbook";
         let created =
-            crate::response::decisions::Decisions::create(self, d.tenant, &by, new).await?;
+            crate::response::decisions::Decisions::create(self, d.tenant, by, new).await?;
         Ok(DecisionRef {
             id: created.decision.id.to_string(),
             expires_at: created.decision.expires_at,

@@ -191,7 +191,7 @@ impl Worker<'_> {
             }
             change(&mut fresh, now_micros());
             let owner = (!ended).then_some(self.owner);
-            match store.save_run(&fresh, owner).await {
+            match store.save_run(&fresh, before, owner).await {
                 Ok(saved) => {
                     self.responder.after_change(&saved, Some(before));
                     *run = saved;

@@ -387,7 +387,7 @@ impl Responder {
     /// Builds a run of `playbook` (not stored). The second value is why its
     /// templates could not be resolved, if they could not (the run then has
     /// no steps).
-    pub(crate) async fn prepare_run(
+    pub async fn prepare_run(
         &self,
         tenant: TenantId,
         playbook: &Playbook,
@@ -465,7 +465,7 @@ impl Responder {
                 }
                 Err(r) => return Err(refusal(r)),
             };
-            match self.store.save_run(&run, None).await {
+            match self.store.save_run(&run, before, None).await {
                 Ok(saved) => {
                     self.after_change(&saved, Some(before));
                     return match refused {
@@ -578,7 +578,11 @@ impl Responder {
                 if !run.expire(now_micros()) {
                     break;
                 }
-                match self.store.save_run(&run, None).await {
+                match self
+                    .store
+                    .save_run(&run, RunStatus::PendingApproval, None)
+                    .await
+                {
                     Ok(saved) => {
                         self.after_change(&saved, Some(RunStatus::PendingApproval));
                         tracing::info!(tenant_id = %tenant, run_id = %id, "run expired");

@@ -9,11 +9,13 @@
 //! looks at the tenant's incidents updated since it last looked (minus a
 //! margin for clocks). At start it looks back `trigger_lookback` (1 h) for
 //! every tenant, so an incident changed just before a crash still gets its
-//! run.
+//! run, and every minute it looks at every tenant's changes since the
+//! previous sweep, in case a wake-up was lost.
 //!
 //! **Match.** The incident is active (not resolved, closed or merged), its
-//! severity is at least the trigger's minimum, any of its alerts has one of
-//! the trigger's categories (if it names any), and it was created or
+//! severity is at least the trigger's minimum, one of its (latest 50)
+//! alerts has one of the trigger's categories and rules (where it names
+//! any), and it was created or
 //! escalated — an alert linked, its severity raised, or reopened — after
 //! the playbook (a tenant playbook's last update; shared playbooks always)
 //! and after the previous look. A run whose templates cannot be filled in
@@ -41,6 +43,9 @@ const MARGIN: chrono::Duration = chrono::Duration::seconds(30);
 const INCIDENTS: u32 = 500;
 /// Most alerts of an incident whose categories are checked.
 const ALERTS: usize = 50;
+/// How often every tenant is looked at even without a wake-up (a safety
+/// net: every incident change wakes its tenant).
+const SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Follows every tenant's changes and creates automatic runs until `shutdown`.
 pub async fn run(responder: Arc<Responder>, shutdown: CancellationToken) {
@@ -51,6 +56,9 @@ pub async fn run(responder: Arc<Responder>, shutdown: CancellationToken) {
     if let Err(e) = sweep(&responder, lookback, &mut last).await {
         tracing::warn!(error = %e, "playbook trigger sweep failed");
     }
+    let mut last_sweep = started;
+    let mut sweeps = tokio::time::interval(SWEEP);
+    sweeps.tick().await;
     loop {
         let mut pending = BTreeSet::new();
         let mut everyone = false;
@@ -60,6 +68,7 @@ pub async fn run(responder: Arc<Responder>, shutdown: CancellationToken) {
                 Err(RecvError::Lagged(_)) => everyone = true,
                 Err(RecvError::Closed) => break,
             },
+            _ = sweeps.tick() => everyone = true,
             () = shutdown.cancelled() => break,
         }
         loop {
@@ -72,9 +81,10 @@ pub async fn run(responder: Arc<Responder>, shutdown: CancellationToken) {
             }
         }
         if everyone {
-            let since = last.values().min().copied().unwrap_or(lookback);
-            if let Err(e) = sweep(&responder, since - MARGIN, &mut last).await {
-                tracing::warn!(error = %e, "playbook trigger sweep failed");
+            let now = now_micros();
+            match sweep(&responder, last_sweep - MARGIN, &mut last).await {
+                Ok(()) => last_sweep = now,
+                Err(e) => tracing::warn!(error = %e, "playbook trigger sweep failed"),
             }
             continue;
         }
@@ -186,24 +196,25 @@ pub async fn evaluate(
         .await?
         .into_iter()
         .collect();
-    let mut categories: HashMap<uuid::Uuid, BTreeSet<String>> = HashMap::new();
+    // (category, source) of each candidate incident's latest alerts.
+    let mut alerts: HashMap<uuid::Uuid, Vec<(String, String)>> = HashMap::new();
     let mut created = 0;
     for (p, inc, key) in candidates {
         if used.contains(&key) {
             continue;
         }
-        if !p.def.trigger.categories.is_empty() {
-            if !categories.contains_key(&inc.id) {
-                let mut found = BTreeSet::new();
+        let t = &p.def.trigger;
+        if !t.categories.is_empty() || !t.rules.is_empty() {
+            if !alerts.contains_key(&inc.id) {
+                let mut found = Vec::new();
                 for a in inc.alert_ids.iter().rev().take(ALERTS) {
                     if let Ok(alert) = responder.store.get_alert(tenant, *a).await {
-                        found.insert(alert.category);
+                        found.push((alert.category, alert.source_name));
                     }
                 }
-                categories.insert(inc.id, found);
+                alerts.insert(inc.id, found);
             }
-            let found = &categories[&inc.id];
-            if !p.def.trigger.categories.iter().any(|c| found.contains(c)) {
+            if !alerts[&inc.id].iter().any(|(c, s)| t.matches_alert(c, s)) {
                 continue;
             }
         }

@@ -32,7 +32,7 @@ use crate::domain::decision::{
 };
 use crate::domain::event::{EventQuery, FeedPosition, InsertOutcome, NewEvent, StoredEvent};
 use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
-use crate::domain::playbook::{NotificationSettings, Playbook, PlaybookRun, RunQuery};
+use crate::domain::playbook::{NotificationSettings, Playbook, PlaybookRun, RunQuery, RunStatus};
 use crate::domain::rule::{StoredModel, TenantRule};
 use crate::domain::webhook::{DeliveryOutcome, WebhookSource};
 use crate::domain::{ApiKey, ApiKeyId, Tenant, TenantId};
@@ -488,6 +488,13 @@ pub trait WebhookStore: Send + Sync {
 /// Change-log stream of playbook runs.
 pub const RUNS_STREAM: &str = "playbook_runs";
 
+/// The change-log payload of a run change: its state after the change and
+/// its status before (none for a new run), so a watch filtered by status
+/// also sees the change that takes a run out of the filter.
+pub fn run_change_payload(run: &PlaybookRun, previous: Option<RunStatus>) -> serde_json::Value {
+    serde_json::json!({ "run": run, "previous_status": previous })
+}
+
 /// Tenant playbooks, their runs (a state machine whose every save is
 /// conditional on the version read and logged in the same transaction), the
 /// leases workers hold on runnable runs, and notification settings.
@@ -530,12 +537,14 @@ pub trait PlaybookStore: Send + Sync {
     async fn list_runs(&self, tenant: TenantId, query: &RunQuery) -> StoreResult<Vec<PlaybookRun>>;
 
     /// Saves a changed run if it is still at `run.version` (and, with
-    /// `lease_owner`, still leased to that worker), logging its new state in
-    /// the same transaction; returns it at its new version. A run that
+    /// `lease_owner`, still leased to that worker), logging its new state
+    /// and `previous` status in the same transaction (see
+    /// [`run_change_payload`]); returns it at its new version. A run that
     /// reached a terminal state gives up its lease. `Conflict` otherwise.
     async fn save_run(
         &self,
         run: &PlaybookRun,
+        previous: RunStatus,
         lease_owner: Option<&str>,
     ) -> StoreResult<PlaybookRun>;
 

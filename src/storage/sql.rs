@@ -14,7 +14,7 @@ use crate::domain::event::{
     EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
 };
 use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
-use crate::domain::playbook::{NotificationSettings, Playbook, PlaybookRun, RunQuery};
+use crate::domain::playbook::{NotificationSettings, Playbook, PlaybookRun, RunQuery, RunStatus};
 use crate::domain::rule::{StoredModel, TenantRule};
 use crate::domain::webhook::{DeliveryOutcome, WebhookSource};
 use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
@@ -1502,15 +1502,21 @@ const SETTINGS_COLUMNS: &str = "tenant_id, url, secret, secret_rotated_at, updat
 
 #[allow(private_bounds)]
 impl<DB: Dialect> SqlStore<DB> {
-    /// Logs a run's state as `kind` inside `tx`.
-    async fn log_run(tx: &mut Tx<DB>, run: &PlaybookRun, kind: &str) -> Result<(), sqlx::Error> {
+    /// Logs a run's state (and its status before) as `kind` inside `tx`.
+    async fn log_run(
+        tx: &mut Tx<DB>,
+        run: &PlaybookRun,
+        previous: Option<RunStatus>,
+        kind: &str,
+    ) -> Result<(), sqlx::Error> {
+        let payload = crate::storage::run_change_payload(run, previous);
         Self::log_change(
             tx,
             run.tenant_id,
             RUNS_STREAM,
             run.id,
             kind,
-            run,
+            &payload,
             Utc::now(),
         )
         .await
@@ -1679,7 +1685,9 @@ impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
         .execute(&mut *tx)
         .await
         .map_err(&fail)?;
-        Self::log_run(&mut tx, &r, "created").await.map_err(&fail)?;
+        Self::log_run(&mut tx, &r, None, "created")
+            .await
+            .map_err(&fail)?;
         tx.commit().await.map_err(fail)?;
         Ok(r)
     }
@@ -1722,6 +1730,7 @@ impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
     async fn save_run(
         &self,
         run: &PlaybookRun,
+        previous: RunStatus,
         lease_owner: Option<&str>,
     ) -> StoreResult<PlaybookRun> {
         let what = format!("run {}", run.id);
@@ -1755,7 +1764,9 @@ impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
                 "{what} (changed concurrently)"
             )));
         }
-        Self::log_run(&mut tx, &r, "updated").await.map_err(&fail)?;
+        Self::log_run(&mut tx, &r, Some(previous), "updated")
+            .await
+            .map_err(&fail)?;
         tx.commit().await.map_err(fail)?;
         Ok(r)
     }

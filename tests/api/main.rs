@@ -14,6 +14,8 @@ mod front_door;
 mod grpcweb;
 mod incidents;
 mod ingest;
+mod playbook_process;
+mod playbooks;
 mod replicas;
 mod restarts;
 mod rule_pack;

@@ -1,5 +1,5 @@
 //! The command line's gRPC client side: `picket ingest`, `picket tail` and the
-//! `picket bench` load generators and the `picket simulate` scenario
+//! `picket playbook apply`, the `picket bench` load generators and the `picket simulate` scenario
 //! simulator. Talks to a server through the generated
 //! clients exactly like any other client would.
 
@@ -8,6 +8,7 @@ pub mod bench_detect;
 pub mod bench_fanout;
 pub mod ingest;
 pub mod json;
+pub mod playbook;
 pub mod simulate;
 pub mod tail;
 

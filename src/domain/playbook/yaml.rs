@@ -11,7 +11,7 @@
 //! required_approvals: 1
 //! trigger:
 //!   min_severity: high
-//!   categories: [authentication]
+//!   categories: [credential_access]
 //! steps:
 //!   - name: block-source-ip
 //!     action: block_ip
@@ -72,6 +72,8 @@ struct DocTrigger {
     min_severity: Option<String>,
     #[serde(default)]
     categories: Vec<String>,
+    #[serde(default)]
+    rules: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -198,6 +200,7 @@ fn parse_doc(start: usize, text: &str) -> Parsed {
     let mut trigger = Trigger::default();
     if let Some(t) = doc.trigger {
         trigger.categories = t.categories;
+        trigger.rules = t.rules;
         if let Some(s) = t.min_severity {
             match parse_severity(&s) {
                 Some(sev) => trigger.min_severity = Some(sev),
