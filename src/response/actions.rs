@@ -164,7 +164,9 @@ impl Responder {
         Ok(Effect {
             message: format!(
                 "{what} until {} (decision {})",
-                decision.expires_at.to_rfc3339(),
+                decision
+                    .expires_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 decision.id
             ),
             inverse: Some(Inverse {
@@ -269,8 +271,8 @@ impl Responder {
 
     async fn notify(&self, run: &PlaybookRun, index: usize) -> Result<Effect, ActionError> {
         let step = &run.steps[index];
-        let (settings, secret) = self
-            .signing_secret(run.tenant_id)
+        let (settings, _) = self
+            .notification_settings(run.tenant_id)
             .await
             .map_err(|e| from_app(e, run, index))?;
         let url = match step.params.get("url").filter(|u| !u.is_empty()) {
@@ -286,6 +288,10 @@ impl Responder {
                 });
             }
         };
+        let (_, secret) = self
+            .signing_secret(run.tenant_id)
+            .await
+            .map_err(|e| from_app(e, run, index))?;
         let incident = match run.incident_id {
             Some(id) => self.store.get_incident(run.tenant_id, id).await.ok(),
             None => None,

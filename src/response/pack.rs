@@ -191,8 +191,12 @@ mod tests {
         assert!(!shared.iter().any(|p| p.def.name == "bad"));
         let (_, errors) = load_path(dir.path()).unwrap();
         let shown = errors[0].to_string();
-        assert!(shown.ends_with(&format!(
-            "a.yml:13: steps[0].params[text]: step `n`: unknown template `{{{{nope}}}}` (known: {{{{incident.id}}}}, {{{{incident.title}}}}, {{{{entity.ip}}}}, {{{{entity.actor}}}}, {{{{alert.id}}}})"
-        )), "{shown}");
+        assert!(
+            shown.ends_with(
+                "a.yml:13: steps[0].params[text]: step `n`: unknown template `{{nope}}` \
+                 (known: {{incident.id}}, {{incident.title}}, {{entity.ip}}, {{entity.actor}}, {{alert.id}})"
+            ),
+            "{shown}"
+        );
     }
 }

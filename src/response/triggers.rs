@@ -205,14 +205,14 @@ pub async fn evaluate(
         }
         let t = &p.def.trigger;
         if !t.categories.is_empty() || !t.rules.is_empty() {
-            if !alerts.contains_key(&inc.id) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = alerts.entry(inc.id) {
                 let mut found = Vec::new();
                 for a in inc.alert_ids.iter().rev().take(ALERTS) {
                     if let Ok(alert) = responder.store.get_alert(tenant, *a).await {
                         found.push((alert.category, alert.source_name));
                     }
                 }
-                alerts.insert(inc.id, found);
+                slot.insert(found);
             }
             if !alerts[&inc.id].iter().any(|(c, s)| t.matches_alert(c, s)) {
                 continue;

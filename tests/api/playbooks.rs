@@ -771,7 +771,7 @@ async fn pending_runs_expire_on_time(backend: Backend) {
         .into_inner()
         .run
         .unwrap();
-    let deadline = run.approval_deadline.clone().unwrap();
+    let deadline = run.approval_deadline.unwrap();
     let deadline =
         chrono::DateTime::from_timestamp(deadline.seconds, deadline.nanos as u32).unwrap();
     let (created, _) = next_change(&mut inbox).await;
@@ -1055,18 +1055,15 @@ async fn triggers_run_once_per_new_or_escalated_incident(backend: Backend) {
                 .runs
         }
     };
-    let wait_runs = |inc: String, n: usize| {
-        let runs_for = runs_for.clone();
-        async move {
-            let started = Instant::now();
-            loop {
-                let runs = runs_for(inc.clone()).await;
-                if runs.len() >= n {
-                    return runs;
-                }
-                assert!(started.elapsed() < DEADLINE, "no automatic run");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+    let wait_runs = |inc: String, n: usize| async move {
+        let started = Instant::now();
+        loop {
+            let runs = runs_for(inc.clone()).await;
+            if runs.len() >= n {
+                return runs;
             }
+            assert!(started.elapsed() < DEADLINE, "no automatic run");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     // A new high incident gets one run, executed at once (no approval step).
