@@ -1,4 +1,5 @@
-//! The command line: `picket serve | migrate | config | admin …`.
+//! The command line: `picket serve | migrate | config | admin … | decisions …`
+//! and the other client commands.
 
 pub mod anomaly;
 pub mod client;
@@ -64,6 +65,9 @@ pub enum Command {
     /// Response playbooks kept as YAML files.
     #[command(subcommand)]
     Playbook(PlaybookCommand),
+    /// Enforcement decisions: list, add, revoke, check.
+    #[command(subcommand)]
+    Decisions(crate::cli::client::decisions::DecisionsCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -82,8 +86,11 @@ pub enum BenchCommand {
     Ingest(crate::cli::client::bench::BenchIngestArgs),
     /// Detection latency: failed-login burst → alert on WatchAlerts.
     Detect(crate::cli::client::bench_detect::BenchDetectArgs),
-    /// Live fan-out: N WatchIncidents subscribers, each change to all of them.
+    /// Live fan-out: N WatchIncidents (or WatchDecisions) subscribers, each
+    /// change to all of them.
     Fanout(crate::cli::client::bench_fanout::BenchFanoutArgs),
+    /// CheckAccess latency with 10,000 decisions in force.
+    Enforce(crate::cli::client::bench_enforce::BenchEnforceArgs),
 }
 
 /// `picket playbook …`
@@ -252,12 +259,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Playbook(PlaybookCommand::Apply(args)) => {
             crate::cli::client::playbook::run(args).await
         }
+        Command::Decisions(cmd) => crate::cli::client::decisions::run(cmd).await,
         Command::Bench(BenchCommand::Ingest(args)) => crate::cli::client::bench::run(args).await,
         Command::Bench(BenchCommand::Detect(args)) => {
             crate::cli::client::bench_detect::run(args).await
         }
         Command::Bench(BenchCommand::Fanout(args)) => {
             crate::cli::client::bench_fanout::run(args).await
+        }
+        Command::Bench(BenchCommand::Enforce(args)) => {
+            crate::cli::client::bench_enforce::run(args).await
         }
         Command::Simulate(args) => crate::cli::client::simulate::run(args).await,
     }

@@ -301,6 +301,8 @@ impl AdminService for AdminApi {
         )
         .await
         .map_err(to_status)?;
+        // At once here; other replicas within the key cache's lifetime.
+        self.ctx.auth.forget(&key.id);
         Ok(Response::new(pb::RevokeApiKeyResponse {
             key: Some(key_to_pb(&key)),
         }))

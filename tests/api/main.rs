@@ -10,6 +10,7 @@ mod anomaly;
 mod bad_input;
 mod bench;
 mod crash;
+mod enforcement;
 mod front_door;
 mod grpcweb;
 mod incidents;

@@ -969,10 +969,19 @@ mod events {
             let eb = vec![event(&format!("b{i}"), "y", i)];
             s.insert_events(&[(a, &ea), (b, &eb)]).await.unwrap();
         }
-        let all = s
-            .events_after(a, FeedPosition::default(), 100)
-            .await
-            .unwrap();
+        // On Postgres a commit is readable on the feed once every older
+        // transaction of the cluster has ended; another test's may be open.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let all = loop {
+            let all = s
+                .events_after(a, FeedPosition::default(), 100)
+                .await
+                .unwrap();
+            if all.len() == 5 || std::time::Instant::now() > deadline {
+                break all;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
         assert_eq!(all.len(), 5);
         assert!(all.iter().all(|e| e.tenant_id == a));
         assert!(all.windows(2).all(|w| w[0].position < w[1].position));

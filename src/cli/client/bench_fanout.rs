@@ -1,12 +1,15 @@
-//! `picket bench fanout`: live fan-out of incident changes. It starts the real
+//! `picket bench fanout`: live fan-out of changes. It starts the real
 //! server as a child process (so its memory is measured alone), opens N
-//! concurrent `IncidentService.WatchIncidents` streams over a few HTTP/2
-//! connections, waits until every stream has its snapshot, and then adds U
-//! notes to one incident at a fixed rate. Every subscriber must receive every
-//! note exactly once and in order; the latency of a delivery is from the
-//! change's commit timestamp (its timeline entry's `at`, stamped by the server
-//! inside the writing transaction) to its arrival at the subscriber, on the
-//! same clock. Server memory (RSS) is read from `/proc` before the
+//! concurrent watch streams over a few HTTP/2 connections, waits until every
+//! stream has its snapshot, and then makes U changes at a fixed rate:
+//! `--stream incidents` (the default) adds notes to one incident watched with
+//! `IncidentService.WatchIncidents`; `--stream decisions` creates one ban per
+//! change, watched with `EnforcementService.WatchDecisions`. Every subscriber
+//! must receive every change exactly once and in order; the latency of a
+//! delivery is from the change's server timestamp (a note's timeline entry
+//! `at`, a decision's `created_at`, both stamped by the server when it makes
+//! the change, just before its commit) to its arrival at the subscriber, on
+//! the same clock. Server memory (RSS) is read from `/proc` before the
 //! subscribers connect, with them connected, and at its peak. With
 //! `--redis-url` two replicas run on the same Postgres and Redis: the
 //! subscribers use one, the changes go through the other.
@@ -27,6 +30,7 @@ use crate::cli::client::bench::Latency;
 use crate::cli::client::with_key;
 use crate::grpc::pb;
 use crate::grpc::pb::admin_service_client::AdminServiceClient;
+use crate::grpc::pb::enforcement_service_client::EnforcementServiceClient;
 use crate::grpc::pb::incident_service_client::IncidentServiceClient;
 use crate::storage::DEFAULT_DATABASE_URL;
 
@@ -36,13 +40,16 @@ pub struct BenchFanoutArgs {
     /// Database the server runs on; a fresh tenant is created in it.
     #[arg(long, env = "PICKET_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
-    /// Concurrent WatchIncidents subscribers.
+    /// Which watch stream: incident changes or enforcement decisions.
+    #[arg(long, value_enum, default_value = "incidents")]
+    pub stream: FanoutStream,
+    /// Concurrent subscribers.
     #[arg(long, default_value_t = 1000)]
     pub subscribers: usize,
     /// HTTP/2 connections they share (the server allows 256 streams each by default).
     #[arg(long, default_value_t = 10)]
     pub connections: usize,
-    /// Incident changes to make (notes added to one incident).
+    /// Changes to make (notes added to one incident, or bans created).
     #[arg(long, default_value_t = 200)]
     pub updates: usize,
     /// Changes per second.
@@ -62,9 +69,25 @@ pub struct BenchFanoutArgs {
     pub json: bool,
 }
 
+/// Which watch stream `picket bench fanout` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FanoutStream {
+    /// IncidentService.WatchIncidents; each change adds a note to one incident.
+    Incidents,
+    /// EnforcementService.WatchDecisions; each change creates one ban.
+    Decisions,
+}
+
+/// How long each benchmark ban lasts: a delta's `expires_at` minus this is
+/// the decision's `created_at`.
+const BAN_SECONDS: u32 = 3600;
+
 /// The measured figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct FanoutReport {
+    /// Which stream was measured.
+    pub stream: FanoutStream,
     /// `postgres` or `sqlite`.
     pub backend: String,
     /// 1, or 2 when changes cross replicas through Redis.
@@ -118,8 +141,15 @@ pub async fn run(args: BenchFanoutArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "load               {} WatchIncidents subscribers on {} connections; {} changes at {:.1}/s",
-        r.subscribers, r.connections, r.updates, r.update_rate
+        "load               {} {} subscribers on {} connections; {} changes at {:.1}/s",
+        r.subscribers,
+        match r.stream {
+            FanoutStream::Incidents => "WatchIncidents",
+            FanoutStream::Decisions => "WatchDecisions",
+        },
+        r.connections,
+        r.updates,
+        r.update_rate
     );
     println!(
         "deliveries         {} of {} (missed {}, duplicated or reordered {})",
@@ -145,15 +175,21 @@ pub async fn run(args: BenchFanoutArgs) -> anyhow::Result<()> {
 }
 
 /// The server under test, as a child process; killed when dropped.
-struct ServerChild {
+pub(crate) struct ServerChild {
+    /// The process.
     child: std::process::Child,
-    addr: String,
+    /// Where it listens (`host:port`).
+    pub addr: String,
 }
 
 impl ServerChild {
     /// Starts `picket serve` (this binary) on port 0, detection off so only
     /// the fan-out is measured, and waits for its "serving" line.
-    fn start(database_url: &str, operator: &str, redis_url: Option<&str>) -> anyhow::Result<Self> {
+    pub(crate) fn start(
+        database_url: &str,
+        operator: &str,
+        redis_url: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the picket binary")?;
         let mut cmd = std::process::Command::new(exe);
         cmd.args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
@@ -181,7 +217,7 @@ impl ServerChild {
     }
 
     /// (RSS, peak RSS) in MiB.
-    fn memory(&self) -> anyhow::Result<(f64, f64)> {
+    pub(crate) fn memory(&self) -> anyhow::Result<(f64, f64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .context("cannot read the server's /proc status (Linux only)")?;
         let kib = |field: &str| -> anyhow::Result<f64> {
@@ -257,19 +293,25 @@ pub async fn bench(args: &BenchFanoutArgs) -> anyhow::Result<FanoutReport> {
     let control = connect(writer_addr).await?;
     let key = tenant_key(&control, &operator).await?;
     let mut incidents = IncidentServiceClient::new(control.clone());
-    let incident = incidents
-        .create_incident(with_key(
-            pb::CreateIncidentRequest {
-                title: "fan-out benchmark".into(),
-                ..Default::default()
-            },
-            &key,
-        )?)
-        .await?
-        .into_inner()
-        .incident
-        .context("no incident")?
-        .id;
+    let mut enforcement = EnforcementServiceClient::new(control.clone());
+    let incident = match args.stream {
+        FanoutStream::Incidents => {
+            incidents
+                .create_incident(with_key(
+                    pb::CreateIncidentRequest {
+                        title: "fan-out benchmark".into(),
+                        ..Default::default()
+                    },
+                    &key,
+                )?)
+                .await?
+                .into_inner()
+                .incident
+                .context("no incident")?
+                .id
+        }
+        FanoutStream::Decisions => String::new(),
+    };
     let (idle_rss, _) = server.memory()?;
 
     // Subscribers, spread over the connections.
@@ -286,8 +328,15 @@ pub async fn bench(args: &BenchFanoutArgs) -> anyhow::Result<FanoutReport> {
         let (key, ready, done, progress) =
             (key.clone(), ready.clone(), done.clone(), progress.clone());
         let updates = args.updates;
+        let stream = args.stream;
         tasks.push(tokio::spawn(async move {
-            subscriber(channel, key, updates, ready, done, progress).await
+            let counters = (ready, done, progress);
+            match stream {
+                FanoutStream::Incidents => subscriber(channel, key, updates, counters).await,
+                FanoutStream::Decisions => {
+                    decision_subscriber(channel, key, updates, counters).await
+                }
+            }
         }));
     }
     wait_for(&ready, args.subscribers, &progress, Duration::from_secs(60))
@@ -301,16 +350,39 @@ pub async fn bench(args: &BenchFanoutArgs) -> anyhow::Result<FanoutReport> {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 0..args.updates {
         ticker.tick().await;
-        incidents
-            .add_note(with_key(
-                pb::AddNoteRequest {
-                    incident_id: incident.clone(),
-                    text: format!("n{n}"),
-                },
-                &key,
-            )?)
-            .await
-            .context("AddNote failed")?;
+        match args.stream {
+            FanoutStream::Incidents => {
+                incidents
+                    .add_note(with_key(
+                        pb::AddNoteRequest {
+                            incident_id: incident.clone(),
+                            text: format!("n{n}"),
+                        },
+                        &key,
+                    )?)
+                    .await
+                    .context("AddNote failed")?;
+            }
+            FanoutStream::Decisions => {
+                let ip = std::net::Ipv4Addr::from(0x0a00_0000u32 + n as u32 + 1);
+                enforcement
+                    .create_decision(with_key(
+                        pb::CreateDecisionRequest {
+                            decision: Some(pb::NewDecision {
+                                scope: pb::DecisionScope::Ip as i32,
+                                value: ip.to_string(),
+                                r#type: pb::DecisionType::Ban as i32,
+                                duration_seconds: BAN_SECONDS,
+                                reason: format!("n{n}"),
+                                ..Default::default()
+                            }),
+                        },
+                        &key,
+                    )?)
+                    .await
+                    .context("CreateDecision failed")?;
+            }
+        }
     }
     let update_rate = args.updates as f64 / started.elapsed().as_secs_f64();
     let _ = wait_for(
@@ -343,6 +415,7 @@ pub async fn bench(args: &BenchFanoutArgs) -> anyhow::Result<FanoutReport> {
     };
     let missed = expected - deliveries.min(expected);
     Ok(FanoutReport {
+        stream: args.stream,
         backend: backend.into(),
         replicas: if other.is_some() { 2 } else { 1 },
         subscribers: args.subscribers,
@@ -365,17 +438,11 @@ pub async fn bench(args: &BenchFanoutArgs) -> anyhow::Result<FanoutReport> {
 }
 
 /// Waits (at most 10 s) until the server at `addr` reports its Redis
-/// subscription up on `/healthz`. A bare HTTP/1.1 request: the CLI has no
-/// HTTP client dependency, and this is its only plain-HTTP call.
+/// subscription up on `/healthz`.
 async fn redis_up(addr: &str) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut conn = tokio::net::TcpStream::connect(addr).await?;
-        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: picket\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut answer = String::new();
-        conn.read_to_string(&mut answer).await?;
+        let answer = http_get(addr, "/healthz").await?;
         if answer.contains(r#""redis":"up""#) {
             return Ok(());
         }
@@ -387,8 +454,23 @@ async fn redis_up(addr: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `GET path` on `addr` over plain HTTP/1.1: the whole answer, headers
+/// included. The CLI has no HTTP client dependency; the benchmarks only read
+/// `/healthz` and `/metrics` this way.
+pub(crate) async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: picket\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await?;
+    Ok(answer)
+}
+
 /// A fresh tenant and a read/respond key for it.
-async fn tenant_key(channel: &Channel, operator: &str) -> anyhow::Result<String> {
+pub(crate) async fn tenant_key(channel: &Channel, operator: &str) -> anyhow::Result<String> {
     let mut admin = AdminServiceClient::new(channel.clone());
     let tenant = admin
         .create_tenant(with_key(
@@ -437,15 +519,17 @@ async fn wait_for(
     .map_err(|_| anyhow::anyhow!("timed out"))
 }
 
+/// What a subscriber reports progress to: subscribers with their snapshot,
+/// subscribers done, and a wake-up for the waiters.
+type Counters = (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<Notify>);
+
 /// One subscriber: reads its snapshot, then records every note's latency and
 /// checks that notes arrive once each, in order.
 async fn subscriber(
     channel: Channel,
     key: String,
     updates: usize,
-    ready: Arc<AtomicUsize>,
-    done: Arc<AtomicUsize>,
-    progress: Arc<Notify>,
+    (ready, done, progress): Counters,
 ) -> anyhow::Result<Seen> {
     let mut stream = IncidentServiceClient::new(channel)
         .watch_incidents(with_key(
@@ -489,6 +573,77 @@ async fn subscriber(
                         .unwrap_or_default();
                     let us = (Utc::now() - at).num_microseconds().unwrap_or(0).max(1) as u64;
                     seen.latencies.saturating_record(us);
+                }
+                if next == updates {
+                    done.fetch_add(1, Ordering::AcqRel);
+                    progress.notify_waiters();
+                    return Ok(seen);
+                }
+            }
+            _ => {}
+        }
+    }
+    anyhow::bail!("the stream ended early")
+}
+
+/// One WatchDecisions subscriber: reads its snapshot, then records every
+/// ban's latency and checks that bans arrive once each, in order, with
+/// increasing revisions.
+async fn decision_subscriber(
+    channel: Channel,
+    key: String,
+    updates: usize,
+    (ready, done, progress): Counters,
+) -> anyhow::Result<Seen> {
+    use pb::watch_decisions_response::Item;
+    let mut stream = EnforcementServiceClient::new(channel)
+        .watch_decisions(with_key(pb::WatchDecisionsRequest::default(), &key)?)
+        .await?
+        .into_inner();
+    let mut seen = Seen {
+        latencies: Histogram::new_with_bounds(1, 600_000_000, 3).expect("static bounds"),
+        received: 0,
+        disorder: 0,
+    };
+    let mut next = 0usize;
+    let mut revision = 0u64;
+    while let Some(item) = stream.message().await? {
+        match item.item {
+            Some(Item::SnapshotComplete(c)) => {
+                revision = c.revision;
+                ready.fetch_add(1, Ordering::AcqRel);
+                progress.notify_waiters();
+            }
+            Some(Item::Deltas(chunk)) => {
+                let arrived = Utc::now();
+                for d in chunk.deltas {
+                    if d.revision <= revision {
+                        seen.disorder += 1;
+                        continue;
+                    }
+                    revision = d.revision;
+                    let Some(e) = d.decision else { continue };
+                    let Some(n) = e
+                        .reason
+                        .strip_prefix('n')
+                        .and_then(|n| n.parse::<usize>().ok())
+                    else {
+                        continue;
+                    };
+                    if n != next || d.kind != pb::DeltaKind::Added as i32 {
+                        seen.disorder += 1;
+                        continue;
+                    }
+                    next += 1;
+                    seen.received += 1;
+                    if let Some(t) = e.expires_at {
+                        let created =
+                            chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+                                .unwrap_or_default()
+                                - chrono::Duration::seconds(i64::from(BAN_SECONDS));
+                        let us = (arrived - created).num_microseconds().unwrap_or(0).max(1) as u64;
+                        seen.latencies.saturating_record(us);
+                    }
                 }
                 if next == updates {
                     done.fetch_add(1, Ordering::AcqRel);

@@ -1,11 +1,13 @@
-//! The command line's gRPC client side: `picket ingest`, `picket tail` and the
-//! `picket playbook apply`, the `picket bench` load generators and the `picket simulate` scenario
-//! simulator. Talks to a server through the generated
-//! clients exactly like any other client would.
+//! The command line's gRPC client side: `picket ingest`, `picket tail`,
+//! `picket decisions`, `picket playbook apply`, the `picket bench` load
+//! generators and the `picket simulate` scenario simulator. Talks to a
+//! server through the generated clients exactly like any other client would.
 
 pub mod bench;
 pub mod bench_detect;
+pub mod bench_enforce;
 pub mod bench_fanout;
+pub mod decisions;
 pub mod ingest;
 pub mod json;
 pub mod playbook;
