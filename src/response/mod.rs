@@ -56,6 +56,9 @@ use crate::webhooks::SecretBox;
 
 /// Attempts of a run change before giving up on concurrent changes.
 const ATTEMPTS: usize = 16;
+/// Most playbooks a tenant may define (triggers read them all on every
+/// incident change).
+pub const MAX_PLAYBOOKS: u32 = 500;
 /// Label the notification-secret sealing key is derived under.
 pub const NOTIFY_SEALING_LABEL: &str = "picket/notification-secret-sealing/v1";
 
@@ -251,6 +254,17 @@ impl Responder {
     /// Creates a tenant playbook.
     pub async fn create_playbook(&self, tenant: TenantId, def: PlaybookDef) -> AppResult<Playbook> {
         check_def(&def)?;
+        if self
+            .store
+            .list_playbooks(tenant, None, MAX_PLAYBOOKS)
+            .await?
+            .len() as u32
+            >= MAX_PLAYBOOKS
+        {
+            return Err(AppError::FailedPrecondition(format!(
+                "the tenant has {MAX_PLAYBOOKS} playbooks, the most allowed; delete one first"
+            )));
+        }
         let now = now_micros();
         let p = Playbook {
             tenant_id: Some(tenant),

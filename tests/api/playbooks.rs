@@ -519,6 +519,39 @@ async fn playbooks_are_validated_versioned_and_listed(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(gone.cancelled_runs, 0);
+    // Deleting a playbook cancels its runs that have not finished.
+    let held = create(
+        ch,
+        &key,
+        playbook(
+            "held",
+            vec![approved(step(
+                "note",
+                pb::ActionKind::AddIncidentNote,
+                &[("text", "x")],
+            ))],
+        ),
+    )
+    .await;
+    let waiting = start(ch, &key, &held.id, &inc).await.unwrap();
+    let gone = playbooks(ch)
+        .delete_playbook(with_key(
+            pb::DeletePlaybookRequest {
+                playbook_id: held.id.clone(),
+            },
+            &key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(gone.cancelled_runs, 1);
+    let waiting = get_run(ch, &key, &waiting.id).await;
+    assert_eq!(status(&waiting), pb::RunStatus::Cancelled);
+    assert!(
+        waiting.status_reason.contains("deleted"),
+        "{}",
+        waiting.status_reason
+    );
     let err = playbooks(ch)
         .delete_playbook(with_key(
             pb::DeletePlaybookRequest {
@@ -1336,7 +1369,39 @@ async fn decision_steps_ban_and_undo_records_who(backend: Backend) {
     }
 }
 
+async fn directory_playbooks_are_shared_by_every_tenant(backend: Backend) {
+    let db = common::TestDb::new(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ops.yml"),
+        "name: page-ops\nsteps:\n  - name: note\n    action: add_incident_note\n    params:\n      text: paged\n---\nname: broken\nsteps: []\n",
+    )
+    .unwrap();
+    let mut settings = common::test_settings(&db);
+    settings.playbooks_dir = Some(dir.path().to_owned());
+    let app = common::spawn_with(db, settings).await;
+    for tenant in ["dir-a", "dir-b"] {
+        let (_, key) = app.tenant_with_key(tenant, &ALL).await;
+        let list = playbooks(&app.channel)
+            .list_playbooks(with_key(pb::ListPlaybooksRequest::default(), &key))
+            .await
+            .unwrap()
+            .into_inner()
+            .playbooks;
+        let ops = list.iter().find(|p| p.name == "page-ops").expect("shared");
+        assert_eq!(ops.origin, pb::PlaybookOrigin::Directory as i32);
+        // The bad document was skipped; the built-in pack is still there.
+        assert!(!list.iter().any(|p| p.name == "broken"));
+        assert!(list.iter().any(|p| p.name == "contain-brute-force"));
+        let inc = incident(&app.channel, &key, "Ops", "203.0.113.140", "").await;
+        let run = start(&app.channel, &key, &ops.id, &inc).await.unwrap();
+        let done = finished(&app.channel, &key, &run.id).await;
+        assert_eq!(status(&done), pb::RunStatus::Succeeded, "{done:?}");
+    }
+}
+
 crate::both_backends!(
+    directory_playbooks_are_shared_by_every_tenant,
     playbooks_are_validated_versioned_and_listed,
     approvals_are_distinct_bound_and_exact,
     fifty_concurrent_approvals_execute_once,
