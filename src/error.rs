@@ -30,6 +30,10 @@ pub enum AppError {
     /// The operation is not allowed in the current state.
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// An optimistic-concurrency check failed: the thing changed since the
+    /// version the caller names; read it again and retry.
+    #[error("aborted: {0}")]
+    Aborted(String),
     /// A limit was hit; retry after the given delay.
     #[error("resource exhausted: {message}")]
     ResourceExhausted {

@@ -22,7 +22,9 @@
 //! - [`incidents`]: correlation of alerts into incidents, manual changes.
 //! - [`webhooks`]: webhook sources, secrets sealed at rest, signature checks.
 //! - [`response`]: enforcement decisions (bans, allows, throttles), the
-//!   in-memory index behind CheckAccess and WatchDecisions, their expiry.
+//!   in-memory index behind CheckAccess and WatchDecisions, their expiry;
+//!   response playbooks, runs under approval, the engine that executes them,
+//!   automatic runs, signed outbound notifications.
 //! - [`error`]: [`error::AppError`], what every capability returns.
 //!
 //! Storage and transports:

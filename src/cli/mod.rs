@@ -62,6 +62,9 @@ pub enum Command {
     Ingest(crate::cli::client::ingest::IngestArgs),
     /// Follow newly committed events live.
     Tail(crate::cli::client::tail::TailArgs),
+    /// Response playbooks kept as YAML files.
+    #[command(subcommand)]
+    Playbook(PlaybookCommand),
     /// Enforcement decisions: list, add, revoke, check.
     #[command(subcommand)]
     Decisions(crate::cli::client::decisions::DecisionsCommand),
@@ -101,6 +104,14 @@ pub enum BenchCommand {
     Enforce(crate::cli::client::bench_enforce::BenchEnforceArgs),
     /// Detection throughput with detection shared over replicas (Postgres).
     Shards(crate::cli::client::bench_shards::BenchShardsArgs),
+}
+
+/// `picket playbook …`
+#[derive(Debug, Subcommand)]
+pub enum PlaybookCommand {
+    /// Create or update the tenant's playbooks from a YAML file or a
+    /// directory of them (by name; unchanged ones are left alone).
+    Apply(crate::cli::client::playbook::ApplyArgs),
 }
 
 /// `picket anomaly …`
@@ -258,6 +269,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Anomaly(AnomalyCommand::Score(args)) => crate::cli::anomaly::run(&args),
         Command::Ingest(args) => crate::cli::client::ingest::run(args).await,
         Command::Tail(args) => crate::cli::client::tail::run(args).await,
+        Command::Playbook(PlaybookCommand::Apply(args)) => {
+            crate::cli::client::playbook::run(args).await
+        }
         Command::Decisions(cmd) => crate::cli::client::decisions::run(cmd).await,
         Command::Export(ExportCommand::Events(args)) => {
             crate::cli::client::export::run(args).await.map(|_| ())

@@ -8,6 +8,7 @@ pub mod alert;
 pub mod decision;
 pub mod event;
 pub mod incident;
+pub mod playbook;
 pub mod rule;
 pub mod tenant;
 pub mod webhook;

@@ -12,7 +12,7 @@ pub mod events;
 pub mod health;
 pub mod incidents;
 pub mod ingest;
-pub mod placeholder;
+pub mod playbooks;
 pub mod reports;
 pub mod rules;
 pub mod status;
@@ -93,6 +93,8 @@ pub struct ApiContext {
     pub peers: crate::cluster::replicas::Peers,
     /// Seals and opens webhook signing secrets.
     pub secrets: crate::webhooks::SecretBox,
+    /// Playbooks, runs and their engine.
+    pub response: Arc<crate::response::Responder>,
     /// Enforcement decisions: writes, and the index behind CheckAccess and
     /// WatchDecisions.
     pub decisions: crate::response::decisions::Decisions,

@@ -8,6 +8,7 @@
 //! | NotFound            | NOT_FOUND           |                                 |
 //! | AlreadyExists       | ALREADY_EXISTS      |                                 |
 //! | FailedPrecondition  | FAILED_PRECONDITION |                                 |
+//! | Aborted             | ABORTED             |                                 |
 //! | ResourceExhausted   | RESOURCE_EXHAUSTED  | google.rpc.RetryInfo            |
 //! | Unavailable         | UNAVAILABLE         | google.rpc.RetryInfo            |
 //! | Unimplemented       | UNIMPLEMENTED       |                                 |
@@ -66,7 +67,8 @@ pub fn to_status(err: AppError) -> Status {
         AppError::PermissionDenied(m)
         | AppError::NotFound(m)
         | AppError::AlreadyExists(m)
-        | AppError::FailedPrecondition(m) => Status::new(code, m),
+        | AppError::FailedPrecondition(m)
+        | AppError::Aborted(m) => Status::new(code, m),
     }
 }
 
@@ -126,6 +128,7 @@ fn code_of(err: &AppError) -> Code {
         AppError::NotFound(_) => Code::NotFound,
         AppError::AlreadyExists(_) => Code::AlreadyExists,
         AppError::FailedPrecondition(_) => Code::FailedPrecondition,
+        AppError::Aborted(_) => Code::Aborted,
         AppError::ResourceExhausted { .. } => Code::ResourceExhausted,
         AppError::Unavailable { .. } => Code::Unavailable,
         AppError::Unimplemented(_) => Code::Unimplemented,

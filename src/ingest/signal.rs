@@ -12,12 +12,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 
 use crate::domain::TenantId;
 
 /// Coalescing wake-up counters, one per tenant with listeners.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Signal {
     /// Each tenant's counter.
     tenants: Mutex<HashMap<TenantId, watch::Sender<u64>>>,
@@ -25,12 +25,36 @@ pub struct Signal {
     written: Mutex<BTreeSet<TenantId>>,
     /// Woken on local writes; keeps at most one permit, so bursts coalesce.
     local: Notify,
+    /// Every tenant woken (locally or by a peer), for listeners that follow
+    /// all tenants (playbook triggers); a listener that falls behind is told
+    /// it lagged and looks at every tenant.
+    touched: broadcast::Sender<TenantId>,
 }
+
+impl Default for Signal {
+    fn default() -> Self {
+        Self {
+            tenants: Mutex::default(),
+            written: Mutex::default(),
+            local: Notify::new(),
+            touched: broadcast::channel(TOUCHED_BUFFER).0,
+        }
+    }
+}
+
+/// Tenant wake-ups a [`Signal::touched`] listener may be behind by.
+const TOUCHED_BUFFER: usize = 1024;
 
 impl Signal {
     /// A signal nobody has bumped yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Every tenant woken from now on, in order (`Lagged` if the listener
+    /// fell more than 1,024 behind).
+    pub fn touched(&self) -> broadcast::Receiver<TenantId> {
+        self.touched.subscribe()
     }
 
     /// This process committed a change for `tenant`: wake its streams here
@@ -43,6 +67,7 @@ impl Signal {
 
     /// `tenant`'s feed may have moved (a peer wrote): wake its streams here only.
     pub fn wake(&self, tenant: TenantId) {
+        let _ = self.touched.send(tenant);
         let mut tenants = self.tenants.lock().expect("signal lock");
         if let Some(tx) = tenants.get(&tenant) {
             if tx.receiver_count() == 0 {

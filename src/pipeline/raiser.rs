@@ -264,7 +264,7 @@ async fn raise_tenant(config: &RaiserConfig, tenant: TenantId, jobs: Vec<Job>) {
         .filter_map(|(a, created)| created.then_some(a))
         .collect();
     let correlating = Instant::now();
-    if let Err(e) = crate::incidents::correlate_batch(
+    match crate::incidents::correlate_batch(
         config.store.as_ref(),
         tenant,
         &new,
@@ -273,7 +273,13 @@ async fn raise_tenant(config: &RaiserConfig, tenant: TenantId, jobs: Vec<Job>) {
     )
     .await
     {
-        tracing::error!(tenant_id = %tenant, alerts = new.len(), error = %e, "incident correlation failed");
+        // The incident changes are committed: wake their watchers (and the
+        // playbook triggers) now rather than at their next poll.
+        Ok(grouped) if grouped > 0 => config.changes.notify(tenant),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(tenant_id = %tenant, alerts = new.len(), error = %e, "incident correlation failed")
+        }
     }
     metrics::histogram!("picket_incident_correlation_duration_seconds")
         .record(correlating.elapsed().as_secs_f64());

@@ -118,6 +118,32 @@ pub struct Settings {
     #[arg(long, env = "PICKET_RULES_DIR")]
     pub rules_dir: Option<std::path::PathBuf>,
 
+    /// Directory of extra response playbooks (`*.yml`) loaded at start,
+    /// beside the built-in pack; shared by every tenant.
+    #[arg(long, env = "PICKET_PLAYBOOKS_DIR")]
+    pub playbooks_dir: Option<std::path::PathBuf>,
+
+    /// Address ranges (CIDR, comma-separated) notifications may be sent to
+    /// although they are loopback, private or link-local, e.g.
+    /// `10.20.0.0/16`. By default only public addresses are allowed, so a
+    /// tenant cannot make the server probe internal networks.
+    #[arg(long, env = "PICKET_NOTIFY_ALLOW_CIDR", value_delimiter = ',')]
+    pub notify_allow_cidr: Vec<ipnet::IpNet>,
+
+    /// Playbook runs this process executes at once.
+    #[arg(long, env = "PICKET_PLAYBOOK_WORKERS", default_value_t = 4)]
+    pub playbook_workers: usize,
+
+    /// How long a worker's lease on a run lasts, in seconds (renewed at a
+    /// third of it); a run whose worker died is taken over when it expires.
+    #[arg(long, env = "PICKET_PLAYBOOK_LEASE_SECONDS", default_value_t = 30)]
+    pub playbook_lease_seconds: u64,
+
+    /// How often workers look for runnable runs and approval deadlines are
+    /// checked without a wake-up, in milliseconds.
+    #[arg(long, env = "PICKET_PLAYBOOK_POLL_MS", default_value_t = 500)]
+    pub playbook_poll_ms: u64,
+
     /// Repeats of an alert fingerprint within this many seconds fold into one alert.
     #[arg(long, env = "PICKET_ALERT_SUPPRESSION_SECONDS", default_value_t = 3600)]
     pub alert_suppression_seconds: u64,
@@ -256,6 +282,16 @@ impl Settings {
         }
     }
 
+    /// How the playbook engine runs.
+    pub fn response(&self) -> crate::response::ResponseConfig {
+        crate::response::ResponseConfig {
+            workers: self.playbook_workers.max(1),
+            lease: Duration::from_secs(self.playbook_lease_seconds.max(3)),
+            poll: Duration::from_millis(self.playbook_poll_ms.max(10)),
+            ..crate::response::ResponseConfig::default()
+        }
+    }
+
     /// The shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_seconds)
@@ -308,6 +344,28 @@ impl Settings {
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|| "[built-in pack only]".into())
             ),
+            format!(
+                "playbooks_dir = {}",
+                self.playbooks_dir
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "[built-in pack only]".into())
+            ),
+            format!(
+                "notify_allow_cidr = {}",
+                if self.notify_allow_cidr.is_empty() {
+                    "[public addresses only]".to_owned()
+                } else {
+                    self.notify_allow_cidr
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                }
+            ),
+            format!("playbook_workers = {}", self.playbook_workers),
+            format!("playbook_lease_seconds = {}", self.playbook_lease_seconds),
+            format!("playbook_poll_ms = {}", self.playbook_poll_ms),
             format!(
                 "alert_suppression_seconds = {}",
                 self.alert_suppression_seconds

@@ -34,7 +34,7 @@ use crate::grpc::pb::incident_service_server::IncidentServiceServer;
 use crate::grpc::pb::ingest_service_server::IngestServiceServer;
 use crate::grpc::pb::playbook_service_server::PlaybookServiceServer;
 use crate::grpc::pb::report_service_server::ReportServiceServer;
-use crate::grpc::placeholder::PlaybookApi;
+use crate::grpc::playbooks::PlaybookApi;
 use crate::grpc::reports::ReportApi;
 use crate::grpc::{self, ApiContext, StreamLimits};
 use crate::http::{self, HttpState};
@@ -191,6 +191,26 @@ impl Application {
             },
             token.clone(),
         ));
+        let response = Arc::new(crate::response::Responder::new(
+            store.clone(),
+            crate::response::pack::load(settings.playbooks_dir.as_deref())?,
+            Arc::new(decisions.clone()),
+            crate::response::notify::Notifier::new(settings.notify_allow_cidr.clone()),
+            crate::webhooks::SecretBox::with_label(
+                auth.hasher(),
+                crate::response::NOTIFY_SEALING_LABEL,
+            ),
+            changes.clone(),
+            settings.response(),
+        ));
+        tracker.spawn(crate::response::engine::run(
+            response.clone(),
+            token.clone(),
+        ));
+        tracker.spawn(crate::response::triggers::run(
+            response.clone(),
+            token.clone(),
+        ));
         let ctx = Arc::new(ApiContext {
             store: store.clone(),
             auth,
@@ -210,6 +230,7 @@ impl Application {
             hubs: Arc::default(),
             peers,
             secrets,
+            response,
             decisions,
         });
         let detect_progress = settings

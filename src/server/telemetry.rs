@@ -245,4 +245,41 @@ fn describe_metrics() {
         "picket_anomaly_trainings_total",
         "Anomaly model fits (at most one per tenant per --anomaly-train-interval-seconds)"
     );
+    describe_counter!(
+        "picket_playbook_runs_total",
+        "Playbook runs reaching each status (pending_approval, approved, running, succeeded, failed, rejected, cancelled, expired)"
+    );
+    describe_histogram!(
+        "picket_playbook_step_duration_seconds",
+        Unit::Seconds,
+        "Duration of one playbook step attempt, by action and outcome"
+    );
+    describe_counter!(
+        "picket_playbook_notify_attempts_total",
+        "Notification attempts by outcome (delivered, failed: retried, refused: not retried)"
+    );
+    describe_counter!(
+        "picket_playbook_notify_refused_total",
+        "Notifications refused because their target is not a public address (see --notify-allow-cidr)"
+    );
+    describe_counter!(
+        "picket_playbook_claims_total",
+        "Runnable playbook runs this process leased"
+    );
+    describe_counter!(
+        "picket_playbook_takeovers_total",
+        "Runs this process took over from a worker whose lease expired"
+    );
+    describe_counter!(
+        "picket_playbook_leases_lost_total",
+        "Runs whose lease this process lost while executing them"
+    );
+    describe_counter!(
+        "picket_playbook_auto_runs_total",
+        "Runs created by playbook triggers, by outcome (created, unresolved)"
+    );
+    describe_counter!(
+        "picket_playbook_undos_total",
+        "Playbook steps undone (their decision revoked)"
+    );
 }

@@ -145,6 +145,7 @@ pub(crate) trait Dialect:
     + Bind<Option<String>>
     + for<'a> Bind<&'a str>
     + for<'a> Bind<&'a [u8]>
+    + Bind<Option<Vec<u8>>>
     + Bind<DateTime<Utc>>
     + Bind<Option<DateTime<Utc>>>
     + Get<bool>
@@ -156,6 +157,7 @@ pub(crate) trait Dialect:
     + Get<String>
     + Get<Option<String>>
     + Get<Vec<u8>>
+    + Get<Option<Vec<u8>>>
     + Get<DateTime<Utc>>
     + Get<Option<DateTime<Utc>>>
 {
@@ -171,6 +173,12 @@ pub(crate) trait Dialect:
     const SOURCE_BY_NAME: &'static str;
     /// A query returning the `tenant_id` (maybe NULL, maybe no row) of webhook source `$1`.
     const SOURCE_TENANT: &'static str;
+    /// Leases runnable playbook runs across tenants: `$1` owner, `$2` lease
+    /// end, `$3` now, `$4` limit; returns `tenant_id, id` of the claimed runs.
+    const CLAIM_RUNS: &'static str;
+    /// Pending playbook runs past their deadline across tenants: `$1` now,
+    /// `$2` limit; returns `tenant_id, id`.
+    const DUE_RUNS: &'static str;
     /// The `FROM` source of every tenant's decision schedule (`tenant_id,
     /// next_change_at, active, revision, log_floor`), across tenants.
     const DECISION_SCHEDULE: &'static str;
@@ -308,6 +316,12 @@ impl<DB: Dialect> Stmt<DB> {
     /// Binds an event-time value.
     pub(crate) fn time(mut self, t: DateTime<Utc>) -> Self {
         DB::add_time(&mut self, t);
+        self
+    }
+
+    /// Binds an event-time value or NULL.
+    pub(crate) fn opt_time(mut self, t: Option<DateTime<Utc>>) -> Self {
+        DB::add_opt_time(&mut self, t);
         self
     }
 

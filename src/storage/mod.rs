@@ -33,6 +33,7 @@ use crate::domain::decision::{
 };
 use crate::domain::event::{EventQuery, FeedPosition, InsertOutcome, NewEvent, StoredEvent};
 use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
+use crate::domain::playbook::{NotificationSettings, Playbook, PlaybookRun, RunQuery, RunStatus};
 use crate::domain::rule::{StoredModel, TenantRule};
 use crate::domain::webhook::{DeliveryOutcome, WebhookSource};
 use crate::domain::{ApiKey, ApiKeyId, Tenant, TenantId};
@@ -260,6 +261,7 @@ pub trait Store:
     + ModelStore
     + IncidentStore
     + WebhookStore
+    + PlaybookStore
     + DecisionStore
     + Send
     + Sync
@@ -554,6 +556,131 @@ pub trait WebhookStore: Send + Sync {
         suppression: chrono::Duration,
         now: DateTime<Utc>,
     ) -> StoreResult<DeliveryOutcome>;
+}
+
+/// Change-log stream of playbook runs.
+pub const RUNS_STREAM: &str = "playbook_runs";
+
+/// The change-log payload of a run change: its state after the change and
+/// its status before (none for a new run), so a watch filtered by status
+/// also sees the change that takes a run out of the filter.
+pub fn run_change_payload(run: &PlaybookRun, previous: Option<RunStatus>) -> serde_json::Value {
+    serde_json::json!({ "run": run, "previous_status": previous })
+}
+
+/// Tenant playbooks, their runs (a state machine whose every save is
+/// conditional on the version read and logged in the same transaction), the
+/// leases workers hold on runnable runs, and notification settings.
+#[async_trait]
+pub trait PlaybookStore: Send + Sync {
+    /// Stores a new tenant playbook (version 1); `Conflict` if the tenant has
+    /// one of that name.
+    async fn create_playbook(&self, playbook: &Playbook) -> StoreResult<Playbook>;
+
+    /// One tenant playbook.
+    async fn get_playbook(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<Playbook>;
+
+    /// The tenant playbook named `name`, if any.
+    async fn find_playbook(&self, tenant: TenantId, name: &str) -> StoreResult<Option<Playbook>>;
+
+    /// The tenant's playbooks by name, strictly after `after_name`, at most `limit`.
+    async fn list_playbooks(
+        &self,
+        tenant: TenantId,
+        after_name: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<Playbook>>;
+
+    /// Replaces a tenant playbook if it is still at `playbook.version`;
+    /// returns it at its new version. `Conflict` if it changed since (or the
+    /// new name is taken), `NotFound` if it does not exist.
+    async fn update_playbook(&self, playbook: &Playbook) -> StoreResult<Playbook>;
+
+    /// Deletes a tenant playbook; `NotFound` if absent.
+    async fn delete_playbook(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<()>;
+
+    /// Stores a new run (version 1) and logs it as created. `Conflict` if it
+    /// carries a trigger key already used (an automatic run exists).
+    async fn insert_run(&self, run: &PlaybookRun) -> StoreResult<PlaybookRun>;
+
+    /// One run.
+    async fn get_run(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<PlaybookRun>;
+
+    /// Runs matching `query`, newest first.
+    async fn list_runs(&self, tenant: TenantId, query: &RunQuery) -> StoreResult<Vec<PlaybookRun>>;
+
+    /// Saves a changed run if it is still at `run.version` (and, with
+    /// `lease_owner`, still leased to that worker), logging its new state
+    /// and `previous` status in the same transaction (see
+    /// [`run_change_payload`]); returns it at its new version. A run that
+    /// reached a terminal state gives up its lease. `Conflict` otherwise.
+    async fn save_run(
+        &self,
+        run: &PlaybookRun,
+        previous: RunStatus,
+        lease_owner: Option<&str>,
+    ) -> StoreResult<PlaybookRun>;
+
+    /// Leases at most `limit` runnable runs (APPROVED or RUNNING) whose lease
+    /// is free or expired at `now` to `owner` until `until`; returns them.
+    /// On Postgres, concurrent claims skip each other's rows.
+    async fn claim_runs(
+        &self,
+        owner: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<(TenantId, uuid::Uuid)>>;
+
+    /// Extends `owner`'s lease on a run to `until`; `false` if it holds it no more.
+    async fn renew_run_lease(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        owner: &str,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
+    /// Gives up `owner`'s lease on a run (it is runnable again at once).
+    async fn release_run_lease(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        owner: &str,
+    ) -> StoreResult<()>;
+
+    /// Runs of every tenant still waiting for approval at `now` past their
+    /// deadline, at most `limit`.
+    async fn due_runs(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<(TenantId, uuid::Uuid)>>;
+
+    /// Which of `keys` are trigger keys of the tenant's runs.
+    async fn used_trigger_keys(
+        &self,
+        tenant: TenantId,
+        keys: &[String],
+    ) -> StoreResult<Vec<String>>;
+
+    /// The tenant's notification settings, if set.
+    async fn get_notification_settings(
+        &self,
+        tenant: TenantId,
+    ) -> StoreResult<Option<NotificationSettings>>;
+
+    /// Stores the tenant's notification settings (insert or replace).
+    async fn put_notification_settings(&self, settings: &NotificationSettings) -> StoreResult<()>;
+
+    /// Stores `sealed_secret` as the tenant's signing secret unless it has
+    /// one; returns the settings after (first writer wins across replicas).
+    async fn ensure_notification_secret(
+        &self,
+        tenant: TenantId,
+        sealed_secret: &[u8],
+        at: DateTime<Utc>,
+    ) -> StoreResult<NotificationSettings>;
 }
 
 /// What a decision write did, besides its result.

@@ -110,6 +110,10 @@ impl Dialect for Postgres {
     const API_KEY_BY_ID: &'static str = "picket_find_api_key($1)";
     const SOURCE_BY_NAME: &'static str = "picket_find_webhook_source($1)";
     const SOURCE_TENANT: &'static str = "SELECT picket_webhook_source_tenant($1) AS tenant_id";
+    // Definer-rights functions: workers claim runs before they know the tenant.
+    const CLAIM_RUNS: &'static str =
+        "SELECT tenant_id, id FROM picket_claim_playbook_runs($1, $2, $3, $4)";
+    const DUE_RUNS: &'static str = "SELECT tenant_id, id FROM picket_due_playbook_runs($1, $2)";
     const DECISION_SCHEDULE: &'static str = "picket_decision_schedule()";
     const FEED_XID: &'static str = "xid::text AS feed_xid";
     // A transaction still in flight may commit rows with a smaller xid than

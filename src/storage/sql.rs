@@ -14,14 +14,15 @@ use crate::domain::event::{
     EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
 };
 use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
+use crate::domain::playbook::{NotificationSettings, Playbook, PlaybookRun, RunQuery, RunStatus};
 use crate::domain::rule::{StoredModel, TenantRule};
 use crate::domain::webhook::{DeliveryOutcome, WebhookSource};
 use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
 use crate::storage::dialect::{Col, Dialect, Stmt, Tx};
 pub use crate::storage::store::SqlStore;
 use crate::storage::{
-    AlertStore, Backend, EventStore, IncidentStore, Joined, ModelStore, RuleStore, Store,
-    StoreError, StoreResult, WebhookStore,
+    AlertStore, Backend, EventStore, IncidentStore, Joined, ModelStore, PlaybookStore, RUNS_STREAM,
+    RuleStore, Store, StoreError, StoreResult, WebhookStore,
 };
 
 /// Most rows (or list items) in one multi-row statement of a batch: well
@@ -1478,5 +1479,458 @@ impl<DB: Dialect> WebhookStore for SqlStore<DB> {
             .map_err(&fail)?;
         tx.commit().await.map_err(fail)?;
         Ok(DeliveryOutcome::Raised(Box::new(alert), created))
+    }
+}
+
+fn bad_doc(what: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
+    move |e| StoreError::Unexpected(anyhow::Error::new(e).context(what))
+}
+
+/// A playbook row's document, at the row's version.
+fn playbook_from_row<DB: Dialect>(row: &DB::Row) -> Result<Playbook, sqlx::Error> {
+    let mut p: Playbook = DB::doc(row, "doc")?;
+    p.version = row.col("version")?;
+    Ok(p)
+}
+
+/// A run row's document, at the row's version.
+fn run_from_row<DB: Dialect>(row: &DB::Row) -> Result<PlaybookRun, sqlx::Error> {
+    let mut r: PlaybookRun = DB::doc(row, "doc")?;
+    r.version = row.col("version")?;
+    Ok(r)
+}
+
+fn settings_from_row<DB: Dialect>(row: &DB::Row) -> Result<NotificationSettings, sqlx::Error> {
+    Ok(NotificationSettings {
+        tenant_id: TenantId(uuid::<DB>(row, "tenant_id")?),
+        url: row.col("url")?,
+        sealed_secret: row.col("secret")?,
+        secret_rotated_at: DB::opt_time(row, "secret_rotated_at")?,
+        updated_at: DB::time(row, "updated_at")?,
+    })
+}
+
+/// Rows of `(tenant_id, id)` pairs.
+fn pairs<DB: Dialect>(rows: &[DB::Row]) -> Result<Vec<(TenantId, Uuid)>, sqlx::Error> {
+    rows.iter()
+        .map(|r| Ok((TenantId(uuid::<DB>(r, "tenant_id")?), uuid::<DB>(r, "id")?)))
+        .collect()
+}
+
+const SETTINGS_COLUMNS: &str = "tenant_id, url, secret, secret_rotated_at, updated_at";
+
+#[allow(private_bounds)]
+impl<DB: Dialect> SqlStore<DB> {
+    /// Logs a run's state (and its status before) as `kind` inside `tx`.
+    async fn log_run(
+        tx: &mut Tx<DB>,
+        run: &PlaybookRun,
+        previous: Option<RunStatus>,
+        kind: &str,
+    ) -> Result<(), sqlx::Error> {
+        let payload = crate::storage::run_change_payload(run, previous);
+        Self::log_change(
+            tx,
+            run.tenant_id,
+            RUNS_STREAM,
+            run.id,
+            kind,
+            &payload,
+            Utc::now(),
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
+    async fn create_playbook(&self, playbook: &Playbook) -> StoreResult<Playbook> {
+        let mut p = playbook.clone();
+        p.version = 1;
+        let tenant = p.tenant_id.ok_or_else(|| {
+            StoreError::Unexpected(anyhow::anyhow!("a shared playbook cannot be stored"))
+        })?;
+        let what = format!("playbook `{}`", p.def.name);
+        let q = Stmt::<DB>::new(
+            "INSERT INTO playbooks (tenant_id, id, name, version, enabled, created_at, updated_at, doc) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .uuid(tenant.0)
+        .uuid(p.id)
+        .arg(p.def.name.as_str())
+        .arg(p.version)
+        .arg(p.def.enabled)
+        .time(p.created_at)
+        .time(p.updated_at)
+        .doc(&p);
+        self.write_one(tenant, q).await.map_err(fail_orphan(
+            format!("tenant {tenant}"),
+            &what,
+            "failed to insert a playbook",
+        ))?;
+        Ok(p)
+    }
+
+    async fn get_playbook(&self, tenant: TenantId, id: Uuid) -> StoreResult<Playbook> {
+        let what = format!("playbook {id}");
+        let q =
+            Stmt::<DB>::new("SELECT version, doc FROM playbooks WHERE tenant_id = $1 AND id = $2")
+                .uuid(tenant.0)
+                .uuid(id);
+        let row = self
+            .read_first(tenant, q)
+            .await
+            .and_then(|r| r.ok_or(sqlx::Error::RowNotFound))
+            .map_err(fail(&what, "failed to read a playbook"))?;
+        playbook_from_row::<DB>(&row).map_err(bad_doc("bad playbook doc"))
+    }
+
+    async fn find_playbook(&self, tenant: TenantId, name: &str) -> StoreResult<Option<Playbook>> {
+        let q = Stmt::<DB>::new(
+            "SELECT version, doc FROM playbooks WHERE tenant_id = $1 AND name = $2",
+        )
+        .uuid(tenant.0)
+        .arg(name);
+        let row = self
+            .read_first(tenant, q)
+            .await
+            .map_err(fail("playbook", "failed to read a playbook"))?;
+        row.as_ref()
+            .map(playbook_from_row::<DB>)
+            .transpose()
+            .map_err(bad_doc("bad playbook doc"))
+    }
+
+    async fn list_playbooks(
+        &self,
+        tenant: TenantId,
+        after_name: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<Playbook>> {
+        let q = Stmt::<DB>::new(
+            "SELECT version, doc FROM playbooks WHERE tenant_id = $1 AND name > $2 ORDER BY name LIMIT $3",
+        )
+        .uuid(tenant.0)
+        .arg(after_name.unwrap_or(""))
+        .arg(i64::from(limit));
+        let rows = self
+            .read_all(tenant, q)
+            .await
+            .map_err(fail("playbooks", "failed to list playbooks"))?;
+        decode_all::<DB, _>(&rows, playbook_from_row::<DB>).map_err(bad_doc("bad playbook doc"))
+    }
+
+    async fn update_playbook(&self, playbook: &Playbook) -> StoreResult<Playbook> {
+        let tenant = playbook
+            .tenant_id
+            .ok_or_else(|| StoreError::NotFound(format!("playbook {}", playbook.id)))?;
+        let what = format!("playbook {}", playbook.id);
+        let fail = fail(&what, "failed to update a playbook");
+        let mut p = playbook.clone();
+        p.version = playbook.version + 1;
+        let mut tx = self.write(tenant).await.map_err(&fail)?;
+        let done = Stmt::<DB>::new(
+            "UPDATE playbooks SET name = $3, version = $4, enabled = $5, updated_at = $6, doc = $7 \
+             WHERE tenant_id = $1 AND id = $2 AND version = $8",
+        )
+        .uuid(tenant.0)
+        .uuid(p.id)
+        .arg(p.def.name.as_str())
+        .arg(p.version)
+        .arg(p.def.enabled)
+        .time(p.updated_at)
+        .doc(&p)
+        .arg(playbook.version)
+        .execute(&mut *tx)
+        .await
+        .map_err(&fail)?;
+        if done == 0 {
+            let exists =
+                Stmt::<DB>::new("SELECT version FROM playbooks WHERE tenant_id = $1 AND id = $2")
+                    .uuid(tenant.0)
+                    .uuid(p.id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(&fail)?;
+            return Err(match exists {
+                None => StoreError::NotFound(what.clone()),
+                Some(_) => StoreError::Conflict(format!("{what} (changed concurrently)")),
+            });
+        }
+        tx.commit().await.map_err(fail)?;
+        Ok(p)
+    }
+
+    async fn delete_playbook(&self, tenant: TenantId, id: Uuid) -> StoreResult<()> {
+        let q = Stmt::<DB>::new("DELETE FROM playbooks WHERE tenant_id = $1 AND id = $2")
+            .uuid(tenant.0)
+            .uuid(id);
+        self.write_existing(
+            tenant,
+            q,
+            format!("playbook {id}"),
+            "failed to delete a playbook",
+        )
+        .await
+    }
+
+    async fn insert_run(&self, run: &PlaybookRun) -> StoreResult<PlaybookRun> {
+        let mut r = run.clone();
+        r.version = 1;
+        let what = match &r.trigger_key {
+            Some(_) => format!(
+                "automatic run of playbook {} for this incident",
+                r.playbook_id
+            ),
+            None => format!("run {}", r.id),
+        };
+        let fail = fail(&what, "failed to insert a run");
+        let mut tx = self.write(r.tenant_id).await.map_err(&fail)?;
+        Stmt::<DB>::new(
+            "INSERT INTO playbook_runs (tenant_id, id, playbook_id, version, status, incident_id, created_at, \
+             updated_at, approval_deadline, trigger_key, doc) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .uuid(r.tenant_id.0)
+        .uuid(r.id)
+        .uuid(r.playbook_id)
+        .arg(r.version)
+        .arg(r.status.as_i16())
+        .opt_uuid(r.incident_id)
+        .time(r.created_at)
+        .time(r.updated_at)
+        .time(r.approval_deadline)
+        .arg(r.trigger_key.clone())
+        .doc(&r)
+        .execute(&mut *tx)
+        .await
+        .map_err(&fail)?;
+        Self::log_run(&mut tx, &r, None, "created")
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(r)
+    }
+
+    async fn get_run(&self, tenant: TenantId, id: Uuid) -> StoreResult<PlaybookRun> {
+        let what = format!("run {id}");
+        let q = Stmt::<DB>::new(
+            "SELECT version, doc FROM playbook_runs WHERE tenant_id = $1 AND id = $2",
+        )
+        .uuid(tenant.0)
+        .uuid(id);
+        let row = self
+            .read_first(tenant, q)
+            .await
+            .and_then(|r| r.ok_or(sqlx::Error::RowNotFound))
+            .map_err(fail(&what, "failed to read a run"))?;
+        run_from_row::<DB>(&row).map_err(bad_doc("bad run doc"))
+    }
+
+    async fn list_runs(&self, tenant: TenantId, q: &RunQuery) -> StoreResult<Vec<PlaybookRun>> {
+        let mut b = Stmt::<DB>::new("SELECT version, doc FROM playbook_runs WHERE tenant_id = ");
+        b.push_uuid(tenant.0);
+        if let Some(p) = q.playbook_id {
+            b.push(" AND playbook_id = ").push_uuid(p);
+        }
+        if let Some(i) = q.incident_id {
+            b.push(" AND incident_id = ").push_uuid(i);
+        }
+        if !q.statuses.is_empty() {
+            b.push_in("status", q.statuses.iter().map(|s| s.as_i16()));
+        }
+        push_newest_first(&mut b, "created_at", q.before, q.limit);
+        let rows = self
+            .read_all(tenant, b)
+            .await
+            .map_err(fail("runs", "failed to list runs"))?;
+        decode_all::<DB, _>(&rows, run_from_row::<DB>).map_err(bad_doc("bad run doc"))
+    }
+
+    async fn save_run(
+        &self,
+        run: &PlaybookRun,
+        previous: RunStatus,
+        lease_owner: Option<&str>,
+    ) -> StoreResult<PlaybookRun> {
+        let what = format!("run {}", run.id);
+        let fail = fail(&what, "failed to save a run");
+        let mut r = run.clone();
+        r.version = run.version + 1;
+        let mut tx = self.write(r.tenant_id).await.map_err(&fail)?;
+        let mut q = Stmt::<DB>::new("UPDATE playbook_runs SET version = ");
+        q.push_bind(r.version)
+            .push(", status = ")
+            .push_bind(r.status.as_i16())
+            .push(", updated_at = ")
+            .push_time(r.updated_at)
+            .push(", doc = ")
+            .push_doc(&r);
+        if r.status.is_terminal() {
+            q.push(", lease_owner = NULL, lease_until = NULL");
+        }
+        q.push(" WHERE tenant_id = ")
+            .push_uuid(r.tenant_id.0)
+            .push(" AND id = ")
+            .push_uuid(r.id)
+            .push(" AND version = ")
+            .push_bind(run.version);
+        if let Some(owner) = lease_owner {
+            q.push(" AND lease_owner = ").push_bind(owner);
+        }
+        let done = q.execute(&mut *tx).await.map_err(&fail)?;
+        if done == 0 {
+            return Err(StoreError::Conflict(format!(
+                "{what} (changed concurrently)"
+            )));
+        }
+        Self::log_run(&mut tx, &r, Some(previous), "updated")
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(r)
+    }
+
+    async fn claim_runs(
+        &self,
+        owner: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<(TenantId, Uuid)>> {
+        let fail = fail("runs", "failed to claim runs");
+        let q = Stmt::<DB>::new(DB::CLAIM_RUNS)
+            .arg(owner)
+            .time(until)
+            .time(now)
+            .arg(limit.min(i32::MAX as u32) as i32);
+        let rows = self.all(q).await.map_err(&fail)?;
+        pairs::<DB>(&rows).map_err(fail)
+    }
+
+    async fn renew_run_lease(
+        &self,
+        tenant: TenantId,
+        id: Uuid,
+        owner: &str,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let q = Stmt::<DB>::new(
+            "UPDATE playbook_runs SET lease_until = $4 WHERE tenant_id = $1 AND id = $2 AND lease_owner = $3",
+        )
+        .uuid(tenant.0)
+        .uuid(id)
+        .arg(owner)
+        .time(until);
+        let done = self
+            .write_one(tenant, q)
+            .await
+            .map_err(fail("run lease", "failed to renew a run lease"))?;
+        Ok(done > 0)
+    }
+
+    async fn release_run_lease(&self, tenant: TenantId, id: Uuid, owner: &str) -> StoreResult<()> {
+        let q = Stmt::<DB>::new(
+            "UPDATE playbook_runs SET lease_owner = NULL, lease_until = NULL \
+             WHERE tenant_id = $1 AND id = $2 AND lease_owner = $3",
+        )
+        .uuid(tenant.0)
+        .uuid(id)
+        .arg(owner);
+        self.write_one(tenant, q)
+            .await
+            .map_err(fail("run lease", "failed to release a run lease"))?;
+        Ok(())
+    }
+
+    async fn due_runs(&self, now: DateTime<Utc>, limit: u32) -> StoreResult<Vec<(TenantId, Uuid)>> {
+        let fail = fail("runs", "failed to list due runs");
+        let q = Stmt::<DB>::new(DB::DUE_RUNS)
+            .time(now)
+            .arg(limit.min(i32::MAX as u32) as i32);
+        let rows = self.all(q).await.map_err(&fail)?;
+        pairs::<DB>(&rows).map_err(fail)
+    }
+
+    async fn used_trigger_keys(
+        &self,
+        tenant: TenantId,
+        keys: &[String],
+    ) -> StoreResult<Vec<String>> {
+        let mut used = Vec::new();
+        for chunk in keys.chunks(BATCH_ROWS) {
+            let mut q = Stmt::<DB>::new("SELECT trigger_key FROM playbook_runs WHERE tenant_id = ");
+            q.push_uuid(tenant.0);
+            q.push_in("trigger_key", chunk.iter().map(String::as_str));
+            let fail = fail("runs", "failed to look up trigger keys");
+            let rows = self.read_all(tenant, q).await.map_err(&fail)?;
+            for row in rows {
+                used.push(row.col::<String>("trigger_key").map_err(&fail)?);
+            }
+        }
+        Ok(used)
+    }
+
+    async fn get_notification_settings(
+        &self,
+        tenant: TenantId,
+    ) -> StoreResult<Option<NotificationSettings>> {
+        let q = Stmt::<DB>::text(format!(
+            "SELECT {SETTINGS_COLUMNS} FROM notification_settings WHERE tenant_id = $1"
+        ))
+        .uuid(tenant.0);
+        let fail = fail(
+            "notification settings",
+            "failed to read notification settings",
+        );
+        let row = self.read_first(tenant, q).await.map_err(&fail)?;
+        row.as_ref()
+            .map(settings_from_row::<DB>)
+            .transpose()
+            .map_err(fail)
+    }
+
+    async fn put_notification_settings(&self, s: &NotificationSettings) -> StoreResult<()> {
+        let q = Stmt::<DB>::text(format!(
+            "INSERT INTO notification_settings ({SETTINGS_COLUMNS}) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (tenant_id) DO UPDATE SET url = EXCLUDED.url, secret = EXCLUDED.secret, \
+             secret_rotated_at = EXCLUDED.secret_rotated_at, updated_at = EXCLUDED.updated_at"
+        ))
+        .uuid(s.tenant_id.0)
+        .arg(s.url.as_str())
+        .arg(s.sealed_secret.clone())
+        .opt_time(s.secret_rotated_at)
+        .time(s.updated_at);
+        self.write_one(s.tenant_id, q).await.map_err(fail_orphan(
+            format!("tenant {}", s.tenant_id),
+            "notification settings",
+            "failed to store notification settings",
+        ))?;
+        Ok(())
+    }
+
+    async fn ensure_notification_secret(
+        &self,
+        tenant: TenantId,
+        sealed_secret: &[u8],
+        at: DateTime<Utc>,
+    ) -> StoreResult<NotificationSettings> {
+        let q = Stmt::<DB>::text(format!(
+            "INSERT INTO notification_settings ({SETTINGS_COLUMNS}) VALUES ($1, '', $2, $3, $3) \
+             ON CONFLICT (tenant_id) DO UPDATE SET \
+             secret_rotated_at = CASE WHEN notification_settings.secret IS NULL THEN EXCLUDED.secret_rotated_at \
+                                 ELSE notification_settings.secret_rotated_at END, \
+             secret = COALESCE(notification_settings.secret, EXCLUDED.secret) \
+             RETURNING {SETTINGS_COLUMNS}"
+        ))
+        .uuid(tenant.0)
+        .arg(sealed_secret)
+        .time(at);
+        let fail = fail_orphan(
+            format!("tenant {tenant}"),
+            "notification settings",
+            "failed to store a notification secret",
+        );
+        let row = self.write_returning(tenant, q).await.map_err(&fail)?;
+        settings_from_row::<DB>(&row).map_err(fail)
     }
 }

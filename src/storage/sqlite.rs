@@ -113,6 +113,13 @@ impl Dialect for Sqlite {
     const API_KEY_BY_ID: &'static str = "api_keys WHERE id = $1";
     const SOURCE_BY_NAME: &'static str = "webhook_sources WHERE name = $1";
     const SOURCE_TENANT: &'static str = "SELECT tenant_id FROM webhook_sources WHERE id = $1";
+    // One statement: the write lock makes the claim atomic.
+    const CLAIM_RUNS: &'static str = "UPDATE playbook_runs SET lease_owner = $1, lease_until = $2 \
+         WHERE rowid IN (SELECT rowid FROM playbook_runs WHERE status IN (2, 4) \
+         AND (lease_until IS NULL OR lease_until < $3) ORDER BY updated_at LIMIT $4) \
+         RETURNING tenant_id, id";
+    const DUE_RUNS: &'static str = "SELECT tenant_id, id FROM playbook_runs \
+         WHERE status = 1 AND approval_deadline <= $1 ORDER BY approval_deadline LIMIT $2";
     const DECISION_SCHEDULE: &'static str = "decision_heads";
     const FEED_XID: &'static str = "xid AS feed_xid";
     const READABLE: &'static str = "";

@@ -15,6 +15,8 @@ mod front_door;
 mod grpcweb;
 mod incidents;
 mod ingest;
+mod playbook_process;
+mod playbooks;
 mod replicas;
 mod reports;
 mod restarts;

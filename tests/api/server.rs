@@ -257,15 +257,14 @@ async fn unknown_method_is_unimplemented(backend: Backend) {
 
     // RPCs of later issues answer UNIMPLEMENTED, after authentication.
     let (_, key) = app.tenant_with_key("later", &[pb::Scope::Read]).await;
-    let mut playbooks =
-        pb::playbook_service_client::PlaybookServiceClient::new(app.channel.clone());
-    let err = playbooks
-        .list_playbooks(with_key(pb::ListPlaybooksRequest::default(), &key))
+    let mut reports = pb::report_service_client::ReportServiceClient::new(app.channel.clone());
+    let err = reports
+        .get_security_summary(with_key(pb::GetSecuritySummaryRequest::default(), &key))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
-    let err = playbooks
-        .list_playbooks(pb::ListPlaybooksRequest::default())
+    let err = reports
+        .get_security_summary(pb::GetSecuritySummaryRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);

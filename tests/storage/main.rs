@@ -1553,3 +1553,336 @@ mod decisions {
         concurrent_writes_are_read_in_revision_order,
     );
 }
+
+mod playbooks {
+    use super::*;
+    use picket::domain::playbook::{
+        ActionKind, NotificationSettings, Origin, Playbook, PlaybookDef, PlaybookRun, RunQuery,
+        RunStatus, Step, Trigger, resolve_steps,
+    };
+    use picket::storage::RUNS_STREAM;
+
+    fn now() -> chrono::DateTime<Utc> {
+        chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap()
+    }
+
+    fn playbook(tenant: TenantId, name: &str, approval: bool) -> Playbook {
+        Playbook {
+            tenant_id: Some(tenant),
+            id: uuid::Uuid::now_v7(),
+            origin: Origin::Tenant,
+            version: 1,
+            created_at: now(),
+            updated_at: now(),
+            def: PlaybookDef {
+                name: name.into(),
+                description: String::new(),
+                steps: vec![Step {
+                    name: "note".into(),
+                    action: ActionKind::NotifyWebhook,
+                    params: Default::default(),
+                    requires_approval: approval,
+                    timeout_seconds: 0,
+                    max_attempts: 0,
+                }],
+                trigger: Trigger::default(),
+                enabled: true,
+                required_approvals: 0,
+            },
+        }
+    }
+
+    fn run(tenant: TenantId, p: &Playbook, deadline_s: i64) -> PlaybookRun {
+        let steps = resolve_steps(&p.def, &Default::default()).unwrap();
+        PlaybookRun::new(
+            tenant,
+            p,
+            steps,
+            None,
+            None,
+            "key-a",
+            Duration::seconds(deadline_s),
+            now(),
+        )
+    }
+
+    async fn playbooks_are_versioned_and_tenant_scoped(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let (a, b) = (tenant("pa"), tenant("pb"));
+        s.create_tenant(&a).await.unwrap();
+        s.create_tenant(&b).await.unwrap();
+        let p = s
+            .create_playbook(&playbook(a.id, "contain", true))
+            .await
+            .unwrap();
+        assert_eq!(s.get_playbook(a.id, p.id).await.unwrap(), p);
+        assert!(matches!(
+            s.get_playbook(b.id, p.id).await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.create_playbook(&playbook(a.id, "contain", false)).await,
+            Err(StoreError::Conflict(_))
+        ));
+        s.create_playbook(&playbook(b.id, "contain", false))
+            .await
+            .unwrap();
+        let mut v2 = p.clone();
+        v2.def.description = "v2".into();
+        let saved = s.update_playbook(&v2).await.unwrap();
+        assert_eq!(saved.version, 2);
+        // An update at a stale version conflicts.
+        assert!(matches!(
+            s.update_playbook(&v2).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(
+            s.find_playbook(a.id, "contain")
+                .await
+                .unwrap()
+                .unwrap()
+                .def
+                .description,
+            "v2"
+        );
+        s.create_playbook(&playbook(a.id, "another", true))
+            .await
+            .unwrap();
+        let names: Vec<String> = s
+            .list_playbooks(a.id, None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.def.name)
+            .collect();
+        assert_eq!(names, ["another", "contain"]);
+        assert_eq!(
+            s.list_playbooks(a.id, Some("another"), 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        s.delete_playbook(a.id, p.id).await.unwrap();
+        assert!(matches!(
+            s.delete_playbook(a.id, p.id).await,
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    async fn run_saves_are_conditional_and_logged(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let a = tenant("ra");
+        s.create_tenant(&a).await.unwrap();
+        let p = s.create_playbook(&playbook(a.id, "p", true)).await.unwrap();
+        let mut r = run(a.id, &p, 3600);
+        r.trigger_key = Some(PlaybookRun::trigger_key(p.id, uuid::Uuid::nil()));
+        let r = s.insert_run(&r).await.unwrap();
+        assert_eq!(r.version, 1);
+        // One automatic run per trigger key.
+        let mut again = run(a.id, &p, 3600);
+        again.trigger_key = r.trigger_key.clone();
+        assert!(matches!(
+            s.insert_run(&again).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(
+            s.used_trigger_keys(a.id, &[r.trigger_key.clone().unwrap(), "x".into()])
+                .await
+                .unwrap(),
+            [r.trigger_key.clone().unwrap()]
+        );
+        let mut approved = r.clone();
+        approved.approve("key-b", "", None, now()).unwrap();
+        let saved = s
+            .save_run(&approved, RunStatus::PendingApproval, None)
+            .await
+            .unwrap();
+        assert_eq!((saved.version, saved.status), (2, RunStatus::Approved));
+        // A save at the version read before loses.
+        let mut stale = r.clone();
+        stale.cancel("key-c", "", now()).unwrap();
+        assert!(matches!(
+            s.save_run(&stale, RunStatus::PendingApproval, None).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(s.get_run(a.id, r.id).await.unwrap(), saved);
+        // Every state is in the change log, with the status before.
+        let log = s
+            .changes_after(a.id, RUNS_STREAM, Default::default(), 10)
+            .await
+            .unwrap();
+        let kinds: Vec<(&str, serde_json::Value)> = log
+            .iter()
+            .map(|c| (c.kind.as_str(), c.payload["previous_status"].clone()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("created", serde_json::Value::Null),
+                ("updated", serde_json::json!("PendingApproval"))
+            ]
+        );
+        let listed = s
+            .list_runs(
+                a.id,
+                &RunQuery {
+                    statuses: vec![RunStatus::Approved],
+                    playbook_id: Some(p.id),
+                    limit: 10,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+        let other = tenant("rb");
+        s.create_tenant(&other).await.unwrap();
+        assert!(matches!(
+            s.get_run(other.id, r.id).await,
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    async fn claims_lease_runnable_runs_once(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let a = tenant("ca");
+        s.create_tenant(&a).await.unwrap();
+        let p = s
+            .create_playbook(&playbook(a.id, "auto", false))
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..6 {
+            ids.push(s.insert_run(&run(a.id, &p, 3600)).await.unwrap().id);
+        }
+        let pending = s
+            .create_playbook(&playbook(a.id, "manual", true))
+            .await
+            .unwrap();
+        s.insert_run(&run(a.id, &pending, 3600)).await.unwrap();
+        let t0 = now();
+        let lease = t0 + Duration::seconds(30);
+        // Concurrent claimants never get the same run.
+        let (x, y) = tokio::join!(
+            s.claim_runs("worker-x", lease, t0, 4),
+            s.claim_runs("worker-y", lease, t0, 4)
+        );
+        let (x, y) = (x.unwrap(), y.unwrap());
+        let mut all: Vec<uuid::Uuid> = x.iter().chain(&y).map(|(_, id)| *id).collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), x.len() + y.len());
+        assert_eq!(all.len(), 6, "the pending run is not runnable");
+        assert!(
+            s.claim_runs("worker-z", lease, t0, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let (_, first) = x[0];
+        assert!(
+            s.renew_run_lease(a.id, first, "worker-x", lease)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !s.renew_run_lease(a.id, first, "worker-y", lease)
+                .await
+                .unwrap()
+        );
+        // Saves under a lease need it.
+        let r = s.get_run(a.id, first).await.unwrap();
+        assert!(matches!(
+            s.save_run(&r, RunStatus::Approved, Some("worker-y")).await,
+            Err(StoreError::Conflict(_))
+        ));
+        let r = s
+            .save_run(&r, RunStatus::Approved, Some("worker-x"))
+            .await
+            .unwrap();
+        // An expired lease is taken over; a released one at once.
+        let later = lease + Duration::seconds(1);
+        let taken = s
+            .claim_runs("worker-z", later + Duration::seconds(30), later, 10)
+            .await
+            .unwrap();
+        assert_eq!(taken.len(), 6);
+        s.release_run_lease(a.id, r.id, "worker-z").await.unwrap();
+        let again = s
+            .claim_runs("worker-w", later + Duration::seconds(30), later, 10)
+            .await
+            .unwrap();
+        assert_eq!(again, [(a.id, r.id)]);
+        // A terminal save gives the lease up.
+        let mut done = s.get_run(a.id, r.id).await.unwrap();
+        done.finish(RunStatus::Succeeded, String::new(), now());
+        s.save_run(&done, RunStatus::Approved, Some("worker-w"))
+            .await
+            .unwrap();
+        assert!(
+            !s.renew_run_lease(a.id, r.id, "worker-w", lease)
+                .await
+                .unwrap()
+        );
+    }
+
+    async fn due_runs_are_the_pending_past_their_deadline(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let (a, b) = (tenant("da"), tenant("db"));
+        s.create_tenant(&a).await.unwrap();
+        s.create_tenant(&b).await.unwrap();
+        let pa = s.create_playbook(&playbook(a.id, "p", true)).await.unwrap();
+        let pb_ = s.create_playbook(&playbook(b.id, "p", true)).await.unwrap();
+        let soon = s.insert_run(&run(a.id, &pa, 1)).await.unwrap();
+        let other = s.insert_run(&run(b.id, &pb_, 1)).await.unwrap();
+        s.insert_run(&run(a.id, &pa, 3600)).await.unwrap();
+        let mut due = s.due_runs(now() + Duration::seconds(2), 10).await.unwrap();
+        due.sort_by_key(|(_, id)| *id);
+        let mut want = vec![(a.id, soon.id), (b.id, other.id)];
+        want.sort_by_key(|(_, id)| *id);
+        assert_eq!(due, want);
+        assert!(s.due_runs(now(), 10).await.unwrap().is_empty());
+    }
+
+    async fn notification_secrets_first_writer_wins(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let a = tenant("na");
+        s.create_tenant(&a).await.unwrap();
+        assert_eq!(s.get_notification_settings(a.id).await.unwrap(), None);
+        let first = s
+            .ensure_notification_secret(a.id, b"sealed-1", now())
+            .await
+            .unwrap();
+        let second = s
+            .ensure_notification_secret(a.id, b"sealed-2", now())
+            .await
+            .unwrap();
+        assert_eq!(first.sealed_secret.as_deref(), Some(&b"sealed-1"[..]));
+        assert_eq!(second, first);
+        let mut set = first.clone();
+        set.url = "https://hooks.example.com/x".into();
+        set.sealed_secret = Some(b"sealed-3".to_vec());
+        s.put_notification_settings(&set).await.unwrap();
+        assert_eq!(s.get_notification_settings(a.id).await.unwrap(), Some(set));
+        let fresh = NotificationSettings {
+            tenant_id: TenantId::new(),
+            url: String::new(),
+            sealed_secret: None,
+            secret_rotated_at: None,
+            updated_at: now(),
+        };
+        assert!(matches!(
+            s.put_notification_settings(&fresh).await,
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    crate::both_backends!(
+        playbooks_are_versioned_and_tenant_scoped,
+        run_saves_are_conditional_and_logged,
+        claims_lease_runnable_runs_once,
+        due_runs_are_the_pending_past_their_deadline,
+        notification_secrets_first_writer_wins,
+    );
+}

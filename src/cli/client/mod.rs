@@ -1,8 +1,8 @@
 //! The command line's gRPC client side: `picket ingest`, `picket tail`,
-//! `picket decisions`, `picket export` and the
+//! `picket decisions`, `picket export`, `picket playbook apply`, the
 //! `picket bench` load generators and the `picket simulate` scenario
-//! simulator. Talks to a server through the generated
-//! clients exactly like any other client would.
+//! simulator. Talks to a server through the generated clients exactly like
+//! any other client would.
 
 pub mod bench;
 pub mod bench_detect;
@@ -14,6 +14,7 @@ pub mod decisions;
 pub mod export;
 pub mod ingest;
 pub mod json;
+pub mod playbook;
 mod serve_child;
 pub mod simulate;
 pub mod tail;
