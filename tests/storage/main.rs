@@ -1707,11 +1707,20 @@ mod playbooks {
             Err(StoreError::Conflict(_))
         ));
         assert_eq!(s.get_run(a.id, r.id).await.unwrap(), saved);
-        // Every state is in the change log, with the status before.
-        let log = s
-            .changes_after(a.id, RUNS_STREAM, Default::default(), 10)
-            .await
-            .unwrap();
+        // Every state is in the change log, with the status before. A commit
+        // is readable on the Postgres log once every older transaction of the
+        // cluster has ended (a concurrently running test's may be open).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let log = loop {
+            let log = s
+                .changes_after(a.id, RUNS_STREAM, Default::default(), 10)
+                .await
+                .unwrap();
+            if log.len() >= 2 || std::time::Instant::now() > deadline {
+                break log;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
         let kinds: Vec<(&str, serde_json::Value)> = log
             .iter()
             .map(|c| (c.kind.as_str(), c.payload["previous_status"].clone()))
