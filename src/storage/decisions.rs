@@ -470,11 +470,7 @@ impl<DB: Dialect> DecisionStore for SqlStore<DB> {
         let q = Stmt::<DB>::new("SELECT doc FROM decisions WHERE tenant_id = $1 AND id = $2")
             .uuid(tenant.0)
             .uuid(id);
-        let row = self
-            .read_first(tenant, q)
-            .await
-            .and_then(|r| r.ok_or(sqlx::Error::RowNotFound))
-            .map_err(&fail)?;
+        let row = self.read_one(tenant, q).await.map_err(&fail)?;
         DB::doc(&row, "doc").map_err(fail)
     }
 

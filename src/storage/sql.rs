@@ -303,6 +303,17 @@ impl<DB: Dialect> SqlStore<DB> {
         Ok(row)
     }
 
+    /// [`SqlStore::read_first`], with no row as `RowNotFound`.
+    pub(crate) async fn read_one(
+        &self,
+        tenant: TenantId,
+        q: Stmt<DB>,
+    ) -> Result<DB::Row, sqlx::Error> {
+        self.read_first(tenant, q)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)
+    }
+
     /// Executes `q` in a write transaction of `tenant`; returns how many rows
     /// it touched.
     async fn write_one(&self, tenant: TenantId, q: Stmt<DB>) -> Result<u64, sqlx::Error> {
@@ -1012,11 +1023,7 @@ impl<DB: Dialect> AlertStore for SqlStore<DB> {
         let q = Stmt::<DB>::new("SELECT doc FROM alerts WHERE tenant_id = $1 AND id = $2")
             .uuid(tenant.0)
             .uuid(id);
-        let row = self
-            .read_first(tenant, q)
-            .await
-            .and_then(|r| r.ok_or(sqlx::Error::RowNotFound))
-            .map_err(&fail)?;
+        let row = self.read_one(tenant, q).await.map_err(&fail)?;
         DB::doc(&row, "doc").map_err(fail)
     }
 
@@ -1289,9 +1296,8 @@ impl<DB: Dialect> IncidentStore for SqlStore<DB> {
             .uuid(tenant.0)
             .uuid(id);
         let row = self
-            .read_first(tenant, q)
+            .read_one(tenant, q)
             .await
-            .and_then(|r| r.ok_or(sqlx::Error::RowNotFound))
             .map_err(fail(&what, "failed to read an incident"))?;
         DB::doc(&row, "doc").map_err(bad_incident)
     }
@@ -1578,9 +1584,8 @@ impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
                 .uuid(tenant.0)
                 .uuid(id);
         let row = self
-            .read_first(tenant, q)
+            .read_one(tenant, q)
             .await
-            .and_then(|r| r.ok_or(sqlx::Error::RowNotFound))
             .map_err(fail(&what, "failed to read a playbook"))?;
         playbook_from_row::<DB>(&row).map_err(bad_doc("bad playbook doc"))
     }
@@ -1719,9 +1724,8 @@ impl<DB: Dialect> PlaybookStore for SqlStore<DB> {
         .uuid(tenant.0)
         .uuid(id);
         let row = self
-            .read_first(tenant, q)
+            .read_one(tenant, q)
             .await
-            .and_then(|r| r.ok_or(sqlx::Error::RowNotFound))
             .map_err(fail(&what, "failed to read a run"))?;
         run_from_row::<DB>(&row).map_err(bad_doc("bad run doc"))
     }
