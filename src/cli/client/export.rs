@@ -20,7 +20,8 @@ use crate::grpc::pb::report_service_client::ReportServiceClient;
 pub enum Format {
     /// One JSON object per line, with the field names of `picket.v1.Event`.
     Jsonl,
-    /// RFC 4180 CSV with a header row: the event's top-level fields.
+    /// RFC 4180 CSV with a header row: the event's top-level fields; a value
+    /// a spreadsheet would evaluate as a formula is prefixed with `'`.
     Csv,
 }
 
@@ -112,12 +113,21 @@ fn severity(v: i32) -> String {
         .unwrap_or_default()
 }
 
-/// One field quoted for CSV when it needs to be (RFC 4180).
+/// One field for CSV: a value a spreadsheet would evaluate as a formula
+/// (starting with `=`, `+`, `-`, `@`, a tab or a carriage return; event fields
+/// are attacker-controlled text, e.g. an actor name `=HYPERLINK(…)`) gets a
+/// leading `'` (OWASP's advice against CSV injection), then the field is quoted
+/// when it needs to be (RFC 4180). JSON lines keep every value byte for byte.
 fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
+    } else {
+        s.to_owned()
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_owned()
+        s
     }
 }
 
@@ -351,5 +361,19 @@ mod tests {
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(csv_field("two\nlines"), "\"two\nlines\"");
+    }
+
+    #[test]
+    fn csv_fields_that_a_spreadsheet_would_evaluate_are_neutralised() {
+        assert_eq!(csv_field("=1+1"), "'=1+1");
+        assert_eq!(csv_field("+cmd"), "'+cmd");
+        assert_eq!(csv_field("-2"), "'-2");
+        assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(
+            csv_field("=HYPERLINK(\"http://x\",\"y\")"),
+            "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\""
+        );
+        assert_eq!(csv_field("\tx"), "'\tx");
+        assert_eq!(csv_field("alice@example.com"), "alice@example.com");
     }
 }
