@@ -184,6 +184,11 @@ class TelemetryClient:
         # (event, idempotency key, sequence number) in arrival order.
         self._queue: deque[_Item] = deque()
         self._seq = itertools.count()
+        # Generated idempotency keys: a random 128-bit prefix per process (a
+        # forked child draws its own) and a counter; unique without a
+        # syscall per event.
+        self._key_prefix = uuid.uuid4().hex + "-"
+        self._keys = itertools.count()
         # Taken by the sender, not yet settled: sequence number -> event.
         self._in_flight: dict[int, ActivityEvent] = {}
         self._counters = _Counters()
@@ -235,7 +240,7 @@ class TelemetryClient:
         try:
             if event is None:
                 event = ActivityEvent(**fields)
-            key = event.idempotency_key or uuid.uuid4().hex
+            key = event.idempotency_key or f"{self._key_prefix}{next(self._keys):x}"
             if self._pid != os.getpid():
                 self._check_pid()
             with self._lock:

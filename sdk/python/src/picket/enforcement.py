@@ -20,6 +20,7 @@ server for three heartbeat intervals), ``failure_mode`` decides:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -70,8 +71,10 @@ class Verdict:
 ALLOW = Verdict(True)
 
 
+@functools.lru_cache(maxsize=16_384)
 def canonical_ip(text: str) -> IpAddr | None:
-    """The address as Picket stores it (IPv4-mapped IPv6 becomes IPv4)."""
+    """The address as Picket stores it (IPv4-mapped IPv6 becomes IPv4), or
+    None if ``text`` is not an address. Cached: clients repeat."""
     try:
         ip = ipaddress.ip_address(text.strip().strip("[]"))
     except ValueError:

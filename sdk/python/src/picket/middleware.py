@@ -74,6 +74,7 @@ class SecurityMonitoringMiddleware:
         self._actor_header = actor_header.lower().encode("latin-1")
         self._get_actor = get_actor
         self._proxies = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
+        self._trusted_cache: dict[str, bool] = {}
         self._event_type = event_type
         self._decisions = client.decisions(failure_mode).start() if enforce else None
         self._deny_status = deny_status
@@ -89,8 +90,14 @@ class SecurityMonitoringMiddleware:
         )
 
     def _trusted(self, ip: str) -> bool:
-        addr = canonical_ip(ip)
-        return addr is not None and any(addr in net for net in self._proxies)
+        known = self._trusted_cache.get(ip)
+        if known is None:
+            addr = canonical_ip(ip)
+            known = addr is not None and any(addr in net for net in self._proxies)
+            if len(self._trusted_cache) >= 4096:
+                self._trusted_cache.clear()
+            self._trusted_cache[ip] = known
+        return known
 
     def _client_ip(self, scope: Scope, forwarded: bytes | None) -> str:
         peer = scope.get("client")
