@@ -64,6 +64,8 @@ class PicketServer:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[str] | None = None
         self.log: list[str] = []
+        #: Extra environment for the server (its settings).
+        self.start_env: dict[str, str] = {}
 
     def start(self, timeout_s: float = 60.0) -> None:
         env = dict(os.environ)
@@ -74,6 +76,7 @@ class PicketServer:
             PICKET_LISTEN=f"127.0.0.1:{self.port}",
             PICKET_WATCH_POLL_MS="100",
         )
+        env.update(self.start_env)
         proc = subprocess.Popen(
             [self.binary, "--log-format", "json", "serve"],
             env=env,
@@ -137,7 +140,7 @@ class Tenant:
         self.id = tenant.id
         self.key = key.secret
 
-    def events(self, **filter_fields: Any) -> list[Any]:
+    def events(self, page_size: int = 1000, **filter_fields: Any) -> list[Any]:
         """Every stored event of the tenant (all pages)."""
         ch = self.server.channel(self.key)
         try:
@@ -148,7 +151,7 @@ class Tenant:
                     "/picket.v1.IngestService/QueryEvents",
                     ingest_pb2.QueryEventsRequest(
                         filter=ingest_pb2.EventFilter(**filter_fields),
-                        page_size=1000,
+                        page_size=page_size,
                         page_token=token,
                     ),
                     ingest_pb2.QueryEventsResponse,

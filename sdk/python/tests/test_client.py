@@ -182,3 +182,20 @@ def test_events_trickling_in_leave_on_the_flush_interval(
         client.enqueue_event(event(i))
         wait_for(f"event {i} sent", lambda: client.stats().accepted == i + 1, 10, every_s=0.02)
     client.close()
+
+
+def test_a_batch_over_the_message_limit_is_split(picket_server: PicketServer, tmp_path: Any) -> None:
+    small = PicketServer(picket_server.binary, "sqlite://" + str(tmp_path / "small.db"))
+    small.start_env = {"PICKET_MAX_MESSAGE_BYTES": str(64 * 1024)}
+    small.start()
+    try:
+        tenant = Tenant(small, "split")
+        client = TelemetryClient(api_key=tenant.key, endpoint=small.endpoint, flush_interval_s=3600)
+        for i in range(100):  # about 200 KiB in one batch: over the 64 KiB limit
+            client.enqueue_event(event(i, extras={"blob": "b" * 2000}))
+        stats = client.close(timeout_s=30)
+        assert stats.accepted == 100 and stats.dropped_total == 0, stats
+        assert stats.retries == 0, "split, not retried"
+        assert len(tenant.events(page_size=10)) == 100  # pages under the limit too
+    finally:
+        small.stop()

@@ -195,10 +195,17 @@ class Channel:
 
     def unary(self, method: str, request: Message, response_type: type[M], timeout_s: float) -> M:
         """Calls ``method`` (``/picket.v1.Service/Rpc``); the response or RpcError."""
+        return self.unary_encoded(method, request.SerializeToString(), response_type, timeout_s)
+
+    def unary_encoded(
+        self, method: str, request: bytes, response_type: type[M], timeout_s: float
+    ) -> M:
+        """``unary`` with the request message already encoded."""
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, self._connect_timeout_s))
+        body = _HEADER.pack(0, len(request)) + request
         try:
             resp = self._http.post(
-                method, content=frame(request), headers=self._headers(timeout_s), timeout=timeout
+                method, content=body, headers=self._headers(timeout_s), timeout=timeout
             )
         except httpx.TimeoutException as e:
             raise RpcError(StatusCode.DEADLINE_EXCEEDED, f"no answer in {timeout_s:.3g} s") from e

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from picket._grpcweb import Channel, RpcError, StatusCode
 from picket.event import ActivityEvent, to_proto
+from picket.v1 import ingest_pb2
 
 if TYPE_CHECKING:
     from picket.enforcement import DecisionCache
@@ -58,6 +59,17 @@ _INGEST = "/picket.v1.IngestService/Ingest"
 _RETRYABLE = {StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED, StatusCode.ABORTED}
 # Stay under the server's default 4 MiB message limit.
 _MAX_BATCH_BYTES = 3 * 1024 * 1024
+# Field 1 (IngestRequest.events), wire type 2 (length-delimited).
+_EVENTS_TAG = b"\x0a"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 @dataclass(frozen=True)
@@ -435,27 +447,33 @@ class TelemetryClient:
         self._finish("rejected", [item])
 
     def _deliver(self, batch: list[_Item]) -> None:
-        """Sends ``batch`` until every event has a final outcome."""
-        from picket.v1 import ingest_pb2
+        """Sends ``batch`` until every event has a final outcome.
 
-        protos: list[tuple[_Item, Any]] = []
+        Each event is encoded on its own, as its ``IngestRequest.events``
+        entry, and the request is their concatenation: no single protobuf
+        call holds the GIL for a whole batch, and the sender yields it every
+        few events, so the application's threads wait at most that long.
+        """
+        encoded: list[tuple[_Item, bytes]] = []
         size = 0
-        for item in batch:
+        for n, item in enumerate(batch):
+            if n % 8 == 7:
+                time.sleep(0)  # let the application's threads run
             try:
-                pb = to_proto(item[0], item[1], self.service_name, self.environment)
-                n = pb.ByteSize()
+                body = to_proto(item[0], item[1], self.service_name, self.environment).SerializeToString()
             except Exception as e:  # e.g. a string that is not valid Unicode
                 self._reject(item, "", f"could not encode: {type(e).__name__}: {e}")
                 continue
-            if protos and size + n > _MAX_BATCH_BYTES:
-                self._send(protos, ingest_pb2)
-                protos, size = [], 0
-            protos.append((item, pb))
-            size += n
-        if protos:
-            self._send(protos, ingest_pb2)
+            entry = _EVENTS_TAG + _varint(len(body)) + body
+            if encoded and size + len(entry) > _MAX_BATCH_BYTES:
+                self._send(encoded)
+                encoded, size = [], 0
+            encoded.append((item, entry))
+            size += len(entry)
+        if encoded:
+            self._send(encoded)
 
-    def _send(self, pending: list[tuple[_Item, Any]], ingest_pb2: Any) -> None:
+    def _send(self, pending: list[tuple[_Item, bytes]]) -> None:
         attempt = 0
         while pending:
             if self._closing and time.monotonic() >= self._close_deadline:
@@ -463,9 +481,9 @@ class TelemetryClient:
             timeout = self.request_timeout_s
             if self._closing:
                 timeout = max(0.05, min(timeout, self._close_deadline - time.monotonic()))
-            request = ingest_pb2.IngestRequest(events=[pb for _, pb in pending])
+            request = b"".join(entry for _, entry in pending)
             try:
-                response = self._channel_for_worker().unary(
+                response = self._channel_for_worker().unary_encoded(
                     _INGEST, request, ingest_pb2.IngestResponse, timeout
                 )
             except RpcError as e:
@@ -475,7 +493,7 @@ class TelemetryClient:
                     and len(pending) > 1
                 ):
                     half = len(pending) // 2
-                    self._send(pending[:half], ingest_pb2)
+                    self._send(pending[:half])
                     pending = pending[half:]
                     continue
                 retryable = e.code in _RETRYABLE or (
@@ -505,7 +523,7 @@ class TelemetryClient:
                 log.info("picket: ingest failed (%s); retry %d in %.2f s", e, attempt, delay)
                 self._sleep(delay)
                 continue
-            retry: list[tuple[_Item, Any]] = []
+            retry: list[tuple[_Item, bytes]] = []
             receipts = {r.index: r for r in response.receipts}
             accepted, duplicate = [], []
             for i, (item, pb) in enumerate(pending):
