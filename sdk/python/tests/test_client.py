@@ -199,3 +199,10 @@ def test_a_batch_over_the_message_limit_is_split(picket_server: PicketServer, tm
         assert len(tenant.events(page_size=10)) == 100  # pages under the limit too
     finally:
         small.stop()
+
+
+def test_enqueue_never_raises_into_the_caller() -> None:
+    client = TelemetryClient(api_key="pk_x", endpoint=f"http://127.0.0.1:{free_port()}", flush_interval_s=3600)
+    assert client.enqueue_event(no_such_field=1) is False  # type: ignore[call-arg]
+    assert client.stats().dropped["rejected"] == 1
+    client.close(timeout_s=0.1)
