@@ -250,11 +250,11 @@ class TelemetryClient:
         queued (False: dropped and counted, see ``stats()``).
         """
         try:
+            if self._pid != os.getpid():  # forked without the hooks: reset first
+                self._check_pid()
             if event is None:
                 event = ActivityEvent(**fields)
             key = event.idempotency_key or f"{self._key_prefix}{next(self._keys):x}"
-            if self._pid != os.getpid():
-                self._check_pid()
             with self._lock:
                 if self._closing:
                     self._counters.dropped["shutdown_deadline"] += 1
