@@ -17,6 +17,7 @@ mod incidents;
 mod ingest;
 mod playbook_process;
 mod playbooks;
+mod python_sdk;
 mod replicas;
 mod reports;
 mod restarts;

@@ -1,0 +1,1 @@
+"""Picket's API messages (package ``picket.v1``), generated from ``proto/`` at build time."""
