@@ -102,6 +102,9 @@ pub enum BenchCommand {
     Fanout(crate::cli::client::bench_fanout::BenchFanoutArgs),
     /// CheckAccess latency with 10,000 decisions in force.
     Enforce(crate::cli::client::bench_enforce::BenchEnforceArgs),
+    /// End to end: failed-login burst → incident → automatic run → ban on
+    /// a WatchDecisions subscriber.
+    Respond(crate::cli::client::bench_respond::BenchRespondArgs),
     /// Detection throughput with detection shared over replicas (Postgres).
     Shards(crate::cli::client::bench_shards::BenchShardsArgs),
 }
@@ -285,6 +288,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Enforce(args)) => {
             crate::cli::client::bench_enforce::run(args).await
+        }
+        Command::Bench(BenchCommand::Respond(args)) => {
+            crate::cli::client::bench_respond::run(args).await
         }
         Command::Bench(BenchCommand::Shards(args)) => {
             crate::cli::client::bench_shards::run(args).await

@@ -245,6 +245,26 @@ pub struct Settings {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
+
+    /// PEM certificate chain (leaf first) to serve TLS with; needs
+    /// `--tls-key`. Every protocol on the port (gRPC, grpc-web, /healthz,
+    /// /metrics, webhooks) is then TLS only. Re-read when the file changes.
+    #[arg(long, env = "PICKET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of `--tls-cert`. Re-read when the file changes.
+    #[arg(long, env = "PICKET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// PEM bundle of CAs that client certificates must chain to: clients
+    /// without one are refused at the handshake (mTLS, on top of API keys).
+    /// Needs `--tls-cert`. Re-read when the file changes.
+    #[arg(long, env = "PICKET_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// How often the TLS files are checked for changes, in seconds.
+    #[arg(long, env = "PICKET_TLS_RELOAD_SECONDS", default_value_t = 10)]
+    pub tls_reload_seconds: u64,
 }
 
 impl Settings {
@@ -290,6 +310,15 @@ impl Settings {
             poll: Duration::from_millis(self.playbook_poll_ms.max(10)),
             ..crate::response::ResponseConfig::default()
         }
+    }
+
+    /// The TLS files, if TLS is on.
+    pub fn tls_files(&self) -> Option<crate::server::tls::TlsFiles> {
+        Some(crate::server::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
     }
 
     /// The shutdown grace period.
@@ -396,9 +425,24 @@ impl Settings {
                 self.decision_log_retention_hours
             ),
             format!("cors_origins = {}", self.cors_origins.join(",")),
+            format!(
+                "tls_cert = {}",
+                path_or(&self.tls_cert, "[not set: plain text]")
+            ),
+            format!("tls_key = {}", path_or(&self.tls_key, "[not set]")),
+            format!(
+                "tls_client_ca = {}",
+                path_or(&self.tls_client_ca, "[not set: no client certificates]")
+            ),
+            format!("tls_reload_seconds = {}", self.tls_reload_seconds),
         ]
         .join("\n")
     }
+}
+
+fn path_or(p: &Option<std::path::PathBuf>, none: &str) -> String {
+    p.as_ref()
+        .map_or_else(|| none.to_owned(), |p| p.display().to_string())
 }
 
 /// Replaces the password of a `scheme://user:password@host` URL with `****`.

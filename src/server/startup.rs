@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::http::{HeaderName, HeaderValue, Method};
+use futures::FutureExt;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -71,6 +72,8 @@ pub struct Application {
     auth: Authenticator,
     /// The operator token if this start generated it (shown once).
     generated_operator_token: Option<SecretString>,
+    /// TLS on the port, if configured (files read and checked in `build`).
+    tls: Option<Arc<crate::server::tls::TlsState>>,
 }
 
 impl Application {
@@ -78,6 +81,11 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let store =
             storage::connect_serving(&settings.database_url(), settings.db_max_connections).await?;
+        // Bad TLS files fail the start before anything else happens.
+        let tls = settings
+            .tls_files()
+            .map(crate::server::tls::TlsState::load)
+            .transpose()?;
         let hasher = auth::key_hasher(store.as_ref(), settings.key_pepper.as_ref()).await?;
         let (auth, generated_operator_token) =
             Authenticator::bootstrap(store.clone(), hasher, settings.admin_token.as_ref()).await?;
@@ -94,6 +102,7 @@ impl Application {
             store,
             auth,
             generated_operator_token,
+            tls,
         })
     }
 
@@ -130,6 +139,7 @@ impl Application {
             settings,
             store,
             auth,
+            tls,
             ..
         } = self;
         // The recorder first: background tasks record from their first step.
@@ -373,10 +383,30 @@ impl Application {
             addr = %local_addr,
             backend = store.backend().as_str(),
             store = %crate::server::config::store_location(&settings.database_url()),
+            tls = match &tls { None => "off", Some(t) if t.mutual() => "mutual", Some(_) => "on" },
             "picket serving (Ctrl-C or SIGTERM stops it gracefully)"
         );
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let serve = server.serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
+        let serve = match tls {
+            Some(tls) => {
+                tracker.spawn(tls.clone().watch(
+                    std::time::Duration::from_secs(settings.tls_reload_seconds.max(1)),
+                    token.clone(),
+                ));
+                let incoming = tls.incoming(listener, token.clone());
+                server
+                    .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned())
+                    .boxed()
+            }
+            None => {
+                tracing::warn!(
+                    "TLS is off: API keys, operator tokens and events travel in clear text; serve with --tls-cert and --tls-key outside a trusted network"
+                );
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                server
+                    .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned())
+                    .boxed()
+            }
+        };
         let grace = settings.shutdown_grace();
         let outcome = tokio::select! {
             result = serve => result.context("server failed"),
