@@ -104,6 +104,9 @@ pub enum BenchCommand {
     Enforce(crate::cli::client::bench_enforce::BenchEnforceArgs),
     /// Detection throughput with detection shared over replicas (Postgres).
     Shards(crate::cli::client::bench_shards::BenchShardsArgs),
+    /// The audit log at scale: QueryEvents, ExportEvents and retention over
+    /// 10 M + 10 M events spanning 30 days.
+    Reports(crate::cli::client::bench_reports::BenchReportsArgs),
 }
 
 /// `picket playbook …`
@@ -285,6 +288,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Enforce(args)) => {
             crate::cli::client::bench_enforce::run(args).await
+        }
+        Command::Bench(BenchCommand::Reports(args)) => {
+            crate::cli::client::bench_reports::run(args).await
         }
         Command::Bench(BenchCommand::Shards(args)) => {
             crate::cli::client::bench_shards::run(args).await

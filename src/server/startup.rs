@@ -78,6 +78,11 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let store =
             storage::connect_serving(&settings.database_url(), settings.db_max_connections).await?;
+        // The partitions of the days around today exist before the first
+        // event arrives (and on every retention pass after).
+        retention::prepare_partitions(store.as_ref(), chrono::Utc::now())
+            .await
+            .context("failed to prepare the event partitions")?;
         let hasher = auth::key_hasher(store.as_ref(), settings.key_pepper.as_ref()).await?;
         let (auth, generated_operator_token) =
             Authenticator::bootstrap(store.clone(), hasher, settings.admin_token.as_ref()).await?;
