@@ -83,7 +83,8 @@ pub async fn run_once(store: &dyn Store, now: DateTime<Utc>) -> StoreResult<Rete
         pass.dropped_events += d.events;
     }
     if !pass.dropped_days.is_empty() {
-        metrics::histogram!("picket_retention_drop_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("picket_retention_drop_seconds")
+            .record(started.elapsed().as_secs_f64());
     }
     // Keys of the dropped days, and the rows of tenants with a shorter
     // retention in days still kept.

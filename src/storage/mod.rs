@@ -394,6 +394,24 @@ pub trait EventStore: Send + Sync {
     ) -> StoreResult<Vec<DroppedDay>>;
 }
 
+/// Whether a plan (Postgres `EXPLAIN` or SQLite `EXPLAIN QUERY PLAN`
+/// text) answers the condition on `column` from an index and scans
+/// nothing whole: an index condition names the column, and no line is a
+/// sequential scan (Postgres) or a SCAN (SQLite).
+pub fn plan_reads_index(plan: &str, column: &str) -> bool {
+    let indexed = plan.lines().any(|l| {
+        (l.contains("Index Cond:")
+            || l.contains("USING INDEX")
+            || l.contains("USING COVERING INDEX"))
+            && l.contains(column)
+    });
+    // SQLite: SEARCH reads an index range, SCAN reads a whole table or index.
+    let scans = plan
+        .lines()
+        .any(|l| l.contains("Seq Scan") || l.trim_start().starts_with("SCAN"));
+    indexed && !scans
+}
+
 /// An event partition dropped by retention.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DroppedDay {

@@ -21,8 +21,8 @@ use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
 use crate::storage::dialect::{Col, Dialect, Stmt, Tx};
 pub use crate::storage::store::SqlStore;
 use crate::storage::{
-    AlertStore, Backend, DroppedDay, EventStore, IncidentStore, Joined, ModelStore, PlaybookStore, RUNS_STREAM,
-    RuleStore, Store, StoreError, StoreResult, WebhookStore,
+    AlertStore, Backend, DroppedDay, EventStore, IncidentStore, Joined, ModelStore, PlaybookStore,
+    RUNS_STREAM, RuleStore, Store, StoreError, StoreResult, WebhookStore,
 };
 
 /// Most rows (or list items) in one multi-row statement of a batch: well

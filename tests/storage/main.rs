@@ -839,7 +839,9 @@ async fn postgres_partitions_are_reached_only_through_their_table() {
     let s = storage::PgStore::connect(&db.url, 4).await.unwrap();
     let today = Utc::now().date_naive();
     assert_eq!(
-        s.prepare_event_days(today, today + chrono::Days::new(1)).await.unwrap(),
+        s.prepare_event_days(today, today + chrono::Days::new(1))
+            .await
+            .unwrap(),
         2
     );
     // Idempotent.
@@ -931,14 +933,23 @@ async fn postgres_events_survive_the_partitioning_migration() {
         .await
         .unwrap();
     db.feeds_settled().await;
-    let feed = s.events_after(a.id, FeedPosition::default(), 1000).await.unwrap();
+    let feed = s
+        .events_after(a.id, FeedPosition::default(), 1000)
+        .await
+        .unwrap();
     let now: Vec<(uuid::Uuid, String, i64)> = feed
         .iter()
         .map(|e| (e.event.id, e.position.xid.to_string(), e.position.seq))
         .collect();
     assert_eq!(now, old, "feed order and positions kept");
     let all = s
-        .query_events(a.id, &EventQuery { limit: 1000, ..Default::default() })
+        .query_events(
+            a.id,
+            &EventQuery {
+                limit: 1000,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     assert_eq!(all.len(), 60);
@@ -954,14 +965,20 @@ async fn postgres_events_survive_the_partitioning_migration() {
     let original = dup.id;
     dup.id = uuid::Uuid::now_v7();
     dup.occurred_at = Utc::now();
-    assert_eq!(dup.idempotency_digest, idempotency_digest(&dup.details.idempotency_key));
+    assert_eq!(
+        dup.idempotency_digest,
+        idempotency_digest(&dup.details.idempotency_key)
+    );
     let out = s.insert_events(&[(a.id, &[dup.clone()])]).await.unwrap();
     assert_eq!(out[0], vec![InsertOutcome::Duplicate(original)]);
     dup.idempotency_digest = idempotency_digest("new-0");
     let out = s.insert_events(&[(a.id, &[dup.clone()])]).await.unwrap();
     assert_eq!(out[0], vec![InsertOutcome::Accepted(dup.id)]);
     db.feeds_settled().await;
-    let more = s.events_after(a.id, feed.last().unwrap().position, 10).await.unwrap();
+    let more = s
+        .events_after(a.id, feed.last().unwrap().position, 10)
+        .await
+        .unwrap();
     assert_eq!(more.len(), 1);
     assert_eq!(more[0].event.id, dup.id);
 }
@@ -1343,7 +1360,13 @@ mod events {
         let out = s.insert_events(&[(b, &[theirs.clone()])]).await.unwrap();
         assert_eq!(out[0], vec![InsertOutcome::Accepted(theirs.id)]);
         let all = s
-            .query_events(a, &EventQuery { limit: 100, ..Default::default() })
+            .query_events(
+                a,
+                &EventQuery {
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap();
         assert_eq!(all.len(), 2);
@@ -1378,18 +1401,42 @@ mod events {
             let s = s.clone();
             async move { s.insert_events(&[(t, &evs)]).await.unwrap() }
         };
-        put(short.id, vec![event_at("s4", "x", day(4)), event_at("s3", "x", day(3)), event_at("s1", "x", day(1))]).await;
+        put(
+            short.id,
+            vec![
+                event_at("s4", "x", day(4)),
+                event_at("s3", "x", day(3)),
+                event_at("s1", "x", day(1)),
+            ],
+        )
+        .await;
         // Ten days back is before the partitions: the default partition.
-        put(forever.id, vec![event_at("f10", "x", day(10)), event_at("f4", "x", day(4))]).await;
-        put(mid.id, vec![event_at("m6", "x", day(6)), event_at("m3", "x", day(3))]).await;
+        put(
+            forever.id,
+            vec![event_at("f10", "x", day(10)), event_at("f4", "x", day(4))],
+        )
+        .await;
+        put(
+            mid.id,
+            vec![event_at("m6", "x", day(6)), event_at("m3", "x", day(3))],
+        )
+        .await;
 
-        let pass = picket::ingest::retention::run_once(s.as_ref(), now).await.unwrap();
+        let pass = picket::ingest::retention::run_once(s.as_ref(), now)
+            .await
+            .unwrap();
         assert_eq!(pass.removed(), 3, "{pass:?}");
         let keys = |t: TenantId| {
             let s = s.clone();
             async move {
                 let mut k: Vec<String> = s
-                    .query_events(t, &EventQuery { limit: 100, ..Default::default() })
+                    .query_events(
+                        t,
+                        &EventQuery {
+                            limit: 100,
+                            ..Default::default()
+                        },
+                    )
                     .await
                     .unwrap()
                     .into_iter()
@@ -1407,8 +1454,14 @@ mod events {
                 // Day -6 held only an expired event: dropped whole. Days -4
                 // (kept by `forever`) and -3 (kept by `mid`) stay.
                 assert!(pass.dropped_days.contains(&day(6).date_naive()), "{pass:?}");
-                assert!(!pass.dropped_days.contains(&day(4).date_naive()), "{pass:?}");
-                assert!(!pass.dropped_days.contains(&day(3).date_naive()), "{pass:?}");
+                assert!(
+                    !pass.dropped_days.contains(&day(4).date_naive()),
+                    "{pass:?}"
+                );
+                assert!(
+                    !pass.dropped_days.contains(&day(3).date_naive()),
+                    "{pass:?}"
+                );
                 assert_eq!(pass.dropped_events, 1, "{pass:?}");
                 assert_eq!(pass.deleted, 2, "{pass:?}");
             }
@@ -1418,11 +1471,20 @@ mod events {
             }
         }
         // The keys of removed events are gone with them.
-        let out = s.insert_events(&[(mid.id, &[event_at("m6", "x", day(6))])]).await.unwrap();
+        let out = s
+            .insert_events(&[(mid.id, &[event_at("m6", "x", day(6))])])
+            .await
+            .unwrap();
         assert!(matches!(out[0][0], InsertOutcome::Accepted(_)), "{out:?}");
         // A second pass finds nothing more to remove.
-        let pass = picket::ingest::retention::run_once(s.as_ref(), now).await.unwrap();
-        assert_eq!(pass.removed(), 1, "only the event just re-inserted: {pass:?}");
+        let pass = picket::ingest::retention::run_once(s.as_ref(), now)
+            .await
+            .unwrap();
+        assert_eq!(
+            pass.removed(),
+            1,
+            "only the event just re-inserted: {pass:?}"
+        );
     }
 
     /// Every EventFilter field is answered from its own index: the store's
@@ -1439,11 +1501,23 @@ mod events {
         let (a, _) = two_tenants(s.as_ref()).await;
         let evs: Vec<NewEvent> = (0..3000)
             .map(|i| {
-                let mut e = event_at(&format!("f{i}"), &format!("user{}", i % 500), now - Duration::seconds(i));
+                let mut e = event_at(
+                    &format!("f{i}"),
+                    &format!("user{}", i % 500),
+                    now - Duration::seconds(i),
+                );
                 e.resource = format!("svc{}/api", i % 500);
                 e.source_ip = Some(format!("10.0.{}.{}", i % 250, i % 2).parse().unwrap());
-                e.event_type = if i % 500 == 0 { "rare.type".into() } else { "http_request".into() };
-                e.outcome = if i % 500 == 0 { Outcome::Unknown } else { Outcome::Success };
+                e.event_type = if i % 500 == 0 {
+                    "rare.type".into()
+                } else {
+                    "http_request".into()
+                };
+                e.outcome = if i % 500 == 0 {
+                    Outcome::Unknown
+                } else {
+                    Outcome::Success
+                };
                 e
             })
             .collect();
@@ -1455,21 +1529,52 @@ mod events {
         // default partition.
         let range = Some(now - Duration::hours(1));
         let cases: Vec<(&str, EventQuery)> = vec![
-            ("events_actor", EventQuery { actor: Some("user7".into()), ..Default::default() }),
-            ("events_source_ip", EventQuery { source_ip: Some("10.0.7.1".parse().unwrap()), ..Default::default() }),
-            ("events_type", EventQuery { event_types: vec!["rare.type".into()], ..Default::default() }),
-            ("events_resource", EventQuery { resource_prefix: Some("svc7/".into()), ..Default::default() }),
-            ("events_outcome", EventQuery { outcome: Some(Outcome::Unknown), ..Default::default() }),
+            (
+                "actor",
+                EventQuery {
+                    actor: Some("user7".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "source_ip",
+                EventQuery {
+                    source_ip: Some("10.0.7.1".parse().unwrap()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "event_type",
+                EventQuery {
+                    event_types: vec!["rare.type".into()],
+                    ..Default::default()
+                },
+            ),
+            (
+                "resource",
+                EventQuery {
+                    resource_prefix: Some("svc7/".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "outcome",
+                EventQuery {
+                    outcome: Some(Outcome::Unknown),
+                    ..Default::default()
+                },
+            ),
         ];
         for (index, q) in cases {
-            let q = EventQuery { start: range, end: Some(now + Duration::seconds(1)), limit: 101, ..q };
+            let q = EventQuery {
+                start: range,
+                end: Some(now + Duration::seconds(1)),
+                limit: 101,
+                ..q
+            };
             let plan = s.explain_query_events(a, &q).await.unwrap().join("\n");
-            assert!(plan.contains(index), "{index}:\n{plan}");
-            assert!(!plan.contains("Seq Scan"), "{index}:\n{plan}");
-            assert!(
-                !plan.lines().any(|l| l.contains("SCAN events") && !l.contains("INDEX")),
-                "{index}:\n{plan}"
-            );
+            // An index condition on the filter's column, and no table scan.
+            assert!(storage::plan_reads_index(&plan, index), "{index}:\n{plan}");
             // And the answer is right.
             let got = s.query_events(a, &q).await.unwrap();
             let want = evs.iter().filter(|e| q.matches(e)).count();
