@@ -835,6 +835,7 @@ async fn tenant_tables(pool: &sqlx::PgPool) -> Vec<String> {
 /// to every partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_partitions_are_reached_only_through_their_table() {
+    use picket::storage::EventStore;
     let db = TestDb::new(Backend::Postgres).await;
     let s = storage::PgStore::connect(&db.url, 4).await.unwrap();
     let today = Utc::now().date_naive();
@@ -969,10 +970,16 @@ async fn postgres_events_survive_the_partitioning_migration() {
         dup.idempotency_digest,
         idempotency_digest(&dup.details.idempotency_key)
     );
-    let out = s.insert_events(&[(a.id, &[dup.clone()])]).await.unwrap();
+    let out = s
+        .insert_events(&[(a.id, std::slice::from_ref(&dup))])
+        .await
+        .unwrap();
     assert_eq!(out[0], vec![InsertOutcome::Duplicate(original)]);
     dup.idempotency_digest = idempotency_digest("new-0");
-    let out = s.insert_events(&[(a.id, &[dup.clone()])]).await.unwrap();
+    let out = s
+        .insert_events(&[(a.id, std::slice::from_ref(&dup))])
+        .await
+        .unwrap();
     assert_eq!(out[0], vec![InsertOutcome::Accepted(dup.id)]);
     db.feeds_settled().await;
     let more = s
@@ -1334,7 +1341,10 @@ mod events {
             .unwrap();
         let (a, b) = two_tenants(s.as_ref()).await;
         let first = event_at("k-days", "x", now - Duration::days(3));
-        let out = s.insert_events(&[(a, &[first.clone()])]).await.unwrap();
+        let out = s
+            .insert_events(&[(a, std::slice::from_ref(&first))])
+            .await
+            .unwrap();
         assert_eq!(out[0], vec![InsertOutcome::Accepted(first.id)]);
         // The same key, days later (a retry with a later time), twice in one
         // batch, and once more in a batch of its own.
@@ -1353,11 +1363,17 @@ mod events {
                 InsertOutcome::Duplicate(first.id),
             ]
         );
-        let out = s.insert_events(&[(a, &[later.clone()])]).await.unwrap();
+        let out = s
+            .insert_events(&[(a, std::slice::from_ref(&later))])
+            .await
+            .unwrap();
         assert_eq!(out[0], vec![InsertOutcome::Duplicate(first.id)]);
         // Another tenant's key space is its own.
         let theirs = event_at("k-days", "x", now);
-        let out = s.insert_events(&[(b, &[theirs.clone()])]).await.unwrap();
+        let out = s
+            .insert_events(&[(b, std::slice::from_ref(&theirs))])
+            .await
+            .unwrap();
         assert_eq!(out[0], vec![InsertOutcome::Accepted(theirs.id)]);
         let all = s
             .query_events(
@@ -1372,7 +1388,10 @@ mod events {
         assert_eq!(all.len(), 2);
         // Purging the event frees its key: the store accepts it again.
         s.purge_events(a, now - Duration::days(2)).await.unwrap();
-        let out = s.insert_events(&[(a, &[later.clone()])]).await.unwrap();
+        let out = s
+            .insert_events(&[(a, std::slice::from_ref(&later))])
+            .await
+            .unwrap();
         assert_eq!(out[0], vec![InsertOutcome::Accepted(later.id)]);
     }
 
