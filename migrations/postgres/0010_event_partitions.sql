@@ -58,7 +58,11 @@ CREATE TABLE events_default PARTITION OF events DEFAULT;
 -- the feed, and one index per EventFilter field, each ending in the page
 -- order so a filtered first page reads only its own rows.
 CREATE INDEX events_occurred ON events (tenant_id, occurred_at DESC, id DESC);
-CREATE INDEX events_id ON events (tenant_id, id);
+-- Lookups by id, and a second row under an id already stored is refused
+-- when it claims the same time. A unique index of a partitioned table must
+-- hold the partition key, so the same id at another time is not caught
+-- here; ids are server-assigned UUIDv7 and do not repeat.
+CREATE UNIQUE INDEX events_id ON events (tenant_id, id, occurred_at);
 CREATE INDEX events_feed ON events (tenant_id, xid, seq);
 CREATE INDEX events_actor ON events (tenant_id, actor, occurred_at DESC, id DESC);
 CREATE INDEX events_source_ip ON events (tenant_id, source_ip, occurred_at DESC, id DESC)
