@@ -107,6 +107,9 @@ pub enum BenchCommand {
     Respond(crate::cli::client::bench_respond::BenchRespondArgs),
     /// Detection throughput with detection shared over replicas (Postgres).
     Shards(crate::cli::client::bench_shards::BenchShardsArgs),
+    /// The audit log at scale: QueryEvents, ExportEvents and retention over
+    /// 10 M + 10 M events spanning 30 days.
+    Reports(crate::cli::client::bench_reports::BenchReportsArgs),
 }
 
 /// `picket playbook …`
@@ -291,6 +294,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Respond(args)) => {
             crate::cli::client::bench_respond::run(args).await
+        }
+        Command::Bench(BenchCommand::Reports(args)) => {
+            crate::cli::client::bench_reports::run(args).await
         }
         Command::Bench(BenchCommand::Shards(args)) => {
             crate::cli::client::bench_shards::run(args).await

@@ -86,6 +86,11 @@ impl Application {
             .tls_files()
             .map(crate::server::tls::TlsState::load)
             .transpose()?;
+        // The partitions of the days around today exist before the first
+        // event arrives (and on every retention pass after).
+        retention::prepare_partitions(store.as_ref(), chrono::Utc::now())
+            .await
+            .context("failed to prepare the event partitions")?;
         let hasher = auth::key_hasher(store.as_ref(), settings.key_pepper.as_ref()).await?;
         let (auth, generated_operator_token) =
             Authenticator::bootstrap(store.clone(), hasher, settings.admin_token.as_ref()).await?;

@@ -42,9 +42,22 @@ fn copy_text(out: &mut String, s: &str) {
 }
 
 fn copy_rows(tenant: TenantId, events: &[NewEvent]) -> anyhow::Result<String> {
-    use std::fmt::Write;
     let mut out = String::with_capacity(events.len() * 600);
     for e in events {
+        copy_line(&mut out, tenant, e)?;
+    }
+    Ok(out)
+}
+
+/// The COPY statement whose columns [`copy_line`] writes.
+const EVENTS_COPY: &str = "COPY events (tenant_id, id, idem, occurred_at, received_at, event_type, ocsf_class_uid, \
+     ocsf_category_uid, actor, action, resource, outcome, severity, source_ip, destination_ip, \
+     source_system, service, environment, details) FROM STDIN";
+
+/// Appends one event's line of COPY text (the columns of [`EVENTS_COPY`]).
+fn copy_line(out: &mut String, tenant: TenantId, e: &NewEvent) -> anyhow::Result<()> {
+    use std::fmt::Write;
+    {
         let details = serde_json::to_string(&e.details)?;
         write!(
             out,
@@ -55,10 +68,10 @@ fn copy_rows(tenant: TenantId, events: &[NewEvent]) -> anyhow::Result<String> {
             e.occurred_at.to_rfc3339(),
             e.received_at.to_rfc3339()
         )?;
-        copy_text(&mut out, &e.event_type);
+        copy_text(out, &e.event_type);
         write!(out, "\t{}\t{}\t", e.ocsf_class_uid, e.ocsf_category_uid)?;
         for s in [&e.actor, &e.action, &e.resource] {
-            copy_text(&mut out, s);
+            copy_text(out, s);
             out.push('\t');
         }
         write!(out, "{}\t{}\t", e.outcome.as_i16(), e.severity.as_i16())?;
@@ -69,13 +82,13 @@ fn copy_rows(tenant: TenantId, events: &[NewEvent]) -> anyhow::Result<String> {
             }
         }
         for s in [&e.source_system, &e.service, &e.environment] {
-            copy_text(&mut out, s);
+            copy_text(out, s);
             out.push('\t');
         }
-        copy_text(&mut out, &details);
+        copy_text(out, &details);
         out.push('\n');
     }
-    Ok(out)
+    Ok(())
 }
 
 async fn postgres_copy(
@@ -107,13 +120,7 @@ async fn postgres_copy(
         tasks.push(tokio::spawn(async move {
             // One COPY (one transaction) per 1,000 rows, like one ingest batch.
             for rows in batches {
-                let mut copy = conn
-                    .copy_in_raw(
-                        "COPY events (tenant_id, id, idem, occurred_at, received_at, event_type, ocsf_class_uid, \
-                         ocsf_category_uid, actor, action, resource, outcome, severity, source_ip, destination_ip, \
-                         source_system, service, environment, details) FROM STDIN",
-                    )
-                    .await?;
+                let mut copy = conn.copy_in_raw(EVENTS_COPY).await?;
                 copy.send(rows.into_bytes()).await?;
                 copy.finish().await?;
             }
@@ -177,4 +184,87 @@ async fn sqlite_insert(
     }
     conn.close().await?;
     Ok(started.elapsed())
+}
+
+/// Loads events straight into a Postgres store at COPY speed, with their
+/// idempotency keys, for `picket bench reports` (which needs tens of
+/// millions of stored events in minutes; the ingest path is measured by
+/// `picket bench ingest`). Connects as the URL's role (the owner), so
+/// row-level security does not apply.
+pub struct PgBulkLoader {
+    /// The loading connection.
+    conn: sqlx::PgConnection,
+}
+
+impl PgBulkLoader {
+    /// Connects to the store at `url`.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            conn: sqlx::PgConnection::connect(url)
+                .await
+                .context("failed to connect for the bulk load")?,
+        })
+    }
+
+    /// Writes `rows` (events of any tenants) and their keys in one
+    /// transaction.
+    pub async fn load(&mut self, rows: &[(TenantId, NewEvent)]) -> anyhow::Result<()> {
+        let mut events = String::with_capacity(rows.len() * 640);
+        let mut keys = String::with_capacity(rows.len() * 120);
+        for (tenant, e) in rows {
+            copy_line(&mut events, *tenant, e)?;
+            use std::fmt::Write;
+            writeln!(
+                keys,
+                "{}\t\\\\x{}\t{}\t{}",
+                tenant.0,
+                hex::encode(e.idempotency_digest),
+                e.id,
+                e.occurred_at.to_rfc3339()
+            )?;
+        }
+        let mut tx = self.conn.begin().await?;
+        let mut copy = tx.copy_in_raw(EVENTS_COPY).await?;
+        copy.send(events.into_bytes()).await?;
+        copy.finish().await.context("failed to COPY events")?;
+        let mut copy = tx
+            .copy_in_raw("COPY event_keys (tenant_id, idem, id, occurred_at) FROM STDIN")
+            .await?;
+        copy.send(keys.into_bytes()).await?;
+        copy.finish().await.context("failed to COPY event keys")?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Refreshes the planner statistics of the event tables.
+    pub async fn analyze(&mut self) -> anyhow::Result<()> {
+        sqlx::query("ANALYZE events")
+            .execute(&mut self.conn)
+            .await
+            .context("failed to analyze events")?;
+        sqlx::query("ANALYZE event_keys")
+            .execute(&mut self.conn)
+            .await
+            .context("failed to analyze event keys")?;
+        Ok(())
+    }
+
+    /// Bytes of the events table (every partition, with indexes and
+    /// TOAST) and its dead rows as counted by the statistics collector.
+    pub async fn footprint(&mut self) -> anyhow::Result<(i64, i64)> {
+        let bytes: Option<i64> = sqlx::query_scalar(
+            "SELECT sum(pg_total_relation_size(relid))::int8 FROM pg_partition_tree('events')",
+        )
+        .fetch_one(&mut self.conn)
+        .await
+        .context("failed to read the events size")?;
+        let dead: Option<i64> = sqlx::query_scalar(
+            "SELECT sum(n_dead_tup)::int8 FROM pg_stat_user_tables WHERE relid IN \
+             (SELECT relid FROM pg_partition_tree('events'))",
+        )
+        .fetch_one(&mut self.conn)
+        .await
+        .context("failed to read the dead rows")?;
+        Ok((bytes.unwrap_or(0), dead.unwrap_or(0)))
+    }
 }

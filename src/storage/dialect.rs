@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::fmt::Write;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use futures::future::BoxFuture;
 use sqlx::error::BoxDynError;
 use sqlx::{Arguments, ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, Type};
@@ -22,7 +22,7 @@ use crate::domain::TenantId;
 use crate::domain::alert::Entity;
 use crate::domain::event::{FeedPosition, InsertOutcome, NewEvent};
 use crate::storage::store::SqlStore;
-use crate::storage::{Backend, Joined, StoreResult};
+use crate::storage::{Backend, DroppedDay, Joined, StoreResult};
 
 /// A transaction on `DB`.
 pub(crate) type Tx<DB> = sqlx::Transaction<'static, DB>;
@@ -192,6 +192,18 @@ pub(crate) trait Dialect:
     const FEED_ORDER: &'static str;
     /// The feed's commit order, descending.
     const FEED_ORDER_DESC: &'static str;
+    /// Appended to a text column to compare it in byte order (the order of
+    /// the resource index): ` COLLATE "C"` on Postgres, nothing on SQLite
+    /// (BINARY is already byte order).
+    const BYTE_ORDER: &'static str;
+    /// Deletes the idempotency keys of tenant `$1`'s events that occurred
+    /// before `$2`, where keys live apart from the events (Postgres's
+    /// `event_keys`); `None` where the events table holds them.
+    const PURGE_KEYS: Option<&'static str>;
+    /// Prefix that turns a query into its plan (one text row per line).
+    const EXPLAIN: &'static str;
+    /// The column of a plan row holding its text.
+    const EXPLAIN_COLUMN: &'static str;
 
     /// Binds a uuid (or NULL).
     fn add_uuid(q: &mut Stmt<Self>, v: Option<Uuid>);
@@ -239,6 +251,19 @@ pub(crate) trait Dialect:
         store: &SqlStore<Self>,
         groups: &[(TenantId, &[NewEvent])],
     ) -> StoreResult<Vec<Vec<InsertOutcome>>>;
+
+    /// See [`crate::storage::EventStore::prepare_event_days`] (`first <= last`).
+    async fn prepare_event_days(
+        store: &SqlStore<Self>,
+        first: NaiveDate,
+        last: NaiveDate,
+    ) -> StoreResult<u32>;
+
+    /// See [`crate::storage::EventStore::drop_event_days`].
+    async fn drop_event_days(
+        store: &SqlStore<Self>,
+        keep: &[(TenantId, Option<DateTime<Utc>>)],
+    ) -> StoreResult<Vec<DroppedDay>>;
 
     /// See [`crate::storage::Store::join_detection`].
     async fn join_detection(store: &SqlStore<Self>, shards: u32) -> StoreResult<Joined>;

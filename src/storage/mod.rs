@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 
 use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::decision::{
@@ -344,6 +344,15 @@ pub trait EventStore: Send + Sync {
         query: &EventQuery,
     ) -> StoreResult<Vec<StoredEvent>>;
 
+    /// The backend's plan for [`EventStore::query_events`] with `query`, one
+    /// line per entry (diagnostics: the benchmark and the tests check that
+    /// every filter reads an index).
+    async fn explain_query_events(
+        &self,
+        tenant: TenantId,
+        query: &EventQuery,
+    ) -> StoreResult<Vec<String>>;
+
     /// Events strictly after `after` in the tenant's commit-ordered feed, at most
     /// `limit`. Never returns a row that could be followed later by a row with a
     /// smaller position (see [`FeedPosition`]).
@@ -366,6 +375,50 @@ pub trait EventStore: Send + Sync {
         tenant: TenantId,
         ids: &[uuid::Uuid],
     ) -> StoreResult<Vec<StoredEvent>>;
+
+    /// Creates the event partitions of the UTC days `first..=last` that do
+    /// not exist yet (at most 400 days per call) and returns how many it
+    /// created. Events of those days already stored in the default partition
+    /// move into the new one with their feed positions. SQLite has no
+    /// partitions: 0.
+    async fn prepare_event_days(&self, first: NaiveDate, last: NaiveDate) -> StoreResult<u32>;
+
+    /// Drops every event partition (a whole UTC day) that no tenant keeps:
+    /// one whose day ends at or before the retention cutoff of every tenant
+    /// with an event in it. `keep` lists every tenant with the time its
+    /// events are kept from (`None`: forever). The keys of dropped events go
+    /// with the events. SQLite has no partitions: nothing.
+    async fn drop_event_days(
+        &self,
+        keep: &[(TenantId, Option<DateTime<Utc>>)],
+    ) -> StoreResult<Vec<DroppedDay>>;
+}
+
+/// Whether a plan (Postgres `EXPLAIN` or SQLite `EXPLAIN QUERY PLAN`
+/// text) answers the condition on `column` from an index and scans
+/// nothing whole: an index condition names the column, and no line is a
+/// sequential scan (Postgres) or a SCAN (SQLite).
+pub fn plan_reads_index(plan: &str, column: &str) -> bool {
+    let indexed = plan.lines().any(|l| {
+        (l.contains("Index Cond:")
+            || l.contains("USING INDEX")
+            || l.contains("USING COVERING INDEX"))
+            && l.contains(column)
+    });
+    // SQLite: SEARCH reads an index range, SCAN reads a whole table or index.
+    let scans = plan
+        .lines()
+        .any(|l| l.contains("Seq Scan") || l.trim_start().starts_with("SCAN"));
+    indexed && !scans
+}
+
+/// An event partition dropped by retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedDay {
+    /// The UTC day it held.
+    pub day: NaiveDate,
+    /// Events it held.
+    pub events: u64,
 }
 
 /// Alert storage and the ordered change log behind every watch stream.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgQueryResult, PgRow};
 use sqlx::{Connection, Executor, PgConnection, Postgres, Transaction};
 use uuid::Uuid;
@@ -22,7 +22,7 @@ use crate::domain::alert::Entity;
 use crate::domain::event::{FeedPosition, InsertOutcome, NewEvent};
 use crate::storage::dialect::{Col, Dialect, Stmt, Tx};
 use crate::storage::sql::{SqlStore, fail};
-use crate::storage::{Backend, Joined, LockSession, ShardLocks, StoreResult};
+use crate::storage::{Backend, DroppedDay, Joined, LockSession, ShardLocks, StoreResult};
 
 /// Runs the Postgres migrations on a dedicated connection as the owner role.
 pub async fn migrate(url: &str) -> anyhow::Result<()> {
@@ -121,6 +121,11 @@ impl Dialect for Postgres {
     const READABLE: &'static str = " AND xid < pg_snapshot_xmin(pg_current_snapshot())";
     const FEED_ORDER: &'static str = "xid, seq";
     const FEED_ORDER_DESC: &'static str = "xid DESC, seq DESC";
+    const BYTE_ORDER: &'static str = " COLLATE \"C\"";
+    const PURGE_KEYS: Option<&'static str> =
+        Some("DELETE FROM event_keys WHERE tenant_id = $1 AND occurred_at < $2");
+    const EXPLAIN: &'static str = "EXPLAIN ";
+    const EXPLAIN_COLUMN: &'static str = "QUERY PLAN";
 
     fn add_uuid(q: &mut Stmt<Self>, v: Option<Uuid>) {
         q.add(v);
@@ -239,6 +244,50 @@ impl Dialect for Postgres {
         }
         tx.commit().await.map_err(fail)?;
         Ok(out)
+    }
+
+    async fn prepare_event_days(
+        store: &PgStore,
+        first: NaiveDate,
+        last: NaiveDate,
+    ) -> StoreResult<u32> {
+        let fail = fail("event partitions", "failed to create event partitions");
+        let created: i32 = sqlx::query_scalar("SELECT picket_ensure_event_partitions($1, $2)")
+            .bind(first)
+            .bind(last)
+            .fetch_one(&store.pool)
+            .await
+            .map_err(fail)?;
+        Ok(u32::try_from(created).unwrap_or(0))
+    }
+
+    async fn drop_event_days(
+        store: &PgStore,
+        keep: &[(TenantId, Option<DateTime<Utc>>)],
+    ) -> StoreResult<Vec<DroppedDay>> {
+        let fail = fail("event partitions", "failed to drop event partitions");
+        let tenants: Vec<Uuid> = keep.iter().map(|(t, _)| t.0).collect();
+        // `-infinity`: kept forever (sqlx has no infinite timestamps, so
+        // the cutoffs travel as text).
+        let cutoffs: Vec<String> = keep
+            .iter()
+            .map(|(_, c)| c.map_or_else(|| "-infinity".to_owned(), |c| c.to_rfc3339()))
+            .collect();
+        let rows: Vec<(NaiveDate, i64)> = sqlx::query_as(
+            "SELECT part_day, held_rows FROM picket_drop_event_partitions($1, $2::text[]::timestamptz[])",
+        )
+        .bind(&tenants)
+        .bind(&cutoffs)
+        .fetch_all(&store.pool)
+        .await
+        .map_err(fail)?;
+        Ok(rows
+            .into_iter()
+            .map(|(day, events)| DroppedDay {
+                day,
+                events: u64::try_from(events).unwrap_or(0),
+            })
+            .collect())
     }
 
     async fn join_detection(store: &PgStore, shards: u32) -> StoreResult<Joined> {
@@ -387,7 +436,8 @@ impl LockSession for PgLocks {
 }
 
 /// Inserts one tenant's events inside `tx` with one statement (UNNEST of
-/// column arrays); returns each event's outcome.
+/// column arrays): the keys first into `event_keys`, skipping those already
+/// there, then the events whose key was new; returns each event's outcome.
 async fn insert_group(
     tx: &mut Transaction<'static, Postgres>,
     tenant: TenantId,
@@ -434,17 +484,22 @@ async fn insert_group(
         details.push(serde_json::to_string(&e.details).map_err(|e| sqlx::Error::Encode(e.into()))?);
     }
     let inserted: Vec<uuid::Uuid> = sqlx::query_scalar(
-        "INSERT INTO events (tenant_id, id, idem, occurred_at, received_at, event_type, ocsf_class_uid, \
+        "WITH u AS (SELECT * FROM unnest($2::uuid[], $3::bytea[], $4::timestamptz[], $5::timestamptz[], \
+                     $6::text[], $7::int4[], $8::int4[], $9::text[], $10::text[], $11::text[], $12::int2[], \
+                     $13::int2[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[]) \
+              AS u(id, idem, occurred_at, received_at, event_type, class, category, actor, action, resource, \
+                   outcome, severity, src, dst, system, service, env, details)), \
+         keys AS (INSERT INTO event_keys (tenant_id, idem, id, occurred_at) \
+                  SELECT $1, u.idem, u.id, u.occurred_at FROM u \
+                  ON CONFLICT (tenant_id, idem) DO NOTHING RETURNING id) \
+         INSERT INTO events (tenant_id, id, idem, occurred_at, received_at, event_type, ocsf_class_uid, \
          ocsf_category_uid, actor, action, resource, outcome, severity, source_ip, destination_ip, \
          source_system, service, environment, details) \
          SELECT $1, u.id, u.idem, u.occurred_at, u.received_at, u.event_type, u.class, u.category, u.actor, \
                 u.action, u.resource, u.outcome, u.severity, u.src, u.dst, u.system, u.service, u.env, u.details::jsonb \
-         FROM unnest($2::uuid[], $3::bytea[], $4::timestamptz[], $5::timestamptz[], $6::text[], $7::int4[], \
-                     $8::int4[], $9::text[], $10::text[], $11::text[], $12::int2[], $13::int2[], $14::text[], \
-                     $15::text[], $16::text[], $17::text[], $18::text[], $19::text[]) \
-              AS u(id, idem, occurred_at, received_at, event_type, class, category, actor, action, resource, \
-                   outcome, severity, src, dst, system, service, env, details) \
-         ON CONFLICT (tenant_id, idem) DO NOTHING RETURNING id",
+         FROM u \
+         JOIN keys ON keys.id = u.id \
+         RETURNING id",
     )
     .bind(tenant.0)
     .bind(&ids)
@@ -476,7 +531,7 @@ async fn insert_group(
     let mut originals = std::collections::HashMap::new();
     if !missing.is_empty() {
         let rows: Vec<(Vec<u8>, uuid::Uuid)> = sqlx::query_as(
-            "SELECT idem, id FROM events WHERE tenant_id = $1 AND idem = ANY($2::bytea[])",
+            "SELECT idem, id FROM event_keys WHERE tenant_id = $1 AND idem = ANY($2::bytea[])",
         )
         .bind(tenant.0)
         .bind(&missing)

@@ -5,7 +5,7 @@
 //! row locks, the event insert path and the detection shard locks).
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::Database;
 use uuid::Uuid;
 
@@ -21,8 +21,8 @@ use crate::domain::{ApiKey, ApiKeyId, ScopeSet, Severity, Tenant, TenantId};
 use crate::storage::dialect::{Col, Dialect, Stmt, Tx};
 pub use crate::storage::store::SqlStore;
 use crate::storage::{
-    AlertStore, Backend, EventStore, IncidentStore, Joined, ModelStore, PlaybookStore, RUNS_STREAM,
-    RuleStore, Store, StoreError, StoreResult, WebhookStore,
+    AlertStore, Backend, DroppedDay, EventStore, IncidentStore, Joined, ModelStore, PlaybookStore,
+    RUNS_STREAM, RuleStore, Store, StoreError, StoreResult, WebhookStore,
 };
 
 /// Most rows (or list items) in one multi-row statement of a batch: well
@@ -166,6 +166,25 @@ pub(crate) fn decode_all<DB: Database, T>(
     decode: fn(&DB::Row) -> Result<T, sqlx::Error>,
 ) -> Result<Vec<T>, sqlx::Error> {
     rows.iter().map(decode).collect()
+}
+
+/// The smallest string greater, in byte order, than every string that
+/// starts with `prefix` (its last character that can be incremented,
+/// incremented; `None` when there is none: every such string is the
+/// greatest). UTF-8 byte order is code point order, so this is exact.
+pub(crate) fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match u32::from(last) {
+            0xD7FF => Some('\u{E000}'),
+            n => char::from_u32(n + 1),
+        };
+        if let Some(c) = next {
+            chars.push(c);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }
 
 /// Appends `AND col >= start AND col < end` for the bounds that are set.
@@ -858,22 +877,13 @@ impl<DB: Dialect> Store for SqlStore<DB> {
     }
 }
 
-#[async_trait]
-impl<DB: Dialect> EventStore for SqlStore<DB> {
-    async fn insert_events(
-        &self,
-        groups: &[(TenantId, &[NewEvent])],
-    ) -> StoreResult<Vec<Vec<InsertOutcome>>> {
-        DB::insert_events(self, groups).await
-    }
-
-    async fn query_events(
-        &self,
-        tenant: TenantId,
-        q: &EventQuery,
-    ) -> StoreResult<Vec<StoredEvent>> {
+#[allow(private_bounds)]
+impl<DB: Dialect> SqlStore<DB> {
+    /// The statement of [`EventStore::query_events`], after `prefix`
+    /// (empty, or the dialect's `EXPLAIN`).
+    fn events_query(prefix: &str, tenant: TenantId, q: &EventQuery) -> Stmt<DB> {
         let mut b = Stmt::<DB>::text(format!(
-            "SELECT {}, {EVENT_COLUMNS} FROM events WHERE tenant_id = ",
+            "{prefix}SELECT {}, {EVENT_COLUMNS} FROM events WHERE tenant_id = ",
             DB::FEED_XID
         ));
         b.push_uuid(tenant.0);
@@ -894,10 +904,13 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
             b.push(" AND source_ip = ").push_bind(ip.to_string());
         }
         if let Some(p) = &q.resource_prefix {
-            b.push(" AND substr(resource, 1, length(")
-                .push_bind(p.as_str())
-                .push(")) = ")
-                .push_bind(p.as_str());
+            // In byte order the resources starting with `p` are exactly
+            // [p, prefix_end(p)): one range of the resource index.
+            let col = format!("(resource{})", DB::BYTE_ORDER);
+            b.push(&format!(" AND {col} >= ")).push_bind(p.as_str());
+            if let Some(end) = prefix_end(p) {
+                b.push(&format!(" AND {col} < ")).push_bind(end);
+            }
         }
         if let Some(o) = q.outcome {
             b.push(" AND outcome = ").push_bind(o.as_i16());
@@ -913,14 +926,48 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
         } else {
             push_newest_first(&mut b, "occurred_at", q.before, q.limit);
         }
+        b
+    }
+}
+
+#[async_trait]
+impl<DB: Dialect> EventStore for SqlStore<DB> {
+    async fn insert_events(
+        &self,
+        groups: &[(TenantId, &[NewEvent])],
+    ) -> StoreResult<Vec<Vec<InsertOutcome>>> {
+        DB::insert_events(self, groups).await
+    }
+
+    async fn query_events(
+        &self,
+        tenant: TenantId,
+        q: &EventQuery,
+    ) -> StoreResult<Vec<StoredEvent>> {
         self.read_list(
             tenant,
-            b,
+            Self::events_query("", tenant, q),
             event_from_row::<DB>,
             "events",
             "failed to query events",
         )
         .await
+    }
+
+    async fn explain_query_events(
+        &self,
+        tenant: TenantId,
+        q: &EventQuery,
+    ) -> StoreResult<Vec<String>> {
+        let fail = fail("events", "failed to explain an event query");
+        let rows = self
+            .read_all(tenant, Self::events_query(DB::EXPLAIN, tenant, q))
+            .await
+            .map_err(&fail)?;
+        rows.iter()
+            .map(|r| r.col::<String>(DB::EXPLAIN_COLUMN))
+            .collect::<Result<_, _>>()
+            .map_err(fail)
     }
 
     async fn events_after(
@@ -948,12 +995,39 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
     }
 
     async fn purge_events(&self, tenant: TenantId, before: DateTime<Utc>) -> StoreResult<u64> {
-        let q = Stmt::<DB>::new("DELETE FROM events WHERE tenant_id = $1 AND occurred_at < $2")
-            .uuid(tenant.0)
-            .time(before);
-        self.write_one(tenant, q)
-            .await
-            .map_err(fail("events", "failed to purge events"))
+        let fail = fail("events", "failed to purge events");
+        let mut tx = self.write(tenant).await.map_err(&fail)?;
+        let deleted =
+            Stmt::<DB>::new("DELETE FROM events WHERE tenant_id = $1 AND occurred_at < $2")
+                .uuid(tenant.0)
+                .time(before)
+                .execute(&mut *tx)
+                .await
+                .map_err(&fail)?;
+        if let Some(keys) = DB::PURGE_KEYS {
+            Stmt::<DB>::new(keys)
+                .uuid(tenant.0)
+                .time(before)
+                .execute(&mut *tx)
+                .await
+                .map_err(&fail)?;
+        }
+        tx.commit().await.map_err(fail)?;
+        Ok(deleted)
+    }
+
+    async fn prepare_event_days(&self, first: NaiveDate, last: NaiveDate) -> StoreResult<u32> {
+        if last < first {
+            return Ok(0);
+        }
+        DB::prepare_event_days(self, first, last).await
+    }
+
+    async fn drop_event_days(
+        &self,
+        keep: &[(TenantId, Option<DateTime<Utc>>)],
+    ) -> StoreResult<Vec<DroppedDay>> {
+        DB::drop_event_days(self, keep).await
     }
 
     async fn get_events(&self, tenant: TenantId, ids: &[Uuid]) -> StoreResult<Vec<StoredEvent>> {

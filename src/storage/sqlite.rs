@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult, SqliteRow,
     SqliteSynchronous,
@@ -26,7 +26,7 @@ use crate::domain::alert::Entity;
 use crate::domain::event::{FeedPosition, InsertOutcome, NewEvent};
 use crate::storage::dialect::{Col, Dialect, Stmt, Tx};
 use crate::storage::sql::{SqlStore, fail};
-use crate::storage::{Backend, Joined, ShardLocks, StoreError, StoreResult};
+use crate::storage::{Backend, DroppedDay, Joined, ShardLocks, StoreError, StoreResult};
 
 /// Connection options for `url`, creating the file's directory if needed.
 fn options(url: &str) -> anyhow::Result<SqliteConnectOptions> {
@@ -125,6 +125,11 @@ impl Dialect for Sqlite {
     const READABLE: &'static str = "";
     const FEED_ORDER: &'static str = "seq";
     const FEED_ORDER_DESC: &'static str = "seq DESC";
+    const BYTE_ORDER: &'static str = "";
+    // The events table holds the keys (its unique index on (tenant_id, idem)).
+    const PURGE_KEYS: Option<&'static str> = None;
+    const EXPLAIN: &'static str = "EXPLAIN QUERY PLAN ";
+    const EXPLAIN_COLUMN: &'static str = "detail";
 
     fn add_uuid(q: &mut Stmt<Self>, v: Option<Uuid>) {
         q.add(v.map(|u| u.to_string()));
@@ -281,6 +286,23 @@ impl Dialect for Sqlite {
         }
         tx.commit().await.map_err(classify)?;
         Ok(out)
+    }
+
+    async fn prepare_event_days(
+        _store: &SqliteStore,
+        _first: NaiveDate,
+        _last: NaiveDate,
+    ) -> StoreResult<u32> {
+        // One table, no partitions: every day is already covered.
+        Ok(0)
+    }
+
+    async fn drop_event_days(
+        _store: &SqliteStore,
+        _keep: &[(TenantId, Option<DateTime<Utc>>)],
+    ) -> StoreResult<Vec<DroppedDay>> {
+        // Retention deletes rows (EventStore::purge_events).
+        Ok(Vec::new())
     }
 
     async fn join_detection(_store: &SqliteStore, _shards: u32) -> StoreResult<Joined> {

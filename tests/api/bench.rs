@@ -206,3 +206,57 @@ async fn bench_detect_storm_reports_a_small_run_on_a_fresh_postgres_database() {
         "the run's database was dropped"
     );
 }
+
+/// `picket bench reports` at a tiny size on both backends: it loads the
+/// span, answers every query kind, exports a whole day and removes the
+/// oldest one; the report has every figure. On Postgres it runs in a fresh
+/// database that is gone afterwards.
+#[test]
+fn bench_reports_runs_small_on_both_backends() {
+    let admin = std::env::var("PICKET_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let dir = tempfile::tempdir().unwrap();
+    let lite = format!("sqlite://{}", dir.path().join("r.db").display());
+    for url in [lite.as_str(), admin.as_str()] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_picket"))
+            .args(["--log", "warn", "bench", "reports", "--database-url", url])
+            .args(["--tenant-events", "7200", "--other-events", "1200"])
+            .args(["--other-tenants", "3", "--days", "3", "--requests", "4"])
+            .args(["--exports", "1", "--json"])
+            .output()
+            .expect("run picket");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let queries = r["queries"].as_array().unwrap();
+        assert_eq!(queries.len(), 7, "{r}");
+        for q in queries {
+            assert_eq!(q["requests"], 4, "{q}");
+            assert!(q["p95_ms"].as_f64().unwrap() >= q["p50_ms"].as_f64().unwrap());
+            assert!(q["target_p95_ms"].as_f64().is_some(), "{q}");
+        }
+        // A 1-hour page of the tenant (100 events an hour) is full; the
+        // filter matching nothing returns nothing.
+        assert_eq!(queries[0]["mean_rows"], 100.0, "{r}");
+        assert_eq!(queries[6]["mean_rows"], 0.0, "{r}");
+        // The export is the tenant's whole second day: 2,400 events.
+        assert_eq!(r["export"]["events"], 2400, "{r}");
+        let retention = &r["retention"];
+        assert!(retention["events"].as_u64().unwrap() > 0, "{r}");
+        if url.starts_with("postgres") {
+            assert_eq!(r["backend"], "postgres");
+            assert_eq!(retention["method"], "drop partition", "{r}");
+        } else {
+            assert_eq!(r["backend"], "sqlite");
+            assert_eq!(retention["method"], "delete rows", "{r}");
+        }
+    }
+    // No database of the run is left behind.
+    let left = std::process::Command::new("psql")
+        .args([admin.as_str(), "-Atc"])
+        .arg("SELECT count(*) FROM pg_database WHERE datname LIKE 'picket_bench_reports_%'")
+        .output();
+    if let Ok(left) = left {
+        assert_eq!(String::from_utf8_lossy(&left.stdout).trim(), "0");
+    }
+}

@@ -697,7 +697,7 @@ async fn retention_and_purge(backend: Backend) {
     let deleted = picket::ingest::retention::run_once(app.store.as_ref(), Utc::now())
         .await
         .unwrap();
-    assert_eq!(deleted, 2);
+    assert_eq!(deleted.removed(), 2);
     // Purge by an admin: everything before now.
     let purged = app
         .admin()

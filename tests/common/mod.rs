@@ -65,6 +65,19 @@ impl TestDb {
         }
     }
 
+    /// Refreshes the planner statistics of the whole database (tests that
+    /// read query plans need the row counts of what they just wrote).
+    pub async fn analyze(&self) {
+        use sqlx::Connection;
+        if self.pg.is_some() {
+            let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
+            sqlx::query("ANALYZE").execute(&mut conn).await.unwrap();
+        } else {
+            let mut conn = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
+            sqlx::query("ANALYZE").execute(&mut conn).await.unwrap();
+        }
+    }
+
     /// A fresh, empty database on `backend`. Panics (failing the test) if
     /// Postgres cannot be reached: no test is skipped silently.
     pub async fn new(backend: Backend) -> Self {

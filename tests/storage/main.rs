@@ -764,8 +764,11 @@ async fn schema_of(backend: Backend, url: &str) -> Vec<(String, Vec<String>)> {
         Backend::Postgres => {
             let pool = sqlx::PgPool::connect(url).await.unwrap();
             let rows = sqlx::query(
-                "SELECT table_name::text, column_name::text FROM information_schema.columns \
-                 WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations' ORDER BY 1, 2",
+                // Partitions repeat their table's columns.
+                "SELECT table_name::text, column_name::text FROM information_schema.columns c \
+                 JOIN pg_class r ON r.oid = format('%I', c.table_name)::regclass \
+                 WHERE table_schema = 'public' AND table_name <> '_sqlx_migrations' \
+                 AND NOT r.relispartition ORDER BY 1, 2",
             )
             .fetch_all(&pool)
             .await
@@ -798,8 +801,13 @@ async fn schema_of(backend: Backend, url: &str) -> Vec<(String, Vec<String>)> {
 async fn both_schemas_declare_the_same_tables_and_columns() {
     let (_pg, pg_db) = store(Backend::Postgres).await;
     let (_lite, lite_db) = store(Backend::Sqlite).await;
-    let pg = schema_of(Backend::Postgres, &pg_db.url).await;
+    let mut pg = schema_of(Backend::Postgres, &pg_db.url).await;
     let lite = schema_of(Backend::Sqlite, &lite_db.url).await;
+    // The one deliberate difference: Postgres keeps idempotency keys apart
+    // from its partitioned events (SQLite's unique index is on `events`).
+    let keys = pg.iter().position(|(t, _)| t == "event_keys");
+    let (_, cols) = pg.remove(keys.expect("event_keys on Postgres"));
+    assert_eq!(cols, ["id", "idem", "occurred_at", "tenant_id"]);
     assert!(!pg.is_empty());
     assert_eq!(
         pg, lite,
@@ -807,15 +815,179 @@ async fn both_schemas_declare_the_same_tables_and_columns() {
     );
 }
 
-/// Every table with a tenant_id column, on Postgres.
+/// Every table with a tenant_id column, on Postgres, but partitions: they
+/// are reached only through their partitioned table, whose policy applies
+/// (`postgres_partitions_are_reached_only_through_their_table`).
 async fn tenant_tables(pool: &sqlx::PgPool) -> Vec<String> {
     sqlx::query_scalar(
-        "SELECT table_name::text FROM information_schema.columns \
-         WHERE table_schema = 'public' AND column_name = 'tenant_id' ORDER BY 1",
+        "SELECT table_name::text FROM information_schema.columns c \
+         JOIN pg_class r ON r.oid = format('%I', c.table_name)::regclass \
+         WHERE table_schema = 'public' AND column_name = 'tenant_id' AND NOT r.relispartition \
+         ORDER BY 1",
     )
     .fetch_all(pool)
     .await
     .unwrap()
+}
+
+/// The application role has no privilege on any partition of `events`:
+/// it reads and writes through `events`, whose row-level security applies
+/// to every partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_partitions_are_reached_only_through_their_table() {
+    use picket::storage::EventStore;
+    let db = TestDb::new(Backend::Postgres).await;
+    let s = storage::PgStore::connect(&db.url, 4).await.unwrap();
+    let today = Utc::now().date_naive();
+    assert_eq!(
+        s.prepare_event_days(today, today + chrono::Days::new(1))
+            .await
+            .unwrap(),
+        2
+    );
+    // Idempotent.
+    assert_eq!(s.prepare_event_days(today, today).await.unwrap(), 0);
+    let owner = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let parts: Vec<String> = sqlx::query_scalar(
+        "SELECT relid::regclass::text FROM pg_partition_tree('events') WHERE isleaf ORDER BY 1",
+    )
+    .fetch_all(&owner)
+    .await
+    .unwrap();
+    assert_eq!(parts.len(), 3, "{parts:?}");
+    assert!(parts.contains(&"events_default".to_string()));
+    for p in &parts {
+        let may: bool = sqlx::query_scalar(
+            "SELECT has_table_privilege('picket_app', $1, 'SELECT,INSERT,UPDATE,DELETE')",
+        )
+        .bind(p)
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+        assert!(!may, "picket_app may use the partition {p} directly");
+    }
+    let rls: bool =
+        sqlx::query_scalar("SELECT relrowsecurity FROM pg_class WHERE oid = 'events'::regclass")
+            .fetch_one(&owner)
+            .await
+            .unwrap();
+    assert!(rls);
+}
+
+/// A store whose events were written before partitioning keeps every one of
+/// them after migration 0010: readable, in the same feed order at the same
+/// positions, their keys still rejecting duplicates, and the days the
+/// server prepares moved out of the default partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_events_survive_the_partitioning_migration() {
+    use picket::domain::event::{EventQuery, FeedPosition, InsertOutcome, idempotency_digest};
+    let db = TestDb::new(Backend::Postgres).await;
+    let owner = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let mut before = sqlx::migrate!("./migrations/postgres");
+    before.migrations = std::borrow::Cow::Owned(
+        before
+            .migrations
+            .iter()
+            .filter(|m| m.version < 10)
+            .cloned()
+            .collect(),
+    );
+    before.run(&owner).await.unwrap();
+    let a = tenant("a");
+    let t = a.id.0;
+    sqlx::query(
+        "INSERT INTO tenants (id, name, display_name, retention_days, created_at) \
+         VALUES ($1, 'a', 'a', 0, now())",
+    )
+    .bind(t)
+    .execute(&owner)
+    .await
+    .unwrap();
+    // 60 events, one every 6 hours back from now (15 days), in 3 transactions.
+    for batch in 0..3 {
+        sqlx::query(
+            "INSERT INTO events (tenant_id, id, idem, occurred_at, received_at, event_type, \
+             ocsf_class_uid, ocsf_category_uid, actor, action, resource, outcome, severity, \
+             source_system, service, environment, details) \
+             SELECT $1, gen_random_uuid(), substring(sha256(('old-' || g)::bytea) from 1 for 16), \
+                    now() - g * interval '6 hours', now(), 'user.login', 3002, 3, 'x', 'login', \
+                    '/login', 1, 2, 'test', 'web', 'prod', \
+                    jsonb_build_object('idempotency_key', 'old-' || g) \
+             FROM generate_series($2::int, $2::int + 19) AS g",
+        )
+        .bind(t)
+        .bind(batch * 20)
+        .execute(&owner)
+        .await
+        .unwrap();
+    }
+    let old: Vec<(uuid::Uuid, String, i64)> =
+        sqlx::query_as("SELECT id, xid::text, seq FROM events ORDER BY xid, seq")
+            .fetch_all(&owner)
+            .await
+            .unwrap();
+    assert_eq!(old.len(), 60);
+
+    // Migration 0010, then the days a server prepares.
+    let s = storage::connect(&db.url, 4).await.unwrap();
+    picket::ingest::retention::prepare_partitions(s.as_ref(), Utc::now())
+        .await
+        .unwrap();
+    db.feeds_settled().await;
+    let feed = s
+        .events_after(a.id, FeedPosition::default(), 1000)
+        .await
+        .unwrap();
+    let now: Vec<(uuid::Uuid, String, i64)> = feed
+        .iter()
+        .map(|e| (e.event.id, e.position.xid.to_string(), e.position.seq))
+        .collect();
+    assert_eq!(now, old, "feed order and positions kept");
+    let all = s
+        .query_events(
+            a.id,
+            &EventQuery {
+                limit: 1000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 60);
+    // The last 7 days (and today) are in day partitions now; older ones stay
+    // in the default partition.
+    let in_default: i64 = sqlx::query_scalar("SELECT count(*) FROM events_default")
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+    assert!(in_default > 0 && in_default < 60, "{in_default}");
+    // An old key still rejects its duplicate; new events continue the feed.
+    let mut dup = all[0].event.clone();
+    let original = dup.id;
+    dup.id = uuid::Uuid::now_v7();
+    dup.occurred_at = Utc::now();
+    assert_eq!(
+        dup.idempotency_digest,
+        idempotency_digest(&dup.details.idempotency_key)
+    );
+    let out = s
+        .insert_events(&[(a.id, std::slice::from_ref(&dup))])
+        .await
+        .unwrap();
+    assert_eq!(out[0], vec![InsertOutcome::Duplicate(original)]);
+    dup.idempotency_digest = idempotency_digest("new-0");
+    let out = s
+        .insert_events(&[(a.id, std::slice::from_ref(&dup))])
+        .await
+        .unwrap();
+    assert_eq!(out[0], vec![InsertOutcome::Accepted(dup.id)]);
+    db.feeds_settled().await;
+    let more = s
+        .events_after(a.id, feed.last().unwrap().position, 10)
+        .await
+        .unwrap();
+    assert_eq!(more.len(), 1);
+    assert_eq!(more[0].event.id, dup.id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1150,11 +1322,294 @@ mod events {
         assert_eq!(seen, expected[2..8]);
     }
 
+    /// `key` of `actor` at `at`.
+    fn event_at(key: &str, actor: &str, at: chrono::DateTime<Utc>) -> NewEvent {
+        NewEvent {
+            occurred_at: chrono::DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap(),
+            ..event(key, actor, 0)
+        }
+    }
+
+    /// Idempotency holds across days: on Postgres the two events fall in
+    /// different day partitions, where a unique index of the partitioned
+    /// table (which must contain `occurred_at`) could not see the first.
+    pub async fn a_duplicate_days_later_is_rejected(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let now = Utc::now();
+        s.prepare_event_days(now.date_naive() - chrono::Days::new(7), now.date_naive())
+            .await
+            .unwrap();
+        let (a, b) = two_tenants(s.as_ref()).await;
+        let first = event_at("k-days", "x", now - Duration::days(3));
+        let out = s
+            .insert_events(&[(a, std::slice::from_ref(&first))])
+            .await
+            .unwrap();
+        assert_eq!(out[0], vec![InsertOutcome::Accepted(first.id)]);
+        // The same key, days later (a retry with a later time), twice in one
+        // batch, and once more in a batch of its own.
+        let later = event_at("k-days", "x", now);
+        let again = event_at("k-days", "x", now - Duration::days(1));
+        let fresh = event_at("k-new", "x", now);
+        let out = s
+            .insert_events(&[(a, &[later.clone(), fresh.clone(), again.clone()])])
+            .await
+            .unwrap();
+        assert_eq!(
+            out[0],
+            vec![
+                InsertOutcome::Duplicate(first.id),
+                InsertOutcome::Accepted(fresh.id),
+                InsertOutcome::Duplicate(first.id),
+            ]
+        );
+        let out = s
+            .insert_events(&[(a, std::slice::from_ref(&later))])
+            .await
+            .unwrap();
+        assert_eq!(out[0], vec![InsertOutcome::Duplicate(first.id)]);
+        // Another tenant's key space is its own.
+        let theirs = event_at("k-days", "x", now);
+        let out = s
+            .insert_events(&[(b, std::slice::from_ref(&theirs))])
+            .await
+            .unwrap();
+        assert_eq!(out[0], vec![InsertOutcome::Accepted(theirs.id)]);
+        let all = s
+            .query_events(
+                a,
+                &EventQuery {
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 2);
+        // Purging the event frees its key: the store accepts it again.
+        s.purge_events(a, now - Duration::days(2)).await.unwrap();
+        let out = s
+            .insert_events(&[(a, std::slice::from_ref(&later))])
+            .await
+            .unwrap();
+        assert_eq!(out[0], vec![InsertOutcome::Accepted(later.id)]);
+    }
+
+    /// Retention removes exactly what each tenant no longer keeps. On
+    /// Postgres a day partition holding only expired events goes whole; a
+    /// day still kept by one tenant stays and the others' rows in it are
+    /// deleted; SQLite deletes rows. Both end with the same events.
+    pub async fn retention_drops_days_nobody_keeps(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let now = Utc::now();
+        let today = now.date_naive();
+        s.prepare_event_days(today - chrono::Days::new(7), today)
+            .await
+            .unwrap();
+        let mut short = tenant("short");
+        short.retention_days = 2;
+        let mut forever = tenant("forever");
+        forever.retention_days = 0;
+        let mut mid = tenant("mid");
+        mid.retention_days = 5;
+        for t in [&short, &forever, &mid] {
+            s.create_tenant(t).await.unwrap();
+        }
+        let day = |n: i64| now - Duration::days(n);
+        let put = |t: TenantId, evs: Vec<NewEvent>| {
+            let s = s.clone();
+            async move { s.insert_events(&[(t, &evs)]).await.unwrap() }
+        };
+        put(
+            short.id,
+            vec![
+                event_at("s4", "x", day(4)),
+                event_at("s3", "x", day(3)),
+                event_at("s1", "x", day(1)),
+            ],
+        )
+        .await;
+        // Ten days back is before the partitions: the default partition.
+        put(
+            forever.id,
+            vec![event_at("f10", "x", day(10)), event_at("f4", "x", day(4))],
+        )
+        .await;
+        put(
+            mid.id,
+            vec![event_at("m6", "x", day(6)), event_at("m3", "x", day(3))],
+        )
+        .await;
+
+        let pass = picket::ingest::retention::run_once(s.as_ref(), now)
+            .await
+            .unwrap();
+        assert_eq!(pass.removed(), 3, "{pass:?}");
+        let keys = |t: TenantId| {
+            let s = s.clone();
+            async move {
+                let mut k: Vec<String> = s
+                    .query_events(
+                        t,
+                        &EventQuery {
+                            limit: 100,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|e| e.event.details.idempotency_key)
+                    .collect();
+                k.sort();
+                k
+            }
+        };
+        assert_eq!(keys(short.id).await, ["s1"]);
+        assert_eq!(keys(forever.id).await, ["f10", "f4"]);
+        assert_eq!(keys(mid.id).await, ["m3"]);
+        match backend {
+            Backend::Postgres => {
+                // Day -6 held only an expired event: dropped whole. Days -4
+                // (kept by `forever`) and -3 (kept by `mid`) stay.
+                assert!(pass.dropped_days.contains(&day(6).date_naive()), "{pass:?}");
+                assert!(
+                    !pass.dropped_days.contains(&day(4).date_naive()),
+                    "{pass:?}"
+                );
+                assert!(
+                    !pass.dropped_days.contains(&day(3).date_naive()),
+                    "{pass:?}"
+                );
+                assert_eq!(pass.dropped_events, 1, "{pass:?}");
+                assert_eq!(pass.deleted, 2, "{pass:?}");
+            }
+            Backend::Sqlite => {
+                assert!(pass.dropped_days.is_empty());
+                assert_eq!(pass.deleted, 3);
+            }
+        }
+        // The keys of removed events are gone with them.
+        let out = s
+            .insert_events(&[(mid.id, &[event_at("m6", "x", day(6))])])
+            .await
+            .unwrap();
+        assert!(matches!(out[0][0], InsertOutcome::Accepted(_)), "{out:?}");
+        // A second pass finds nothing more to remove.
+        let pass = picket::ingest::retention::run_once(s.as_ref(), now)
+            .await
+            .unwrap();
+        assert_eq!(
+            pass.removed(),
+            1,
+            "only the event just re-inserted: {pass:?}"
+        );
+    }
+
+    /// Every EventFilter field is answered from its own index: the store's
+    /// plan for a selective filter names the index and scans no table.
+    pub async fn every_filter_reads_an_index(backend: Backend) {
+        let (s, db) = store(backend).await;
+        let now = Utc::now();
+        s.prepare_event_days(
+            now.date_naive() - chrono::Days::new(1),
+            now.date_naive() + chrono::Days::new(1),
+        )
+        .await
+        .unwrap();
+        let (a, _) = two_tenants(s.as_ref()).await;
+        let evs: Vec<NewEvent> = (0..3000)
+            .map(|i| {
+                let mut e = event_at(
+                    &format!("f{i}"),
+                    &format!("user{}", i % 500),
+                    now - Duration::seconds(i),
+                );
+                e.resource = format!("svc{}/api", i % 500);
+                e.source_ip = Some(format!("10.0.{}.{}", i % 250, i % 2).parse().unwrap());
+                e.event_type = if i % 500 == 0 {
+                    "rare.type".into()
+                } else {
+                    "http_request".into()
+                };
+                e.outcome = if i % 500 == 0 {
+                    Outcome::Unknown
+                } else {
+                    Outcome::Success
+                };
+                e
+            })
+            .collect();
+        for chunk in evs.chunks(1000) {
+            s.insert_events(&[(a, chunk)]).await.unwrap();
+        }
+        db.analyze().await;
+        // The last hour: the days holding the events, not the (empty)
+        // default partition.
+        let range = Some(now - Duration::hours(1));
+        let cases: Vec<(&str, EventQuery)> = vec![
+            (
+                "actor",
+                EventQuery {
+                    actor: Some("user7".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "source_ip",
+                EventQuery {
+                    source_ip: Some("10.0.7.1".parse().unwrap()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "event_type",
+                EventQuery {
+                    event_types: vec!["rare.type".into()],
+                    ..Default::default()
+                },
+            ),
+            (
+                "resource",
+                EventQuery {
+                    resource_prefix: Some("svc7/".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "outcome",
+                EventQuery {
+                    outcome: Some(Outcome::Unknown),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (index, q) in cases {
+            let q = EventQuery {
+                start: range,
+                end: Some(now + Duration::seconds(1)),
+                limit: 101,
+                ..q
+            };
+            let plan = s.explain_query_events(a, &q).await.unwrap().join("\n");
+            // An index condition on the filter's column, and no table scan.
+            assert!(storage::plan_reads_index(&plan, index), "{index}:\n{plan}");
+            // And the answer is right.
+            let got = s.query_events(a, &q).await.unwrap();
+            let want = evs.iter().filter(|e| q.matches(e)).count();
+            assert_eq!(got.len(), want.min(101), "{index}");
+            assert!(got.iter().all(|e| q.matches(&e.event)), "{index}");
+        }
+    }
+
     crate::both_backends!(
         insert_reports_accepted_and_duplicates,
         feed_is_ordered_and_tenant_scoped,
         query_pages_and_purge,
         query_pages_oldest_first,
+        a_duplicate_days_later_is_rejected,
+        retention_drops_days_nobody_keeps,
+        every_filter_reads_an_index,
     );
 }
 

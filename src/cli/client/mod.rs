@@ -9,6 +9,7 @@ pub mod bench_detect;
 pub mod bench_enforce;
 pub mod bench_fanout;
 pub mod bench_respond;
+pub mod bench_reports;
 pub mod bench_shards;
 pub mod bench_storm;
 pub mod decisions;
