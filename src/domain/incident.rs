@@ -116,8 +116,17 @@ pub struct Incident {
     pub resolved_at: Option<DateTime<Utc>>,
     /// Merged into.
     pub merged_into: Option<Uuid>,
-    /// Timeline, oldest first.
+    /// Timeline, oldest first. Stored apart from the rest of the incident
+    /// (it grows with every change); a full read holds all of it, a
+    /// correlation read (`list_incident_heads`) only the entries recorded
+    /// since the read, with the stored ones counted in `timeline_skipped`.
+    #[serde(default)]
     pub timeline: Vec<TimelineEntry>,
+    /// Stored timeline entries that precede `timeline` but were not read:
+    /// 0 for full reads and new incidents. A save appends only the entries
+    /// beyond what is stored. Not part of the stored or logged document.
+    #[serde(skip)]
+    pub timeline_skipped: u64,
 }
 
 impl Incident {
@@ -146,6 +155,7 @@ impl Incident {
             resolved_at: None,
             merged_into: None,
             timeline: Vec::new(),
+            timeline_skipped: 0,
         }
     }
 

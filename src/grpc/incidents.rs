@@ -255,7 +255,8 @@ impl IncidentService for IncidentApi {
         let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
         let req = request.into_inner();
         let query = query_from_pb(req.filter.as_ref()).map_err(to_status)?;
-        let fetch = |q| async move { Ok(self.ctx.store.list_incidents(tenant, &q).await?) };
+        // The listing carries no timelines (GetIncident does): heads are enough.
+        let fetch = |q| async move { Ok(self.ctx.store.list_incident_heads(tenant, &q).await?) };
         let (list, next_page_token) = keyset_list(query, req.page_size, &req.page_token, fetch)
             .await
             .map_err(to_status)?;
@@ -515,7 +516,7 @@ impl IncidentService for IncidentApi {
                 tenant,
                 req.options.unwrap_or_default(),
                 IncidentFilter::Query(filter),
-                || async move { Ok(store.list_incidents(tenant, &q).await?) },
+                || async move { Ok(store.list_incident_heads(tenant, &q).await?) },
             )
             .await
             .map_err(to_status)?;

@@ -3,6 +3,8 @@
 //! the version read; a concurrent change makes the save fail with `Conflict`
 //! and the operation is retried on fresh state.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -65,7 +67,9 @@ fn gave_up() -> AppError {
 
 /// Groups a new alert into an incident: joins an active incident sharing an
 /// actor or IP, reopens a recently resolved one, or opens a new one.
-/// Returns the incident, or `None` for alerts without actor or IP.
+/// Returns the incident (its `timeline` holds only the entries this call
+/// recorded; see [`crate::storage::IncidentStore::list_incident_heads`]), or
+/// `None` for alerts without actor or IP.
 pub async fn correlate(
     store: &dyn Store,
     alert: &Alert,
@@ -82,7 +86,7 @@ pub async fn correlate(
     for _ in 0..ATTEMPTS {
         let since = now - cfg.window.max(cfg.reopen);
         let candidates = store
-            .list_incidents(
+            .list_incident_heads(
                 alert.tenant_id,
                 &IncidentQuery {
                     start: Some(since),
@@ -152,8 +156,27 @@ pub async fn correlate(
 /// alerts to link in its save.
 struct Touched {
     inc: Incident,
+    /// `inc.entities` as a set: matching a batch against many incidents
+    /// with many entities each stays linear in the batch.
+    names: HashSet<Entity>,
     created: Option<TimelineEntry>,
     links: Vec<Uuid>,
+}
+
+impl Touched {
+    fn new(inc: Incident, created: Option<TimelineEntry>) -> Self {
+        Self {
+            names: inc.entities.iter().cloned().collect(),
+            inc,
+            created,
+            links: Vec::new(),
+        }
+    }
+
+    /// Whether the incident names any of `keys`.
+    fn shares_entity(&self, keys: &[Entity]) -> bool {
+        keys.iter().any(|k| self.names.contains(k))
+    }
 }
 
 /// Groups a batch of new alerts of one tenant into incidents exactly as
@@ -179,8 +202,8 @@ pub async fn correlate_batch(
         return Ok(0);
     }
     let since = now - cfg.window.max(cfg.reopen);
-    let mut candidates = store
-        .list_incidents(
+    let mut candidates: Vec<Touched> = store
+        .list_incident_heads(
             tenant,
             &IncidentQuery {
                 start: Some(since),
@@ -188,27 +211,27 @@ pub async fn correlate_batch(
                 ..Default::default()
             },
         )
-        .await?;
+        .await?
+        .into_iter()
+        .map(|i| Touched::new(i, None))
+        .collect();
     // Touched incidents, most recently touched last (they were updated "now",
     // so they come before every other candidate).
     let mut touched: Vec<Touched> = Vec::new();
     for (alert, keys) in &alerts {
-        let fits = |i: &Incident| {
+        let fits = |t: &Touched| {
+            let i = &t.inc;
             i.merged_into.is_none()
-                && i.shares_entity(keys)
+                && t.shares_entity(keys)
                 && ((i.status.is_active() && i.updated_at >= now - cfg.window)
                     || (i.status == IncidentStatus::Resolved
                         && cfg.reopen > chrono::Duration::zero()
                         && i.resolved_at.is_some_and(|r| r >= now - cfg.reopen)))
         };
-        let mut t = if let Some(n) = touched.iter().rposition(|t| fits(&t.inc)) {
+        let mut t = if let Some(n) = touched.iter().rposition(fits) {
             touched.remove(n)
-        } else if let Some(n) = candidates.iter().position(&fits) {
-            Touched {
-                inc: candidates.remove(n),
-                created: None,
-                links: Vec::new(),
-            }
+        } else if let Some(n) = candidates.iter().position(fits) {
+            candidates.remove(n)
         } else {
             let subject = keys.first().map(|e| e.value.clone()).unwrap_or_default();
             let mut inc = Incident::new(
@@ -225,11 +248,7 @@ pub async fn correlate_batch(
                 String::new(),
                 now,
             );
-            Touched {
-                inc,
-                created: Some(created),
-                links: Vec::new(),
-            }
+            Touched::new(inc, Some(created))
         };
         if t.inc.status == IncidentStatus::Resolved {
             t.inc.status = IncidentStatus::Open;
@@ -242,6 +261,7 @@ pub async fn correlate_batch(
             );
         }
         link_into(&mut t.inc, alert, now);
+        t.names.extend(alert.body.entities.iter().cloned());
         t.links.push(alert.id);
         touched.push(t);
     }

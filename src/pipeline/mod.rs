@@ -293,7 +293,7 @@ impl DetectionPipeline {
                 && raise
                 && !w.replayed
             {
-                let new = crate::pipeline::scoring::anomaly_alert(self.store.as_ref(), &a).await?;
+                let new = crate::pipeline::scoring::anomaly_alert_unread(&a);
                 tracing::info!(tenant_id = %w.tenant, score = a.score, threshold = a.threshold, "anomaly alert");
                 self.raiser
                     .send(raiser::Job::Ready {
@@ -470,14 +470,8 @@ impl DetectionPipeline {
                 prefetch = Some(Prefetch::start(self.store.clone(), tenant, last));
             }
             self.progress.reading(tenant, batch[0].event.received_at);
-            for stored in &batch {
-                for d in self.evaluator.observe(tenant, &stored.event) {
-                    self.raise(tenant, d, Some(stored.event.received_at)).await;
-                    raised += 1;
-                }
-                let closed = self.scorer.observe(tenant, &stored.event);
-                raised += self.score_windows(closed, true).await?;
-            }
+            let batch = Arc::new(batch);
+            raised += self.evaluate_batch(tenant, batch.clone()).await?;
             self.positions.insert(tenant, last);
             metrics::counter!("picket_detect_events_total").increment(batch.len() as u64);
             let caught_up = batch.len() < READ as usize;
@@ -487,6 +481,61 @@ impl DetectionPipeline {
             if caught_up {
                 break;
             }
+        }
+        Ok(raised)
+    }
+
+    /// Evaluates one batch of a tenant's feed on two cores: the rule engine
+    /// and behavioural detectors here, anomaly window aggregation and scoring
+    /// on a task of its own (their state is independent). The raises are then
+    /// queued in exactly the order a one-task pass would queue them: per
+    /// event, its rule detections, then the anomaly alerts of the windows it
+    /// closed. The caller moves the feed position only once both halves have
+    /// finished the batch.
+    async fn evaluate_batch(
+        &mut self,
+        tenant: TenantId,
+        batch: Arc<Vec<crate::domain::event::StoredEvent>>,
+    ) -> StoreResult<usize> {
+        let config = self.scorer.config();
+        let scorer = std::mem::replace(&mut self.scorer, AnomalyScorer::new(config));
+        let scoring = tokio::spawn(score_batch(
+            scorer,
+            self.store.clone(),
+            tenant,
+            batch.clone(),
+        ));
+        let mut detections: Vec<(usize, Detection)> = Vec::new();
+        for (i, stored) in batch.iter().enumerate() {
+            detections.extend(
+                self.evaluator
+                    .observe(tenant, &stored.event)
+                    .into_iter()
+                    .map(|d| (i, d)),
+            );
+        }
+        let (scorer, anomalies) = match scoring.await {
+            Ok(done) => done,
+            Err(e) => {
+                // A panic in the scoring math loses the anomaly state (not the
+                // rule state); the batch is evaluated again on the next pass.
+                tracing::error!(tenant_id = %tenant, error = %e, "anomaly scoring task failed; its state is reset");
+                return Err(anyhow::anyhow!("the anomaly scoring task failed: {e}").into());
+            }
+        };
+        self.scorer = scorer;
+        let anomalies = anomalies?;
+        let raised = detections.len() + anomalies.len();
+        let mut anomalies = anomalies.into_iter().peekable();
+        for (i, d) in detections {
+            while let Some((_, alert)) = anomalies.next_if(|(j, _)| *j < i) {
+                self.raiser.send(raiser::Job::Ready { tenant, alert }).await;
+            }
+            self.raise(tenant, d, Some(batch[i].event.received_at))
+                .await;
+        }
+        for (_, alert) in anomalies {
+            self.raiser.send(raiser::Job::Ready { tenant, alert }).await;
         }
         Ok(raised)
     }
@@ -595,6 +644,36 @@ impl DetectionPipeline {
         // A clean stop commits what evaluation has detected.
         self.raiser.flush().await;
     }
+}
+
+/// Anomaly window aggregation and scoring of one batch, on its own task:
+/// returns the scorer (whatever happened) and the anomaly alerts to raise,
+/// each with the index of the event that closed its window.
+async fn score_batch(
+    mut scorer: AnomalyScorer,
+    store: Arc<dyn Store>,
+    tenant: TenantId,
+    batch: Arc<Vec<crate::domain::event::StoredEvent>>,
+) -> (
+    AnomalyScorer,
+    StoreResult<Vec<(usize, crate::domain::alert::NewAlert)>>,
+) {
+    let mut out = Vec::new();
+    for (i, stored) in batch.iter().enumerate() {
+        for w in scorer.observe(tenant, &stored.event) {
+            let hit = match scorer.on_closed(store.as_ref(), &w).await {
+                Ok(hit) => hit,
+                Err(e) => return (scorer, Err(e)),
+            };
+            if let Some(a) = hit
+                && !w.replayed
+            {
+                tracing::info!(tenant_id = %w.tenant, score = a.score, threshold = a.threshold, "anomaly alert");
+                out.push((i, crate::pipeline::scoring::anomaly_alert_unread(&a)));
+            }
+        }
+    }
+    (scorer, Ok(out))
 }
 
 /// The read of a tenant's next batch of events, running while the current

@@ -1,7 +1,8 @@
 //! Alert raising off the evaluation path: the pipeline hands each detection
 //! (or ready anomaly alert) to a bounded queue and goes on evaluating; one
 //! writer task takes whatever is queued (up to [`BATCH`]) and raises it per
-//! tenant with one evidence read, one alert transaction
+//! tenant (in parts of at most [`EVIDENCE_PER_RAISE`] evidence events) with
+//! one evidence read, one alert transaction
 //! ([`crate::storage::AlertStore::raise_alerts`]) and one incident
 //! correlation pass ([`crate::incidents::correlate_batch`]).
 //!
@@ -40,6 +41,8 @@ pub const QUEUE: usize = 10_000;
 pub const BATCH: usize = 1_000;
 /// Most evidence ids read in one query.
 const EVIDENCE_READ: usize = 2_000;
+/// Most evidence events (snapshots) in one raise.
+const EVIDENCE_PER_RAISE: usize = 10_000;
 /// Most entities named on one alert.
 const MAX_ENTITIES: usize = 20;
 
@@ -52,7 +55,8 @@ pub(crate) enum Job {
         /// When the event that completed it was received (live only).
         received_at: Option<DateTime<Utc>>,
     },
-    /// An alert already built (anomaly windows).
+    /// An alert already built (anomaly windows); evidence without a
+    /// snapshot is read by the writer with its batch.
     Ready { tenant: TenantId, alert: NewAlert },
     /// Answered once every job queued before it is committed.
     Flush(oneshot::Sender<()>),
@@ -184,16 +188,49 @@ struct Meta {
     received_at: Option<DateTime<Utc>>,
 }
 
-/// Raises one tenant's jobs of a batch.
+/// Evidence ids a job has the writer read.
+fn evidence_of(job: &Job) -> Box<dyn Iterator<Item = uuid::Uuid> + '_> {
+    match job {
+        Job::Rule { detection, .. } => Box::new(detection.evidence.iter().copied()),
+        Job::Ready { alert, .. } => Box::new(
+            alert
+                .evidence
+                .iter()
+                .filter(|e| e.snapshot.is_none())
+                .map(|e| e.event_id),
+        ),
+        Job::Flush(_) => Box::new(std::iter::empty()),
+    }
+}
+
+/// Raises one tenant's jobs of a batch, in order, in parts of at most
+/// [`EVIDENCE_PER_RAISE`] evidence events each (a storm's alerts carry up to
+/// 100 event snapshots each: this bounds what one raise holds in memory).
 async fn raise_tenant(config: &RaiserConfig, tenant: TenantId, jobs: Vec<Job>) {
+    let mut part = Vec::new();
+    let mut weight = 0;
+    for job in jobs {
+        let w = evidence_of(&job).count().max(1);
+        if !part.is_empty() && weight + w > EVIDENCE_PER_RAISE {
+            raise_part(config, tenant, std::mem::take(&mut part)).await;
+            weight = 0;
+        }
+        weight += w;
+        part.push(job);
+    }
+    if !part.is_empty() {
+        raise_part(config, tenant, part).await;
+    }
+}
+
+/// Raises a part of one tenant's jobs.
+async fn raise_part(config: &RaiserConfig, tenant: TenantId, jobs: Vec<Job>) {
     let started = Instant::now();
-    // Evidence for every rule detection of the batch, read in as few queries as possible.
+    // Evidence for every job of the part, read in as few queries as possible.
     let mut ids: Vec<uuid::Uuid> = Vec::new();
     let mut seen = HashSet::new();
     for job in &jobs {
-        if let Job::Rule { detection, .. } = job {
-            ids.extend(detection.evidence.iter().filter(|id| seen.insert(**id)));
-        }
+        ids.extend(evidence_of(job).filter(|id| seen.insert(*id)));
     }
     let mut by_id: HashMap<uuid::Uuid, NewEvent> = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(EVIDENCE_READ) {
@@ -222,7 +259,10 @@ async fn raise_tenant(config: &RaiserConfig, tenant: TenantId, jobs: Vec<Job>) {
                 });
                 alerts.push(rule_alert(detection, &by_id));
             }
-            Job::Ready { alert, .. } => {
+            Job::Ready { mut alert, .. } => {
+                for e in alert.evidence.iter_mut().filter(|e| e.snapshot.is_none()) {
+                    e.snapshot = by_id.get(&e.event_id).cloned();
+                }
                 meta.push(Meta {
                     source: "model",
                     rule: alert.source_name.clone(),

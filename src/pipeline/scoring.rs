@@ -164,13 +164,25 @@ pub async fn anomaly_alert(store: &dyn Store, a: &Anomaly) -> StoreResult<NewAle
         .await?;
     let mut by_id: HashMap<uuid::Uuid, NewEvent> =
         events.into_iter().map(|e| (e.event.id, e.event)).collect();
+    let mut alert = anomaly_alert_unread(a);
+    for e in &mut alert.evidence {
+        e.snapshot = by_id.remove(&e.event_id);
+    }
+    Ok(alert)
+}
+
+/// [`anomaly_alert`] without reading the evidence: every snapshot is left
+/// empty for the alert writer to fill in with its batch's evidence read (so a
+/// queued anomaly alert holds ids, not up to 100 events, and evaluation makes
+/// no store call for it).
+pub fn anomaly_alert_unread(a: &Anomaly) -> NewAlert {
     let evidence = a
         .window
         .event_ids
         .iter()
         .map(|id| Evidence {
             event_id: *id,
-            snapshot: by_id.remove(id),
+            snapshot: None,
         })
         .collect();
     let kind = match a.window.entity.kind {
@@ -190,7 +202,7 @@ pub async fn anomaly_alert(store: &dyn Store, a: &Anomaly) -> StoreResult<NewAle
         a.window.entity.kind,
         a.window.entity.value
     ));
-    Ok(NewAlert {
+    NewAlert {
         title: format!("Anomalous behaviour of {kind} {}", a.window.entity.value),
         summary: format!(
             "{} scored {:.3} (threshold {:.3}) for the window {}–{} ({} events); top features: {}",
@@ -220,7 +232,7 @@ pub async fn anomaly_alert(store: &dyn Store, a: &Anomaly) -> StoreResult<NewAle
         last_seen: a.window.end,
         fingerprint: hex::encode(&h.finalize()[..16]),
         raw: None,
-    })
+    }
 }
 
 /// How a model is fitted (replaceable in tests, to hold a training open).
@@ -279,6 +291,11 @@ impl AnomalyScorer {
             trainings: 0,
             fit: Arc::new(fit),
         }
+    }
+
+    /// The settings it scores with.
+    pub fn config(&self) -> ScoringConfig {
+        self.config
     }
 
     /// Loads a tenant's stored model, if any.

@@ -544,6 +544,16 @@ pub trait IncidentStore: Send + Sync {
         query: &IncidentQuery,
     ) -> StoreResult<Vec<Incident>>;
 
+    /// [`IncidentStore::list_incidents`] without the timelines: each
+    /// incident's stored entries are counted in `timeline_skipped`, and a
+    /// save of it appends only the entries recorded after the read. For
+    /// correlation, which reads many incidents and changes few.
+    async fn list_incident_heads(
+        &self,
+        tenant: TenantId,
+        query: &IncidentQuery,
+    ) -> StoreResult<Vec<Incident>>;
+
     /// Records which incident an alert belongs to (logged as an alert change).
     async fn set_alert_incident(
         &self,

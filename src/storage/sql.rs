@@ -160,6 +160,16 @@ fn source_from_row<DB: Dialect>(row: &DB::Row) -> Result<WebhookSource, sqlx::Er
     })
 }
 
+/// Appends `AND col IN (ids…)` for a uuid column (`ids` not empty).
+fn push_uuid_in<DB: Dialect>(q: &mut Stmt<DB>, col: &str, ids: &[Uuid]) {
+    let mut sep = format!(" AND {col} IN (");
+    for id in ids {
+        q.push(&sep).push_uuid(*id);
+        sep = ", ".into();
+    }
+    q.push(")");
+}
+
 /// Decodes every row with `decode`.
 pub(crate) fn decode_all<DB: Database, T>(
     rows: &[DB::Row],
@@ -512,6 +522,19 @@ impl<DB: Dialect> SqlStore<DB> {
             .zip(&touched)
             .filter_map(|(a, t)| t.then_some(a))
             .collect();
+        Self::upsert_alerts(tx, &rows).await?;
+        // Every state in order: watchers see each raise once.
+        let logged: Vec<(&str, &Alert)> = changes
+            .iter()
+            .map(|(created, a)| (if *created { "created" } else { "updated" }, a))
+            .collect();
+        Self::log_alert_changes(tx, tenant, &logged, now).await?;
+        Ok(changes.into_iter().map(|(c, a)| (a, c)).collect())
+    }
+
+    /// Writes the final rows of `rows` (inserted or updated), one statement
+    /// per chunk, inside `tx`.
+    async fn upsert_alerts(tx: &mut Tx<DB>, rows: &[&Alert]) -> Result<(), sqlx::Error> {
         for chunk in rows.chunks(BATCH_ROWS) {
             let mut q = Stmt::<DB>::new(
                 "INSERT INTO alerts (tenant_id, id, fingerprint, severity, status, category, last_seen, created_at, incident_id, doc) VALUES ",
@@ -537,24 +560,33 @@ impl<DB: Dialect> SqlStore<DB> {
             );
             q.execute(&mut **tx).await?;
         }
-        // Every state in order: watchers see each raise once.
+        Ok(())
+    }
+
+    /// Appends one alert change per `(kind, state)` to the change log, in
+    /// order, one statement per chunk, inside `tx`.
+    async fn log_alert_changes(
+        tx: &mut Tx<DB>,
+        tenant: TenantId,
+        changes: &[(&str, &Alert)],
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
         for chunk in changes.chunks(BATCH_ROWS) {
             let mut q = Stmt::<DB>::new(
                 "INSERT INTO change_log (tenant_id, stream, subject_id, kind, payload, created_at) VALUES ",
             );
-            for (n, (created, alert)) in chunk.iter().enumerate() {
+            for (n, (kind, alert)) in chunk.iter().enumerate() {
                 q.push(if n == 0 { "(" } else { ", (" });
                 q.push_uuid(tenant.0).push(", ");
                 q.push_bind("alerts").push(", ");
                 q.push_uuid(alert.id).push(", ");
-                q.push_bind(if *created { "created" } else { "updated" })
-                    .push(", ");
-                q.push_doc(alert).push(", ");
+                q.push_bind(*kind).push(", ");
+                q.push_doc(*alert).push(", ");
                 q.push_time(now).push(")");
             }
             q.execute(&mut **tx).await?;
         }
-        Ok(changes.into_iter().map(|(c, a)| (a, c)).collect())
+        Ok(())
     }
 
     /// Writes an alert row (insert or update) and its change-log entry inside `tx`.
@@ -654,10 +686,48 @@ impl<DB: Dialect> SqlStore<DB> {
             Utc::now(),
         )
         .await?;
-        for a in link {
-            Self::link_alert(tx, i.tenant_id, *a, Some(i.id)).await?;
+        Self::link_alerts(tx, i.tenant_id, link, Some(i.id)).await
+    }
+
+    /// [`SqlStore::link_alert`] for many alerts: one locking read and one
+    /// upsert per chunk, then one change per alert in `ids` order. Fails
+    /// with `RowNotFound` if any of them does not exist.
+    async fn link_alerts(
+        tx: &mut Tx<DB>,
+        tenant: TenantId,
+        ids: &[Uuid],
+        incident: Option<Uuid>,
+    ) -> Result<(), sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let mut found: std::collections::HashMap<Uuid, Alert> =
+            std::collections::HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(BATCH_ROWS) {
+            let mut q =
+                Stmt::<DB>::new("SELECT doc FROM alerts WHERE tenant_id = $1").uuid(tenant.0);
+            push_uuid_in(&mut q, "id", chunk);
+            q.push(DB::FOR_UPDATE);
+            for row in q.fetch_all(&mut **tx).await? {
+                let a: Alert = DB::doc(&row, "doc")?;
+                found.insert(a.id, a);
+            }
+        }
+        let now = Utc::now();
+        let mut order: Vec<Uuid> = Vec::with_capacity(ids.len());
+        for id in ids {
+            let a = found.get_mut(id).ok_or(sqlx::Error::RowNotFound)?;
+            if !order.contains(id) {
+                a.incident_id = incident;
+                // Each state of an alert is newer than the one before.
+                a.updated_at = now.max(a.updated_at + chrono::Duration::microseconds(1));
+                order.push(*id);
+            }
+        }
+        let rows: Vec<&Alert> = order.iter().map(|id| &found[id]).collect();
+        Self::upsert_alerts(tx, &rows).await?;
+        let logged: Vec<(&str, &Alert)> = rows.iter().map(|a| ("updated", *a)).collect();
+        Self::log_alert_changes(tx, tenant, &logged, now).await
     }
 
     /// Inserts a tenant rule; `on_conflict` says what a rule with the same id does.
@@ -1290,98 +1360,101 @@ impl<DB: Dialect> ModelStore for SqlStore<DB> {
     }
 }
 
-#[async_trait]
-impl<DB: Dialect> IncidentStore for SqlStore<DB> {
-    async fn insert_incident(
-        &self,
-        incident: &Incident,
-        entry: &TimelineEntry,
-        link: &[Uuid],
-    ) -> StoreResult<Incident> {
-        let fail = fail("incident", "failed to create an incident");
-        let mut i = incident.clone();
-        i.version = 1;
-        let mut tx = self.write(i.tenant_id).await.map_err(&fail)?;
-        Stmt::<DB>::new(
-            "INSERT INTO incidents (tenant_id, id, version, status, severity, assignee, created_at, updated_at, doc) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .uuid(i.tenant_id.0)
-        .uuid(i.id)
-        .arg(i.version)
-        .arg(i.status.as_i16())
-        .arg(i.severity.as_i16())
-        .arg(i.assignee.as_str())
-        .time(i.created_at)
-        .time(i.updated_at)
-        .doc(&i)
-        .execute(&mut *tx)
-        .await
-        .map_err(&fail)?;
-        Self::log_incident(&mut tx, &i, entry, "created", link)
-            .await
-            .map_err(&fail)?;
-        tx.commit().await.map_err(fail)?;
-        Ok(i)
+/// An incident as stored in its row: without its timeline (kept in
+/// `incident_timeline`).
+fn incident_doc(i: &Incident) -> Incident {
+    Incident {
+        timeline: Vec::new(),
+        timeline_skipped: 0,
+        ..i.clone()
     }
+}
 
-    async fn update_incident(
-        &self,
-        incident: &Incident,
-        entry: &TimelineEntry,
-        link: &[Uuid],
-    ) -> StoreResult<Incident> {
-        let what = format!("incident {}", incident.id);
-        let fail = fail(&what, "failed to update an incident");
-        let mut i = incident.clone();
-        i.version = incident.version + 1;
-        let mut tx = self.write(i.tenant_id).await.map_err(&fail)?;
-        let done = Stmt::<DB>::new(
-            "UPDATE incidents SET version = $3, status = $4, severity = $5, assignee = $6, updated_at = $7, doc = $8 \
-             WHERE tenant_id = $1 AND id = $2 AND version = $9",
-        )
-        .uuid(i.tenant_id.0)
-        .uuid(i.id)
-        .arg(i.version)
-        .arg(i.status.as_i16())
-        .arg(i.severity.as_i16())
-        .arg(i.assignee.as_str())
-        .time(i.updated_at)
-        .doc(&i)
-        .arg(incident.version)
-        .execute(&mut *tx)
-        .await
-        .map_err(&fail)?;
-        if done == 0 {
-            return Err(StoreError::Conflict(format!(
-                "{what} (changed concurrently)"
-            )));
+/// An incident row's document with its stored timeline counted as skipped.
+fn incident_head<DB: Dialect>(row: &DB::Row) -> Result<Incident, sqlx::Error> {
+    let mut i: Incident = DB::doc(row, "doc")?;
+    i.timeline.clear();
+    i.timeline_skipped = row.col::<i64>("timeline_len")?.max(0) as u64;
+    Ok(i)
+}
+
+#[allow(private_bounds)]
+impl<DB: Dialect> SqlStore<DB> {
+    /// Appends `entries` to an incident's timeline as entries `first`,
+    /// `first + 1`, … inside `tx`.
+    async fn append_timeline(
+        tx: &mut Tx<DB>,
+        i: &Incident,
+        first: u64,
+        entries: &[TimelineEntry],
+    ) -> Result<(), sqlx::Error> {
+        let mut seq = first as i64;
+        for chunk in entries.chunks(BATCH_ROWS) {
+            let mut q = Stmt::<DB>::new(
+                "INSERT INTO incident_timeline (tenant_id, incident_id, seq, entry) VALUES ",
+            );
+            for (n, e) in chunk.iter().enumerate() {
+                q.push(if n == 0 { "(" } else { ", (" });
+                q.push_uuid(i.tenant_id.0).push(", ");
+                q.push_uuid(i.id).push(", ");
+                q.push_bind(seq).push(", ");
+                q.push_doc(e).push(")");
+                seq += 1;
+            }
+            q.execute(&mut **tx).await?;
         }
-        Self::log_incident(&mut tx, &i, entry, "updated", link)
-            .await
-            .map_err(&fail)?;
-        tx.commit().await.map_err(fail)?;
-        Ok(i)
+        Ok(())
     }
 
-    async fn get_incident(&self, tenant: TenantId, id: Uuid) -> StoreResult<Incident> {
-        let what = format!("incident {id}");
-        let q = Stmt::<DB>::new("SELECT doc FROM incidents WHERE tenant_id = $1 AND id = $2")
-            .uuid(tenant.0)
-            .uuid(id);
-        let row = self
-            .read_one(tenant, q)
-            .await
-            .map_err(fail(&what, "failed to read an incident"))?;
-        DB::doc(&row, "doc").map_err(bad_incident)
+    /// Fills in the stored timelines of `heads` (read in `tx`): each up to
+    /// the length its row named, so an entry appended since is not mixed in.
+    async fn fill_timelines(tx: &mut Tx<DB>, heads: &mut [Incident]) -> Result<(), sqlx::Error> {
+        let wanted: Vec<Uuid> = heads
+            .iter()
+            .filter(|i| i.timeline_skipped > 0)
+            .map(|i| i.id)
+            .collect();
+        let mut entries: std::collections::HashMap<Uuid, Vec<(i64, TimelineEntry)>> =
+            std::collections::HashMap::new();
+        let tenant = match heads.first() {
+            Some(i) => i.tenant_id,
+            None => return Ok(()),
+        };
+        for chunk in wanted.chunks(BATCH_ROWS) {
+            let mut q = Stmt::<DB>::new(
+                "SELECT incident_id, seq, entry FROM incident_timeline WHERE tenant_id = $1",
+            )
+            .uuid(tenant.0);
+            push_uuid_in(&mut q, "incident_id", chunk);
+            for row in q.fetch_all(&mut **tx).await? {
+                let id = uuid::<DB>(&row, "incident_id")?;
+                let seq: i64 = row.col("seq")?;
+                entries
+                    .entry(id)
+                    .or_default()
+                    .push((seq, DB::doc(&row, "entry")?));
+            }
+        }
+        for i in heads {
+            let mut own = entries.remove(&i.id).unwrap_or_default();
+            own.sort_by_key(|(seq, _)| *seq);
+            i.timeline = own
+                .into_iter()
+                .filter(|(seq, _)| *seq as u64 <= i.timeline_skipped)
+                .map(|(_, e)| e)
+                .collect();
+            i.timeline_skipped = 0;
+        }
+        Ok(())
     }
 
-    async fn list_incidents(
-        &self,
+    /// The incident rows matching `q` (most recently updated first), as heads.
+    async fn incident_heads_in(
+        tx: &mut Tx<DB>,
         tenant: TenantId,
         q: &IncidentQuery,
-    ) -> StoreResult<Vec<Incident>> {
-        let mut b = Stmt::<DB>::new("SELECT doc FROM incidents WHERE tenant_id = ");
+    ) -> Result<Vec<Incident>, sqlx::Error> {
+        let mut b = Stmt::<DB>::new("SELECT doc, timeline_len FROM incidents WHERE tenant_id = ");
         b.push_uuid(tenant.0);
         if !q.statuses.is_empty() {
             b.push_in("status", q.statuses.iter().map(|s| s.as_i16()));
@@ -1397,11 +1470,166 @@ impl<DB: Dialect> IncidentStore for SqlStore<DB> {
         }
         push_range(&mut b, "updated_at", q.start, q.end);
         push_newest_first(&mut b, "updated_at", q.before, q.limit);
-        let rows = self
-            .read_all(tenant, b)
+        let rows = b.fetch_all(&mut **tx).await?;
+        decode_all::<DB, _>(&rows, incident_head::<DB>)
+    }
+}
+
+#[async_trait]
+impl<DB: Dialect> IncidentStore for SqlStore<DB> {
+    async fn insert_incident(
+        &self,
+        incident: &Incident,
+        entry: &TimelineEntry,
+        link: &[Uuid],
+    ) -> StoreResult<Incident> {
+        let fail = fail("incident", "failed to create an incident");
+        let mut i = incident.clone();
+        i.version = 1;
+        let stored = i.timeline_skipped + i.timeline.len() as u64;
+        let mut tx = self.write(i.tenant_id).await.map_err(&fail)?;
+        Stmt::<DB>::new(
+            "INSERT INTO incidents (tenant_id, id, version, status, severity, assignee, created_at, updated_at, doc, timeline_len) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .uuid(i.tenant_id.0)
+        .uuid(i.id)
+        .arg(i.version)
+        .arg(i.status.as_i16())
+        .arg(i.severity.as_i16())
+        .arg(i.assignee.as_str())
+        .time(i.created_at)
+        .time(i.updated_at)
+        .doc(&incident_doc(&i))
+        .arg(stored as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(&fail)?;
+        Self::append_timeline(&mut tx, &i, i.timeline_skipped + 1, &i.timeline)
             .await
-            .map_err(fail("incidents", "failed to list incidents"))?;
-        decode_all::<DB, _>(&rows, |r| DB::doc(r, "doc")).map_err(bad_incident)
+            .map_err(&fail)?;
+        Self::log_incident(&mut tx, &i, entry, "created", link)
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(i)
+    }
+
+    async fn update_incident(
+        &self,
+        incident: &Incident,
+        entry: &TimelineEntry,
+        link: &[Uuid],
+    ) -> StoreResult<Incident> {
+        let what = format!("incident {}", incident.id);
+        let fail = fail(&what, "failed to update an incident");
+        let conflict = || StoreError::Conflict(format!("{what} (changed concurrently)"));
+        let mut i = incident.clone();
+        i.version = incident.version + 1;
+        let mut tx = self.write(i.tenant_id).await.map_err(&fail)?;
+        // The stored length at the version read: the entries beyond it are new.
+        let row = Stmt::<DB>::text(format!(
+            "SELECT timeline_len FROM incidents WHERE tenant_id = $1 AND id = $2 AND version = $3{}",
+            DB::FOR_UPDATE
+        ))
+        .uuid(i.tenant_id.0)
+        .uuid(i.id)
+        .arg(incident.version)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(&fail)?;
+        let Some(row) = row else {
+            return Err(conflict());
+        };
+        let stored = row.col::<i64>("timeline_len").map_err(&fail)?.max(0) as u64;
+        let held = i.timeline.len() as u64;
+        let Some(new_from) = stored
+            .checked_sub(i.timeline_skipped)
+            .filter(|n| *n <= held)
+        else {
+            return Err(conflict());
+        };
+        let done = Stmt::<DB>::new(
+            "UPDATE incidents SET version = $3, status = $4, severity = $5, assignee = $6, updated_at = $7, doc = $8, \
+             timeline_len = $9 WHERE tenant_id = $1 AND id = $2 AND version = $10",
+        )
+        .uuid(i.tenant_id.0)
+        .uuid(i.id)
+        .arg(i.version)
+        .arg(i.status.as_i16())
+        .arg(i.severity.as_i16())
+        .arg(i.assignee.as_str())
+        .time(i.updated_at)
+        .doc(&incident_doc(&i))
+        .arg((i.timeline_skipped + held) as i64)
+        .arg(incident.version)
+        .execute(&mut *tx)
+        .await
+        .map_err(&fail)?;
+        if done == 0 {
+            return Err(conflict());
+        }
+        Self::append_timeline(&mut tx, &i, stored + 1, &i.timeline[new_from as usize..])
+            .await
+            .map_err(&fail)?;
+        Self::log_incident(&mut tx, &i, entry, "updated", link)
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(i)
+    }
+
+    async fn get_incident(&self, tenant: TenantId, id: Uuid) -> StoreResult<Incident> {
+        let what = format!("incident {id}");
+        let fail = fail(&what, "failed to read an incident");
+        let mut tx = self.read(tenant).await.map_err(&fail)?;
+        let row = Stmt::<DB>::new(
+            "SELECT doc, timeline_len FROM incidents WHERE tenant_id = $1 AND id = $2",
+        )
+        .uuid(tenant.0)
+        .uuid(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(&fail)?
+        .ok_or(sqlx::Error::RowNotFound)
+        .map_err(&fail)?;
+        let mut one = vec![incident_head::<DB>(&row).map_err(bad_incident)?];
+        Self::fill_timelines(&mut tx, &mut one)
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(one.pop().expect("one incident"))
+    }
+
+    async fn list_incidents(
+        &self,
+        tenant: TenantId,
+        q: &IncidentQuery,
+    ) -> StoreResult<Vec<Incident>> {
+        let fail = fail("incidents", "failed to list incidents");
+        let mut tx = self.read(tenant).await.map_err(&fail)?;
+        let mut list = Self::incident_heads_in(&mut tx, tenant, q)
+            .await
+            .map_err(&fail)?;
+        Self::fill_timelines(&mut tx, &mut list)
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(list)
+    }
+
+    async fn list_incident_heads(
+        &self,
+        tenant: TenantId,
+        q: &IncidentQuery,
+    ) -> StoreResult<Vec<Incident>> {
+        let fail = fail("incidents", "failed to list incidents");
+        let mut tx = self.read(tenant).await.map_err(&fail)?;
+        let list = Self::incident_heads_in(&mut tx, tenant, q)
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(list)
     }
 
     async fn set_alert_incident(

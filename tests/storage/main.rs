@@ -744,7 +744,86 @@ async fn raise_alerts_throughput() {
     }
 }
 
+/// Incident timelines are stored apart from the incident: a head read
+/// (correlation) carries none of the stored entries, a save of it appends
+/// only the entries recorded since, and a full read has them all in order,
+/// each exactly once. A save of a stale head is a conflict.
+async fn incident_timeline_is_appended_from_heads(backend: Backend) {
+    use picket::domain::incident::{Incident, IncidentQuery, TimelineKind};
+    let (s, _db) = store(backend).await;
+    let t = tenant("t");
+    s.create_tenant(&t).await.unwrap();
+    let now = chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
+    let mut inc = Incident::new(t.id, "title".into(), "d".into(), Severity::High, now);
+    let created = inc.record(
+        "system",
+        TimelineKind::Created,
+        "opened".into(),
+        String::new(),
+        now,
+    );
+    inc.record(
+        "system",
+        TimelineKind::NoteAdded,
+        "n1".into(),
+        "one".into(),
+        now,
+    );
+    let stored = s.insert_incident(&inc, &created, &[]).await.unwrap();
+    let q = IncidentQuery {
+        limit: 10,
+        ..Default::default()
+    };
+    let mut head = s.list_incident_heads(t.id, &q).await.unwrap().remove(0);
+    assert!(head.timeline.is_empty());
+    assert_eq!(head.timeline_skipped, 2);
+    assert_eq!(head.version, stored.version);
+    let e3 = head.record(
+        "system",
+        TimelineKind::NoteAdded,
+        "n2".into(),
+        "two".into(),
+        now,
+    );
+    let e4 = head.record(
+        "system",
+        TimelineKind::NoteAdded,
+        "n3".into(),
+        "three".into(),
+        now,
+    );
+    let saved = s.update_incident(&head, &e4, &[]).await.unwrap();
+    // The stale head (same version) can no longer be saved.
+    assert!(matches!(
+        s.update_incident(&head, &e4, &[]).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let full = s.get_incident(t.id, inc.id).await.unwrap();
+    let subjects: Vec<&str> = full.timeline.iter().map(|e| e.subject.as_str()).collect();
+    assert_eq!(subjects, ["", "one", "two", "three"]);
+    assert_eq!(full.timeline[2], e3);
+    assert_eq!(full.timeline_skipped, 0);
+    assert_eq!(full.version, saved.version);
+    // A full read, changed and saved, appends its one new entry.
+    let mut again = full.clone();
+    let e5 = again.record(
+        "system",
+        TimelineKind::NoteAdded,
+        "n4".into(),
+        "four".into(),
+        now,
+    );
+    s.update_incident(&again, &e5, &[]).await.unwrap();
+    let listed = s.list_incidents(t.id, &q).await.unwrap().remove(0);
+    assert_eq!(listed.timeline.len(), 5);
+    assert_eq!(listed.timeline[4], e5);
+    assert_eq!(listed.timeline[..4], full.timeline[..]);
+    let heads = s.list_incident_heads(t.id, &q).await.unwrap();
+    assert_eq!(heads[0].timeline_skipped, 5);
+}
+
 crate::both_backends!(
+    incident_timeline_is_appended_from_heads,
     raise_alerts_matches_raising_one_at_a_time,
     raise_alerts_are_tenant_scoped,
     detection_shards_are_exclusive_where_replicas_share_the_store,
