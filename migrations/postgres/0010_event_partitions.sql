@@ -53,6 +53,9 @@ CREATE TABLE events (
 ) PARTITION BY RANGE (occurred_at);
 
 CREATE TABLE events_default PARTITION OF events DEFAULT;
+-- Partitions are reached only through `events` (and its row-level security):
+-- the schema's default privileges would grant the application role each one.
+REVOKE ALL ON events_default FROM picket_app;
 
 -- Time order (page order of QueryEvents and ExportEvents), lookups by id,
 -- the feed, and one index per EventFilter field, each ending in the page
@@ -136,6 +139,7 @@ BEGIN
                 ALTER TABLE events DETACH PARTITION events_default;
                 EXECUTE format('CREATE TABLE %I PARTITION OF events FOR VALUES FROM (%L) TO (%L)',
                                part, lo, hi);
+                EXECUTE format('REVOKE ALL ON %I FROM picket_app', part);
                 INSERT INTO events OVERRIDING SYSTEM VALUE
                     SELECT * FROM events_default WHERE occurred_at >= lo AND occurred_at < hi;
                 DELETE FROM events_default WHERE occurred_at >= lo AND occurred_at < hi;
@@ -143,6 +147,7 @@ BEGIN
             ELSE
                 EXECUTE format('CREATE TABLE %I PARTITION OF events FOR VALUES FROM (%L) TO (%L)',
                                part, lo, hi);
+                EXECUTE format('REVOKE ALL ON %I FROM picket_app', part);
             END IF;
             created := created + 1;
         END IF;
