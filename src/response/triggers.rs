@@ -36,9 +36,15 @@ use crate::error::AppResult;
 use crate::response::{Responder, StartRun, now_micros};
 use crate::storage::StoreError;
 
-/// How far before the previous look a look starts (clock differences between
-/// replicas, commits that became visible late).
+/// How far before the previous sweep a sweep starts (clock differences
+/// between replicas, commits that became visible late).
 const MARGIN: chrono::Duration = chrono::Duration::seconds(30);
+/// How far before a tenant's previous look a look on a wake-up starts. Short,
+/// because every look lists (and decodes) the tenant's incidents changed
+/// since then, and a wake-up follows its change within milliseconds; the
+/// sweep every minute, with [`MARGIN`], catches a change stamped long before
+/// it committed.
+const WAKE_MARGIN: chrono::Duration = chrono::Duration::seconds(5);
 /// Most incidents one look considers.
 const INCIDENTS: u32 = 500;
 /// Most alerts of an incident whose categories are checked.
@@ -89,7 +95,7 @@ pub async fn run(responder: Arc<Responder>, shutdown: CancellationToken) {
             continue;
         }
         for tenant in pending {
-            let since = last.get(&tenant).map_or(lookback, |t| *t - MARGIN);
+            let since = last.get(&tenant).map_or(lookback, |t| *t - WAKE_MARGIN);
             let now = now_micros();
             match evaluate(&responder, tenant, since).await {
                 Ok(_) => {
