@@ -25,4 +25,5 @@ mod rule_pack;
 mod rules;
 mod server;
 mod shards;
+mod tls;
 mod webhooks;
