@@ -46,7 +46,10 @@ pub(crate) async fn gauge(addr: SocketAddr, name: &str) -> Option<f64> {
 }
 
 /// Opens WatchIncidents and reads through the (empty) snapshot.
-pub(crate) async fn watch(channel: Channel, key: &str) -> tonic::Streaming<pb::WatchIncidentsResponse> {
+pub(crate) async fn watch(
+    channel: Channel,
+    key: &str,
+) -> tonic::Streaming<pb::WatchIncidentsResponse> {
     let mut s = Incidents::new(channel)
         .watch_incidents(with_key(
             pb::WatchIncidentsRequest {

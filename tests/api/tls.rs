@@ -114,7 +114,10 @@ impl Pki {
     /// The key first, each file replaced whole (written aside, renamed), as
     /// a deployment tool would.
     fn write(&self, name: &str, leaf: &Leaf) -> (PathBuf, PathBuf) {
-        let (cert, key) = (self.path(&format!("{name}.pem")), self.path(&format!("{name}.key")));
+        let (cert, key) = (
+            self.path(&format!("{name}.pem")),
+            self.path(&format!("{name}.key")),
+        );
         for (path, text) in [(&key, &leaf.key_pem), (&cert, &leaf.cert_pem)] {
             let aside = path.with_extension("tmp");
             std::fs::write(&aside, text).unwrap();
@@ -230,7 +233,12 @@ fn ingest_client(channel: &Channel) -> pb::ingest_service_client::IngestServiceC
 
 async fn ingest(channel: &Channel, key: &str, event: pb::Event) {
     let ack = ingest_client(channel)
-        .ingest(with_key(pb::IngestRequest { events: vec![event] }, key))
+        .ingest(with_key(
+            pb::IngestRequest {
+                events: vec![event],
+            },
+            key,
+        ))
         .await
         .expect("ingest over TLS")
         .into_inner();
@@ -250,7 +258,12 @@ async fn grpc_and_http_share_the_tls_port(backend: Backend) {
         .await;
 
     // (a) A generated client over TLS: a real write and a real read.
-    ingest(&app.channel, &key, login("tls-1", "alice", "10.0.0.1", true)).await;
+    ingest(
+        &app.channel,
+        &key,
+        login("tls-1", "alice", "10.0.0.1", true),
+    )
+    .await;
     let events = ingest_client(&app.channel)
         .query_events(with_key(pb::QueryEventsRequest::default(), &key))
         .await
@@ -282,7 +295,10 @@ async fn grpc_and_http_share_the_tls_port(backend: Backend) {
             .await
             .map_err(|e| e.to_string())
     };
-    assert!(plain.await.is_err(), "plaintext must not be served on a TLS port");
+    assert!(
+        plain.await.is_err(),
+        "plaintext must not be served on a TLS port"
+    );
 
     // A client that does not trust the server's CA refuses it.
     let stranger = Pki::new("Another CA");
@@ -353,9 +369,7 @@ async fn mtls_refuses_clients_without_a_certificate_and_still_needs_a_key(backen
         .expect_err("a certificate the client CA did not sign is refused");
 }
 
-async fn a_rotated_certificate_reaches_new_connections_while_a_stream_stays_open(
-    backend: Backend,
-) {
+async fn a_rotated_certificate_reaches_new_connections_while_a_stream_stays_open(backend: Backend) {
     let pki = Pki::new("Picket test CA");
     let first = pki.server(1);
     pki.write("server", &first);
@@ -395,7 +409,12 @@ async fn a_rotated_certificate_reaches_new_connections_while_a_stream_stays_open
     })
     .await
     .expect("a heartbeat");
-    ingest(&app.channel, &key, login("before", "rotor", "10.0.0.1", true)).await;
+    ingest(
+        &app.channel,
+        &key,
+        login("before", "rotor", "10.0.0.1", true),
+    )
+    .await;
     assert_eq!(next_event(&mut tail).await, "before");
 
     // Rotate: a new key and certificate (serial 2) replace the files.
@@ -422,7 +441,12 @@ async fn a_rotated_certificate_reaches_new_connections_while_a_stream_stays_open
     // ...and the stream opened before the rotation is still delivering.
     assert_eq!(next_event(&mut tail).await, "after");
     // So is a call on the old connection.
-    ingest(&app.channel, &key, login("after-old", "rotor", "10.0.0.3", true)).await;
+    ingest(
+        &app.channel,
+        &key,
+        login("after-old", "rotor", "10.0.0.3", true),
+    )
+    .await;
     assert_eq!(next_event(&mut tail).await, "after-old");
 
     // A broken pair (the key of neither certificate) is refused: new
@@ -437,7 +461,10 @@ async fn a_rotated_certificate_reaches_new_connections_while_a_stream_stays_open
         {
             break;
         }
-        assert!(started.elapsed() < DEADLINE, "the broken pair was never looked at");
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the broken pair was never looked at"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(presented(app.addr, &pki).await, second.der);
@@ -520,7 +547,8 @@ async fn plaintext_logs_one_warning_that_keys_travel_in_clear(backend: Backend) 
     let logs = serve_logs(&db, &[]).await;
     assert_eq!(clear(&logs), 1, "exactly one warning: {logs:#?}");
     assert!(
-        logs.iter().any(|l| l.contains("picket serving") && l.contains("\"tls\":\"off\"")),
+        logs.iter()
+            .any(|l| l.contains("picket serving") && l.contains("\"tls\":\"off\"")),
         "{logs:#?}"
     );
 
@@ -536,7 +564,8 @@ async fn plaintext_logs_one_warning_that_keys_travel_in_clear(backend: Backend) 
     .await;
     assert_eq!(clear(&logs), 0, "no warning with TLS on: {logs:#?}");
     assert!(
-        logs.iter().any(|l| l.contains("picket serving") && l.contains("\"tls\":\"on\"")),
+        logs.iter()
+            .any(|l| l.contains("picket serving") && l.contains("\"tls\":\"on\"")),
         "{logs:#?}"
     );
 }
@@ -649,7 +678,12 @@ async fn the_cli_talks_to_an_mtls_server_over_https(backend: Backend) {
         let mut n = 0;
         loop {
             n += 1;
-            ingest(&app.channel, &key, login(&format!("tailed-{n}"), "tailed", "", true)).await;
+            ingest(
+                &app.channel,
+                &key,
+                login(&format!("tailed-{n}"), "tailed", "", true),
+            )
+            .await;
             if let Ok(line) =
                 tokio::time::timeout(Duration::from_millis(500), printed.next_line()).await
             {
@@ -686,7 +720,15 @@ async fn the_cli_talks_to_an_mtls_server_over_https(backend: Backend) {
     );
     // Without a client certificate the mTLS server refuses.
     let out = cli(
-        &["ingest", events, "--quiet", "--server", &server, "--ca-cert", ca],
+        &[
+            "ingest",
+            events,
+            "--quiet",
+            "--server",
+            &server,
+            "--ca-cert",
+            ca,
+        ],
         &key,
     )
     .await;
@@ -694,7 +736,15 @@ async fn the_cli_talks_to_an_mtls_server_over_https(backend: Backend) {
     // TLS files with an http:// address are an error, not ignored.
     let plain = format!("http://{}", app.addr);
     let out = cli(
-        &["ingest", events, "--quiet", "--server", &plain, "--ca-cert", ca],
+        &[
+            "ingest",
+            events,
+            "--quiet",
+            "--server",
+            &plain,
+            "--ca-cert",
+            ca,
+        ],
         &key,
     )
     .await;
@@ -755,7 +805,10 @@ async fn serve_with_url(db: TestDb, url: String) -> (i64, i64) {
         if all > 0 {
             return (ssl, all);
         }
-        assert!(started.elapsed() < DEADLINE, "the server holds no connection");
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the server holds no connection"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -794,42 +847,78 @@ async fn postgres_connections_are_encrypted_with_sslmode_require() {
         return;
     }
     let db = TestDb::new(Backend::Postgres).await;
+    let localhost = db.url.replacen("127.0.0.1", "localhost", 1);
     let verified = format!(
-        "{}?sslmode=verify-full&sslrootcert={}",
-        db.url.replacen("127.0.0.1", "localhost", 1),
+        "{localhost}?sslmode=verify-full&sslrootcert={}",
         cert.display()
     );
-    let (ssl, all) = serve_with_url(db, verified).await;
+    let (ssl, all) = serve_with_url(db, verified.clone()).await;
     assert_eq!(ssl, all, "verify-full: {ssl} of {all} encrypted");
 
-    // The same certificate does not name 127.0.0.1, and another CA did not
-    // sign it: both refused at start.
+    // What verification refuses, with `picket migrate` (the same connect
+    // path) in a process whose system roots are empty: sqlx adds
+    // sslrootcert to the system's roots, and a Debian machine's roots
+    // include the cluster's snake-oil certificate (/etc/ssl/certs).
     let db = TestDb::new(Backend::Postgres).await;
-    let wrong_host = format!(
-        "{}?sslmode=verify-full&sslrootcert={}",
-        db.url,
+    let localhost = db.url.replacen("127.0.0.1", "localhost", 1);
+    let stranger = Pki::new("Another CA");
+    let empty = stranger.path("no-roots.pem");
+    std::fs::write(&empty, "").unwrap();
+    let migrate = |url: String| {
+        let (empty, dir) = (empty.clone(), stranger.path("."));
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_picket"))
+                .args(["--log", "off", "migrate", "--database-url", &url])
+                .env("SSL_CERT_FILE", empty)
+                .env("SSL_CERT_DIR", dir)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let out = migrate(format!(
+        "{localhost}?sslmode=verify-full&sslrootcert={}",
         cert.display()
+    ))
+    .await;
+    assert!(
+        out.status.success(),
+        "sslrootcert alone is trusted: {}",
+        text(&out)
     );
-    let mut settings = test_settings(&db);
-    settings.database_url = Some(SecretString::from(wrong_host));
-    let err = picket::server::startup::Application::build(settings)
-        .await
-        .err()
-        .expect("a certificate for another host is refused");
-    eprintln!("verify-full against 127.0.0.1: {err:#}");
-    let pki = Pki::new("Another CA");
-    let wrong_ca = format!(
-        "{}?sslmode=verify-ca&sslrootcert={}",
-        db.url,
-        pki.ca_path().display()
-    );
-    let mut settings = test_settings(&db);
-    settings.database_url = Some(SecretString::from(wrong_ca));
-    let err = picket::server::startup::Application::build(settings)
-        .await
-        .err()
-        .expect("a certificate another CA signed is refused");
-    eprintln!("verify-ca with another CA: {err:#}");
+    for (url, why) in [
+        (
+            format!("{localhost}?sslmode=verify-full"),
+            "no root trusts the certificate",
+        ),
+        (
+            format!(
+                "{localhost}?sslmode=verify-ca&sslrootcert={}",
+                stranger.ca_path().display()
+            ),
+            "another CA did not sign it",
+        ),
+        (
+            format!(
+                "{}?sslmode=verify-full&sslrootcert={}",
+                db.url,
+                cert.display()
+            ),
+            "it names localhost, not 127.0.0.1",
+        ),
+    ] {
+        let out = migrate(url).await;
+        assert!(
+            !out.status.success(),
+            "refused because {why}: {}",
+            text(&out)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("the TLS handshake failed"),
+            "the reason is TLS ({why}): {}",
+            text(&out)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -221,10 +221,7 @@ pub async fn spawn_connecting(
         let _ = rx.await;
     }));
     // The listener is already bound, so connecting cannot race the server.
-    let channel = endpoint(addr)
-        .connect()
-        .await
-        .expect("connect");
+    let channel = endpoint(addr).connect().await.expect("connect");
     TestApp {
         addr,
         channel,

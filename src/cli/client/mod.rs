@@ -82,13 +82,13 @@ impl ClientTls {
                 );
                 return Ok(endpoint);
             }
-            _ => anyhow::bail!(
-                "the server address `{url}` must start with http:// or https://"
-            ),
+            _ => anyhow::bail!("the server address `{url}` must start with http:// or https://"),
         }
         let mut config = ClientTlsConfig::new();
         config = match &self.ca_cert {
-            Some(path) => config.ca_certificate(Certificate::from_pem(read_pem(path, "CA certificate")?)),
+            Some(path) => {
+                config.ca_certificate(Certificate::from_pem(read_pem(path, "CA certificate")?))
+            }
             None => config.with_enabled_roots(),
         };
         if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
@@ -97,9 +97,9 @@ impl ClientTls {
                 read_pem(key, "client key")?,
             ));
         }
-        endpoint
-            .tls_config(config)
-            .context("the TLS files cannot be used (are they PEM, and does the key match the certificate?)")
+        endpoint.tls_config(config).context(
+            "the TLS files cannot be used (are they PEM, and does the key match the certificate?)",
+        )
     }
 }
 
