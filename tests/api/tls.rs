@@ -200,6 +200,19 @@ async fn presented(addr: SocketAddr, pki: &Pki) -> CertificateDer<'static> {
 
 /// GET `path` over https (HTTP/1.1); returns (status, body).
 async fn https_get(addr: SocketAddr, pki: &Pki, path: &str) -> (u16, String) {
+    let (status, body) = https_request(addr, pki, "GET", path, &[], Vec::new()).await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// An HTTP/1.1 request over https; returns (status, body).
+async fn https_request(
+    addr: SocketAddr,
+    pki: &Pki,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, bytes::Bytes) {
     let tls = tls_connect(addr, rustls_client(pki, &[b"http/1.1"]))
         .await
         .expect("TLS handshake");
@@ -213,18 +226,22 @@ async fn https_get(addr: SocketAddr, pki: &Pki, path: &str) -> (u16, String) {
             .await
             .unwrap();
     tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
     let resp = sender
         .send_request(
-            http::Request::get(path)
-                .header("host", "localhost")
-                .body(http_body_util::Empty::<bytes::Bytes>::new())
+            req.body(http_body_util::Full::new(bytes::Bytes::from(body)))
                 .unwrap(),
         )
         .await
         .unwrap();
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
 }
 
 fn ingest_client(channel: &Channel) -> pb::ingest_service_client::IngestServiceClient<Channel> {
@@ -253,7 +270,7 @@ async fn grpc_and_http_share_the_tls_port(backend: Backend) {
     let pki = Pki::new("Picket test CA");
     pki.write("server", &pki.server(1));
     let app = spawn_tls(backend, &pki, None).await;
-    let (_, key) = app
+    let (tenant, key) = app
         .tenant_with_key("tls", &[pb::Scope::Ingest, pb::Scope::Read])
         .await;
 
@@ -280,6 +297,42 @@ async fn grpc_and_http_share_the_tls_port(backend: Backend) {
     let (status, body) = https_get(app.addr, &pki, "/metrics").await;
     assert_eq!(status, 200);
     assert!(gauge_like(&body, "picket_up").await, "{body}");
+
+    // grpc-web (HTTP/1.1) on the same port: a unary call with the key.
+    let (status, body) = https_request(
+        app.addr,
+        &pki,
+        "POST",
+        "/picket.v1.AdminService/WhoAmI",
+        &[
+            ("content-type", "application/grpc-web+proto"),
+            ("x-grpc-web", "1"),
+            ("x-api-key", &key),
+        ],
+        // One empty WhoAmIRequest: flag 0, length 0.
+        vec![0u8; 5],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("grpc-status:0") && text.contains(&tenant),
+        "WhoAmI over grpc-web names the tenant: {text}"
+    );
+    // The webhook route is served there too (an unknown source: 404).
+    let (status, _) = https_request(
+        app.addr,
+        &pki,
+        "POST",
+        "/v1/webhooks/no-such-source",
+        &[("content-type", "application/json")],
+        b"{}".to_vec(),
+    )
+    .await;
+    assert!(
+        (400..500).contains(&status),
+        "webhook route answered {status}"
+    );
 
     // Plain text on the TLS port gets nothing: a plaintext gRPC client fails.
     let plain = async {
