@@ -512,25 +512,47 @@ async fn a_rotated_certificate_reaches_new_connections_while_a_stream_stays_open
     .await;
     assert_eq!(next_event(&mut tail).await, "after-old");
 
-    // A broken pair (the key of neither certificate) is refused: new
-    // handshakes keep the second certificate.
-    std::fs::write(pki.path("server.key"), pki.server(3).key_pem).unwrap();
-    let started = Instant::now();
-    loop {
+    // The key replaced before its certificate: the pair does not match, so
+    // it is refused and new handshakes keep the second certificate. (The
+    // refusal counter is process-wide, shared with tests running beside
+    // this one: it only tells that a reload was tried since.)
+    let refused = || async {
         let (_, metrics) = https_get(app.addr, &pki, "/metrics").await;
-        if metrics
+        metrics
             .lines()
-            .any(|l| l.starts_with("picket_tls_reloads_total{outcome=\"refused\"}"))
-        {
-            break;
-        }
+            .find_map(|l| l.strip_prefix("picket_tls_reloads_total{outcome=\"refused\"} "))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    let before = refused().await;
+    let third = pki.server(3);
+    std::fs::write(pki.path("server.key"), &third.key_pem).unwrap();
+    let started = Instant::now();
+    while refused().await <= before {
         assert!(
             started.elapsed() < DEADLINE,
-            "the broken pair was never looked at"
+            "the mismatched pair was never looked at"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(presented(app.addr, &pki).await, second.der);
+    // Its certificate follows: the pair is whole again and taken.
+    std::fs::write(pki.path("server.pem"), &third.cert_pem).unwrap();
+    let started = Instant::now();
+    while presented(app.addr, &pki).await != third.der {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the repaired pair was never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The stream opened under the first certificate outlived both.
+    ingest(
+        &app.channel,
+        &key,
+        login("after-third", "rotor", "10.0.0.4", true),
+    )
+    .await;
+    assert_eq!(next_event(&mut tail).await, "after-third");
 }
 
 /// The idempotency key of the next event on `tail`, within [`DEADLINE`].
