@@ -26,4 +26,5 @@ mod rules;
 mod server;
 mod shards;
 mod tls;
+mod upgrade;
 mod webhooks;
