@@ -40,11 +40,12 @@ impl StoreLock {
     }
 }
 
-/// The database file a `sqlite:` URL names; `None` for in-memory databases.
+/// The database file a `sqlite:` URL names; `None` for in-memory databases
+/// and for URLs of other schemes.
 pub fn sqlite_path(url: &str) -> Option<PathBuf> {
     let rest = url
-        .trim_start_matches("sqlite://")
-        .trim_start_matches("sqlite:");
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path.is_empty() || path == ":memory:" || query.split('&').any(|p| p == "mode=memory") {
         return None;
@@ -132,5 +133,9 @@ mod tests {
         );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
         assert_eq!(sqlite_path("sqlite://file.db?mode=memory"), None);
+        assert_eq!(
+            sqlite_path("postgres://u@127.0.0.1:5432/db?sslmode=require"),
+            None
+        );
     }
 }

@@ -928,6 +928,9 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
     result.map_err(|e| opening_failed(url, e))
 }
 
+/// What a failed TLS handshake with the database is told as.
+const TLS_FAILED: &str = "the TLS handshake failed (with sslmode=verify-ca or verify-full the server's certificate must chain to sslrootcert or a system root, and verify-full needs it issued for this host)";
+
 /// Logs the whole cause chain (driver and server text stay in the log) and
 /// returns one sentence for the user: which database (host, port, name, user;
 /// never the password) and the kind of failure.
@@ -946,7 +949,16 @@ fn opening_failed(url: &str, e: anyhow::Error) -> anyhow::Error {
                 Some("42501") => "the user lacks a needed privilege",
                 _ => "the database server refused the request",
             },
-            sqlx::Error::Io(_) | sqlx::Error::Tls(_) => "the server could not be reached",
+            sqlx::Error::Tls(_) => TLS_FAILED,
+            // rustls reports a refused certificate through the socket.
+            sqlx::Error::Io(io)
+                if io
+                    .get_ref()
+                    .is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>()) =>
+            {
+                TLS_FAILED
+            }
+            sqlx::Error::Io(_) => "the server could not be reached",
             sqlx::Error::PoolTimedOut => "connecting timed out",
             sqlx::Error::Migrate(_) => "running the migrations failed",
             _ => "the connection failed",

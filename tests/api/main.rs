@@ -25,5 +25,6 @@ mod rule_pack;
 mod rules;
 mod server;
 mod shards;
+mod tls;
 mod upgrade;
 mod webhooks;

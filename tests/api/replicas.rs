@@ -46,7 +46,10 @@ pub(crate) async fn gauge(addr: SocketAddr, name: &str) -> Option<f64> {
 }
 
 /// Opens WatchIncidents and reads through the (empty) snapshot.
-async fn watch(channel: Channel, key: &str) -> tonic::Streaming<pb::WatchIncidentsResponse> {
+pub(crate) async fn watch(
+    channel: Channel,
+    key: &str,
+) -> tonic::Streaming<pb::WatchIncidentsResponse> {
     let mut s = Incidents::new(channel)
         .watch_incidents(with_key(
             pb::WatchIncidentsRequest {
@@ -70,7 +73,7 @@ async fn watch(channel: Channel, key: &str) -> tonic::Streaming<pb::WatchInciden
 }
 
 /// The next change on `s` as (incident id, kind, cursor), within [`DEADLINE`].
-async fn next_change(
+pub(crate) async fn next_change(
     s: &mut tonic::Streaming<pb::WatchIncidentsResponse>,
 ) -> (String, i32, String) {
     tokio::time::timeout(DEADLINE, async {
@@ -85,7 +88,7 @@ async fn next_change(
     .expect("no change arrived in time")
 }
 
-async fn create(channel: Channel, key: &str, title: &str) -> String {
+pub(crate) async fn create(channel: Channel, key: &str, title: &str) -> String {
     Incidents::new(channel)
         .create_incident(with_key(
             pb::CreateIncidentRequest {

@@ -193,6 +193,19 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
 
 /// Starts the real server with explicit settings.
 pub async fn spawn_with(db: TestDb, settings: Settings) -> TestApp {
+    spawn_connecting(db, settings, |addr| {
+        Channel::from_shared(format!("http://{addr}")).unwrap()
+    })
+    .await
+}
+
+/// Starts the real server with explicit settings; the app's channel
+/// connects through `endpoint(addr)` (TLS, a client certificate, …).
+pub async fn spawn_connecting(
+    db: TestDb,
+    settings: Settings,
+    endpoint: impl FnOnce(SocketAddr) -> tonic::transport::Endpoint,
+) -> TestApp {
     // Logs on demand: PICKET_TEST_LOG=info cargo test …
     if let Ok(filter) = std::env::var("PICKET_TEST_LOG") {
         picket::server::telemetry::init_tracing(
@@ -208,11 +221,7 @@ pub async fn spawn_with(db: TestDb, settings: Settings) -> TestApp {
         let _ = rx.await;
     }));
     // The listener is already bound, so connecting cannot race the server.
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect");
+    let channel = endpoint(addr).connect().await.expect("connect");
     TestApp {
         addr,
         channel,
@@ -475,6 +484,8 @@ pub struct RedisProcess {
     child: Option<std::process::Child>,
     /// Its port.
     pub port: u16,
+    /// TLS only (certificate, key, CA), on `port`, if set.
+    tls: Option<[std::path::PathBuf; 3]>,
 }
 
 impl RedisProcess {
@@ -486,14 +497,40 @@ impl RedisProcess {
             .local_addr()
             .unwrap()
             .port();
-        let mut r = Self { child: None, port };
+        let mut r = Self {
+            child: None,
+            port,
+            tls: None,
+        };
         r.restart();
         r
     }
 
-    /// The URL clients use.
+    /// Starts redis-server serving TLS only (no plaintext port) with
+    /// `cert` and `key`, without asking clients for certificates; `ca` is
+    /// its CA bundle (redis-server needs one). Panics if redis-server was
+    /// built without TLS.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Self {
+            child: None,
+            port,
+            tls: Some([cert.into(), key.into(), ca.into()]),
+        };
+        r.restart();
+        r
+    }
+
+    /// The URL clients use: `rediss://localhost:…` when it serves TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            Some(_) => format!("rediss://localhost:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// Stops it (SIGKILL: as abrupt as a crash).
@@ -508,10 +545,27 @@ impl RedisProcess {
     pub fn restart(&mut self) {
         use std::io::{BufRead, BufReader};
         self.stop();
-        let mut child = std::process::Command::new("redis-server")
-            .args([
+        let port = self.port.to_string();
+        let ports = match &self.tls {
+            None => vec!["--port", port.as_str()],
+            Some([cert, key, ca]) => vec![
                 "--port",
-                &self.port.to_string(),
+                "0",
+                "--tls-port",
+                port.as_str(),
+                "--tls-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-key-file",
+                key.to_str().unwrap(),
+                "--tls-ca-cert-file",
+                ca.to_str().unwrap(),
+                "--tls-auth-clients",
+                "no",
+            ],
+        };
+        let mut child = std::process::Command::new("redis-server")
+            .args(ports)
+            .args([
                 "--bind",
                 "127.0.0.1",
                 "--save",
