@@ -675,10 +675,28 @@ async fn alerts_and_incidents_are_summarized(backend: Backend) {
     assert!((tti.mean_seconds - secs(changes[0], changes[1])).abs() < 1e-6, "{tti:?}");
     assert_eq!(ttr.incidents, 1);
     assert!((ttr.mean_seconds - secs(created, changes[1])).abs() < 1e-6, "{ttr:?}");
-    // Before the resolution the incident was still open.
-    let before = summary(&app, &key, summary_of(start, changes[1])).await;
-    assert_eq!((before.incidents_resolved, before.incidents_open), (0, inc_ids.len() as u64 + 1));
-    let _ = manual;
+    // Stored times have microsecond precision: a range ending at the
+    // resolution's microsecond ends just before it (half-open), and one a
+    // microsecond later holds it.
+    let resolution = changes[1].duration_trunc(Duration::microseconds(1)).unwrap();
+    let before = summary(&app, &key, summary_of(start, resolution)).await;
+    assert_eq!(
+        (before.incidents_resolved, before.incidents_open),
+        (0, inc_ids.len() as u64 + 1),
+        "the incident is still open just before its resolution"
+    );
+    assert_eq!((before.time_to_resolve.unwrap().incidents, before.time_to_investigate.unwrap().incidents), (0, 0));
+    assert_eq!(before.time_to_acknowledge.unwrap().incidents, 1);
+    let with = summary(&app, &key, summary_of(start, resolution + Duration::microseconds(1))).await;
+    assert_eq!((with.incidents_resolved, with.incidents_open), (1, inc_ids.len() as u64));
+    // Incidents of a range after their resolution: none opened, none open,
+    // nothing acknowledged or resolved in it.
+    let after = summary(&app, &key, summary_of(end, end + Duration::hours(1))).await;
+    assert_eq!(
+        (after.incidents_opened, after.incidents_resolved, after.incidents_open),
+        (0, 0, inc_ids.len() as u64)
+    );
+    assert_eq!(manual.status, pb::IncidentStatus::Open as i32);
 
     // Dashboard: each alert in the minute bucket of its creation, by level.
     let m = reports(&app)
