@@ -126,7 +126,9 @@ impl ReportRange {
 
     /// Its length in microseconds.
     pub fn micros(&self) -> i64 {
-        (self.end - self.start).num_microseconds().unwrap_or(i64::MAX)
+        (self.end - self.start)
+            .num_microseconds()
+            .unwrap_or(i64::MAX)
     }
 }
 
@@ -415,16 +417,23 @@ mod tests {
 
     #[test]
     fn ranges_and_buckets_are_checked() {
-        let r = ReportRange::new(t("2026-03-01T00:00:00Z"), t("2026-03-01T10:30:00Z"), "r").unwrap();
+        let r =
+            ReportRange::new(t("2026-03-01T00:00:00Z"), t("2026-03-01T10:30:00Z"), "r").unwrap();
         let b = Buckets::new(r, 3600, "bucket_seconds").unwrap();
         assert_eq!(b.count(), 11);
-        assert_eq!(b.bounds(10), (t("2026-03-01T10:00:00Z"), t("2026-03-01T10:30:00Z")));
+        assert_eq!(
+            b.bounds(10),
+            (t("2026-03-01T10:00:00Z"), t("2026-03-01T10:30:00Z"))
+        );
         assert_eq!(Buckets::new(r, 0, "b").unwrap().seconds, 3600);
         assert_eq!(Buckets::new(r, 59, "b").unwrap_err().field, "b");
-        let long = ReportRange::new(t("2026-01-01T00:00:00Z"), t("2026-03-01T00:00:00Z"), "r").unwrap();
+        let long =
+            ReportRange::new(t("2026-01-01T00:00:00Z"), t("2026-03-01T00:00:00Z"), "r").unwrap();
         assert!(Buckets::new(long, 60, "b").is_err());
         assert_eq!(
-            ReportRange::new(r.end, r.start, "time_range").unwrap_err().field,
+            ReportRange::new(r.end, r.start, "time_range")
+                .unwrap_err()
+                .field,
             "time_range.end"
         );
         assert!(ReportRange::new(r.start, r.start + Duration::days(367), "x").is_err());

@@ -100,10 +100,7 @@ fn report_range(
         }
         None => {
             if containing.is_some() {
-                return Err(AppError::invalid(
-                    "period_containing",
-                    "only with a period",
-                ));
+                return Err(AppError::invalid("period_containing", "only with a period"));
             }
             let start = time_range
                 .and_then(|r| r.start.as_ref())

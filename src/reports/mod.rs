@@ -128,7 +128,12 @@ pub async fn security_summary(
         out.events = c;
     }
     let connects = store
-        .vpn_connects(tenant, range.start - VPN_HISTORY, range.end, MAX_VPN_CONNECTS + 1)
+        .vpn_connects(
+            tenant,
+            range.start - VPN_HISTORY,
+            range.end,
+            MAX_VPN_CONNECTS + 1,
+        )
         .await?;
     if connects.len() > MAX_VPN_CONNECTS as usize {
         return Err(too_much("VPN connections"));
@@ -383,8 +388,14 @@ mod tests {
         let h = IncidentHistory {
             created_at: t("2026-03-10T01:00:00Z"),
             steps: vec![
-                (t("2026-03-10T01:10:00Z"), StatusStep::To(IncidentStatus::Investigating)),
-                (t("2026-03-10T02:00:00Z"), StatusStep::To(IncidentStatus::Resolved)),
+                (
+                    t("2026-03-10T01:10:00Z"),
+                    StatusStep::To(IncidentStatus::Investigating),
+                ),
+                (
+                    t("2026-03-10T02:00:00Z"),
+                    StatusStep::To(IncidentStatus::Resolved),
+                ),
                 (t("2026-03-10T03:00:00Z"), StatusStep::Reopened),
             ],
         };

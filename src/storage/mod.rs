@@ -35,12 +35,12 @@ use crate::domain::decision::{
 use crate::domain::event::{EventQuery, FeedPosition, InsertOutcome, NewEvent, StoredEvent};
 use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
 use crate::domain::playbook::{NotificationSettings, Playbook, PlaybookRun, RunQuery, RunStatus};
-use crate::domain::rule::{StoredModel, TenantRule};
-use crate::domain::webhook::{DeliveryOutcome, WebhookSource};
 use crate::domain::report::{
     AccessQuery, AccessRow, CriticalAlert, EntityCount, EventCounts, IncidentHistory, ReportRange,
     RuleCount, VpnActivity, VpnConnect,
 };
+use crate::domain::rule::{StoredModel, TenantRule};
+use crate::domain::webhook::{DeliveryOutcome, WebhookSource};
 use crate::domain::{ApiKey, ApiKeyId, Severity, Tenant, TenantId};
 
 pub use postgres::PgStore;

@@ -25,8 +25,7 @@ use crate::storage::sql::{fail, prefix_end, uuid};
 use crate::storage::{ReportStore, SqlStore, StoreError, StoreResult};
 
 /// An authentication attempt (OCSF 3002, success or failure, not a logout).
-const AUTH: &str =
-    "ocsf_class_uid = 3002 AND outcome IN (1, 2) AND event_type NOT LIKE '%logout%'";
+const AUTH: &str = "ocsf_class_uid = 3002 AND outcome IN (1, 2) AND event_type NOT LIKE '%logout%'";
 /// A VPN connect (not failed).
 const VPN_CONNECT: &str = "event_type IN ('vpn.connect', 'vpn.connected') AND outcome <> 2";
 /// A VPN disconnect.
@@ -158,7 +157,9 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
         }
         if let Some(k) = &q.after {
             s.push(&format!(" AND ({}) > (", ordered.join(", ")));
-            s.push_bind(k.actor.as_str()).push(", ").push_bind(k.a.as_str());
+            s.push_bind(k.actor.as_str())
+                .push(", ")
+                .push_bind(k.a.as_str());
             if keys.len() == 3 {
                 s.push(", ").push_bind(k.b.as_str());
             }
@@ -262,8 +263,8 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
              ('vpn.connect', 'vpn.connected', 'vpn.disconnect', 'vpn.disconnected') \
              GROUP BY 1, 2 ORDER BY 1, 2 LIMIT $6"
         );
-        let q = Self::bucketed(&sql, "occurred_at", tenant, range, width_micros)
-            .arg(i64::from(limit));
+        let q =
+            Self::bucketed(&sql, "occurred_at", tenant, range, width_micros).arg(i64::from(limit));
         let rows = self.read_all(tenant, q).await.map_err(&fail)?;
         rows.iter()
             .map(|r| {
@@ -510,8 +511,9 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
         for r in &rows {
             let history: Option<String> = r.col("history").map_err(&fail)?;
             let history: Vec<StatusChange> = match history {
-                Some(h) => serde_json::from_str(&h)
-                    .map_err(|e| bad("alert history")(e.to_string()))?,
+                Some(h) => {
+                    serde_json::from_str(&h).map_err(|e| bad("alert history")(e.to_string()))?
+                }
                 None => Vec::new(),
             };
             out.push(CriticalAlert {

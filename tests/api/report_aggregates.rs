@@ -65,9 +65,7 @@ fn fixture_events() -> Vec<pb::Event> {
             let v: serde_json::Value = serde_json::from_str(line).expect("fixture line");
             let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
             let time = NaiveTime::parse_from_str(&s("time"), "%H:%M:%S%.f").expect("time");
-            let when = base
-                + Duration::days(v["day"].as_i64().unwrap())
-                + (time - NaiveTime::MIN);
+            let when = base + Duration::days(v["day"].as_i64().unwrap()) + (time - NaiveTime::MIN);
             let outcome = match s("outcome").as_str() {
                 "success" => pb::Outcome::Success,
                 "failure" => pb::Outcome::Failure,
@@ -104,7 +102,10 @@ fn reports(app: &TestApp) -> pb::report_service_client::ReportServiceClient<Chan
 /// A tenant with the quiet rules disabled and the fixture ingested; its key.
 async fn tenant_with_fixture(app: &TestApp, name: &str) -> String {
     let (tenant, key) = app
-        .tenant_with_key(name, &[pb::Scope::Ingest, pb::Scope::Read, pb::Scope::Respond])
+        .tenant_with_key(
+            name,
+            &[pb::Scope::Ingest, pb::Scope::Read, pb::Scope::Respond],
+        )
         .await;
     for rule in QUIET_RULES {
         app.admin()
@@ -131,7 +132,11 @@ async fn tenant_with_fixture(app: &TestApp, name: &str) -> String {
     key
 }
 
-async fn summary(app: &TestApp, key: &str, req: pb::GetSecuritySummaryRequest) -> pb::GetSecuritySummaryResponse {
+async fn summary(
+    app: &TestApp,
+    key: &str,
+    req: pb::GetSecuritySummaryRequest,
+) -> pb::GetSecuritySummaryResponse {
     reports(app)
         .get_security_summary(with_key(req, key))
         .await
@@ -154,7 +159,13 @@ fn daily(containing: Option<DateTime<Utc>>) -> pb::GetSecuritySummaryRequest {
     }
 }
 
-fn severities(info: u64, low: u64, medium: u64, high: u64, critical: u64) -> Option<pb::SeverityCounts> {
+fn severities(
+    info: u64,
+    low: u64,
+    medium: u64,
+    high: u64,
+    critical: u64,
+) -> Option<pb::SeverityCounts> {
     Some(pb::SeverityCounts {
         info,
         low,
@@ -217,7 +228,10 @@ async fn summary_counts_the_fixture_exactly(backend: Backend) {
     // Edges: [day 0 00:00, day 0 01:00) holds the login at 00:00:00 and the
     // one at 00:59:59.999999, not the one at 01:00:00.
     let edge = summary(&app, &key, summary_of(day(0), day(0) + Duration::hours(1))).await;
-    assert_eq!((edge.events_total, edge.auth_attempts, edge.failed_logins), (2, 2, 1));
+    assert_eq!(
+        (edge.events_total, edge.auth_attempts, edge.failed_logins),
+        (2, 2, 1)
+    );
     // Weekly and monthly periods resolve to UTC calendar ranges.
     let w = summary(
         &app,
@@ -229,9 +243,13 @@ async fn summary_counts_the_fixture_exactly(backend: Backend) {
         },
     )
     .await;
-    let wr = w.time_range.clone().unwrap();
+    let wr = w.time_range.unwrap();
     let (ws, we) = (at(&wr.start), at(&wr.end));
-    assert_eq!(ws.format("%u %H:%M:%S").to_string(), "1 00:00:00", "a Monday");
+    assert_eq!(
+        ws.format("%u %H:%M:%S").to_string(),
+        "1 00:00:00",
+        "a Monday"
+    );
     assert_eq!(we - ws, Duration::days(7));
     assert!(ws <= day(0) && day(0) < we);
 }
@@ -311,7 +329,10 @@ async fn access_report_groups_filters_and_pages(backend: Backend) {
         day(1) - Duration::microseconds(1),
         "the login at 23:59:59.999999 is the last of the day"
     );
-    assert_eq!((alice.distinct_resources, alice.distinct_source_ips), (1, 2));
+    assert_eq!(
+        (alice.distinct_resources, alice.distinct_source_ips),
+        (1, 2)
+    );
     assert_eq!(alice.source_ip, "");
     assert_eq!(rows[13].distinct_source_ips, 1, "frank's success had no IP");
 
@@ -353,7 +374,12 @@ async fn access_report_groups_filters_and_pages(backend: Backend) {
             k("frank", "198.51.100.20", 1, 1, 1),
         ]
     );
-    assert!(by_ip.rows.iter().all(|r| r.resource.is_empty() && r.action.is_empty()));
+    assert!(
+        by_ip
+            .rows
+            .iter()
+            .all(|r| r.resource.is_empty() && r.action.is_empty())
+    );
 
     // Filters: actor, event types, resource prefix.
     let filtered = reports(&app)
@@ -376,7 +402,11 @@ async fn access_report_groups_filters_and_pages(backend: Backend) {
         .collect();
     assert_eq!(
         got,
-        vec![("/api/orders", "read"), ("/api/orders", "write"), ("/api/users", "read")]
+        vec![
+            ("/api/orders", "read"),
+            ("/api/orders", "write"),
+            ("/api/users", "read")
+        ]
     );
 
     // A page token is bound to its request and tenant.
@@ -392,7 +422,11 @@ async fn access_report_groups_filters_and_pages(backend: Backend) {
         .get_access_report(with_key(
             pb::GetAccessReportRequest {
                 actor: "bob".into(),
-                ..request(pb::AccessGrouping::ActorResourceAction, 5, first.next_page_token.clone())
+                ..request(
+                    pb::AccessGrouping::ActorResourceAction,
+                    5,
+                    first.next_page_token.clone(),
+                )
             },
             &key,
         ))
@@ -401,7 +435,11 @@ async fn access_report_groups_filters_and_pages(backend: Backend) {
     assert_eq!(field(&err), "page_token");
     let err = reports(&app)
         .get_access_report(with_key(
-            request(pb::AccessGrouping::ActorResourceAction, 5, first.next_page_token),
+            request(
+                pb::AccessGrouping::ActorResourceAction,
+                5,
+                first.next_page_token,
+            ),
             &other,
         ))
         .await
@@ -435,16 +473,35 @@ async fn dashboard_buckets_the_fixture_exactly(backend: Backend) {
     }
     let events: Vec<u64> = m.buckets.iter().map(|b| b.events).collect();
     let mut want = vec![0u64; 24];
-    for (h, n) in [(0, 2), (1, 1), (2, 1), (3, 3), (4, 1), (5, 2), (6, 2), (7, 3), (8, 1), (9, 1), (23, 1)] {
+    for (h, n) in [
+        (0, 2),
+        (1, 1),
+        (2, 1),
+        (3, 3),
+        (4, 1),
+        (5, 2),
+        (6, 2),
+        (7, 3),
+        (8, 1),
+        (9, 1),
+        (23, 1),
+    ] {
         want[h] = n;
     }
     assert_eq!(events, want);
     let b = &m.buckets;
     // 00:00:00 and 00:59:59.999999 in bucket 0, 01:00:00 in bucket 1.
-    assert_eq!((b[0].auth_attempts, b[0].auth_successes, b[0].failed_logins), (2, 1, 1));
+    assert_eq!(
+        (b[0].auth_attempts, b[0].auth_successes, b[0].failed_logins),
+        (2, 1, 1)
+    );
     assert_eq!(b[0].auth_success_rate, 0.5);
     assert_eq!((b[1].auth_attempts, b[1].auth_success_rate), (1, 1.0));
-    assert_eq!((b[2].auth_attempts, b[2].auth_success_rate), (0, 0.0), "a logout");
+    assert_eq!(
+        (b[2].auth_attempts, b[2].auth_success_rate),
+        (0, 0.0),
+        "a logout"
+    );
     assert_eq!(b[3].events_by_severity, severities(2, 1, 0, 0, 0));
     assert_eq!(b[5].events_by_severity, severities(0, 0, 2, 0, 0));
     assert_eq!(b[6].events_by_severity, severities(1, 0, 0, 1, 0));
@@ -452,7 +509,10 @@ async fn dashboard_buckets_the_fixture_exactly(backend: Backend) {
     let api: Vec<u64> = b.iter().map(|b| b.api_calls).filter(|n| *n > 0).collect();
     assert_eq!(api, vec![3, 1, 2]);
     assert_eq!(b[5].firewall_rule_changes, 2);
-    assert_eq!((b[7].vpn_connects, b[8].vpn_connects, b[9].vpn_disconnects), (2, 1, 1));
+    assert_eq!(
+        (b[7].vpn_connects, b[8].vpn_connects, b[9].vpn_disconnects),
+        (2, 1, 1)
+    );
     // Open VPN connections: erin 1 → 2 → 1, frank 1 from 07:45 on.
     let active: Vec<u64> = b.iter().map(|b| b.active_vpn_connections).collect();
     let mut want = vec![0u64; 24];
@@ -561,7 +621,10 @@ async fn alerts_and_incidents_are_summarized(backend: Backend) {
         .unwrap();
     // The brute force's incident: investigating, then resolved.
     let target = inc_ids[0].clone();
-    for status in [pb::IncidentStatus::Investigating, pb::IncidentStatus::Resolved] {
+    for status in [
+        pb::IncidentStatus::Investigating,
+        pb::IncidentStatus::Resolved,
+    ] {
         incidents
             .clone()
             .update_incident(with_key(
@@ -634,7 +697,11 @@ async fn alerts_and_incidents_are_summarized(backend: Backend) {
         .collect();
     assert_eq!(
         by_rule,
-        vec![(BRUTEFORCE_ACTOR, 1), (SUCCESS_AFTER_BRUTEFORCE, 1), (BRUTEFORCE_IP, 1)]
+        vec![
+            (BRUTEFORCE_ACTOR, 1),
+            (SUCCESS_AFTER_BRUTEFORCE, 1),
+            (BRUTEFORCE_IP, 1)
+        ]
     );
     assert!(s.alerts_by_rule.iter().all(|r| !r.title.is_empty()));
     // Top entities, counted from the alerts themselves.
@@ -649,8 +716,8 @@ async fn alerts_and_incidents_are_summarized(backend: Backend) {
     let mut want: Vec<((i32, String), u64)> = want.into_iter().collect();
     want.sort_by(|a, b| {
         b.1.cmp(&a.1)
-            .then(name(a.0 .0).cmp(name(b.0 .0)))
-            .then(a.0 .1.cmp(&b.0 .1))
+            .then(name(a.0.0).cmp(name(b.0.0)))
+            .then(a.0.1.cmp(&b.0.1))
     });
     want.truncate(10);
     let got: Vec<((i32, String), u64)> = s
@@ -665,35 +732,68 @@ async fn alerts_and_incidents_are_summarized(backend: Backend) {
     assert!(got.iter().any(|((_, v), _)| v == "mallory"));
     assert_eq!(s.incidents_opened, inc_ids.len() as u64 + 1);
     assert_eq!(s.incidents_resolved, 1);
-    assert_eq!(s.incidents_open, inc_ids.len() as u64, "the manual one and the others");
+    assert_eq!(
+        s.incidents_open,
+        inc_ids.len() as u64,
+        "the manual one and the others"
+    );
     let tta = s.time_to_acknowledge.unwrap();
     let tti = s.time_to_investigate.unwrap();
     let ttr = s.time_to_resolve.unwrap();
     assert_eq!(tta.incidents, 1);
-    assert!((tta.mean_seconds - secs(created, changes[0])).abs() < 1e-6, "{tta:?}");
+    assert!(
+        (tta.mean_seconds - secs(created, changes[0])).abs() < 1e-6,
+        "{tta:?}"
+    );
     assert_eq!(tti.incidents, 1);
-    assert!((tti.mean_seconds - secs(changes[0], changes[1])).abs() < 1e-6, "{tti:?}");
+    assert!(
+        (tti.mean_seconds - secs(changes[0], changes[1])).abs() < 1e-6,
+        "{tti:?}"
+    );
     assert_eq!(ttr.incidents, 1);
-    assert!((ttr.mean_seconds - secs(created, changes[1])).abs() < 1e-6, "{ttr:?}");
+    assert!(
+        (ttr.mean_seconds - secs(created, changes[1])).abs() < 1e-6,
+        "{ttr:?}"
+    );
     // Stored times have microsecond precision: a range ending at the
     // resolution's microsecond ends just before it (half-open), and one a
     // microsecond later holds it.
-    let resolution = changes[1].duration_trunc(Duration::microseconds(1)).unwrap();
+    let resolution = changes[1]
+        .duration_trunc(Duration::microseconds(1))
+        .unwrap();
     let before = summary(&app, &key, summary_of(start, resolution)).await;
     assert_eq!(
         (before.incidents_resolved, before.incidents_open),
         (0, inc_ids.len() as u64 + 1),
         "the incident is still open just before its resolution"
     );
-    assert_eq!((before.time_to_resolve.unwrap().incidents, before.time_to_investigate.unwrap().incidents), (0, 0));
+    assert_eq!(
+        (
+            before.time_to_resolve.unwrap().incidents,
+            before.time_to_investigate.unwrap().incidents
+        ),
+        (0, 0)
+    );
     assert_eq!(before.time_to_acknowledge.unwrap().incidents, 1);
-    let with = summary(&app, &key, summary_of(start, resolution + Duration::microseconds(1))).await;
-    assert_eq!((with.incidents_resolved, with.incidents_open), (1, inc_ids.len() as u64));
+    let with = summary(
+        &app,
+        &key,
+        summary_of(start, resolution + Duration::microseconds(1)),
+    )
+    .await;
+    assert_eq!(
+        (with.incidents_resolved, with.incidents_open),
+        (1, inc_ids.len() as u64)
+    );
     // Incidents of a range after their resolution: none opened, none open,
     // nothing acknowledged or resolved in it.
     let after = summary(&app, &key, summary_of(end, end + Duration::hours(1))).await;
     assert_eq!(
-        (after.incidents_opened, after.incidents_resolved, after.incidents_open),
+        (
+            after.incidents_opened,
+            after.incidents_resolved,
+            after.incidents_open
+        ),
         (0, 0, inc_ids.len() as u64)
     );
     assert_eq!(manual.status, pb::IncidentStatus::Open as i32);
@@ -724,15 +824,32 @@ async fn alerts_and_incidents_are_summarized(backend: Backend) {
         }
     }
     let sev = |b: &pb::MetricsBucket| b.alerts_by_severity.unwrap();
-    assert_eq!(m.buckets.iter().map(|b| sev(b).high).collect::<Vec<_>>(), want_high);
-    assert_eq!(m.buckets.iter().map(|b| sev(b).critical).collect::<Vec<_>>(), want_critical);
-    assert!(m.buckets.iter().all(|b| sev(b).info + sev(b).low + sev(b).medium == 0));
+    assert_eq!(
+        m.buckets.iter().map(|b| sev(b).high).collect::<Vec<_>>(),
+        want_high
+    );
+    assert_eq!(
+        m.buckets
+            .iter()
+            .map(|b| sev(b).critical)
+            .collect::<Vec<_>>(),
+        want_critical
+    );
+    assert!(
+        m.buckets
+            .iter()
+            .all(|b| sev(b).info + sev(b).low + sev(b).medium == 0)
+    );
     assert_eq!(m.buckets.iter().map(|b| b.alerts).sum::<u64>(), 3);
     assert_eq!(
         m.buckets.iter().map(|b| b.incidents).sum::<u64>(),
         inc_ids.len() as u64 + 1
     );
-    let low: u64 = m.buckets.iter().map(|b| b.incidents_by_severity.unwrap().low).sum();
+    let low: u64 = m
+        .buckets
+        .iter()
+        .map(|b| b.incidents_by_severity.unwrap().low)
+        .sum();
     assert_eq!(low, 1, "the manual incident");
     // The critical alert is unresolved from its creation to its resolution.
     let crit_created = at(&critical.created_at);
@@ -796,7 +913,10 @@ async fn reports_refuse_bad_input(backend: Backend) {
         ),
     ];
     for (req, want) in cases {
-        let err = c.get_security_summary(with_key(req.clone(), &key)).await.unwrap_err();
+        let err = c
+            .get_security_summary(with_key(req, &key))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{req:?}");
         assert_eq!(field(&err), want, "{req:?}");
     }
@@ -811,8 +931,14 @@ async fn reports_refuse_bad_input(backend: Backend) {
         (dash(60, 1), "bucket_seconds"), // 1,440 buckets
         (dash(3600, 367), "time_range.end"),
     ] {
-        let err = c.get_dashboard_metrics(with_key(req, &key)).await.unwrap_err();
-        assert_eq!((err.code(), field(&err)), (Code::InvalidArgument, want.to_owned()));
+        let err = c
+            .get_dashboard_metrics(with_key(req, &key))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), field(&err)),
+            (Code::InvalidArgument, want.to_owned())
+        );
     }
     let access = |f: &dyn Fn(&mut pb::GetAccessReportRequest)| {
         let mut r = pb::GetAccessReportRequest {
@@ -825,14 +951,23 @@ async fn reports_refuse_bad_input(backend: Backend) {
     for (req, want) in [
         (access(&|r| r.page_size = 1001), "page_size"),
         (access(&|r| r.page_token = "garbage".into()), "page_token"),
-        (access(&|r| r.event_types = vec!["Bad Type".into()]), "event_types[0]"),
+        (
+            access(&|r| r.event_types = vec!["Bad Type".into()]),
+            "event_types[0]",
+        ),
         (access(&|r| r.actor = "a".repeat(1025)), "actor"),
-        (access(&|r| r.resource_prefix = "r".repeat(1025)), "resource_prefix"),
+        (
+            access(&|r| r.resource_prefix = "r".repeat(1025)),
+            "resource_prefix",
+        ),
         (access(&|r| r.group_by = 7), "group_by"),
         (access(&|r| r.time_range = None), "time_range.start"),
     ] {
         let err = c.get_access_report(with_key(req, &key)).await.unwrap_err();
-        assert_eq!((err.code(), field(&err)), (Code::InvalidArgument, want.to_owned()));
+        assert_eq!(
+            (err.code(), field(&err)),
+            (Code::InvalidArgument, want.to_owned())
+        );
     }
     let err = c
         .get_security_summary(with_key(daily(None), &ingest_only))

@@ -122,7 +122,7 @@ fn time(t: &Option<prost_types::Timestamp>) -> String {
 }
 
 fn range_json(r: &Option<pb::TimeRange>) -> Value {
-    let r = r.clone().unwrap_or_default();
+    let r = r.unwrap_or_default();
     json!({"start": time(&r.start), "end": time(&r.end)})
 }
 
@@ -131,7 +131,9 @@ fn severities_json(s: &Option<pb::SeverityCounts>) -> Value {
     json!({"info": s.info, "low": s.low, "medium": s.medium, "high": s.high, "critical": s.critical})
 }
 
-async fn client(server: &ServerArgs) -> anyhow::Result<ReportServiceClient<tonic::transport::Channel>> {
+async fn client(
+    server: &ServerArgs,
+) -> anyhow::Result<ReportServiceClient<tonic::transport::Channel>> {
     Ok(ReportServiceClient::new(server.channel().await?))
 }
 
@@ -215,7 +217,10 @@ async fn summary(a: SummaryArgs) -> anyhow::Result<()> {
         }).collect::<Vec<_>>(),
     });
     if a.range.json {
-        println!("{}", serde_json::to_string_pretty(&doc).context("failed to encode")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).context("failed to encode")?
+        );
         return Ok(());
     }
     println!(
@@ -245,7 +250,11 @@ async fn summary(a: SummaryArgs) -> anyhow::Result<()> {
             doc["alerts_by_severity"][level].to_string(),
         ]);
     }
-    for key in ["time_to_acknowledge", "time_to_investigate", "time_to_resolve"] {
+    for key in [
+        "time_to_acknowledge",
+        "time_to_investigate",
+        "time_to_resolve",
+    ] {
         rows.push(vec![
             format!("{key}_seconds"),
             format!(
@@ -297,7 +306,7 @@ async fn access(a: AccessArgs) -> anyhow::Result<()> {
     // narrow with filters, not to print.
     for _ in 0..1000 {
         let req = pb::GetAccessReportRequest {
-            time_range: time_range.clone(),
+            time_range,
             period,
             period_containing,
             group_by: group_by as i32,
@@ -340,7 +349,10 @@ async fn access(a: AccessArgs) -> anyhow::Result<()> {
         .collect();
     if a.range.json {
         let doc = json!({"time_range": range_json(&covered), "rows": json_rows});
-        println!("{}", serde_json::to_string_pretty(&doc).context("failed to encode")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).context("failed to encode")?
+        );
         return Ok(());
     }
     let r = range_json(&covered);
@@ -349,42 +361,65 @@ async fn access(a: AccessArgs) -> anyhow::Result<()> {
         r["start"].as_str().unwrap_or_default(),
         r["end"].as_str().unwrap_or_default()
     );
-    let (header, cells): (Vec<&str>, Box<dyn Fn(&pb::AccessReportRow) -> Vec<String>>) =
-        if a.by_source_ip {
-            (
-                vec!["actor", "source_ip", "count", "failures", "resources", "first_seen", "last_seen"],
-                Box::new(|r| {
-                    vec![
-                        r.actor.clone(),
-                        r.source_ip.clone(),
-                        r.count.to_string(),
-                        r.failures.to_string(),
-                        r.distinct_resources.to_string(),
-                        time(&r.first_seen),
-                        time(&r.last_seen),
-                    ]
-                }),
-            )
-        } else {
-            (
-                vec!["actor", "resource", "action", "count", "failures", "source_ips", "first_seen", "last_seen"],
-                Box::new(|r| {
-                    vec![
-                        r.actor.clone(),
-                        r.resource.clone(),
-                        r.action.clone(),
-                        r.count.to_string(),
-                        r.failures.to_string(),
-                        r.distinct_source_ips.to_string(),
-                        time(&r.first_seen),
-                        time(&r.last_seen),
-                    ]
-                }),
-            )
-        };
-    let rows: Vec<Vec<String>> = rows.iter().map(&cells).collect();
-    table(&header, &rows);
+    let (header, cells): (&[&str], RowCells) = if a.by_source_ip {
+        (
+            &[
+                "actor",
+                "source_ip",
+                "count",
+                "failures",
+                "resources",
+                "first_seen",
+                "last_seen",
+            ],
+            ip_cells,
+        )
+    } else {
+        (
+            &[
+                "actor",
+                "resource",
+                "action",
+                "count",
+                "failures",
+                "source_ips",
+                "first_seen",
+                "last_seen",
+            ],
+            resource_cells,
+        )
+    };
+    let rows: Vec<Vec<String>> = rows.iter().map(cells).collect();
+    table(header, &rows);
     Ok(())
+}
+
+/// The table cells of one access report row.
+type RowCells = fn(&pb::AccessReportRow) -> Vec<String>;
+
+fn ip_cells(r: &pb::AccessReportRow) -> Vec<String> {
+    vec![
+        r.actor.clone(),
+        r.source_ip.clone(),
+        r.count.to_string(),
+        r.failures.to_string(),
+        r.distinct_resources.to_string(),
+        time(&r.first_seen),
+        time(&r.last_seen),
+    ]
+}
+
+fn resource_cells(r: &pb::AccessReportRow) -> Vec<String> {
+    vec![
+        r.actor.clone(),
+        r.resource.clone(),
+        r.action.clone(),
+        r.count.to_string(),
+        r.failures.to_string(),
+        r.distinct_source_ips.to_string(),
+        time(&r.first_seen),
+        time(&r.last_seen),
+    ]
 }
 
 async fn dashboard(a: DashboardArgs) -> anyhow::Result<()> {
@@ -423,7 +458,10 @@ async fn dashboard(a: DashboardArgs) -> anyhow::Result<()> {
             .collect();
         let doc = json!({"time_range": range_json(&m.time_range),
             "bucket_seconds": m.bucket_seconds, "buckets": buckets});
-        println!("{}", serde_json::to_string_pretty(&doc).context("failed to encode")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).context("failed to encode")?
+        );
         return Ok(());
     }
     let rows: Vec<Vec<String>> = m
