@@ -860,6 +860,78 @@ async fn alerts_and_incidents_are_summarized(backend: Backend) {
     }
 }
 
+/// `picket report …` as a child process: JSON and table output, the same
+/// numbers as the RPCs.
+async fn cli_prints_reports(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let key = tenant_with_fixture(&app, "acme").await;
+    let addr = format!("http://{}", app.addr);
+    let run = async |args: &[&str]| {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_picket"))
+            .arg("report")
+            .args(args)
+            .env("PICKET_SERVER", &addr)
+            .env("PICKET_API_KEY", &key)
+            .output()
+            .await
+            .expect("run picket");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let day0 = day(0).to_rfc3339();
+    let json: serde_json::Value = serde_json::from_str(
+        &run(&["summary", "--period", "daily", "--at", &day0, "--json"]).await,
+    )
+    .unwrap();
+    assert_eq!(json["events_total"], 18);
+    assert_eq!(json["new_vpn_connections"], 1);
+    assert_eq!(json["alerts_by_severity"]["critical"], 0);
+    let table = run(&["summary", "--period", "daily", "--at", &day0]).await;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["auth_attempts", "4"]),
+        "{table}"
+    );
+    let (from, to) = (day(0).to_rfc3339(), day(1).to_rfc3339());
+    let access: serde_json::Value = serde_json::from_str(
+        &run(&[
+            "access",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--by-source-ip",
+            "--json",
+        ])
+        .await,
+    )
+    .unwrap();
+    let rows = access["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 9);
+    assert_eq!(rows[2]["actor"], "bob");
+    assert_eq!(rows[2]["source_ip"], "10.0.0.3");
+    assert_eq!(rows[2]["count"], 5);
+    let table = run(&["access", "--from", &from, "--to", &to]).await;
+    assert_eq!(
+        table.lines().count(),
+        2 + 14,
+        "a title, a header and 14 rows:\n{table}"
+    );
+    let dash: serde_json::Value = serde_json::from_str(
+        &run(&["dashboard", "--period", "daily", "--at", &day0, "--json"]).await,
+    )
+    .unwrap();
+    let buckets = dash["buckets"].as_array().unwrap();
+    assert_eq!(buckets.len(), 24);
+    assert_eq!(buckets[8]["active_vpn_connections"], 3);
+    assert_eq!(buckets[0]["auth_success_rate"], 0.5);
+}
+
 fn field(status: &tonic::Status) -> String {
     status
         .get_details_bad_request()
@@ -984,4 +1056,5 @@ crate::both_backends!(
     dashboard_buckets_the_fixture_exactly,
     alerts_and_incidents_are_summarized,
     reports_refuse_bad_input,
+    cli_prints_reports,
 );
