@@ -99,6 +99,7 @@ pub struct Entity {
     /// What kind.
     pub kind: EntityKind,
     /// Its identifier.
+    #[serde(default)]
     pub value: String,
 }
 
@@ -123,6 +124,7 @@ pub struct Evidence {
     /// The stored event's id.
     pub event_id: Uuid,
     /// Snapshot, so evidence survives retention.
+    #[serde(default)]
     pub snapshot: Option<NewEvent>,
 }
 
@@ -130,10 +132,13 @@ pub struct Evidence {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FeatureValue {
     /// Feature name.
+    #[serde(default)]
     pub name: String,
     /// Value.
+    #[serde(default)]
     pub value: f64,
     /// Contribution to the score.
+    #[serde(default)]
     pub contribution: f64,
 }
 
@@ -145,10 +150,12 @@ pub struct StatusChange {
     /// After.
     pub to: AlertStatus,
     /// Who.
+    #[serde(default)]
     pub by: String,
     /// When.
     pub at: DateTime<Utc>,
     /// Why.
+    #[serde(default)]
     pub note: String,
 }
 
@@ -191,6 +198,7 @@ pub struct NewAlert {
 
 /// The parts of an alert stored as one JSON document.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct AlertBody {
     /// Entities.
     pub entities: Vec<Entity>,
@@ -216,36 +224,45 @@ pub struct Alert {
     /// Id (UUIDv7).
     pub id: Uuid,
     /// Title.
+    #[serde(default)]
     pub title: String,
     /// Summary.
+    #[serde(default)]
     pub summary: String,
     /// Severity.
     pub severity: Severity,
     /// Status.
     pub status: AlertStatus,
     /// Category.
+    #[serde(default)]
     pub category: String,
     /// What raised it.
     pub source_kind: SourceKind,
     /// Rule id, model or webhook source.
+    #[serde(default)]
     pub source_name: String,
     /// Anomaly score.
+    #[serde(default)]
     pub anomaly_score: f64,
     /// Anomaly threshold.
+    #[serde(default)]
     pub anomaly_threshold: f64,
     /// Earliest evidence.
     pub first_seen: DateTime<Utc>,
     /// Latest evidence.
     pub last_seen: DateTime<Utc>,
     /// Occurrences folded in.
+    #[serde(default)]
     pub occurrence_count: u32,
     /// Suppression key.
+    #[serde(default)]
     pub fingerprint: String,
     /// Created.
     pub created_at: DateTime<Utc>,
     /// Last changed.
     pub updated_at: DateTime<Utc>,
     /// Incident, if grouped.
+    #[serde(default)]
     pub incident_id: Option<Uuid>,
     /// Entities, evidence, features, techniques, history.
     pub body: AlertBody,

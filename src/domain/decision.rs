@@ -221,6 +221,7 @@ pub struct Target {
     /// The scope.
     pub scope: DecisionScope,
     /// The canonical IP, range or actor.
+    #[serde(default)]
     pub value: String,
 }
 
@@ -304,6 +305,7 @@ pub struct Origin {
     /// What kind of origin.
     pub kind: OriginKind,
     /// Its id (key, run or alert id).
+    #[serde(default)]
     pub id: String,
 }
 
@@ -345,18 +347,22 @@ pub struct Decision {
     /// What it does.
     pub kind: DecisionKind,
     /// Requests per minute for a throttle; 0 otherwise.
+    #[serde(default)]
     pub throttle_per_minute: u32,
     /// Where it came from.
     pub origin: Origin,
     /// Why.
+    #[serde(default)]
     pub reason: String,
     /// Who created it (as recorded in audit trails).
+    #[serde(default)]
     pub created_by: String,
     /// When it was created.
     pub created_at: DateTime<Utc>,
     /// When it ends.
     pub expires_at: DateTime<Utc>,
     /// When it was revoked, if it was.
+    #[serde(default)]
     pub revoked_at: Option<DateTime<Utc>>,
     /// Who revoked it; empty if not revoked.
     #[serde(default)]
@@ -365,6 +371,7 @@ pub struct Decision {
     #[serde(default)]
     pub revoke_reason: String,
     /// The idempotency key it was created with.
+    #[serde(default)]
     pub idempotency_key: Option<String>,
 }
 
@@ -552,12 +559,14 @@ pub struct Effective {
     /// When this state ends (the deciding decision's expiry).
     pub expires_at: DateTime<Utc>,
     /// The rate of a throttle; 0 otherwise.
+    #[serde(default)]
     pub throttle_per_minute: u32,
     /// The deciding decision.
     pub decision_id: Uuid,
     /// Its origin.
     pub origin: Origin,
     /// Its reason.
+    #[serde(default)]
     pub reason: String,
 }
 
@@ -627,8 +636,10 @@ pub struct TargetState {
     pub target: Target,
     /// Its unrevoked decisions that had not ended when it was last
     /// recomputed (one may have ended since; [`deciding`] skips it).
+    #[serde(default)]
     pub decisions: Vec<Decision>,
     /// The effective state as last logged.
+    #[serde(default)]
     pub effective: Option<Effective>,
 }
 
@@ -677,6 +688,7 @@ impl TargetState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecisionLogEntry {
     /// Its revision: per tenant, increasing by one per entry, in commit order.
+    #[serde(default)]
     pub revision: u64,
     /// How the target's effective state changed.
     pub kind: DeltaKind,
@@ -684,8 +696,10 @@ pub struct DecisionLogEntry {
     pub target: Target,
     /// The new effective state (ADDED, UPDATED, UNCHANGED) or the one that
     /// ended (REMOVED, EXPIRED).
+    #[serde(default)]
     pub effective: Option<Effective>,
     /// The target's decisions in force after the change.
+    #[serde(default)]
     pub decisions: Vec<Decision>,
 }
 

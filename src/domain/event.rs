@@ -72,6 +72,7 @@ impl Outcome {
 
 /// HTTP request details.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct HttpDetails {
     /// Upper-case method.
     pub method: String,
@@ -93,6 +94,7 @@ pub struct HttpDetails {
 
 /// Authentication details.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct AuthDetails {
     /// Method (`password`, `sso`, …).
     pub method: String,
@@ -108,6 +110,7 @@ pub struct AuthDetails {
 
 /// Network details.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct NetworkDetails {
     /// Source port.
     pub source_port: u32,
@@ -127,6 +130,7 @@ pub struct NetworkDetails {
 
 /// Database details.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DatabaseDetails {
     /// Database system.
     pub system: String,
@@ -142,6 +146,7 @@ pub struct DatabaseDetails {
 
 /// Change details.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ChangeDetails {
     /// Kind of object.
     pub object_type: String,
@@ -159,6 +164,7 @@ pub struct ChangeDetails {
 
 /// Quota details.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct QuotaDetails {
     /// Limit name.
     pub limit_name: String,
@@ -172,6 +178,7 @@ pub struct QuotaDetails {
 
 /// The parts of an event that are stored as one JSON document rather than columns.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct EventDetails {
     /// The client's idempotency key as sent (empty if the server chose one).
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -211,32 +218,44 @@ pub struct NewEvent {
     /// When the server accepted it for writing.
     pub received_at: DateTime<Utc>,
     /// Dotted type.
+    #[serde(default)]
     pub event_type: String,
     /// OCSF class uid.
+    #[serde(default)]
     pub ocsf_class_uid: u32,
     /// OCSF category uid.
+    #[serde(default)]
     pub ocsf_category_uid: u32,
     /// Who acted.
+    #[serde(default)]
     pub actor: String,
     /// What was done.
+    #[serde(default)]
     pub action: String,
     /// To what.
+    #[serde(default)]
     pub resource: String,
     /// Result.
     pub outcome: Outcome,
     /// Severity.
     pub severity: Severity,
     /// Canonical source IP.
+    #[serde(default)]
     pub source_ip: Option<IpAddr>,
     /// Canonical destination IP.
+    #[serde(default)]
     pub destination_ip: Option<IpAddr>,
     /// Producing system.
+    #[serde(default)]
     pub source_system: String,
     /// Service.
+    #[serde(default)]
     pub service: String,
     /// Environment.
+    #[serde(default)]
     pub environment: String,
     /// Everything else.
+    #[serde(default)]
     pub details: EventDetails,
 }
 

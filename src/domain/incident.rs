@@ -74,12 +74,15 @@ pub struct TimelineEntry {
     /// When.
     pub at: DateTime<Utc>,
     /// Who: `key:<id>`, `operator`, `system`.
+    #[serde(default)]
     pub actor: String,
     /// What.
     pub kind: TimelineKind,
     /// Human-readable description.
+    #[serde(default)]
     pub description: String,
     /// Alert id, incident id or note text.
+    #[serde(default)]
     pub subject: String,
 }
 
@@ -91,30 +94,39 @@ pub struct Incident {
     /// Id (UUIDv7).
     pub id: Uuid,
     /// Optimistic-concurrency version; bumped on every save.
+    #[serde(default)]
     pub version: i64,
     /// Title.
+    #[serde(default)]
     pub title: String,
     /// Description.
+    #[serde(default)]
     pub description: String,
     /// Status.
     pub status: IncidentStatus,
     /// Severity (highest of its alerts unless set by hand).
     pub severity: Severity,
     /// Assignee.
+    #[serde(default)]
     pub assignee: String,
     /// Tags.
+    #[serde(default)]
     pub tags: Vec<String>,
     /// Correlation keys.
+    #[serde(default)]
     pub entities: Vec<Entity>,
     /// Linked alerts.
+    #[serde(default)]
     pub alert_ids: Vec<Uuid>,
     /// Created.
     pub created_at: DateTime<Utc>,
     /// Last changed.
     pub updated_at: DateTime<Utc>,
     /// Last resolved.
+    #[serde(default)]
     pub resolved_at: Option<DateTime<Utc>>,
     /// Merged into.
+    #[serde(default)]
     pub merged_into: Option<Uuid>,
     /// Timeline, oldest first. Stored apart from the rest of the incident
     /// (it grows with every change); a full read holds all of it, a
@@ -126,6 +138,7 @@ pub struct Incident {
     /// 0 for full reads and new incidents. A save appends only the entries
     /// beyond what is stored. Not part of the stored or logged document.
     #[serde(skip)]
+    #[serde(default)]
     pub timeline_skipped: u64,
 }
 

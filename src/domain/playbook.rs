@@ -215,21 +215,27 @@ pub fn parse_incident_status(s: &str) -> Option<IncidentStatus> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Step {
     /// Unique within the playbook.
+    #[serde(default)]
     pub name: String,
     /// What it does.
     pub action: ActionKind,
     /// Parameters (values may hold templates).
+    #[serde(default)]
     pub params: BTreeMap<String, String>,
     /// Whether a human must approve the run first.
+    #[serde(default)]
     pub requires_approval: bool,
     /// Attempt timeout in seconds (0: the default).
+    #[serde(default)]
     pub timeout_seconds: u32,
     /// Attempts before failing (0: the default).
+    #[serde(default)]
     pub max_attempts: u32,
 }
 
 /// When a playbook runs automatically.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Trigger {
     /// Minimum incident severity; `None` never triggers.
     pub min_severity: Option<Severity>,
@@ -252,16 +258,21 @@ impl Trigger {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlaybookDef {
     /// Unique name within the tenant.
+    #[serde(default)]
     pub name: String,
     /// Description.
+    #[serde(default)]
     pub description: String,
     /// Steps, in order.
+    #[serde(default)]
     pub steps: Vec<Step>,
     /// Automatic trigger.
     pub trigger: Trigger,
     /// Whether runs may start.
+    #[serde(default)]
     pub enabled: bool,
     /// Distinct approvers needed (0 means 1).
+    #[serde(default)]
     pub required_approvals: u32,
 }
 
@@ -280,12 +291,14 @@ pub enum Origin {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Playbook {
     /// Owner; `None` for shared playbooks.
+    #[serde(default)]
     pub tenant_id: Option<TenantId>,
     /// Id (tenant: UUIDv7; shared: derived from origin and name).
     pub id: Uuid,
     /// Where it is defined.
     pub origin: Origin,
     /// Version, from 1.
+    #[serde(default)]
     pub version: i64,
     /// Created.
     pub created_at: DateTime<Utc>,
@@ -701,16 +714,21 @@ pub fn resolve_steps(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResolvedStep {
     /// Name.
+    #[serde(default)]
     pub name: String,
     /// What it does.
     pub action: ActionKind,
     /// Parameters after templates.
+    #[serde(default)]
     pub params: BTreeMap<String, String>,
     /// Whether it required approval.
+    #[serde(default)]
     pub requires_approval: bool,
     /// Attempt timeout, seconds.
+    #[serde(default)]
     pub timeout_seconds: u32,
     /// Attempts before failing.
+    #[serde(default)]
     pub max_attempts: u32,
 }
 
@@ -801,8 +819,10 @@ pub enum StepState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inverse {
     /// The enforcement decision to revoke.
+    #[serde(default)]
     pub decision_id: String,
     /// What it undoes, for people.
+    #[serde(default)]
     pub description: String,
 }
 
@@ -810,12 +830,15 @@ pub struct Inverse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Undo {
     /// Who.
+    #[serde(default)]
     pub by: String,
     /// When.
     pub at: DateTime<Utc>,
     /// Why.
+    #[serde(default)]
     pub reason: String,
     /// What was undone.
+    #[serde(default)]
     pub description: String,
 }
 
@@ -823,22 +846,30 @@ pub struct Undo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepResult {
     /// Step name.
+    #[serde(default)]
     pub step: String,
     /// Progress.
     pub state: StepState,
     /// Attempts made (including one cut off by a crash).
+    #[serde(default)]
     pub attempts: u32,
     /// Attempts that failed (the retry budget counts these).
+    #[serde(default)]
     pub failures: u32,
     /// Outcome or error of the last attempt, for people.
+    #[serde(default)]
     pub message: String,
     /// First attempt started.
+    #[serde(default)]
     pub started_at: Option<DateTime<Utc>>,
     /// Finished.
+    #[serde(default)]
     pub finished_at: Option<DateTime<Utc>>,
     /// The inverse it recorded, if any.
+    #[serde(default)]
     pub inverse: Option<Inverse>,
     /// Set once undone.
+    #[serde(default)]
     pub undo: Option<Undo>,
 }
 
@@ -846,14 +877,18 @@ pub struct StepResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Approval {
     /// Who (bare API key id).
+    #[serde(default)]
     pub decided_by: String,
     /// When.
     pub decided_at: DateTime<Utc>,
     /// Approve or reject.
+    #[serde(default)]
     pub approved: bool,
     /// Comment.
+    #[serde(default)]
     pub comment: String,
     /// The params digest decided on.
+    #[serde(default)]
     pub params_digest: String,
 }
 
@@ -876,44 +911,59 @@ pub struct PlaybookRun {
     /// Id (UUIDv7).
     pub id: Uuid,
     /// Optimistic-concurrency version, bumped on every save.
+    #[serde(default)]
     pub version: i64,
     /// Playbook.
     pub playbook_id: Uuid,
     /// Playbook name.
+    #[serde(default)]
     pub playbook_name: String,
     /// Playbook version used.
+    #[serde(default)]
     pub playbook_version: i64,
     /// Incident.
+    #[serde(default)]
     pub incident_id: Option<Uuid>,
     /// Alert.
+    #[serde(default)]
     pub alert_id: Option<Uuid>,
     /// State.
     pub status: RunStatus,
     /// Who requested it (`system` for triggered runs).
+    #[serde(default)]
     pub requested_by: String,
     /// Whether its trigger created it.
+    #[serde(default)]
     pub automatic: bool,
     /// `auto:<playbook>:<incident>` for triggered runs: at most one each.
+    #[serde(default)]
     pub trigger_key: Option<String>,
     /// Distinct approvals needed.
+    #[serde(default)]
     pub required_approvals: u32,
     /// Approval deadline.
     pub approval_deadline: DateTime<Utc>,
     /// The resolved steps.
+    #[serde(default)]
     pub steps: Vec<ResolvedStep>,
     /// Digest of `steps`.
+    #[serde(default)]
     pub params_digest: String,
     /// Decisions, oldest first.
+    #[serde(default)]
     pub approvals: Vec<Approval>,
     /// One per step.
+    #[serde(default)]
     pub results: Vec<StepResult>,
     /// Why it ended that way.
+    #[serde(default)]
     pub status_reason: String,
     /// Created.
     pub created_at: DateTime<Utc>,
     /// Last changed.
     pub updated_at: DateTime<Utc>,
     /// Reached a terminal state.
+    #[serde(default)]
     pub finished_at: Option<DateTime<Utc>>,
 }
 

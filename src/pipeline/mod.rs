@@ -181,6 +181,33 @@ pub struct DetectionPipeline {
     shards: shards::ShardSet,
     /// Cancelled when the shards are lost: the alert writer drops its queue.
     fence: CancellationToken,
+    /// Announced events not yet read, per tenant (see [`Owed`]).
+    owed: HashMap<TenantId, Owed>,
+}
+
+/// First delay before re-reading a feed whose announced events were not all
+/// readable yet.
+const REREAD_FIRST: Duration = Duration::from_millis(5);
+/// Longest delay between such re-reads.
+const REREAD_MAX: Duration = Duration::from_millis(200);
+
+/// Events the ingest hand-off announced for a tenant that its feed did not
+/// show yet. On Postgres a commit is readable on the feed only once every
+/// older transaction of the cluster has ended (see `storage/postgres.rs`),
+/// so the read right after the notice can come back short; instead of
+/// leaving them to the next poll (seconds), the pipeline re-reads with a
+/// delay that doubles from [`REREAD_FIRST`] to [`REREAD_MAX`], until they
+/// are read or the poll interval has passed (the poll then catches them).
+#[derive(Debug, Clone, Copy)]
+struct Owed {
+    /// Announced events still unread.
+    events: usize,
+    /// Delay before the next re-read.
+    delay: Duration,
+    /// When the next re-read is due.
+    due: tokio::time::Instant,
+    /// When re-reading gives up and leaves the rest to the poll.
+    until: tokio::time::Instant,
 }
 
 impl DetectionPipeline {
@@ -215,6 +242,7 @@ impl DetectionPipeline {
             progress: Arc::default(),
             shards: shards::ShardSet::all(1),
             fence,
+            owed: HashMap::new(),
         }
     }
 
@@ -470,6 +498,10 @@ impl DetectionPipeline {
                 prefetch = Some(Prefetch::start(self.store.clone(), tenant, last));
             }
             self.progress.reading(tenant, batch[0].event.received_at);
+            if let Some(o) = self.owed.get_mut(&tenant) {
+                o.events = o.events.saturating_sub(batch.len());
+            }
+            tracing::debug!(tenant_id = %tenant, read = batch.len(), "feed read");
             let batch = Arc::new(batch);
             raised += self.evaluate_batch(tenant, batch.clone()).await?;
             self.positions.insert(tenant, last);
@@ -578,6 +610,73 @@ impl DetectionPipeline {
             .await;
     }
 
+    /// Counts `accepted` newly announced events of `tenant` as owed.
+    fn announce(&mut self, tenant: TenantId, accepted: usize) {
+        if accepted == 0 {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let o = self.owed.entry(tenant).or_insert(Owed {
+            events: 0,
+            delay: REREAD_FIRST,
+            due: now,
+            until: now,
+        });
+        o.events += accepted;
+        tracing::debug!(tenant_id = %tenant, accepted, owed = o.events, "events announced");
+        o.delay = REREAD_FIRST;
+        o.due = now + REREAD_FIRST;
+        o.until = now + self.config.poll;
+    }
+
+    /// After a pass over `tenant`: forgets it once nothing it announced is
+    /// unread (or re-reading has run its time), else schedules the next
+    /// re-read with a doubled delay.
+    fn settle(&mut self, tenant: TenantId) {
+        let now = tokio::time::Instant::now();
+        let Some(o) = self.owed.get_mut(&tenant) else {
+            return;
+        };
+        if o.events == 0 || now >= o.until || !self.positions.contains_key(&tenant) {
+            if o.events > 0 {
+                tracing::debug!(tenant_id = %tenant, unread = o.events, "announced events still unreadable; left to the poll");
+                metrics::counter!("picket_detect_reread_abandoned_total").increment(1);
+            }
+            self.owed.remove(&tenant);
+            return;
+        }
+        o.due = now + o.delay;
+        o.delay = (o.delay * 2).min(REREAD_MAX);
+        metrics::counter!("picket_detect_rereads_total").increment(1);
+    }
+
+    /// When the earliest owed re-read is due.
+    fn next_reread(&self) -> tokio::time::Instant {
+        self.owed
+            .values()
+            .map(|o| o.due)
+            .min()
+            .unwrap_or_else(|| tokio::time::Instant::now() + self.config.poll)
+    }
+
+    /// Re-reads every tenant whose re-read is due.
+    async fn reread_due(&mut self) -> StoreResult<usize> {
+        let now = tokio::time::Instant::now();
+        let due: Vec<TenantId> = self
+            .owed
+            .iter()
+            .filter(|(_, o)| o.due <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        let mut raised = 0;
+        for t in due {
+            let result = self.process_tenant(t).await;
+            self.settle(t);
+            raised += result?;
+        }
+        Ok(raised)
+    }
+
     /// Runs until shutdown, evaluating the tenants of the detection shards
     /// (of `shards`) that `commands` hands it and takes back (none at first;
     /// see [`shards::lead`]): wakes on the ingest hand-off, or every `poll`.
@@ -602,7 +701,12 @@ impl DetectionPipeline {
         loop {
             let result = tokio::select! {
                 msg = handoff.recv() => match msg {
-                    Ok(c) => self.process_tenant(c.tenant).await,
+                    Ok(c) => {
+                        self.announce(c.tenant, c.accepted);
+                        let result = self.process_tenant(c.tenant).await;
+                        self.settle(c.tenant);
+                        result
+                    }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         metrics::counter!("picket_ingest_handoff_lagged_total").increment(n);
                         tracing::warn!(missed = n, "detection fell behind the ingest hand-off; catching up from the store");
@@ -631,6 +735,9 @@ impl DetectionPipeline {
                         tracing::warn!(error = ?anyhow::Error::from(e), "looking for new tenants failed; will retry");
                     }
                     self.run_once().await
+                }
+                () = tokio::time::sleep_until(self.next_reread()), if !self.owed.is_empty() => {
+                    self.reread_due().await
                 }
                 () = shutdown.cancelled() => break,
             };

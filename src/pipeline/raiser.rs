@@ -203,6 +203,15 @@ fn evidence_of(job: &Job) -> Box<dyn Iterator<Item = uuid::Uuid> + '_> {
     }
 }
 
+/// When a job's evidence events occurred (first and last sighting).
+fn span_of(job: &Job) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    match job {
+        Job::Rule { detection, .. } => Some((detection.first_seen, detection.last_seen)),
+        Job::Ready { alert, .. } => Some((alert.first_seen, alert.last_seen)),
+        Job::Flush(_) => None,
+    }
+}
+
 /// Raises one tenant's jobs of a batch, in order, in parts of at most
 /// [`EVIDENCE_PER_RAISE`] evidence events each (a storm's alerts carry up to
 /// 100 event snapshots each: this bounds what one raise holds in memory).
@@ -233,15 +242,47 @@ async fn raise_part(config: &RaiserConfig, tenant: TenantId, jobs: Vec<Job>) {
         ids.extend(evidence_of(job).filter(|id| seen.insert(*id)));
     }
     let mut by_id: HashMap<uuid::Uuid, NewEvent> = HashMap::with_capacity(ids.len());
+    // Evidence occurred between its alert's first and last sighting: read
+    // within the part's span first (on Postgres that visits only those days'
+    // partitions), then, should any be outside it, the rest without a bound.
+    let span = jobs
+        .iter()
+        .filter_map(span_of)
+        .reduce(|(a, b), (c, d)| (a.min(c), b.max(d)));
     for chunk in ids.chunks(EVIDENCE_READ) {
-        let Some(found) = retrying(config, "evidence", || {
-            config.store.get_events(tenant, chunk)
+        let Some(found) = retrying(config, "evidence", || async {
+            match span {
+                Some((from, to)) => {
+                    config
+                        .store
+                        .get_events_within(tenant, chunk, from, to)
+                        .await
+                }
+                None => config.store.get_events(tenant, chunk).await,
+            }
         })
         .await
         else {
             return;
         };
         by_id.extend(found.into_iter().map(|e| (e.event.id, e.event)));
+    }
+    if span.is_some() {
+        let rest: Vec<uuid::Uuid> = ids
+            .iter()
+            .copied()
+            .filter(|id| !by_id.contains_key(id))
+            .collect();
+        for chunk in rest.chunks(EVIDENCE_READ) {
+            let Some(found) = retrying(config, "evidence", || {
+                config.store.get_events(tenant, chunk)
+            })
+            .await
+            else {
+                return;
+            };
+            by_id.extend(found.into_iter().map(|e| (e.event.id, e.event)));
+        }
     }
     let mut alerts = Vec::with_capacity(jobs.len());
     let mut meta = Vec::with_capacity(jobs.len());

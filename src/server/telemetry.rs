@@ -119,6 +119,14 @@ fn describe_metrics() {
         Unit::Seconds,
         "Time detection spends on one pass over a tenant's new events (reading the feed, evaluating, queueing alerts); its sum is detection's busy time"
     );
+    describe_counter!(
+        "picket_detect_rereads_total",
+        "Re-reads of a tenant's feed scheduled because events the ingest hand-off announced were not readable yet (Postgres shows a commit once every older transaction has ended)"
+    );
+    describe_counter!(
+        "picket_detect_reread_abandoned_total",
+        "Times re-reading gave up on announced events within the poll interval and left them to the next poll"
+    );
     describe_histogram!(
         "picket_alert_write_duration_seconds",
         Unit::Seconds,

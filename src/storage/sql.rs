@@ -1101,6 +1101,30 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
     }
 
     async fn get_events(&self, tenant: TenantId, ids: &[Uuid]) -> StoreResult<Vec<StoredEvent>> {
+        self.events_by_id(tenant, ids, None).await
+    }
+
+    async fn get_events_within(
+        &self,
+        tenant: TenantId,
+        ids: &[Uuid],
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        self.events_by_id(tenant, ids, Some((from, to))).await
+    }
+}
+
+#[allow(private_bounds)]
+impl<DB: Dialect> SqlStore<DB> {
+    /// The tenant's events with these ids, optionally only those that
+    /// occurred in `[from, to]`.
+    async fn events_by_id(
+        &self,
+        tenant: TenantId,
+        ids: &[Uuid],
+        within: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    ) -> StoreResult<Vec<StoredEvent>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -1108,7 +1132,14 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
             "SELECT {}, {EVENT_COLUMNS} FROM events WHERE tenant_id = ",
             DB::FEED_XID
         ));
-        b.push_uuid(tenant.0).push(" AND id IN (");
+        b.push_uuid(tenant.0);
+        if let Some((from, to)) = within {
+            b.push(" AND occurred_at >= ")
+                .push_time(from)
+                .push(" AND occurred_at <= ")
+                .push_time(to);
+        }
+        b.push(" AND id IN (");
         for (n, id) in ids.iter().enumerate() {
             b.push(if n == 0 { "" } else { ", " }).push_uuid(*id);
         }

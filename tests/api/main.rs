@@ -26,4 +26,5 @@ mod rule_pack;
 mod rules;
 mod server;
 mod shards;
+mod upgrade;
 mod webhooks;

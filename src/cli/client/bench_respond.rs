@@ -282,6 +282,7 @@ pub async fn bench(args: &BenchRespondArgs, database_url: &str) -> anyhow::Resul
         "sqlite"
     };
     let server = ServerChild::start(database_url, &operator, &[])?;
+    server.wait_leading_all_shards().await?;
     let channel: Channel =
         tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))?
             .tcp_nodelay(true)

@@ -29,7 +29,11 @@ impl ServerChild {
         cmd.args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
             .env("PICKET_DATABASE_URL", database_url)
             .env("PICKET_ADMIN_TOKEN", operator)
-            .env("PICKET_LOG", "warn,picket=info")
+            .env(
+                "PICKET_LOG",
+                std::env::var("PICKET_BENCH_SERVER_FILTER")
+                    .unwrap_or_else(|_| "warn,picket=info".into()),
+            )
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
         for (k, v) in env {
@@ -45,8 +49,24 @@ impl ServerChild {
                 break v["addr"].as_str().context("no addr")?.to_owned();
             }
         };
-        // Keep draining stderr so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        // Keep draining stderr so the child never blocks on a full pipe;
+        // with PICKET_BENCH_SERVER_LOG set, into that file (to see what the
+        // server did during a run).
+        let mut keep = match std::env::var_os("PICKET_BENCH_SERVER_LOG") {
+            Some(path) => Some(
+                std::fs::File::create(&path)
+                    .with_context(|| format!("cannot create {}", path.to_string_lossy()))?,
+            ),
+            None => None,
+        };
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Some(f) = keep.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
+            }
+        });
         Ok(Self { child, addr })
     }
 
@@ -66,6 +86,29 @@ impl ServerChild {
                 .parse::<f64>()?)
         };
         Ok((kib("VmRSS:")? / 1024.0, kib("VmHWM:")? / 1024.0))
+    }
+}
+
+impl ServerChild {
+    /// Waits (at most 60 s) until the server leads every detection shard
+    /// (`/healthz` `detect_shards`): until then a new tenant's events wait
+    /// for the take-over, which a latency measurement must not count.
+    pub(crate) async fn wait_leading_all_shards(&self) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let body = http_get(&self.addr, "/healthz").await.unwrap_or_default();
+            if serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| {
+                v["detect_shards"].as_u64()
+                    == Some(u64::from(crate::pipeline::shards::DEFAULT_SHARDS))
+            }) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the server did not take over every detection shard within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
