@@ -25,6 +25,8 @@
 //!   in-memory index behind CheckAccess and WatchDecisions, their expiry;
 //!   response playbooks, runs under approval, the engine that executes them,
 //!   automatic runs, signed outbound notifications.
+//! - [`reports`]: the access report, security summary and dashboard metrics
+//!   over the store's aggregates.
 //! - [`error`]: [`error::AppError`], what every capability returns.
 //!
 //! Storage and transports:
@@ -51,6 +53,7 @@ pub mod http;
 pub mod incidents;
 pub mod ingest;
 pub mod pipeline;
+pub mod reports;
 pub mod response;
 pub mod server;
 pub mod storage;

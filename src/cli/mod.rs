@@ -71,6 +71,9 @@ pub enum Command {
     /// Audit exports of stored events.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// Reports: security summary, access report, dashboard metrics.
+    #[command(subcommand)]
+    Report(crate::cli::client::report::ReportCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -282,6 +285,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(ExportCommand::Events(args)) => {
             crate::cli::client::export::run(args).await.map(|_| ())
         }
+        Command::Report(cmd) => crate::cli::client::report::run(cmd).await,
         Command::Bench(BenchCommand::Ingest(args)) => crate::cli::client::bench::run(args).await,
         Command::Bench(BenchCommand::Detect(args)) => {
             crate::cli::client::bench_detect::run(args).await

@@ -9,6 +9,7 @@ pub mod decision;
 pub mod event;
 pub mod incident;
 pub mod playbook;
+pub mod report;
 pub mod rule;
 pub mod tenant;
 pub mod webhook;

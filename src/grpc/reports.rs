@@ -1,20 +1,29 @@
-//! `picket.v1.ReportService`: audit exports (ExportEvents). The aggregate
-//! reports (access report, security summary, dashboard metrics) are part of
-//! the contract but not built yet: they authenticate, check the `read` scope
-//! and answer UNIMPLEMENTED.
+//! `picket.v1.ReportService`: the access report, the security summary and
+//! dashboard metrics (request checks, the period resolved, page tokens, domain
+//! ⇄ pb; the figures come from the `reports` capability), and audit exports
+//! (ExportEvents).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::domain::Scope;
-use crate::domain::event::EventQuery;
-use crate::error::AppError;
+use crate::domain::event::{self, EventQuery, check_len};
+use crate::domain::report::{
+    AccessGrouping, AccessKey, AccessQuery, AccessRow, Buckets, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE,
+    Period, ReportRange, SeverityCounts,
+};
+use crate::domain::{Scope, TenantId};
+use crate::error::{AppError, AppResult};
+use crate::grpc::alerts::entity_kind_to_pb;
+use crate::grpc::convert::{from_timestamp, timestamp};
 use crate::grpc::events::{
     ExportCursor, decode_export_cursor, encode_export_cursor, event_to_pb, query_from_pb,
 };
@@ -54,6 +63,210 @@ fn export_query(req: &pb::ExportEventsRequest) -> Result<EventQuery, AppError> {
     Ok(q)
 }
 
+/// Longest page token accepted, in bytes.
+const MAX_PAGE_TOKEN: usize = 8 * 1024;
+
+/// The range a report request asks for: `time_range`, or `period` (with
+/// `period_containing`, else the last complete period before now).
+fn report_range(
+    time_range: Option<&pb::TimeRange>,
+    period: i32,
+    containing: Option<&prost_types::Timestamp>,
+) -> AppResult<ReportRange> {
+    let period = match pb::ReportPeriod::try_from(period) {
+        Ok(pb::ReportPeriod::Unspecified) => None,
+        Ok(pb::ReportPeriod::Daily) => Some(Period::Daily),
+        Ok(pb::ReportPeriod::Weekly) => Some(Period::Weekly),
+        Ok(pb::ReportPeriod::Monthly) => Some(Period::Monthly),
+        Err(_) => {
+            return Err(AppError::invalid(
+                "period",
+                format!("unknown period value {period}"),
+            ));
+        }
+    };
+    match period {
+        Some(p) => {
+            if time_range.is_some() {
+                return Err(AppError::invalid(
+                    "time_range",
+                    "set either time_range or period, not both",
+                ));
+            }
+            let at = containing
+                .map(|t| from_timestamp(t, "period_containing"))
+                .transpose()?;
+            Ok(ReportRange::period(p, at, Utc::now()))
+        }
+        None => {
+            if containing.is_some() {
+                return Err(AppError::invalid("period_containing", "only with a period"));
+            }
+            let start = time_range
+                .and_then(|r| r.start.as_ref())
+                .ok_or_else(|| AppError::invalid("time_range.start", "required (or set period)"))?;
+            let end = time_range
+                .and_then(|r| r.end.as_ref())
+                .ok_or_else(|| AppError::invalid("time_range.end", "required (or set period)"))?;
+            let start = from_timestamp(start, "time_range.start")?;
+            let end = from_timestamp(end, "time_range.end")?;
+            Ok(ReportRange::new(start, end, "time_range")?)
+        }
+    }
+}
+
+fn range_to_pb(r: ReportRange) -> pb::TimeRange {
+    pb::TimeRange {
+        start: Some(timestamp(r.start)),
+        end: Some(timestamp(r.end)),
+    }
+}
+
+fn severities_to_pb(c: &SeverityCounts) -> pb::SeverityCounts {
+    pb::SeverityCounts {
+        info: c.info,
+        low: c.low,
+        medium: c.medium,
+        high: c.high,
+        critical: c.critical,
+    }
+}
+
+/// A digest binding an access report page token to its tenant and request.
+fn access_tag(tenant: TenantId, q: &AccessQuery) -> String {
+    let mut h = Sha256::new();
+    let grouping = match q.grouping {
+        AccessGrouping::ActorResourceAction => "resource",
+        AccessGrouping::ActorSourceIp => "ip",
+    };
+    let parts: Vec<String> = [
+        "access".to_owned(),
+        tenant.to_string(),
+        q.range.start.timestamp_micros().to_string(),
+        q.range.end.timestamp_micros().to_string(),
+        grouping.to_owned(),
+        q.actor.clone().unwrap_or_default(),
+        q.resource_prefix.clone().unwrap_or_default(),
+    ]
+    .into_iter()
+    .chain(q.event_types.iter().cloned())
+    .collect();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
+fn encode_access_token(tenant: TenantId, q: &AccessQuery, after: &AccessKey) -> String {
+    let doc = serde_json::json!([
+        access_tag(tenant, q),
+        after.actor,
+        after.a,
+        after.b,
+        q.received_before.timestamp_micros(),
+    ]);
+    URL_SAFE_NO_PAD.encode(doc.to_string())
+}
+
+/// The position and pinned time of a page token of this tenant and request.
+fn decode_access_token(
+    tenant: TenantId,
+    q: &AccessQuery,
+    token: &str,
+) -> AppResult<(AccessKey, DateTime<Utc>)> {
+    let bad = || {
+        AppError::invalid(
+            "page_token",
+            "not a page token of this access report (tenant, range, grouping and filters must not change)",
+        )
+    };
+    if token.len() > MAX_PAGE_TOKEN {
+        return Err(bad());
+    }
+    let raw = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let (tag, actor, a, b, received): (String, String, String, String, i64) =
+        serde_json::from_slice(&raw).map_err(|_| bad())?;
+    if tag != access_tag(tenant, q) {
+        return Err(bad());
+    }
+    let received = DateTime::from_timestamp_micros(received).ok_or_else(bad)?;
+    Ok((AccessKey { actor, a, b }, received))
+}
+
+/// The access report query of a request (first page: no position yet).
+fn access_query(req: &pb::GetAccessReportRequest) -> AppResult<AccessQuery> {
+    let range = report_range(
+        req.time_range.as_ref(),
+        req.period,
+        req.period_containing.as_ref(),
+    )?;
+    let grouping = match pb::AccessGrouping::try_from(req.group_by) {
+        Ok(pb::AccessGrouping::Unspecified | pb::AccessGrouping::ActorResourceAction) => {
+            AccessGrouping::ActorResourceAction
+        }
+        Ok(pb::AccessGrouping::ActorSourceIp) => AccessGrouping::ActorSourceIp,
+        Err(_) => {
+            return Err(AppError::invalid(
+                "group_by",
+                format!("unknown grouping value {}", req.group_by),
+            ));
+        }
+    };
+    check_len(&req.actor, event::MAX_STRING, "actor")?;
+    check_len(&req.resource_prefix, event::MAX_STRING, "resource_prefix")?;
+    if req.event_types.len() > 32 {
+        return Err(AppError::invalid("event_types", "at most 32"));
+    }
+    for (i, t) in req.event_types.iter().enumerate() {
+        event::check_event_type(t, &format!("event_types[{i}]"))?;
+    }
+    let limit = match req.page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n > MAX_PAGE_SIZE => {
+            return Err(AppError::invalid(
+                "page_size",
+                format!("at most {MAX_PAGE_SIZE}"),
+            ));
+        }
+        n => n,
+    };
+    Ok(AccessQuery {
+        range,
+        grouping,
+        actor: (!req.actor.is_empty()).then(|| req.actor.clone()),
+        event_types: req.event_types.clone(),
+        resource_prefix: (!req.resource_prefix.is_empty()).then(|| req.resource_prefix.clone()),
+        received_before: Utc::now(),
+        after: None,
+        limit,
+    })
+}
+
+fn access_row_to_pb(r: AccessRow, grouping: AccessGrouping) -> pb::AccessReportRow {
+    let (source_ip, resource, action) = match grouping {
+        AccessGrouping::ActorSourceIp => (r.key.a, String::new(), String::new()),
+        AccessGrouping::ActorResourceAction => (String::new(), r.key.a, r.key.b),
+    };
+    pb::AccessReportRow {
+        actor: r.key.actor,
+        source_ip,
+        resource,
+        action,
+        count: r.count,
+        failures: r.failures,
+        first_seen: Some(timestamp(r.first_seen)),
+        last_seen: Some(timestamp(r.last_seen)),
+        distinct_resources: r.distinct_resources,
+        distinct_source_ips: r.distinct_source_ips,
+    }
+}
+
+fn record_duration(report: &'static str, started: Instant) {
+    metrics::histogram!("picket_report_duration_seconds", "report" => report)
+        .record(started.elapsed().as_secs_f64());
+}
+
 #[tonic::async_trait]
 impl pb::report_service_server::ReportService for ReportApi {
     #[instrument(skip_all, fields(rpc = "ReportService.GetAccessReport", tenant))]
@@ -61,10 +274,30 @@ impl pb::report_service_server::ReportService for ReportApi {
         &self,
         request: Request<pb::GetAccessReportRequest>,
     ) -> Result<Response<pb::GetAccessReportResponse>, Status> {
-        self.ctx.tenant_caller(&request, Scope::Read).await?;
-        Err(to_status(AppError::Unimplemented(
-            "the access report is not implemented yet",
-        )))
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
+        let started = Instant::now();
+        let req = request.into_inner();
+        let mut q = access_query(&req).map_err(to_status)?;
+        if !req.page_token.is_empty() {
+            let (after, received) =
+                decode_access_token(tenant, &q, &req.page_token).map_err(to_status)?;
+            q.after = Some(after);
+            q.received_before = received;
+        }
+        let (rows, next) = crate::reports::access_report(self.ctx.store.as_ref(), tenant, &q)
+            .await
+            .map_err(to_status)?;
+        record_duration("access", started);
+        Ok(Response::new(pb::GetAccessReportResponse {
+            time_range: Some(range_to_pb(q.range)),
+            rows: rows
+                .into_iter()
+                .map(|r| access_row_to_pb(r, q.grouping))
+                .collect(),
+            next_page_token: next
+                .map(|k| encode_access_token(tenant, &q, &k))
+                .unwrap_or_default(),
+        }))
     }
 
     #[instrument(skip_all, fields(rpc = "ReportService.GetSecuritySummary", tenant))]
@@ -72,10 +305,61 @@ impl pb::report_service_server::ReportService for ReportApi {
         &self,
         request: Request<pb::GetSecuritySummaryRequest>,
     ) -> Result<Response<pb::GetSecuritySummaryResponse>, Status> {
-        self.ctx.tenant_caller(&request, Scope::Read).await?;
-        Err(to_status(AppError::Unimplemented(
-            "the security summary is not implemented yet",
-        )))
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
+        let started = Instant::now();
+        let req = request.into_inner();
+        let range = report_range(
+            req.time_range.as_ref(),
+            req.period,
+            req.period_containing.as_ref(),
+        )
+        .map_err(to_status)?;
+        let s = crate::reports::security_summary(self.ctx.store.as_ref(), tenant, range)
+            .await
+            .map_err(to_status)?;
+        record_duration("summary", started);
+        let time = |t: crate::reports::ResponseTime| pb::ResponseTime {
+            mean_seconds: t.mean_seconds,
+            incidents: t.incidents,
+        };
+        Ok(Response::new(pb::GetSecuritySummaryResponse {
+            time_range: Some(range_to_pb(range)),
+            events_total: s.events.events,
+            auth_attempts: s.events.auth_attempts,
+            failed_logins: s.events.failed_logins,
+            vpn_connections: s.events.vpn_connects,
+            new_vpn_connections: s.new_vpn_connections,
+            firewall_rule_changes: s.events.firewall_rule_changes,
+            quota_violations: s.events.quota_violations,
+            alerts_total: s.alerts.total(),
+            alerts_by_severity: Some(severities_to_pb(&s.alerts)),
+            alerts_by_rule: s
+                .alerts_by_rule
+                .into_iter()
+                .map(|r| pb::RuleCount {
+                    source_name: r.source_name,
+                    title: r.title,
+                    count: r.count,
+                })
+                .collect(),
+            incidents_opened: s.incidents_opened,
+            incidents_resolved: s.incidents_resolved,
+            incidents_open: s.incidents_open,
+            time_to_acknowledge: Some(time(s.time_to_acknowledge)),
+            time_to_investigate: Some(time(s.time_to_investigate)),
+            time_to_resolve: Some(time(s.time_to_resolve)),
+            top_entities: s
+                .top_entities
+                .into_iter()
+                .map(|(e, n)| pb::EntityCount {
+                    entity: Some(pb::Entity {
+                        kind: entity_kind_to_pb(e.kind) as i32,
+                        value: e.value,
+                    }),
+                    alert_count: n,
+                })
+                .collect(),
+        }))
     }
 
     #[instrument(skip_all, fields(rpc = "ReportService.GetDashboardMetrics", tenant))]
@@ -83,10 +367,55 @@ impl pb::report_service_server::ReportService for ReportApi {
         &self,
         request: Request<pb::GetDashboardMetricsRequest>,
     ) -> Result<Response<pb::GetDashboardMetricsResponse>, Status> {
-        self.ctx.tenant_caller(&request, Scope::Read).await?;
-        Err(to_status(AppError::Unimplemented(
-            "dashboard metrics are not implemented yet",
-        )))
+        let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
+        let started = Instant::now();
+        let req = request.into_inner();
+        let range = report_range(
+            req.time_range.as_ref(),
+            req.period,
+            req.period_containing.as_ref(),
+        )
+        .map_err(to_status)?;
+        let buckets = Buckets::new(range, req.bucket_seconds, "bucket_seconds")
+            .map_err(|v| to_status(v.into()))?;
+        let series = crate::reports::dashboard(self.ctx.store.as_ref(), tenant, buckets)
+            .await
+            .map_err(to_status)?;
+        record_duration("dashboard", started);
+        Ok(Response::new(pb::GetDashboardMetricsResponse {
+            time_range: Some(range_to_pb(range)),
+            bucket_seconds: buckets.seconds,
+            buckets: series
+                .into_iter()
+                .map(|b| {
+                    let e = &b.events;
+                    pb::MetricsBucket {
+                        start: Some(timestamp(b.start)),
+                        end: Some(timestamp(b.end)),
+                        events: e.events,
+                        events_by_severity: Some(severities_to_pb(&e.by_severity)),
+                        auth_attempts: e.auth_attempts,
+                        auth_successes: e.auth_successes,
+                        auth_success_rate: if e.auth_attempts == 0 {
+                            0.0
+                        } else {
+                            e.auth_successes as f64 / e.auth_attempts as f64
+                        },
+                        failed_logins: e.failed_logins,
+                        api_calls: e.api_calls,
+                        firewall_rule_changes: e.firewall_rule_changes,
+                        vpn_connects: e.vpn_connects,
+                        vpn_disconnects: e.vpn_disconnects,
+                        active_vpn_connections: b.active_vpn_connections,
+                        alerts: b.alerts.total(),
+                        alerts_by_severity: Some(severities_to_pb(&b.alerts)),
+                        incidents: b.incidents.total(),
+                        incidents_by_severity: Some(severities_to_pb(&b.incidents)),
+                        unresolved_critical_alerts: b.unresolved_critical_alerts,
+                    }
+                })
+                .collect(),
+        }))
     }
 
     type ExportEventsStream = BoxStream<pb::ExportEventsResponse>;

@@ -204,6 +204,17 @@ pub(crate) trait Dialect:
     const EXPLAIN: &'static str;
     /// The column of a plan row holding its text.
     const EXPLAIN_COLUMN: &'static str;
+    /// The `FROM` source of alerts (alias `a`) joined with each entity of
+    /// their `body.entities` (read with [`Dialect::ENTITY`]).
+    const ALERT_ENTITIES: &'static str;
+    /// The JSON expression of one entity in [`Dialect::ALERT_ENTITIES`].
+    const ENTITY: &'static str;
+
+    /// SQL for time expression `col` as integer microseconds since the epoch.
+    fn micros(col: &str) -> String;
+    /// SQL for the text (or JSON text, for arrays) at `path` of JSON
+    /// expression `doc`; NULL where absent. `path` is made of constants.
+    fn json_text(doc: &str, path: &[&str]) -> String;
 
     /// Binds a uuid (or NULL).
     fn add_uuid(q: &mut Stmt<Self>, v: Option<Uuid>);

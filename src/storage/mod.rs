@@ -16,6 +16,7 @@ mod decisions;
 mod dialect;
 pub mod lock;
 mod postgres;
+mod reports;
 pub mod scratch;
 mod sql;
 mod sqlite;
@@ -34,9 +35,13 @@ use crate::domain::decision::{
 use crate::domain::event::{EventQuery, FeedPosition, InsertOutcome, NewEvent, StoredEvent};
 use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
 use crate::domain::playbook::{NotificationSettings, Playbook, PlaybookRun, RunQuery, RunStatus};
+use crate::domain::report::{
+    AccessQuery, AccessRow, CriticalAlert, EntityCount, EventCounts, IncidentHistory, ReportRange,
+    RuleCount, VpnActivity, VpnConnect,
+};
 use crate::domain::rule::{StoredModel, TenantRule};
 use crate::domain::webhook::{DeliveryOutcome, WebhookSource};
-use crate::domain::{ApiKey, ApiKeyId, Tenant, TenantId};
+use crate::domain::{ApiKey, ApiKeyId, Severity, Tenant, TenantId};
 
 pub use postgres::PgStore;
 pub use sql::SqlStore;
@@ -263,6 +268,7 @@ pub trait Store:
     + WebhookStore
     + PlaybookStore
     + DecisionStore
+    + ReportStore
     + Send
     + Sync
     + 'static
@@ -989,4 +995,96 @@ fn opening_failed(url: &str, e: anyhow::Error) -> anyhow::Error {
         }
     };
     anyhow::anyhow!("cannot open {what}: {reason}; the log has the database's own message")
+}
+
+/// Report aggregates (see `proto/picket/v1/report.proto` for what each figure
+/// means). Every method aggregates in the database; `width_micros` buckets
+/// times from `range.start` (bucket `i` is `[start + i·width, start +
+/// (i+1)·width)`), and a width of the whole range gives one bucket, 0.
+/// Methods with a `limit` return at most that many rows; callers ask for one
+/// more than they accept to detect an oversized range.
+#[async_trait]
+pub trait ReportStore: Send + Sync {
+    /// One page of the access report: groups in key order after `q.after`.
+    async fn access_report(&self, tenant: TenantId, q: &AccessQuery)
+    -> StoreResult<Vec<AccessRow>>;
+
+    /// Event figures per bucket of `occurred_at` (buckets without events absent).
+    async fn event_counts(
+        &self,
+        tenant: TenantId,
+        range: ReportRange,
+        width_micros: i64,
+    ) -> StoreResult<Vec<(usize, EventCounts)>>;
+
+    /// VPN connects and disconnects per (actor, bucket), ordered by actor
+    /// then bucket.
+    async fn vpn_activity(
+        &self,
+        tenant: TenantId,
+        range: ReportRange,
+        width_micros: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<VpnActivity>>;
+
+    /// VPN connects with a source IP in `[start, end)`, ordered by actor then time.
+    async fn vpn_connects(
+        &self,
+        tenant: TenantId,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<VpnConnect>>;
+
+    /// Alerts per (bucket of `created_at`, current severity).
+    async fn alert_counts(
+        &self,
+        tenant: TenantId,
+        range: ReportRange,
+        width_micros: i64,
+    ) -> StoreResult<Vec<(usize, Severity, u64)>>;
+
+    /// Incidents per (bucket of `created_at`, current severity).
+    async fn incident_counts(
+        &self,
+        tenant: TenantId,
+        range: ReportRange,
+        width_micros: i64,
+    ) -> StoreResult<Vec<(usize, Severity, u64)>>;
+
+    /// Alerts created in the range per source, most first, at most `limit`.
+    async fn alerts_by_rule(
+        &self,
+        tenant: TenantId,
+        range: ReportRange,
+        limit: u32,
+    ) -> StoreResult<Vec<RuleCount>>;
+
+    /// Entities named by alerts created in the range, most alerts first, at
+    /// most `limit`.
+    async fn top_alert_entities(
+        &self,
+        tenant: TenantId,
+        range: ReportRange,
+        limit: u32,
+    ) -> StoreResult<Vec<EntityCount>>;
+
+    /// The incidents created before the range end: how many of those
+    /// unchanged since before the range are active, and the status steps of
+    /// the others (changed in or after the range), at most `limit` rows.
+    async fn incident_histories(
+        &self,
+        tenant: TenantId,
+        range: ReportRange,
+        limit: u32,
+    ) -> StoreResult<(u64, Vec<IncidentHistory>)>;
+
+    /// Critical alerts created before `before`, with their status histories,
+    /// at most `limit`.
+    async fn critical_alerts(
+        &self,
+        tenant: TenantId,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<CriticalAlert>>;
 }

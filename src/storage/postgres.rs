@@ -126,6 +126,18 @@ impl Dialect for Postgres {
         Some("DELETE FROM event_keys WHERE tenant_id = $1 AND occurred_at < $2");
     const EXPLAIN: &'static str = "EXPLAIN ";
     const EXPLAIN_COLUMN: &'static str = "QUERY PLAN";
+    const ALERT_ENTITIES: &'static str =
+        "alerts a CROSS JOIN LATERAL jsonb_array_elements(a.doc #> '{body,entities}') AS ent(v)";
+    const ENTITY: &'static str = "ent.v";
+
+    fn micros(col: &str) -> String {
+        // EXTRACT gives numeric seconds with the microseconds exact.
+        format!("(EXTRACT(EPOCH FROM {col}) * 1000000)::bigint")
+    }
+
+    fn json_text(doc: &str, path: &[&str]) -> String {
+        format!("({doc} #>> '{{{}}}')", path.join(","))
+    }
 
     fn add_uuid(q: &mut Stmt<Self>, v: Option<Uuid>) {
         q.add(v);

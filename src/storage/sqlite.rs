@@ -130,6 +130,17 @@ impl Dialect for Sqlite {
     const PURGE_KEYS: Option<&'static str> = None;
     const EXPLAIN: &'static str = "EXPLAIN QUERY PLAN ";
     const EXPLAIN_COLUMN: &'static str = "detail";
+    const ALERT_ENTITIES: &'static str = "alerts a, json_each(a.doc, '$.body.entities') AS ent";
+    const ENTITY: &'static str = "ent.value";
+
+    fn micros(col: &str) -> String {
+        // Times are stored as integer microseconds already.
+        col.to_owned()
+    }
+
+    fn json_text(doc: &str, path: &[&str]) -> String {
+        format!("json_extract({doc}, '$.{}')", path.join("."))
+    }
 
     fn add_uuid(q: &mut Stmt<Self>, v: Option<Uuid>) {
         q.add(v.map(|u| u.to_string()));

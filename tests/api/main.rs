@@ -19,6 +19,7 @@ mod playbook_process;
 mod playbooks;
 mod python_sdk;
 mod replicas;
+mod report_aggregates;
 mod reports;
 mod restarts;
 mod rule_pack;

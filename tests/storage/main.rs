@@ -1690,6 +1690,66 @@ mod events {
         }
     }
 
+    /// The report aggregates decode the same on both backends (64-bit
+    /// counts, times, bucket indexes), place an event exactly on a bucket
+    /// start in that bucket, leave the range end out, answer an empty tenant
+    /// with no rows, and never count another tenant's events.
+    pub async fn report_aggregates_agree(backend: Backend) {
+        use picket::domain::report::{AccessGrouping, AccessQuery, ReportRange};
+        let (s, _db) = store(backend).await;
+        let (a, b) = two_tenants(s.as_ref()).await;
+        let start = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let range = ReportRange::new(start, start + Duration::seconds(120), "r").unwrap();
+        let width = 60_000_000;
+        assert!(s.event_counts(a, range, width).await.unwrap().is_empty());
+        // At 0 s (bucket 0), 59.999999 s (bucket 0), 60 s (bucket 1), 120 s (out).
+        let mut evs = vec![
+            event("e0", "x", 0),
+            event("e1", "x", 0),
+            event("e2", "y", 60),
+        ];
+        evs[1].occurred_at += Duration::microseconds(59_999_999);
+        evs.push(event("e3", "x", 120));
+        s.insert_events(&[(a, &evs), (b, &evs)]).await.unwrap();
+        let counts = s.event_counts(a, range, width).await.unwrap();
+        let got: Vec<(usize, u64, u64, u64)> = counts
+            .iter()
+            .map(|(i, c)| (*i, c.events, c.failed_logins, c.by_severity.medium))
+            .collect();
+        assert_eq!(got, vec![(0, 2, 2, 2), (1, 1, 1, 1)]);
+        let rows = s
+            .access_report(
+                a,
+                &AccessQuery {
+                    range,
+                    grouping: AccessGrouping::ActorResourceAction,
+                    actor: None,
+                    event_types: Vec::new(),
+                    resource_prefix: None,
+                    received_before: Utc::now() + Duration::seconds(1),
+                    after: None,
+                    limit: 10,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].key.actor.as_str(), rows[0].count, rows[0].failures),
+            ("x", 2, 2)
+        );
+        assert_eq!(rows[0].first_seen, evs[0].occurred_at);
+        assert_eq!(rows[0].last_seen, evs[1].occurred_at);
+        assert_eq!(
+            (rows[0].distinct_resources, rows[0].distinct_source_ips),
+            (1, 1)
+        );
+        let (open, histories) = s.incident_histories(a, range, 10).await.unwrap();
+        assert_eq!((open, histories.len()), (0, 0));
+        assert!(s.alert_counts(a, range, width).await.unwrap().is_empty());
+        assert!(s.top_alert_entities(a, range, 10).await.unwrap().is_empty());
+    }
+
     crate::both_backends!(
         insert_reports_accepted_and_duplicates,
         feed_is_ordered_and_tenant_scoped,
@@ -1698,6 +1758,7 @@ mod events {
         a_duplicate_days_later_is_rejected,
         retention_drops_days_nobody_keeps,
         every_filter_reads_an_index,
+        report_aggregates_agree,
     );
 }
 

@@ -17,6 +17,7 @@ pub mod export;
 pub mod ingest;
 pub mod json;
 pub mod playbook;
+pub mod report;
 mod serve_child;
 pub mod simulate;
 pub mod tail;
