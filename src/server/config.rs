@@ -30,6 +30,13 @@ pub struct Settings {
     #[arg(long, env = "PICKET_DB_MAX_CONNECTIONS", default_value_t = 10)]
     pub db_max_connections: u32,
 
+    /// How long `serve` keeps retrying, at start, a Postgres server it cannot
+    /// reach (0.5 s between attempts, doubling to 5 s) before it exits; any
+    /// other database error ends the start at once.
+    #[arg(long, env = "PICKET_DATABASE_WAIT_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub database_wait_seconds: u64,
+
     /// Operator token for AdminService. Without it, one is generated on first
     /// start, printed once, and only its hash is kept.
     #[arg(long, env = "PICKET_ADMIN_TOKEN", hide_env_values = true, value_parser = secret)]
@@ -339,6 +346,7 @@ impl Settings {
             format!("listen = {}", self.listen),
             format!("database_url = {}", self.database_url_redacted()),
             format!("db_max_connections = {}", self.db_max_connections),
+            format!("database_wait_seconds = {}", self.database_wait_seconds),
             format!("admin_token = {}", set(&self.admin_token)),
             format!("key_pepper = {}", set(&self.key_pepper)),
             format!("max_message_bytes = {}", self.max_message_bytes),

@@ -79,8 +79,12 @@ pub struct Application {
 impl Application {
     /// Connects and migrates the store, bootstraps credentials and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let store =
-            storage::connect_serving(&settings.database_url(), settings.db_max_connections).await?;
+        let store = storage::connect_serving_waiting(
+            &settings.database_url(),
+            settings.db_max_connections,
+            std::time::Duration::from_secs(settings.database_wait_seconds),
+        )
+        .await?;
         // Bad TLS files fail the start before anything else happens.
         let tls = settings
             .tls_files()

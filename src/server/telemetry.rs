@@ -120,6 +120,10 @@ fn describe_metrics() {
         "Time detection spends on one pass over a tenant's new events (reading the feed, evaluating, queueing alerts); its sum is detection's busy time"
     );
     describe_counter!(
+        "picket_store_connect_retries_total",
+        "Attempts at start to reach a Postgres server that could not be reached, retried within --database-wait-seconds"
+    );
+    describe_counter!(
         "picket_detect_rereads_total",
         "Re-reads of a tenant's feed scheduled because events the ingest hand-off announced were not readable yet (Postgres shows a commit once every older transaction has ended)"
     );

@@ -908,6 +908,78 @@ async fn open_store(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn S
 /// detection): a SQLite store is locked for this process first, and a store
 /// another process serves is refused (see [`lock`]). Postgres is shared.
 pub async fn connect_serving(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn Store>> {
+    connect_serving_waiting(url, max_connections, std::time::Duration::ZERO).await
+}
+
+/// First pause between attempts to reach an unreachable Postgres server.
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+/// Longest pause between such attempts.
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// [`connect_serving`], retrying for up to `wait` while a Postgres server
+/// cannot be reached (not started yet, restarting, its address not yet
+/// routable): 0.5 s between attempts, doubling to 5 s, each attempt logged
+/// with the host and port. Any other failure (the user or password refused,
+/// TLS, a missing database, migrations) ends at once: waiting cannot fix it.
+pub async fn connect_serving_waiting(
+    url: &str,
+    max_connections: u32,
+    wait: std::time::Duration,
+) -> anyhow::Result<Arc<dyn Store>> {
+    let started = std::time::Instant::now();
+    let mut delay = RETRY_FIRST;
+    let mut attempts = 1u32;
+    loop {
+        let err = match open_serving(url, max_connections).await {
+            Ok(store) => {
+                if attempts > 1 {
+                    tracing::info!(attempts, "the database server is reachable");
+                }
+                return Ok(store);
+            }
+            Err(e) => e,
+        };
+        if !(unreachable(url, &err) && started.elapsed() + delay <= wait) {
+            let e = opening_failed(url, err);
+            return Err(if attempts > 1 {
+                anyhow::anyhow!(
+                    "{e} (tried {attempts} times over {:.0} s)",
+                    started.elapsed().as_secs_f64()
+                )
+            } else {
+                e
+            });
+        }
+        let (host, port) = match url.parse::<sqlx::postgres::PgConnectOptions>() {
+            Ok(o) => (o.get_host().to_owned(), o.get_port()),
+            Err(_) => (String::new(), 0),
+        };
+        tracing::warn!(
+            host,
+            port,
+            attempt = attempts,
+            retry_in_ms = delay.as_millis() as u64,
+            "the database server cannot be reached yet; retrying"
+        );
+        metrics::counter!("picket_store_connect_retries_total").increment(1);
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(RETRY_MAX);
+        attempts += 1;
+    }
+}
+
+/// Whether opening `url` failed because its Postgres server could not be
+/// reached at all (a socket error that is not a TLS refusal).
+fn unreachable(url: &str, e: &anyhow::Error) -> bool {
+    Backend::from_url(url) == Some(Backend::Postgres)
+        && e.chain().any(|c| {
+            matches!(c.downcast_ref::<sqlx::Error>(), Some(sqlx::Error::Io(io))
+                if !io.get_ref().is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>()))
+        })
+}
+
+/// [`connect_serving`] with the raw error.
+async fn open_serving(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn Store>> {
     match (Backend::from_url(url), lock::sqlite_path(url)) {
         (Some(Backend::Sqlite), Some(path)) => {
             let held = lock::acquire(&path)?;
@@ -918,7 +990,7 @@ pub async fn connect_serving(url: &str, max_connections: u32) -> anyhow::Result<
                     .context("failed to open the SQLite store")?,
             ))
         }
-        _ => connect(url, max_connections).await,
+        _ => open_store(url, max_connections).await,
     }
 }
 

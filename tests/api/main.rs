@@ -11,6 +11,7 @@ mod bad_input;
 mod bench;
 mod crash;
 mod enforcement;
+mod faults;
 mod front_door;
 mod grpcweb;
 mod incidents;

@@ -1,0 +1,134 @@
+//! Faults at the database, on the real binary: a Postgres server that cannot
+//! be reached when `picket serve` starts is retried with backoff for
+//! `--database-wait-seconds`, then named (host and port) in the exit error;
+//! one that becomes reachable within that time is used without a restart.
+
+use std::time::{Duration, Instant};
+
+use picket::grpc::pb;
+use picket::storage::Backend;
+
+use crate::common::{OPERATOR_TOKEN, ServerProcess, TestDb, with_key};
+
+/// A local TCP port nothing listens on (bound, then released).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn an_unreachable_postgres_is_retried_then_named_in_the_exit_error() {
+    let port = free_port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/picket");
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_picket"))
+            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .env("PICKET_DATABASE_URL", &url)
+            .env("PICKET_DATABASE_WAIT_SECONDS", "2")
+            .env("PICKET_ADMIN_TOKEN", OPERATOR_TOKEN)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve started without a database");
+    assert!(
+        stderr.contains(&format!("on 127.0.0.1:{port}")) && stderr.contains("could not be reached"),
+        "{stderr}"
+    );
+    let retries = stderr
+        .lines()
+        .filter(|l| l.contains("cannot be reached yet; retrying"))
+        .count();
+    // 0.5 s, then 1 s: two pauses fit in 2 s, a third (2 s) does not.
+    assert_eq!(retries, 2, "{stderr}");
+    assert!(stderr.contains("tried 3 times"), "{stderr}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+    // Waiting cannot fix a refused login: no retry, at once.
+    let db = TestDb::new(Backend::Postgres).await;
+    let wrong_user = db.url.replace("postgres@", "no_such_role@");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_picket"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("PICKET_DATABASE_URL", &wrong_user)
+            .env("PICKET_DATABASE_WAIT_SECONDS", "30")
+            .env("PICKET_ADMIN_TOKEN", OPERATOR_TOKEN)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!stderr.contains("retrying"), "{stderr}");
+    assert!(stderr.contains("refused the user"), "{stderr}");
+}
+
+#[tokio::test]
+async fn serve_waits_for_postgres_to_become_reachable() {
+    let db = TestDb::new(Backend::Postgres).await;
+    // The server is pointed at a port where, after an outage, a proxy to the
+    // real Postgres starts listening.
+    let port = free_port();
+    let (user, rest) = db.url.split_once('@').expect("a user in the test URL");
+    let (host_port, name) = rest.split_once('/').expect("a database in the test URL");
+    let real_addr = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5432")
+    };
+    let through_proxy = format!("{user}@127.0.0.1:{port}/{name}");
+    let started = Instant::now();
+    let server = tokio::task::spawn_blocking(move || {
+        let server = ServerProcess::start(
+            &db,
+            &[
+                ("PICKET_DATABASE_URL", through_proxy.as_str()),
+                ("PICKET_DATABASE_WAIT_SECONDS", "60"),
+            ],
+        );
+        (server, db)
+    });
+    // The outage: two seconds with nothing listening.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!server.is_finished(), "serve did not wait for the database");
+    let proxy = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = proxy.accept().await {
+            let real_addr = real_addr.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&real_addr).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let (server, _db) = tokio::time::timeout(Duration::from_secs(60), server)
+        .await
+        .expect("serve did not start once the database was reachable")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    // It serves: a tenant is created and read back through the proxy.
+    let mut admin = pb::admin_service_client::AdminServiceClient::new(server.channel().await);
+    let req = with_key(
+        pb::CreateTenantRequest {
+            name: "after-the-outage".into(),
+            ..Default::default()
+        },
+        OPERATOR_TOKEN,
+    );
+    let tenant = admin
+        .create_tenant(req)
+        .await
+        .expect("CreateTenant")
+        .into_inner();
+    assert!(tenant.tenant.is_some());
+}
