@@ -25,6 +25,9 @@ pub struct HealthState {
     known: Arc<HashMap<String, ()>>,
     /// Cancelled at shutdown; ends Watch streams.
     shutdown: CancellationToken,
+    /// Set once shutdown began: the store coming back never makes the
+    /// server SERVING again.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl HealthState {
@@ -39,12 +42,27 @@ impl HealthState {
             serving: watch::Sender::new(true),
             known: Arc::new(known),
             shutdown,
+            stopping: Arc::default(),
         }
     }
 
     /// Marks every service NOT_SERVING (the first step of shutdown).
     pub fn set_not_serving(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.serving.send_replace(false);
+    }
+
+    /// Follows the store: NOT_SERVING while it cannot be reached (every RPC
+    /// would fail), SERVING again once it can (never after shutdown began).
+    pub fn set_store_reachable(&self, reachable: bool) {
+        if !self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            self.serving.send_if_modified(|s| {
+                let changed = *s != reachable;
+                *s = reachable;
+                changed
+            });
+        }
     }
 
     fn status(serving: bool) -> i32 {

@@ -303,6 +303,7 @@ impl Application {
         ));
 
         let health = HealthState::new(&SERVICE_NAMES, token.clone());
+        tracker.spawn(watch_store(store.clone(), health.clone(), token.clone()));
         let health_service = HealthServer::new(health.clone());
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -490,5 +491,39 @@ async fn not_found(request: axum::extract::Request) -> axum::response::Response 
         axum::response::Response::from_parts(parts, axum::body::Body::empty())
     } else {
         (axum::http::StatusCode::NOT_FOUND, "not found\n").into_response()
+    }
+}
+
+/// How often the store is pinged for health.
+const STORE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a ping may take before the store counts as unreachable.
+const STORE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Pings the store every second until shutdown: grpc health (and
+/// `picket_store_up`) says NOT_SERVING while it cannot be reached and
+/// SERVING again once it can; `/healthz` pings it on every request. The
+/// pool reconnects by itself, so the server recovers without a restart.
+async fn watch_store(store: Arc<dyn Store>, health: HealthState, token: CancellationToken) {
+    let mut up = true;
+    metrics::gauge!("picket_store_up").set(1.0);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(STORE_CHECK) => {}
+            () = token.cancelled() => return,
+        }
+        let now = matches!(
+            tokio::time::timeout(STORE_CHECK_TIMEOUT, store.ping()).await,
+            Ok(Ok(()))
+        );
+        if now != up {
+            up = now;
+            if up {
+                tracing::info!("the store is reachable again: health SERVING");
+            } else {
+                tracing::error!("the store cannot be reached: health NOT_SERVING until it can");
+            }
+            metrics::gauge!("picket_store_up").set(if up { 1.0 } else { 0.0 });
+            health.set_store_reachable(up);
+        }
     }
 }

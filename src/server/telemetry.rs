@@ -106,6 +106,10 @@ fn describe_metrics() {
         "Plain HTTP requests (healthz, metrics, webhooks), by route and status"
     );
     describe_gauge!(
+        "picket_store_up",
+        "1 while the store answers (checked every second), 0 while it cannot be reached (grpc health is then NOT_SERVING)"
+    );
+    describe_gauge!(
         "picket_up",
         "1 while the server is serving, 0 while it shuts down"
     );
