@@ -368,19 +368,7 @@ async fn detection_lag_and_alert_queue_are_reported(backend: Backend) {
     // sent before that are replayed by the take-over (raising the alert
     // before the shards are reported led, and without a lag measured), so
     // the live path this test is about starts once they are led.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let (_, _, body) = common::http1(app.addr, "GET", "/healthz", &[], vec![]).await;
-        let health: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        if health["detect_shards"].as_u64().is_some_and(|n| n > 0) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "detection never took its shards on: {health}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    app.wait_detecting().await;
     let mut stream = watch(&app, &key, "").await;
     let mut events = failures("lag", "203.0.113.77", "mallory", 7);
     events

@@ -101,6 +101,10 @@ fn reports(app: &TestApp) -> pb::report_service_client::ReportServiceClient<Chan
 
 /// A tenant with the quiet rules disabled and the fixture ingested; its key.
 async fn tenant_with_fixture(app: &TestApp, name: &str) -> String {
+    // The fixture is back-dated: events sent before detection leads its
+    // shards would be skipped by the take-over's replay (it covers the last
+    // 24 h of event time), and their alerts never raised.
+    app.wait_detecting().await;
     let (tenant, key) = app
         .tenant_with_key(
             name,

@@ -259,6 +259,27 @@ impl TestApp {
         }
     }
 
+    /// Waits (at most 30 s) until the server's detection leads its shards
+    /// (`/healthz` `detect_shards` > 0). Events sent before that are not
+    /// evaluated live: the take-over replays only the last `replay` hours
+    /// of event time, so a test sending back-dated events, or measuring the
+    /// live path, waits for this first.
+    pub async fn wait_detecting(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let (_, _, body) = http1(self.addr, "GET", "/healthz", &[], vec![]).await;
+            let health: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if health["detect_shards"].as_u64().is_some_and(|n| n > 0) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "detection never took its shards on: {health}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// An AdminService client.
     pub fn admin(&self) -> pb::admin_service_client::AdminServiceClient<Channel> {
         pb::admin_service_client::AdminServiceClient::new(self.channel.clone())
