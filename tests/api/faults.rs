@@ -18,22 +18,28 @@ fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-#[tokio::test]
-async fn an_unreachable_postgres_is_retried_then_named_in_the_exit_error() {
-    let port = free_port();
-    let url = format!("postgres://postgres@127.0.0.1:{port}/picket");
-    let started = Instant::now();
-    let out = tokio::task::spawn_blocking(move || {
+/// Runs `picket serve` on `url` with `--database-wait-seconds wait` until it
+/// exits (it is expected to: its database is out of reach).
+async fn serve_until_exit(url: String, wait: &'static str) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_picket"))
             .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
             .env("PICKET_DATABASE_URL", &url)
-            .env("PICKET_DATABASE_WAIT_SECONDS", "2")
+            .env("PICKET_DATABASE_WAIT_SECONDS", wait)
             .env("PICKET_ADMIN_TOKEN", OPERATOR_TOKEN)
             .output()
             .unwrap()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_unreachable_postgres_is_retried_then_named_in_the_exit_error() {
+    let port = free_port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/picket");
+    let started = Instant::now();
+    let out = serve_until_exit(url, "2").await;
     let took = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "serve started without a database");
@@ -55,17 +61,7 @@ async fn an_unreachable_postgres_is_retried_then_named_in_the_exit_error() {
     // Waiting cannot fix a refused login: no retry, at once.
     let db = TestDb::new(Backend::Postgres).await;
     let wrong_user = db.url.replace("postgres@", "no_such_role@");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_picket"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .env("PICKET_DATABASE_URL", &wrong_user)
-            .env("PICKET_DATABASE_WAIT_SECONDS", "30")
-            .env("PICKET_ADMIN_TOKEN", OPERATOR_TOKEN)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = serve_until_exit(wrong_user, "30").await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(!stderr.contains("retrying"), "{stderr}");
@@ -77,15 +73,7 @@ async fn serve_waits_for_postgres_to_become_reachable() {
     let db = TestDb::new(Backend::Postgres).await;
     // The server is pointed at a port where, after an outage, a proxy to the
     // real Postgres starts listening.
-    let port = free_port();
-    let (user, rest) = db.url.split_once('@').expect("a user in the test URL");
-    let (host_port, name) = rest.split_once('/').expect("a database in the test URL");
-    let real_addr = if host_port.contains(':') {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:5432")
-    };
-    let through_proxy = format!("{user}@127.0.0.1:{port}/{name}");
+    let (mut proxy, through_proxy) = Proxy::to_db(&db);
     let started = Instant::now();
     let server = tokio::task::spawn_blocking(move || {
         let server = ServerProcess::start(
@@ -100,19 +88,7 @@ async fn serve_waits_for_postgres_to_become_reachable() {
     // The outage: two seconds with nothing listening.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!server.is_finished(), "serve did not wait for the database");
-    let proxy = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = proxy.accept().await {
-            let real_addr = real_addr.clone();
-            tokio::spawn(async move {
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&real_addr).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-            });
-        }
-    });
+    proxy.open();
     let (server, _db) = tokio::time::timeout(Duration::from_secs(60), server)
         .await
         .expect("serve did not start once the database was reachable")
@@ -144,12 +120,23 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn new(target: String) -> Self {
-        Self {
-            port: free_port(),
+    /// A proxy (not yet open) to `db`'s Postgres server, and `db`'s URL
+    /// through it.
+    fn to_db(db: &TestDb) -> (Self, String) {
+        let (user, rest) = db.url.split_once('@').expect("a user in the test URL");
+        let (host_port, name) = rest.split_once('/').expect("a database in the test URL");
+        let target = if host_port.contains(':') {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:5432")
+        };
+        let port = free_port();
+        let proxy = Self {
+            port,
             target,
             task: None,
-        }
+        };
+        (proxy, format!("{user}@127.0.0.1:{port}/{name}"))
     }
 
     fn open(&mut self) {
@@ -215,16 +202,8 @@ async fn health_becomes(
 async fn health_follows_the_store_and_the_server_recovers_without_a_restart() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let db = TestDb::new(Backend::Postgres).await;
-    let (user, rest) = db.url.split_once('@').expect("a user in the test URL");
-    let (host_port, name) = rest.split_once('/').expect("a database in the test URL");
-    let target = if host_port.contains(':') {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:5432")
-    };
-    let mut proxy = Proxy::new(target);
+    let (mut proxy, url) = Proxy::to_db(&db);
     proxy.open();
-    let url = format!("{user}@127.0.0.1:{}/{name}", proxy.port);
     let (server, _db) = tokio::task::spawn_blocking(move || {
         let server = ServerProcess::start(&db, &[("PICKET_DATABASE_URL", url.as_str())]);
         (server, db)
