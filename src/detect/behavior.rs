@@ -24,7 +24,6 @@
 //!   Fires at most once per actor per hour.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::IpAddr;
 
 use chrono::{DateTime, TimeZone, Timelike, Utc};
 use uuid::Uuid;
@@ -32,6 +31,7 @@ use uuid::Uuid;
 use crate::detect::{Detection, DetectionKind, Entity, EntityKind, fingerprint};
 use crate::domain::Severity;
 use crate::domain::event::{NewEvent, Outcome};
+pub use crate::domain::report::network_of;
 
 /// Id of the new-VPN-network detector.
 pub const VPN_NEW_NETWORK_ID: &str = "32f01260-afd0-41f6-aedc-71d10f6bcc1a";
@@ -538,20 +538,6 @@ impl BehaviorState {
                 e.actor, e.event_type
             ),
         ))
-    }
-}
-
-/// The network an address belongs to for the VPN detector: /24 or /48.
-pub fn network_of(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            format!("{}.{}.{}.0/24", o[0], o[1], o[2])
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])
-        }
     }
 }
 

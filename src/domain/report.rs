@@ -314,28 +314,68 @@ pub struct EventCounts {
     pub vpn_disconnects: u64,
 }
 
-/// VPN connects and disconnects of one actor in one bucket.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VpnActivity {
-    /// The actor.
-    pub actor: String,
-    /// Bucket index.
-    pub bucket: usize,
-    /// Connects.
-    pub connects: u64,
-    /// Disconnects.
-    pub disconnects: u64,
+impl EventCounts {
+    /// Adds every figure of `other` to this one (the rollups and the raw
+    /// events after them are counted apart and summed).
+    pub fn merge(&mut self, other: &EventCounts) {
+        self.events += other.events;
+        self.by_severity.info += other.by_severity.info;
+        self.by_severity.low += other.by_severity.low;
+        self.by_severity.medium += other.by_severity.medium;
+        self.by_severity.high += other.by_severity.high;
+        self.by_severity.critical += other.by_severity.critical;
+        self.auth_attempts += other.auth_attempts;
+        self.auth_successes += other.auth_successes;
+        self.failed_logins += other.failed_logins;
+        self.api_calls += other.api_calls;
+        self.firewall_rule_changes += other.firewall_rule_changes;
+        self.quota_violations += other.quota_violations;
+        self.vpn_connects += other.vpn_connects;
+        self.vpn_disconnects += other.vpn_disconnects;
+    }
 }
 
-/// One VPN connect (for new-network counting).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VpnConnect {
-    /// The actor.
-    pub actor: String,
-    /// Canonical source IP.
-    pub source_ip: std::net::IpAddr,
-    /// When.
-    pub at: DateTime<Utc>,
+/// The network a VPN connect comes from, as "new network" counts it: the
+/// IPv4 /24 or the IPv6 /48 of the source IP.
+pub fn network_of(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+        }
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])
+        }
+    }
+}
+
+/// A run of VPN connects of one actor from one network: connects with no
+/// gap longer than [`VPN_HISTORY`] between consecutive ones, from the first
+/// (`start`) to the last (`end`). A connect is from a new network exactly
+/// when it starts a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VpnRun {
+    /// The first connect.
+    pub start: DateTime<Utc>,
+    /// The last connect.
+    pub end: DateTime<Utc>,
+}
+
+/// The runs that `runs` (of one actor and network: earlier runs and single
+/// connects, `start == end`, in any order) make together: sorted, merged
+/// wherever the gap between one's last connect and the next's first is at
+/// most [`VPN_HISTORY`].
+pub fn merge_vpn_runs(mut runs: Vec<VpnRun>) -> Vec<VpnRun> {
+    runs.sort_by_key(|r| (r.start, r.end));
+    let mut out: Vec<VpnRun> = Vec::with_capacity(runs.len());
+    for r in runs {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end + VPN_HISTORY => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 /// Alerts raised by one source.
@@ -383,6 +423,35 @@ pub type EntityCount = (Entity, u64);
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_connect_starts_a_run_after_30_days_without_one() {
+        let t = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let one = |s: &str| VpnRun {
+            start: t(s),
+            end: t(s),
+        };
+        let runs = merge_vpn_runs(vec![
+            one("2026-03-10T00:00:00Z"),
+            one("2026-02-01T00:00:00Z"), // 37 days before: its own run
+            one("2026-03-10T05:00:00Z"),
+            VpnRun {
+                start: t("2026-04-01T00:00:00Z"),
+                end: t("2026-04-02T00:00:00Z"),
+            },
+            one("2026-05-02T00:00:00Z"), // exactly 30 days after: known
+        ]);
+        assert_eq!(
+            runs,
+            vec![
+                one("2026-02-01T00:00:00Z"),
+                VpnRun {
+                    start: t("2026-03-10T00:00:00Z"),
+                    end: t("2026-05-02T00:00:00Z"),
+                },
+            ]
+        );
+    }
     use super::*;
 
     fn t(s: &str) -> DateTime<Utc> {

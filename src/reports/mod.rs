@@ -1,25 +1,25 @@
 //! Reports over a tenant's stored events, alerts and incidents: the access
 //! report, the security summary and dashboard metrics. The store aggregates
 //! (`storage::ReportStore`, one `GROUP BY` per figure); this capability asks
-//! for the aggregates, enforces the read caps, and finishes what needs an
-//! order the database does not give cheaply: new VPN networks per actor
-//! (30 days of one actor's connects), open VPN connections carried from bucket
-//! to bucket, incident response times replayed from status timelines, and
-//! critical alerts still unresolved at each bucket end. Definitions are in
+//! for the aggregates (which read the report rollups where they can, see
+//! `storage/rollups.rs`, and `rollup` here for the task keeping them), enforces
+//! the read caps, and finishes what needs an order the database does not give
+//! cheaply: open VPN connections carried from bucket to bucket, incident
+//! response times replayed from status timelines, and critical alerts still
+//! unresolved at each bucket end. Definitions are in
 //! `proto/picket/v1/report.proto`.
 
-use std::collections::HashMap;
+pub mod rollup;
 
 use chrono::{DateTime, Utc};
 
-use crate::detect::behavior::network_of;
 use crate::domain::TenantId;
 use crate::domain::alert::AlertStatus;
 use crate::domain::incident::IncidentStatus;
 use crate::domain::report::{
     AccessKey, AccessQuery, AccessRow, Buckets, EntityCount, EventCounts, IncidentHistory,
     MAX_CRITICAL_ALERTS, MAX_STATUS_ENTRIES, MAX_VPN_CONNECTS, ReportRange, RuleCount,
-    SeverityCounts, StatusStep, TOP_ENTITIES, TOP_RULES, VPN_HISTORY, VpnConnect,
+    SeverityCounts, StatusStep, TOP_ENTITIES, TOP_RULES,
 };
 use crate::error::{AppError, AppResult};
 use crate::storage::Store;
@@ -127,18 +127,10 @@ pub async fn security_summary(
     for (_, c) in store.event_counts(tenant, range, width).await? {
         out.events = c;
     }
-    let connects = store
-        .vpn_connects(
-            tenant,
-            range.start - VPN_HISTORY,
-            range.end,
-            MAX_VPN_CONNECTS + 1,
-        )
-        .await?;
-    if connects.len() > MAX_VPN_CONNECTS as usize {
-        return Err(too_much("VPN connections"));
-    }
-    out.new_vpn_connections = new_networks(&connects, range);
+    out.new_vpn_connections = store
+        .new_vpn_networks(tenant, range, MAX_VPN_CONNECTS)
+        .await?
+        .ok_or_else(|| too_much("VPN connections"))?;
     for (_, severity, n) in store.alert_counts(tenant, range, width).await? {
         out.alerts.add(severity, n);
     }
@@ -163,30 +155,6 @@ pub async fn security_summary(
     out.time_to_investigate = ResponseTime::of(&times.investigate);
     out.time_to_resolve = ResponseTime::of(&times.resolve);
     Ok(out)
-}
-
-/// VPN connects in `range` from a network the actor had no connect from in
-/// the [`VPN_HISTORY`] before. `connects` are ordered by actor, then time,
-/// and reach back [`VPN_HISTORY`] before the range.
-fn new_networks(connects: &[VpnConnect], range: ReportRange) -> u64 {
-    let mut new = 0;
-    let mut actor: Option<&str> = None;
-    let mut last_seen: HashMap<String, DateTime<Utc>> = HashMap::new();
-    for c in connects {
-        if actor != Some(c.actor.as_str()) {
-            actor = Some(c.actor.as_str());
-            last_seen.clear();
-        }
-        let network = network_of(c.source_ip);
-        let known = last_seen
-            .get(&network)
-            .is_some_and(|seen| *seen >= c.at - VPN_HISTORY);
-        if !known && c.at >= range.start && c.at < range.end {
-            new += 1;
-        }
-        last_seen.insert(network, c.at);
-    }
-    new
 }
 
 /// What replaying incident timelines over a range gives.
@@ -293,34 +261,19 @@ pub async fn dashboard(
     for (i, severity, count) in store.incident_counts(tenant, range, width).await? {
         out[slot(i)].incidents.add(severity, count);
     }
-    // Open VPN connections, per actor, carried from bucket to bucket.
-    let activity = store
-        .vpn_activity(tenant, range, width, MAX_VPN_CONNECTS + 1)
-        .await?;
-    if activity.len() > MAX_VPN_CONNECTS as usize {
-        return Err(too_much("VPN connections"));
-    }
-    let mut per_actor: HashMap<&str, Vec<(usize, i64)>> = HashMap::new();
-    for a in &activity {
-        per_actor
-            .entry(a.actor.as_str())
-            .or_default()
-            .push((slot(a.bucket), a.connects as i64 - a.disconnects as i64));
-    }
-    let mut open = vec![0u64; n];
-    for steps in per_actor.values() {
-        let mut level: i64 = 0;
-        let mut k = 0;
-        for (i, total) in open.iter_mut().enumerate() {
-            while k < steps.len() && steps[k].0 == i {
-                level = (level + steps[k].1).max(0);
-                k += 1;
-            }
-            *total += level as u64;
+    // Open VPN connections at each bucket end: the running sum of the
+    // per-bucket changes the store computes (floored per actor there).
+    let mut open: i64 = 0;
+    let mut changes = store
+        .vpn_open_changes(tenant, range, width)
+        .await?
+        .into_iter()
+        .peekable();
+    for (i, b) in out.iter_mut().enumerate() {
+        while let Some((_, d)) = changes.next_if(|(k, _)| slot(*k) == i) {
+            open += d;
         }
-    }
-    for (b, o) in out.iter_mut().zip(open) {
-        b.active_vpn_connections = o;
+        b.active_vpn_connections = open.max(0) as u64;
     }
     // Critical alerts unresolved at each bucket end.
     let critical = store
@@ -352,31 +305,6 @@ mod tests {
 
     fn t(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()
-    }
-
-    fn connect(actor: &str, ip: &str, at: &str) -> VpnConnect {
-        VpnConnect {
-            actor: actor.into(),
-            source_ip: ip.parse().unwrap(),
-            at: t(at),
-        }
-    }
-
-    #[test]
-    fn a_network_is_new_when_unseen_for_30_days() {
-        let range = ReportRange {
-            start: t("2026-03-10T00:00:00Z"),
-            end: t("2026-03-11T00:00:00Z"),
-        };
-        let connects = [
-            connect("alice", "198.51.100.1", "2026-02-01T00:00:00Z"),
-            connect("alice", "198.51.100.9", "2026-03-10T00:00:00Z"), // 37 days: new
-            connect("alice", "198.51.100.7", "2026-03-10T05:00:00Z"), // same /24: known
-            connect("alice", "203.0.113.5", "2026-03-10T06:00:00Z"),  // new
-            connect("bob", "198.51.100.1", "2026-02-20T00:00:00Z"),
-            connect("bob", "198.51.100.2", "2026-03-10T23:59:59Z"), // 18 days: known
-        ];
-        assert_eq!(new_networks(&connects, range), 2);
     }
 
     #[test]

@@ -111,6 +111,14 @@ pub struct Settings {
     )]
     pub retention_interval_seconds: u64,
 
+    /// How often the report rollups (hourly event figures, VPN activity,
+    /// VPN network runs) fold in newly committed events, in milliseconds.
+    /// Reports are exact either way (they add the raw events the rollups do
+    /// not hold yet); a longer interval only leaves more for them to read.
+    /// 0 turns the rollups off.
+    #[arg(long, env = "PICKET_ROLLUP_INTERVAL_MS", default_value_t = 1000)]
+    pub rollup_interval_ms: u64,
+
     /// Run the detection pipeline (rules and behavioural detectors on every
     /// committed event). `--detection false` turns it off.
     #[arg(long, env = "PICKET_DETECTION", default_value_t = true, action = clap::ArgAction::Set)]
@@ -374,6 +382,7 @@ impl Settings {
                 "retention_interval_seconds = {}",
                 self.retention_interval_seconds
             ),
+            format!("rollup_interval_ms = {}", self.rollup_interval_ms),
             format!(
                 "rules_dir = {}",
                 self.rules_dir

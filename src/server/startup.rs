@@ -301,6 +301,13 @@ impl Application {
             std::time::Duration::from_secs(settings.retention_interval_seconds.max(1)),
             token.clone(),
         ));
+        if settings.rollup_interval_ms > 0 {
+            tracker.spawn(crate::reports::rollup::run(
+                store.clone(),
+                std::time::Duration::from_millis(settings.rollup_interval_ms),
+                token.clone(),
+            ));
+        }
 
         let health = HealthState::new(&SERVICE_NAMES, token.clone());
         tracker.spawn(watch_store(store.clone(), health.clone(), token.clone()));

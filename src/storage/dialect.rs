@@ -226,6 +226,8 @@ pub(crate) trait Dialect:
     fn add_doc<T: serde::Serialize + Sync + ?Sized>(q: &mut Stmt<Self>, v: &T);
     /// Appends the condition ` AND (feed position) > after`.
     fn push_after(q: &mut Stmt<Self>, after: FeedPosition);
+    /// Appends the condition ` AND (feed position) <= upto`.
+    fn push_upto(q: &mut Stmt<Self>, upto: FeedPosition);
     /// Appends the condition ` AND` the JSON array at `path` of column `doc`
     /// holds `entity`.
     fn push_has_entity(q: &mut Stmt<Self>, path: &[&str], entity: &Entity);
@@ -248,6 +250,14 @@ pub(crate) trait Dialect:
         store: &SqlStore<Self>,
         tenant: TenantId,
         write: bool,
+    ) -> Result<Tx<Self>, sqlx::Error>;
+
+    /// Begins a read-only transaction of `tenant` whose statements all see
+    /// one snapshot (a report reading rollups, their position and the raw
+    /// events after it must not see the rollups move between statements).
+    async fn begin_snapshot(
+        store: &SqlStore<Self>,
+        tenant: TenantId,
     ) -> Result<Tx<Self>, sqlx::Error>;
 
     /// Serializes raises of one alert fingerprint (`key`) within `tx`.

@@ -17,6 +17,7 @@ mod dialect;
 pub mod lock;
 mod postgres;
 mod reports;
+mod rollups;
 pub mod scratch;
 mod sql;
 mod sqlite;
@@ -37,7 +38,7 @@ use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
 use crate::domain::playbook::{NotificationSettings, Playbook, PlaybookRun, RunQuery, RunStatus};
 use crate::domain::report::{
     AccessQuery, AccessRow, CriticalAlert, EntityCount, EventCounts, IncidentHistory, ReportRange,
-    RuleCount, VpnActivity, VpnConnect,
+    RuleCount,
 };
 use crate::domain::rule::{StoredModel, TenantRule};
 use crate::domain::webhook::{DeliveryOutcome, WebhookSource};
@@ -1089,24 +1090,39 @@ pub trait ReportStore: Send + Sync {
         width_micros: i64,
     ) -> StoreResult<Vec<(usize, EventCounts)>>;
 
-    /// VPN connects and disconnects per (actor, bucket), ordered by actor
-    /// then bucket.
-    async fn vpn_activity(
+    /// The change, per bucket, of the VPN connections open at its end:
+    /// per actor, connects minus disconnects summed from the range start and
+    /// floored at zero; the rows are the buckets where the sum over actors
+    /// changes, ordered (the open count of bucket `i` is the sum of the
+    /// changes up to `i`).
+    async fn vpn_open_changes(
         &self,
         tenant: TenantId,
         range: ReportRange,
         width_micros: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<VpnActivity>>;
+    ) -> StoreResult<Vec<(usize, i64)>>;
 
-    /// VPN connects with a source IP in `[start, end)`, ordered by actor then time.
-    async fn vpn_connects(
+    /// VPN connects in `range` from a network (IPv4 /24, IPv6 /48) the actor
+    /// had no connect from in the [`crate::domain::report::VPN_HISTORY`]
+    /// before. `None` when more than `limit` connects are not rolled up yet
+    /// (the summary is refused rather than read unbounded).
+    async fn new_vpn_networks(
         &self,
         tenant: TenantId,
-        start: DateTime<Utc>,
-        end: DateTime<Utc>,
+        range: ReportRange,
         limit: u32,
-    ) -> StoreResult<Vec<VpnConnect>>;
+    ) -> StoreResult<Option<u64>>;
+
+    /// Folds at most `max_events` committed events after the tenant's
+    /// rollup position into the report rollups and moves the position past
+    /// them, in one transaction; returns how many were folded (0: caught
+    /// up, or another replica moved the position first). Reports are exact
+    /// whether or not this has run; it makes them cheaper.
+    async fn roll_up(&self, tenant: TenantId, max_events: u32) -> StoreResult<u64>;
+
+    /// The feed position the tenant's rollups hold every event up to
+    /// (`None`: nothing rolled up yet).
+    async fn rollup_position(&self, tenant: TenantId) -> StoreResult<Option<FeedPosition>>;
 
     /// Alerts per (bucket of `created_at`, current severity).
     async fn alert_counts(

@@ -168,6 +168,14 @@ impl Dialect for Postgres {
             .push(")");
     }
 
+    fn push_upto(q: &mut Stmt<Self>, upto: FeedPosition) {
+        q.push(" AND (xid, seq) <= (")
+            .push_bind(upto.xid.to_string())
+            .push("::text::xid8, ")
+            .push_bind(upto.seq)
+            .push(")");
+    }
+
     fn push_has_entity(q: &mut Stmt<Self>, path: &[&str], entity: &Entity) {
         let mut needle = serde_json::json!([entity]);
         for key in path.iter().rev() {
@@ -218,6 +226,15 @@ impl Dialect for Postgres {
         _write: bool,
     ) -> Result<Tx<Self>, sqlx::Error> {
         store.tenant_tx(tenant).await
+    }
+
+    async fn begin_snapshot(store: &PgStore, tenant: TenantId) -> Result<Tx<Self>, sqlx::Error> {
+        let mut tx = store
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        set_tenant(&mut tx, tenant).await?;
+        Ok(tx)
     }
 
     async fn lock_fingerprint(tx: &mut Tx<Self>, key: String) -> Result<(), sqlx::Error> {

@@ -7,29 +7,35 @@
 //! everywhere. The event classes (authentication attempt, VPN connect, …) are
 //! the SQL conditions below, documented in `proto/picket/v1/report.proto`.
 
-use std::net::IpAddr;
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, DurationRound, Utc};
 use uuid::Uuid;
 
 use crate::domain::alert::{Entity, StatusChange};
+use crate::domain::event::FeedPosition;
 use crate::domain::incident::IncidentStatus;
 use crate::domain::report::{
     AccessGrouping, AccessKey, AccessQuery, AccessRow, CriticalAlert, EntityCount, EventCounts,
-    IncidentHistory, ReportRange, RuleCount, StatusStep, VpnActivity, VpnConnect,
+    IncidentHistory, ReportRange, RuleCount, StatusStep,
 };
 use crate::domain::{Severity, TenantId};
 use crate::storage::dialect::{Col, Dialect, Stmt};
+use crate::storage::rollups::{push_part, raw_parts, rolled_hours};
 use crate::storage::sql::{fail, prefix_end, uuid};
 use crate::storage::{ReportStore, SqlStore, StoreError, StoreResult};
 
 /// An authentication attempt (OCSF 3002, success or failure, not a logout).
 const AUTH: &str = "ocsf_class_uid = 3002 AND outcome IN (1, 2) AND event_type NOT LIKE '%logout%'";
 /// A VPN connect (not failed).
-const VPN_CONNECT: &str = "event_type IN ('vpn.connect', 'vpn.connected') AND outcome <> 2";
+pub(crate) const VPN_CONNECT: &str =
+    "event_type IN ('vpn.connect', 'vpn.connected') AND outcome <> 2";
 /// A VPN disconnect.
-const VPN_DISCONNECT: &str = "event_type IN ('vpn.disconnect', 'vpn.disconnected')";
+pub(crate) const VPN_DISCONNECT: &str = "event_type IN ('vpn.disconnect', 'vpn.disconnected')";
+/// Every VPN event type the reports count.
+pub(crate) const VPN_TYPES: &str =
+    "('vpn.connect', 'vpn.connected', 'vpn.disconnect', 'vpn.disconnected')";
 /// A firewall rule change.
 const FIREWALL: &str =
     "event_type LIKE 'firewall.%' AND (event_type LIKE '%rule%' OR event_type LIKE '%policy%')";
@@ -38,6 +44,70 @@ const QUOTA: &str = "ocsf_class_uid = 6003 AND (event_type LIKE '%exceeded' \
      OR event_type LIKE '%breached' OR event_type LIKE '%throttled')";
 /// An API call.
 const API: &str = "ocsf_class_uid IN (6003, 4002)";
+
+/// The event figures of a `GROUP BY` over events (decoded by [`counts_of`]).
+pub(crate) fn counts() -> String {
+    format!(
+        "COUNT(*) AS n, \
+         COUNT(CASE WHEN severity = 1 THEN 1 END) AS s1, \
+         COUNT(CASE WHEN severity = 2 THEN 1 END) AS s2, \
+         COUNT(CASE WHEN severity = 3 THEN 1 END) AS s3, \
+         COUNT(CASE WHEN severity = 4 THEN 1 END) AS s4, \
+         COUNT(CASE WHEN severity = 5 THEN 1 END) AS s5, \
+         COUNT(CASE WHEN {AUTH} THEN 1 END) AS auth, \
+         COUNT(CASE WHEN {AUTH} AND outcome = 1 THEN 1 END) AS auth_ok, \
+         COUNT(CASE WHEN {AUTH} AND outcome = 2 THEN 1 END) AS auth_failed, \
+         COUNT(CASE WHEN {API} THEN 1 END) AS api, \
+         COUNT(CASE WHEN {FIREWALL} THEN 1 END) AS firewall, \
+         COUNT(CASE WHEN {QUOTA} THEN 1 END) AS quota, \
+         COUNT(CASE WHEN {VPN_CONNECT} THEN 1 END) AS vpn_in, \
+         COUNT(CASE WHEN {VPN_DISCONNECT} THEN 1 END) AS vpn_out"
+    )
+}
+
+/// The same figures summed over `event_rollups` rows.
+const ROLLED_COUNTS: &str = "CAST(SUM(n) AS BIGINT) AS n, CAST(SUM(s1) AS BIGINT) AS s1, \
+     CAST(SUM(s2) AS BIGINT) AS s2, CAST(SUM(s3) AS BIGINT) AS s3, CAST(SUM(s4) AS BIGINT) AS s4, \
+     CAST(SUM(s5) AS BIGINT) AS s5, CAST(SUM(auth) AS BIGINT) AS auth, \
+     CAST(SUM(auth_ok) AS BIGINT) AS auth_ok, CAST(SUM(auth_failed) AS BIGINT) AS auth_failed, \
+     CAST(SUM(api) AS BIGINT) AS api, CAST(SUM(firewall) AS BIGINT) AS firewall, \
+     CAST(SUM(quota) AS BIGINT) AS quota, CAST(SUM(vpn_in) AS BIGINT) AS vpn_in, \
+     CAST(SUM(vpn_out) AS BIGINT) AS vpn_out";
+
+/// Decodes the figures of [`COUNTS`] (or [`ROLLED_COUNTS`]).
+pub(crate) fn counts_of<DB: Dialect>(r: &DB::Row) -> Result<EventCounts, sqlx::Error> {
+    let mut c = EventCounts {
+        events: count(r.col("n")?),
+        auth_attempts: count(r.col("auth")?),
+        auth_successes: count(r.col("auth_ok")?),
+        failed_logins: count(r.col("auth_failed")?),
+        api_calls: count(r.col("api")?),
+        firewall_rule_changes: count(r.col("firewall")?),
+        quota_violations: count(r.col("quota")?),
+        vpn_connects: count(r.col("vpn_in")?),
+        vpn_disconnects: count(r.col("vpn_out")?),
+        ..Default::default()
+    };
+    for (col, s) in [
+        ("s1", Severity::Info),
+        ("s2", Severity::Low),
+        ("s3", Severity::Medium),
+        ("s4", Severity::High),
+        ("s5", Severity::Critical),
+    ] {
+        c.by_severity.add(s, count(r.col(col)?));
+    }
+    Ok(c)
+}
+
+/// SQL for the bucket of time column `col` with the range start and width
+/// bound in place (`s` gets the two values).
+fn push_bucket<DB: Dialect>(s: &mut Stmt<DB>, col: &str, range: ReportRange, width: i64) {
+    s.push(&format!("(({}) - ", DB::micros(col)))
+        .push_bind(range.start.timestamp_micros())
+        .push(") / ")
+        .push_bind(width);
+}
 
 fn count(row_value: i64) -> u64 {
     row_value.max(0) as u64
@@ -199,116 +269,134 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
         width_micros: i64,
     ) -> StoreResult<Vec<(usize, EventCounts)>> {
         let fail = fail("events", "failed to count events");
-        let sql = format!(
-            "SELECT {{bucket}} AS b, COUNT(*) AS n, \
-             COUNT(CASE WHEN severity = 1 THEN 1 END) AS s1, \
-             COUNT(CASE WHEN severity = 2 THEN 1 END) AS s2, \
-             COUNT(CASE WHEN severity = 3 THEN 1 END) AS s3, \
-             COUNT(CASE WHEN severity = 4 THEN 1 END) AS s4, \
-             COUNT(CASE WHEN severity = 5 THEN 1 END) AS s5, \
-             COUNT(CASE WHEN {AUTH} THEN 1 END) AS auth, \
-             COUNT(CASE WHEN {AUTH} AND outcome = 1 THEN 1 END) AS auth_ok, \
-             COUNT(CASE WHEN {AUTH} AND outcome = 2 THEN 1 END) AS auth_failed, \
-             COUNT(CASE WHEN {API} THEN 1 END) AS api, \
-             COUNT(CASE WHEN {FIREWALL} THEN 1 END) AS firewall, \
-             COUNT(CASE WHEN {QUOTA} THEN 1 END) AS quota, \
-             COUNT(CASE WHEN {VPN_CONNECT} THEN 1 END) AS vpn_in, \
-             COUNT(CASE WHEN {VPN_DISCONNECT} THEN 1 END) AS vpn_out \
-             FROM events WHERE {{where}} GROUP BY 1 ORDER BY 1"
-        );
-        let q = Self::bucketed(&sql, "occurred_at", tenant, range, width_micros);
-        let rows = self.read_all(tenant, q).await.map_err(&fail)?;
-        rows.iter()
-            .map(|r| {
-                let mut c = EventCounts {
-                    events: count(r.col("n")?),
-                    auth_attempts: count(r.col("auth")?),
-                    auth_successes: count(r.col("auth_ok")?),
-                    failed_logins: count(r.col("auth_failed")?),
-                    api_calls: count(r.col("api")?),
-                    firewall_rule_changes: count(r.col("firewall")?),
-                    quota_violations: count(r.col("quota")?),
-                    vpn_connects: count(r.col("vpn_in")?),
-                    vpn_disconnects: count(r.col("vpn_out")?),
-                    ..Default::default()
-                };
-                for (col, s) in [
-                    ("s1", Severity::Info),
-                    ("s2", Severity::Low),
-                    ("s3", Severity::Medium),
-                    ("s4", Severity::High),
-                    ("s5", Severity::Critical),
-                ] {
-                    c.by_severity.add(s, count(r.col(col)?));
-                }
-                Ok((r.col::<i64>("b")?.max(0) as usize, c))
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(fail)
+        let mut tx = DB::begin_snapshot(self, tenant).await.map_err(&fail)?;
+        let hours = rolled_hours(range, width_micros);
+        let pos = match hours {
+            Some(_) => Self::rollup_position_in(&mut tx, tenant)
+                .await
+                .map_err(&fail)?,
+            None => None,
+        };
+        let rolled = hours.zip(pos);
+        let mut per: BTreeMap<i64, EventCounts> = BTreeMap::new();
+        let mut add = |rows: Vec<DB::Row>| -> Result<(), sqlx::Error> {
+            for r in &rows {
+                per.entry(r.col::<i64>("b")?.max(0))
+                    .or_default()
+                    .merge(&counts_of::<DB>(r)?);
+            }
+            Ok(())
+        };
+        if let Some(((h0, h1), _)) = rolled {
+            let s = Stmt::<DB>::text(format!(
+                "SELECT (hour_us - $1) / $2 AS b, {ROLLED_COUNTS} FROM event_rollups \
+                 WHERE tenant_id = $3 AND hour_us >= $4 AND hour_us < $5 GROUP BY 1"
+            ))
+            .arg(range.start.timestamp_micros())
+            .arg(width_micros)
+            .uuid(tenant.0)
+            .arg(h0)
+            .arg(h1);
+            add(s.fetch_all(&mut *tx).await.map_err(&fail)?).map_err(&fail)?;
+        }
+        for part in raw_parts(range, rolled) {
+            let mut s = Stmt::<DB>::new("SELECT ");
+            push_bucket(&mut s, "occurred_at", range, width_micros);
+            s.push(&format!(
+                " AS b, {} FROM events WHERE tenant_id = ",
+                counts()
+            ));
+            s.push_uuid(tenant.0);
+            push_part(&mut s, part);
+            s.push(" GROUP BY 1");
+            add(s.fetch_all(&mut *tx).await.map_err(&fail)?).map_err(&fail)?;
+        }
+        tx.commit().await.map_err(fail)?;
+        Ok(per.into_iter().map(|(b, c)| (b as usize, c)).collect())
     }
 
-    async fn vpn_activity(
+    async fn vpn_open_changes(
         &self,
         tenant: TenantId,
         range: ReportRange,
         width_micros: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<VpnActivity>> {
+    ) -> StoreResult<Vec<(usize, i64)>> {
         let fail = fail("events", "failed to count VPN connections");
-        let sql = format!(
-            "SELECT actor, {{bucket}} AS b, \
-             COUNT(CASE WHEN {VPN_CONNECT} THEN 1 END) AS vpn_in, \
-             COUNT(CASE WHEN {VPN_DISCONNECT} THEN 1 END) AS vpn_out \
-             FROM events WHERE {{where}} AND event_type IN \
-             ('vpn.connect', 'vpn.connected', 'vpn.disconnect', 'vpn.disconnected') \
-             GROUP BY 1, 2 ORDER BY 1, 2 LIMIT $6"
+        let mut tx = DB::begin_snapshot(self, tenant).await.map_err(&fail)?;
+        let hours = rolled_hours(range, width_micros);
+        let pos = match hours {
+            Some(_) => Self::rollup_position_in(&mut tx, tenant)
+                .await
+                .map_err(&fail)?,
+            None => None,
+        };
+        let rolled = hours.zip(pos);
+        // Per actor and bucket, the net change d; the open connections of
+        // an actor are the running sum of d floored at zero, which is the
+        // plain running sum S minus the lowest S so far when negative; the
+        // total per bucket is the sum over actors of the change of that
+        // level, so the database returns one row per bucket, not per actor.
+        let mut s = Stmt::<DB>::new("WITH u AS (");
+        let mut first = true;
+        if let Some(((h0, h1), _)) = rolled {
+            first = false;
+            s.push("SELECT actor, (hour_us - ")
+                .push_bind(range.start.timestamp_micros())
+                .push(") / ")
+                .push_bind(width_micros)
+                .push(" AS b, connects - disconnects AS d FROM vpn_rollups WHERE tenant_id = ");
+            s.push_uuid(tenant.0);
+            s.push(" AND hour_us >= ").push_bind(h0);
+            s.push(" AND hour_us < ").push_bind(h1);
+        }
+        for part in raw_parts(range, rolled) {
+            if !first {
+                s.push(" UNION ALL ");
+            }
+            first = false;
+            s.push("SELECT actor, ");
+            push_bucket(&mut s, "occurred_at", range, width_micros);
+            s.push(&format!(
+                " AS b, CASE WHEN {VPN_CONNECT} THEN 1 WHEN {VPN_DISCONNECT} THEN -1 ELSE 0 END AS d \
+                 FROM events WHERE event_type IN {VPN_TYPES} AND tenant_id = "
+            ));
+            s.push_uuid(tenant.0);
+            push_part(&mut s, part);
+        }
+        s.push(
+            "), a AS (SELECT actor, b, SUM(d) AS d FROM u GROUP BY actor, b), \
+             r AS (SELECT actor, b, SUM(d) OVER (PARTITION BY actor ORDER BY b \
+             ROWS UNBOUNDED PRECEDING) AS s FROM a), \
+             m AS (SELECT actor, b, s, MIN(s) OVER (PARTITION BY actor ORDER BY b \
+             ROWS UNBOUNDED PRECEDING) AS low FROM r), \
+             l AS (SELECT actor, b, s - CASE WHEN low < 0 THEN low ELSE 0 END AS level FROM m), \
+             c AS (SELECT b, level - COALESCE(LAG(level) OVER (PARTITION BY actor ORDER BY b), 0) \
+             AS dl FROM l) \
+             SELECT b, CAST(SUM(dl) AS BIGINT) AS dl FROM c GROUP BY b ORDER BY b",
         );
-        let q =
-            Self::bucketed(&sql, "occurred_at", tenant, range, width_micros).arg(i64::from(limit));
-        let rows = self.read_all(tenant, q).await.map_err(&fail)?;
+        let rows = s.fetch_all(&mut *tx).await.map_err(&fail)?;
+        tx.commit().await.map_err(&fail)?;
         rows.iter()
-            .map(|r| {
-                Ok(VpnActivity {
-                    actor: r.col("actor")?,
-                    bucket: r.col::<i64>("b")?.max(0) as usize,
-                    connects: count(r.col("vpn_in")?),
-                    disconnects: count(r.col("vpn_out")?),
-                })
-            })
+            .map(|r| Ok((r.col::<i64>("b")?.max(0) as usize, r.col::<i64>("dl")?)))
             .collect::<Result<_, sqlx::Error>>()
             .map_err(fail)
     }
 
-    async fn vpn_connects(
+    async fn new_vpn_networks(
         &self,
         tenant: TenantId,
-        start: DateTime<Utc>,
-        end: DateTime<Utc>,
+        range: ReportRange,
         limit: u32,
-    ) -> StoreResult<Vec<VpnConnect>> {
-        let fail = fail("events", "failed to read VPN connections");
-        let q = Stmt::<DB>::text(format!(
-            "SELECT actor, source_ip, occurred_at FROM events WHERE tenant_id = $1 \
-             AND occurred_at >= $2 AND occurred_at < $3 AND {VPN_CONNECT} \
-             AND source_ip IS NOT NULL ORDER BY actor, occurred_at LIMIT $4"
-        ))
-        .uuid(tenant.0)
-        .time(start)
-        .time(end)
-        .arg(i64::from(limit));
-        let rows = self.read_all(tenant, q).await.map_err(&fail)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let ip: String = r.col("source_ip").map_err(&fail)?;
-            out.push(VpnConnect {
-                actor: r.col("actor").map_err(&fail)?,
-                source_ip: ip
-                    .parse::<IpAddr>()
-                    .map_err(|e| bad("source IP")(e.to_string()))?,
-                at: DB::time(r, "occurred_at").map_err(&fail)?,
-            });
-        }
-        Ok(out)
+    ) -> StoreResult<Option<u64>> {
+        self.count_new_vpn_networks(tenant, range, limit).await
+    }
+
+    async fn roll_up(&self, tenant: TenantId, max_events: u32) -> StoreResult<u64> {
+        self.roll_up_events(tenant, max_events).await
+    }
+
+    async fn rollup_position(&self, tenant: TenantId) -> StoreResult<Option<FeedPosition>> {
+        SqlStore::rollup_position(self, tenant).await
     }
 
     async fn alert_counts(

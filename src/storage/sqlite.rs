@@ -165,6 +165,10 @@ impl Dialect for Sqlite {
         q.push(" AND seq > ").push_bind(after.seq);
     }
 
+    fn push_upto(q: &mut Stmt<Self>, upto: FeedPosition) {
+        q.push(" AND seq <= ").push_bind(upto.seq);
+    }
+
     fn push_has_entity(q: &mut Stmt<Self>, path: &[&str], entity: &Entity) {
         let kind = serde_json::to_value(entity.kind)
             .ok()
@@ -221,6 +225,14 @@ impl Dialect for Sqlite {
         } else {
             store.pool.begin().await
         }
+    }
+
+    async fn begin_snapshot(
+        store: &SqliteStore,
+        _tenant: TenantId,
+    ) -> Result<Tx<Self>, sqlx::Error> {
+        // A WAL reader keeps the snapshot of its first read until it ends.
+        store.pool.begin().await
     }
 
     async fn lock_fingerprint(_tx: &mut Tx<Self>, _key: String) -> Result<(), sqlx::Error> {

@@ -1750,6 +1750,196 @@ mod events {
         assert!(s.top_alert_entities(a, range, 10).await.unwrap().is_empty());
     }
 
+    /// Events of every class the reports count, over three days (plus VPN
+    /// connects 40 and 20 days before), from a fixed pseudo-random sequence.
+    fn report_events(seed: u64, n: usize, base_s: i64, span_s: i64) -> Vec<NewEvent> {
+        let mut x = seed;
+        let mut next = move |m: u64| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (x >> 33) % m
+        };
+        (0..n)
+            .map(|i| {
+                let actor = format!("u{}", next(4));
+                let at = base_s + next(span_s as u64) as i64;
+                let mut e = event(&format!("r{seed}-{i}"), &actor, at);
+                e.occurred_at += Duration::microseconds(next(1_000_000) as i64);
+                e.severity = [
+                    Severity::Info,
+                    Severity::Low,
+                    Severity::Medium,
+                    Severity::High,
+                    Severity::Critical,
+                ][next(5) as usize];
+                e.source_ip = Some(
+                    format!("198.51.{}.{}", next(3), 1 + next(9))
+                        .parse()
+                        .unwrap(),
+                );
+                match next(6) {
+                    0 => {
+                        e.outcome = Outcome::Success;
+                    }
+                    1 | 2 => {
+                        e.event_type = "vpn.connect".into();
+                        e.ocsf_class_uid = 4001;
+                        e.outcome = Outcome::Success;
+                    }
+                    3 => {
+                        e.event_type = "vpn.disconnect".into();
+                        e.ocsf_class_uid = 4001;
+                        e.outcome = Outcome::Success;
+                    }
+                    4 => {
+                        e.event_type = "api.call".into();
+                        e.ocsf_class_uid = 6003;
+                        e.outcome = Outcome::Success;
+                    }
+                    _ => {
+                        e.event_type = "firewall.rule_changed".into();
+                        e.ocsf_class_uid = 6003;
+                        e.outcome = Outcome::Success;
+                    }
+                }
+                e
+            })
+            .collect()
+    }
+
+    /// Everything the reports read from the event rollups, for `t`.
+    async fn report_figures(s: &dyn Store, t: TenantId, with_networks: bool) -> Vec<String> {
+        use picket::domain::report::ReportRange;
+        let day = 86_400;
+        let at = |sec: i64| chrono::DateTime::from_timestamp(1_800_000_000 + sec, 0).unwrap();
+        let range = |a: i64, b: i64| ReportRange::new(at(a), at(b), "r").unwrap();
+        let hour_us = 3_600_000_000;
+        let asks = [
+            // Hourly buckets from midnight over the three days and a half.
+            (range(-4 * 3600, 3 * day + 12 * 3600), hour_us),
+            // One bucket, off the hour at both ends.
+            (range(1234, 2 * day + 777), 2 * day * 1_000_000),
+            // Six-hour buckets off the hour (all raw).
+            (range(1800, 2 * day + 1800), 6 * hour_us),
+            // Daily buckets.
+            (range(-4 * 3600, 4 * day - 4 * 3600), day * 1_000_000),
+            // One hour inside the data.
+            (range(day, day + 3600), hour_us),
+        ];
+        let mut out = Vec::new();
+        for (r, width) in asks {
+            out.push(format!("{:?}", s.event_counts(t, r, width).await.unwrap()));
+            out.push(format!(
+                "{:?}",
+                s.vpn_open_changes(t, r, width).await.unwrap()
+            ));
+            if with_networks {
+                out.push(format!(
+                    "{:?}",
+                    s.new_vpn_networks(t, r, 100_000).await.unwrap()
+                ));
+            }
+        }
+        out
+    }
+
+    /// The report rollups answer exactly what the raw events answer: before
+    /// they run, part way, caught up, with events after them (late ones in
+    /// rolled hours too), with two replicas rolling up at once, and after
+    /// retention deletes rows (tenant `b` holds the same events and is never
+    /// rolled up, so it answers from raw events only).
+    pub async fn rollups_answer_what_raw_events_answer(backend: Backend) {
+        let (s, _db) = store(backend).await;
+        let (a, b) = two_tenants(s.as_ref()).await;
+        let day = 86_400;
+        let mut batches = vec![
+            report_events(1, 300, 0, 3 * day),
+            // Old connects: 40 and 20 days before, some networks again.
+            report_events(2, 40, -40 * day, day),
+            report_events(3, 40, -20 * day, day),
+        ];
+        for evs in &batches {
+            s.insert_events(&[(a, evs), (b, evs)]).await.unwrap();
+        }
+        let same = |want: Vec<String>, got: Vec<String>, when: &str| {
+            assert_eq!(want.len(), got.len());
+            for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                assert_eq!(w, g, "{when}: figure {i}");
+            }
+        };
+        let raw = report_figures(s.as_ref(), b, true).await;
+        same(
+            raw.clone(),
+            report_figures(s.as_ref(), a, true).await,
+            "no rollup",
+        );
+        assert!(raw.iter().any(|f| f.contains("events: ")));
+        // Part way: 37 events folded.
+        assert_eq!(s.roll_up(a, 37).await.unwrap(), 37);
+        assert!(s.rollup_position(a).await.unwrap().is_some());
+        assert!(s.rollup_position(b).await.unwrap().is_none());
+        same(
+            raw.clone(),
+            report_figures(s.as_ref(), a, true).await,
+            "part way",
+        );
+        // Caught up, by two "replicas" at once.
+        let (s1, s2) = (s.clone(), s.clone());
+        let racer = |st: Arc<dyn Store>| async move {
+            let mut n = 0;
+            loop {
+                let k = st.roll_up(a, 29).await.unwrap();
+                if k == 0 {
+                    break n;
+                }
+                n += k;
+            }
+        };
+        let (n1, n2) = tokio::join!(racer(s1), racer(s2));
+        assert!(n1 + n2 >= 380 - 37, "{n1} + {n2}");
+        // A replica losing a race may stop early: finish.
+        while s.roll_up(a, 1000).await.unwrap() > 0 {}
+        same(
+            raw.clone(),
+            report_figures(s.as_ref(), a, true).await,
+            "caught up",
+        );
+        // Late events in rolled hours and new ones, not rolled up yet.
+        batches.push(report_events(4, 120, 0, 3 * day));
+        let late = batches.last().unwrap();
+        s.insert_events(&[(a, late), (b, late)]).await.unwrap();
+        let raw = report_figures(s.as_ref(), b, true).await;
+        same(
+            raw.clone(),
+            report_figures(s.as_ref(), a, true).await,
+            "pending",
+        );
+        while s.roll_up(a, 50).await.unwrap() > 0 {}
+        same(
+            raw,
+            report_figures(s.as_ref(), a, true).await,
+            "late caught up",
+        );
+        // Retention off the hour: the hour it cuts is counted again.
+        let cut = chrono::DateTime::from_timestamp(1_800_000_000 + day + 1800, 0).unwrap();
+        s.purge_events(a, cut).await.unwrap();
+        s.purge_events(b, cut).await.unwrap();
+        let raw = report_figures(s.as_ref(), b, false).await;
+        same(
+            raw.clone(),
+            report_figures(s.as_ref(), a, false).await,
+            "purged",
+        );
+        // Deleting again at the same cut changes nothing.
+        s.purge_events(a, cut).await.unwrap();
+        same(
+            raw,
+            report_figures(s.as_ref(), a, false).await,
+            "purged twice",
+        );
+    }
+
     crate::both_backends!(
         insert_reports_accepted_and_duplicates,
         feed_is_ordered_and_tenant_scoped,
@@ -1759,6 +1949,7 @@ mod events {
         retention_drops_days_nobody_keeps,
         every_filter_reads_an_index,
         report_aggregates_agree,
+        rollups_answer_what_raw_events_answer,
     );
 }
 
