@@ -80,6 +80,14 @@ impl From<StoreError> for AppError {
                 message: what,
                 retry_after: Duration::from_secs(60),
             },
+            StoreError::Unavailable(e) => {
+                // The client sees a retryable status; the cause goes to the log.
+                tracing::warn!(error = ?e, "store unavailable");
+                Self::Unavailable {
+                    message: "the store is unavailable; retry after the delay given".into(),
+                    retry_after: Duration::from_secs(1),
+                }
+            }
             StoreError::Unexpected(e) => Self::Internal(e),
         }
     }

@@ -64,6 +64,12 @@ pub enum StoreError {
     /// target); nothing was written.
     #[error("limit reached: {0}")]
     LimitReached(String),
+    /// The store could not be reached or is restarting (connection lost or
+    /// refused, pool exhausted or closed, the server shutting down): the
+    /// failed transaction did not commit, and trying again later can
+    /// succeed. Carries the cause chain for the logs, never for clients.
+    #[error("store unavailable: {0:#}")]
+    Unavailable(anyhow::Error),
     /// Anything else; carries the cause chain for the logs, never for clients.
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
@@ -77,7 +83,36 @@ impl StoreError {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 Self::Conflict(what.to_owned())
             }
+            _ if Self::is_outage(&err) => {
+                Self::Unavailable(anyhow::Error::new(err).context(context))
+            }
             _ => Self::Unexpected(anyhow::Error::new(err).context(context)),
+        }
+    }
+
+    /// Whether `err` says the database is out of reach rather than that the
+    /// statement failed: the connection broke or was refused, the pool timed
+    /// out or closed, or Postgres ended the session (SQLSTATE class 08,
+    /// `57P01`–`57P03` shutdown and recovery, `53300` too many connections);
+    /// on SQLite, a lock held past the busy timeout (`SQLITE_BUSY`).
+    fn is_outage(err: &sqlx::Error) -> bool {
+        match err {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                if db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some()
+                {
+                    code.starts_with("08") || code.starts_with("57P") || code == "53300"
+                } else {
+                    code.parse::<i32>().is_ok_and(|c| c & 0xff == 5)
+                }
+            }
+            _ => false,
         }
     }
 

@@ -185,13 +185,21 @@ async fn summary_counts_the_fixture_exactly(backend: Backend) {
     let app = spawn_app(backend).await;
     let key = tenant_with_fixture(&app, "acme").await;
     let _ = tenant_with_fixture(&app, "other").await;
+    // From whatever the rollups hold when asked (none, part), then from
+    // rollups that hold every event: the same numbers.
+    check_summary(&app, &key).await;
+    app.wait_rolled_up().await;
+    check_summary(&app, &key).await;
+}
+
+async fn check_summary(app: &TestApp, key: &str) {
 
     // Day 0: 18 events. Authentication attempts: the four user.login (the
     // logout is not an attempt), one failed. VPN connects: erin 07:00 and
     // 08:00 and frank 07:45 (frank's failed one is not); new networks: only
     // erin's 203.0.113.0/24 (her 198.51.100.0/24 was used 20 days before;
     // 203.0.113.1 40 days before is too old; frank's has no IP).
-    let s = summary(&app, &key, daily(Some(day(0) + Duration::hours(12)))).await;
+    let s = summary(app, key, daily(Some(day(0) + Duration::hours(12)))).await;
     assert_eq!(s.time_range, range(day(0), day(1)));
     assert_eq!(s.events_total, 18);
     assert_eq!(s.auth_attempts, 4);
@@ -206,7 +214,7 @@ async fn summary_counts_the_fixture_exactly(backend: Backend) {
     assert_eq!(s.incidents_opened, 0);
 
     // Day 1 is quiet: a report of zeros, not an error or a missing report.
-    let quiet = summary(&app, &key, daily(Some(day(1)))).await;
+    let quiet = summary(app, key, daily(Some(day(1)))).await;
     assert_eq!(
         quiet,
         pb::GetSecuritySummaryResponse {
@@ -222,7 +230,7 @@ async fn summary_counts_the_fixture_exactly(backend: Backend) {
     // Day 2 (yesterday: the default daily period): 7 mallory logins (6
     // failed), grace's two connects from one IPv6 /48 (the first is new).
     // The login exactly at day 3 00:00 is outside.
-    let y = summary(&app, &key, daily(None)).await;
+    let y = summary(app, key, daily(None)).await;
     assert_eq!(y.time_range, range(day(2), day(3)));
     assert_eq!(
         (y.events_total, y.auth_attempts, y.failed_logins),
@@ -231,15 +239,15 @@ async fn summary_counts_the_fixture_exactly(backend: Backend) {
     assert_eq!((y.vpn_connections, y.new_vpn_connections), (2, 1));
     // Edges: [day 0 00:00, day 0 01:00) holds the login at 00:00:00 and the
     // one at 00:59:59.999999, not the one at 01:00:00.
-    let edge = summary(&app, &key, summary_of(day(0), day(0) + Duration::hours(1))).await;
+    let edge = summary(app, key, summary_of(day(0), day(0) + Duration::hours(1))).await;
     assert_eq!(
         (edge.events_total, edge.auth_attempts, edge.failed_logins),
         (2, 2, 1)
     );
     // Weekly and monthly periods resolve to UTC calendar ranges.
     let w = summary(
-        &app,
-        &key,
+        app,
+        key,
         pb::GetSecuritySummaryRequest {
             period: pb::ReportPeriod::Weekly as i32,
             period_containing: Some(ts(day(0))),
@@ -456,7 +464,13 @@ async fn dashboard_buckets_the_fixture_exactly(backend: Backend) {
     let app = spawn_app(backend).await;
     let key = tenant_with_fixture(&app, "acme").await;
     let _ = tenant_with_fixture(&app, "other").await;
-    let m = reports(&app)
+    check_dashboard(&app, &key).await;
+    app.wait_rolled_up().await;
+    check_dashboard(&app, &key).await;
+}
+
+async fn check_dashboard(app: &TestApp, key: &str) {
+    let m = reports(app)
         .get_dashboard_metrics(with_key(
             pb::GetDashboardMetricsRequest {
                 period: pb::ReportPeriod::Daily as i32,
@@ -464,7 +478,7 @@ async fn dashboard_buckets_the_fixture_exactly(backend: Backend) {
                 bucket_seconds: 3600,
                 ..Default::default()
             },
-            &key,
+            key,
         ))
         .await
         .expect("dashboard")
@@ -532,14 +546,14 @@ async fn dashboard_buckets_the_fixture_exactly(backend: Backend) {
 
     // A range that is not a whole number of buckets ends with a short one;
     // the login exactly at the range end (day 3 00:00) is not counted.
-    let short = reports(&app)
+    let short = reports(app)
         .get_dashboard_metrics(with_key(
             pb::GetDashboardMetricsRequest {
                 time_range: range(day(3) - Duration::minutes(90), day(3)),
                 bucket_seconds: 3600,
                 ..Default::default()
             },
-            &key,
+            key,
         ))
         .await
         .unwrap()

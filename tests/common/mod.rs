@@ -280,6 +280,31 @@ impl TestApp {
         }
     }
 
+    /// Waits until the server's report rollups hold every readable event of
+    /// every tenant (reports then read them instead of the raw events).
+    pub async fn wait_rolled_up(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let tenants = self.store.list_tenants(None, 1000).await.expect("tenants");
+            let mut behind = Vec::new();
+            for t in &tenants {
+                let head = self.store.events_head(t.id).await.expect("head");
+                let rolled = self.store.rollup_position(t.id).await.expect("position");
+                if head.is_some() && rolled < head {
+                    behind.push(t.name.clone());
+                }
+            }
+            if behind.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the rollups never caught up for {behind:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// An AdminService client.
     pub fn admin(&self) -> pb::admin_service_client::AdminServiceClient<Channel> {
         pb::admin_service_client::AdminServiceClient::new(self.channel.clone())

@@ -61,6 +61,11 @@ pub struct BenchIngestArgs {
     /// default: it competes for the same database and CPU).
     #[arg(long)]
     pub with_detection: bool,
+    /// Fold the report rollups in the server during the run, every this
+    /// many milliseconds, as `picket serve` does by default (1000); 0 turns
+    /// them off, to measure what they cost.
+    #[arg(long, default_value_t = 1000)]
+    pub rollup_interval_ms: u64,
     /// Print a machine-readable JSON summary instead of text.
     #[arg(long)]
     pub json: bool,
@@ -266,6 +271,7 @@ pub async fn bench(args: &BenchIngestArgs) -> anyhow::Result<BenchReport> {
     settings.admin_token = Some(SecretString::from(operator.clone()));
     settings.ingest_writers = args.writers;
     settings.detection = args.with_detection;
+    settings.rollup_interval_ms = args.rollup_interval_ms;
     let app = Application::build(settings)
         .await
         .context("failed to start the server")?;
