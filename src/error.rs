@@ -59,6 +59,16 @@ pub enum AppError {
 }
 
 impl AppError {
+    /// The store is out of disk space: retryable once space is freed.
+    pub fn disk_full() -> Self {
+        Self::ResourceExhausted {
+            message:
+                "the store is out of disk space: nothing was written; retry once space is freed"
+                    .into(),
+            retry_after: Duration::from_secs(5),
+        }
+    }
+
     /// One invalid field.
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
         Self::InvalidArgument(vec![FieldViolation::new(field, description)])
@@ -87,6 +97,10 @@ impl From<StoreError> for AppError {
                     message: "the store is unavailable; retry after the delay given".into(),
                     retry_after: Duration::from_secs(1),
                 }
+            }
+            StoreError::Full(e) => {
+                tracing::error!(error = ?e, "store out of disk space");
+                Self::disk_full()
             }
             StoreError::Unexpected(e) => Self::Internal(e),
         }

@@ -320,6 +320,11 @@ pub async fn commit_batches(
         Err(e) => e,
     };
     metrics::counter!("picket_ingest_failed_transactions_total").increment(1);
+    if let StoreError::Full(cause) = &e {
+        metrics::counter!("picket_ingest_disk_full_total").increment(1);
+        tracing::error!(error = %format_args!("{cause:#}"), rows, "ingest refused: the store is out of disk space");
+        return batches.iter().map(|_| Err(AppError::disk_full())).collect();
+    }
     let refused = e.is_refused_data();
     // The cause chain on one line: the database's reason, never event contents.
     tracing::error!(

@@ -70,6 +70,11 @@ pub enum StoreError {
     /// succeed. Carries the cause chain for the logs, never for clients.
     #[error("store unavailable: {0:#}")]
     Unavailable(anyhow::Error),
+    /// The database is out of disk space (SQLite `SQLITE_FULL`, Postgres
+    /// `53100`): the failed transaction did not commit; writes can succeed
+    /// again once space is freed, reads go on.
+    #[error("store out of disk space: {0:#}")]
+    Full(anyhow::Error),
     /// Anything else; carries the cause chain for the logs, never for clients.
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
@@ -83,10 +88,27 @@ impl StoreError {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 Self::Conflict(what.to_owned())
             }
+            _ if Self::is_disk_full(&err) => Self::Full(anyhow::Error::new(err).context(context)),
             _ if Self::is_outage(&err) => {
                 Self::Unavailable(anyhow::Error::new(err).context(context))
             }
             _ => Self::Unexpected(anyhow::Error::new(err).context(context)),
+        }
+    }
+
+    /// Whether `err` says the database has no disk space left.
+    fn is_disk_full(err: &sqlx::Error) -> bool {
+        let sqlx::Error::Database(db) = err else {
+            return false;
+        };
+        let code = db.code().unwrap_or_default();
+        if db
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .is_some()
+        {
+            code == "53100"
+        } else {
+            code.parse::<i32>().is_ok_and(|c| c & 0xff == 13)
         }
     }
 

@@ -478,3 +478,152 @@ async fn connections_ended_during_ingest_lose_and_duplicate_nothing() {
     alert_naming(&mut alerts, &key, &mut stream, &mut cursor, "203.0.113.8").await;
     eprintln!("{ended} connections ended; {failures} retryable failures seen by the clients");
 }
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "the disk-full test mounts a small tmpfs and needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// The embedded store's disk fills up while a client ingests: ingest answers
+/// RESOURCE_EXHAUSTED naming the disk, with RetryInfo; every event
+/// acknowledged before is there and readable; the process keeps serving,
+/// and ingest works again once space is freed, without a restart.
+#[tokio::test]
+async fn a_full_disk_refuses_ingest_clearly_and_recovers() {
+    use tonic_types::StatusExt;
+    let disk = SmallDisk::mount("24m");
+    // A filler file stands for whatever else used the disk; removing it
+    // frees the space.
+    let filler = disk.dir.path().join("filler");
+    std::fs::write(&filler, vec![7u8; 8 << 20]).unwrap();
+    let url = format!("sqlite://{}/picket.db", disk.dir.path().display());
+    let db = TestDb::new(Backend::Sqlite).await;
+    let server = tokio::task::spawn_blocking(move || {
+        ServerProcess::start(&db, &[("PICKET_DATABASE_URL", url.as_str())])
+    })
+    .await
+    .unwrap();
+    let channel = server.channel().await;
+    let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
+    let tenant = admin
+        .create_tenant(with_key(
+            pb::CreateTenantRequest {
+                name: "acme".into(),
+                ..Default::default()
+            },
+            OPERATOR_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .tenant
+        .unwrap();
+    let key = admin
+        .create_api_key(with_key(
+            pb::CreateApiKeyRequest {
+                tenant_id: tenant.id,
+                name: "k".into(),
+                scopes: vec![pb::Scope::Ingest as i32, pb::Scope::Read as i32],
+                ..Default::default()
+            },
+            OPERATOR_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let mut ingest = pb::ingest_service_client::IngestServiceClient::new(channel.clone());
+    let batch = |b: usize| pb::IngestRequest {
+        events: (0..500)
+            .map(|i| {
+                let mut e = crate::ingest::login(&format!("b{b}-{i}"), "ok", "198.51.100.20", true);
+                e.attributes = (0..8)
+                    .map(|k| (format!("note{k}"), "x".repeat(200)))
+                    .collect();
+                e
+            })
+            .collect(),
+    };
+    let mut acked = 0u32;
+    let mut refusal = None;
+    for b in 0..400 {
+        match ingest.ingest(with_key(batch(b), &key)).await {
+            Ok(r) => acked += r.into_inner().accepted,
+            Err(s) => {
+                refusal = Some((b, s));
+                break;
+            }
+        }
+    }
+    let (failed_batch, s) = refusal.expect("the disk never filled up");
+    assert!(acked > 0, "nothing was stored before the disk filled");
+    assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("disk space"), "{}", s.message());
+    assert!(s.get_details_retry_info().is_some(), "{s:?}");
+
+    // Reads go on: every acknowledged event is there.
+    let (mut seen, mut token) = (0usize, String::new());
+    loop {
+        let page = ingest
+            .query_events(with_key(
+                pb::QueryEventsRequest {
+                    page_size: 500,
+                    page_token: token.clone(),
+                    ..Default::default()
+                },
+                &key,
+            ))
+            .await
+            .expect("reads while the disk is full")
+            .into_inner();
+        seen += page.events.len();
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(seen, acked as usize);
+
+    // Space returns: the refused batch goes in, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ingest.ingest(with_key(batch(failed_batch), &key)).await {
+            Ok(r) => {
+                assert_eq!(r.into_inner().accepted, 500);
+                break;
+            }
+            Err(s) => {
+                assert!(Instant::now() < deadline, "ingest never recovered: {s:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    drop(server);
+}

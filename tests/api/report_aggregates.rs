@@ -193,7 +193,6 @@ async fn summary_counts_the_fixture_exactly(backend: Backend) {
 }
 
 async fn check_summary(app: &TestApp, key: &str) {
-
     // Day 0: 18 events. Authentication attempts: the four user.login (the
     // logout is not an attempt), one failed. VPN connects: erin 07:00 and
     // 08:00 and frank 07:45 (frank's failed one is not); new networks: only
