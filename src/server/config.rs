@@ -56,6 +56,12 @@ pub struct Settings {
     #[arg(long, env = "PICKET_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
 
+    /// Most client connections open at once (idle or not); one more is
+    /// closed as soon as it is accepted. Bounds what a flood of idle or
+    /// stalled connections can take from the callers already connected.
+    #[arg(long, env = "PICKET_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
     /// Seconds to wait for open calls and in-flight writes on shutdown before exiting anyway.
     #[arg(long, env = "PICKET_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
@@ -359,6 +365,7 @@ impl Settings {
             format!("key_pepper = {}", set(&self.key_pepper)),
             format!("max_message_bytes = {}", self.max_message_bytes),
             format!("max_concurrent_streams = {}", self.max_concurrent_streams),
+            format!("max_connections = {}", self.max_connections),
             format!("shutdown_grace_seconds = {}", self.shutdown_grace_seconds),
             format!("ingest_writers = {}", self.ingest_writers),
             format!("ingest_max_batch_rows = {}", self.ingest_max_batch_rows),

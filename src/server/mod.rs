@@ -4,6 +4,7 @@
 //! ([`telemetry`]). Nothing below this layer imports it.
 
 pub mod config;
+pub mod limits;
 pub mod shutdown;
 pub mod startup;
 pub mod telemetry;

@@ -379,6 +379,9 @@ impl Application {
             .accept_http1(true)
             .max_concurrent_streams(settings.max_concurrent_streams)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            // A peer that does not answer a keep-alive ping within this is
+            // gone: its connection (and its permit) is released.
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
             .layer(cors_layer(&settings.cors_origins)?)
             .add_routes(Routes::from(router));
 
@@ -409,7 +412,10 @@ impl Application {
                     std::time::Duration::from_secs(settings.tls_reload_seconds.max(1)),
                     token.clone(),
                 ));
-                let incoming = tls.incoming(listener, token.clone());
+                let incoming = crate::server::limits::limit(
+                    tls.incoming(listener, token.clone()),
+                    settings.max_connections,
+                );
                 server
                     .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned())
                     .boxed()
@@ -418,7 +424,10 @@ impl Application {
                 tracing::warn!(
                     "TLS is off: API keys, operator tokens and events travel in clear text; serve with --tls-cert and --tls-key outside a trusted network"
                 );
-                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                let incoming = crate::server::limits::limit(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    settings.max_connections,
+                );
                 server
                     .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned())
                     .boxed()
