@@ -60,7 +60,9 @@ enum Cross {
     NotFound,
     /// A's tenant id: PERMISSION_DENIED (a key acts only on its own tenant).
     Denied,
-    /// A cursor or page token bound to A's tenant: INVALID_ARGUMENT.
+    /// INVALID_ARGUMENT, as for an id or cursor that never existed: a
+    /// cursor or page token bound to A's tenant, an alert not linked to
+    /// B's incident.
     Invalid,
     /// A's id as a filter or an unbound keyset position: answered, and the
     /// answer holds nothing of A's.
@@ -508,6 +510,101 @@ const MATRIX: &[Entry] = &[
     ),
 ];
 
+/// Tenant B's own object beside one of A's in the same request (B's key,
+/// every scope): the id of A's must be refused however the request is
+/// otherwise B's, or filter B's answer to nothing of A's. `$b_incident` and
+/// `$b_playbook` are B's.
+const MIXED: &[(&str, Cross, &str)] = &[
+    (
+        "IncidentService/CreateIncident",
+        NotFound,
+        r#"title: "mixed" severity: SEVERITY_HIGH alert_ids: "$b_alert" alert_ids: "$alert""#,
+    ),
+    (
+        "IncidentService/LinkAlerts",
+        NotFound,
+        r#"incident_id: "$b_incident" alert_ids: "$alert""#,
+    ),
+    // A's alert is not linked to B's incident, exactly as an alert that
+    // never existed (next row) is not.
+    (
+        "IncidentService/UnlinkAlerts",
+        Invalid,
+        r#"incident_id: "$b_incident" alert_ids: "$alert""#,
+    ),
+    (
+        "IncidentService/UnlinkAlerts",
+        Invalid,
+        r#"incident_id: "$b_incident" alert_ids: "$nobody""#,
+    ),
+    (
+        "IncidentService/LinkAlerts",
+        NotFound,
+        r#"incident_id: "$b_incident" alert_ids: "$nobody""#,
+    ),
+    (
+        "IncidentService/MergeIncidents",
+        NotFound,
+        r#"target_incident_id: "$b_incident" source_incident_ids: "$incident""#,
+    ),
+    (
+        "IncidentService/MergeIncidents",
+        NotFound,
+        r#"target_incident_id: "$incident" source_incident_ids: "$b_incident""#,
+    ),
+    (
+        "PlaybookService/StartPlaybookRun",
+        NotFound,
+        r#"playbook_id: "$b_playbook" incident_id: "$incident""#,
+    ),
+    (
+        "PlaybookService/StartPlaybookRun",
+        NotFound,
+        r#"playbook_id: "$b_playbook" alert_id: "$alert""#,
+    ),
+    (
+        "PlaybookService/StartPlaybookRun",
+        NotFound,
+        r#"playbook_id: "$playbook" incident_id: "$b_incident""#,
+    ),
+    (
+        "PlaybookService/ListPlaybookRuns",
+        Empty,
+        r#"incident_id: "$incident""#,
+    ),
+    (
+        "PlaybookService/ListPlaybookRuns",
+        Empty,
+        r#"playbook_id: "$playbook""#,
+    ),
+    (
+        "PlaybookService/WatchPlaybookRuns",
+        Empty,
+        r#"playbook_id: "$playbook" options { heartbeat_interval_seconds: 1 }"#,
+    ),
+    (
+        "EnforcementService/ListDecisions",
+        Empty,
+        r#"include_inactive: true origin_id: "$alert""#,
+    ),
+    (
+        "EnforcementService/CreateDecision",
+        NotFound,
+        r#"decision { scope: DECISION_SCOPE_IP value: "192.0.2.202" type: DECISION_TYPE_BAN
+           duration_seconds: 3600 reason: "mixed" alert_id: "$alert" }"#,
+    ),
+    (
+        "AdminService/GetRule",
+        Denied,
+        r#"tenant_id: "$tenant" rule_id: "$rule""#,
+    ),
+    (
+        "AdminService/RevokeApiKey",
+        NotFound,
+        r#"key_id: "$key_without_read""#,
+    ),
+];
+
 /// Tenant A's cursors and page tokens, each taken from the first answer of
 /// A's own call: (variable, method, request, response fields: the first
 /// non-empty of `|`-separated dotted paths; a watch stream's first message
@@ -917,7 +1014,12 @@ async fn fixture(app: &TestApp, methods: &BTreeMap<String, MethodDescriptor>) ->
     let now = chrono::Utc::now().timestamp();
     let mut vars: BTreeMap<&'static str, String> = BTreeMap::new();
     vars.insert("tenant", a_tenant.clone());
+    vars.insert("nobody", uuid::Uuid::now_v7().to_string());
     vars.insert("key", app.key_id(&a_all).await);
+    vars.insert(
+        "key_without_read",
+        app.key_id(&a_without[&(pb::Scope::Read as i32)]).await,
+    );
     vars.insert("start", (now - 86_400).to_string());
     vars.insert("end", (now + 3_600).to_string());
     vars.insert("banned_ip", "198.51.100.77".into());
@@ -1035,6 +1137,18 @@ async fn fixture(app: &TestApp, methods: &BTreeMap<String, MethodDescriptor>) ->
         .unwrap();
     assert_eq!(run.status, pb::RunStatus::PendingApproval as i32, "{run:?}");
     vars.insert("run", run.id.clone());
+    let b_body = webhook_body("192.0.2.50");
+    let b_sig = signature(&b_hook.secret, &b_body);
+    let (status, answer) = post_webhook(app, "matrix-b-hook", Some(&b_sig), b_body).await;
+    assert_eq!(status, 201, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    vars.insert("b_alert", answer["alert_id"].as_str().unwrap().to_owned());
+    vars.insert(
+        "b_incident",
+        crate::playbooks::incident(ch, &b_all, "matrix-b-one", "192.0.2.50", "").await,
+    );
+    let b_first = create(ch, &b_all, playbook("matrix-b-first", vec![note()])).await;
+    vars.insert("b_playbook", b_first.id);
     vars.insert("digest", run.params_digest.clone());
 
     // Two decisions.
@@ -1106,7 +1220,10 @@ async fn fixture(app: &TestApp, methods: &BTreeMap<String, MethodDescriptor>) ->
         .await;
         notification_secret = field_text(&rotated, "secret");
     }
-    assert!(!notification_secret.is_empty(), "A has no notification secret");
+    assert!(
+        !notification_secret.is_empty(),
+        "A has no notification secret"
+    );
 
     // Cursors and page tokens from A's own calls.
     for (var, method, template, field) in TOKENS {
@@ -1128,6 +1245,7 @@ async fn fixture(app: &TestApp, methods: &BTreeMap<String, MethodDescriptor>) ->
         "run",
         "decision",
         "rule",
+        "key_without_read",
     ]
     .iter()
     .map(|v| vars[v].clone())
@@ -1230,6 +1348,27 @@ fn check(
     }
 }
 
+/// Records a failure for every string of A's in an answer to B.
+fn leaks(
+    failures: &mut Vec<String>,
+    m: &MethodDescriptor,
+    r: &Result<Option<Vec<u8>>, tonic::Status>,
+    secrets: &[String],
+    method: &str,
+) {
+    let Ok(Some(answer)) = r else { return };
+    let text = DynamicMessage::decode(m.output(), &answer[..])
+        .map(|d| d.to_string())
+        .unwrap_or_else(|e| format!("undecodable answer {e}: {answer:?}"));
+    for s in secrets {
+        if text.contains(s.as_str()) {
+            failures.push(format!(
+                "{method} as another tenant: the answer holds A's {s:?}: {text}"
+            ));
+        }
+    }
+}
+
 fn code_of(r: &Result<Option<Vec<u8>>, tonic::Status>) -> Code {
     match r {
         Ok(_) => Code::Ok,
@@ -1246,6 +1385,7 @@ struct Counts {
     wrong_scope: usize,
     cross_tenant: usize,
     cross_tenant_with_ids: usize,
+    mixed: usize,
     grpc_web: usize,
 }
 
@@ -1348,19 +1488,32 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
         if entry.cross != Own {
             counts.cross_tenant_with_ids += 1;
         }
-        if let Ok(Some(answer)) = &r {
-            let text = DynamicMessage::decode(m.output(), &answer[..])
-                .map(|d| d.to_string())
-                .unwrap_or_default();
-            for s in &f.a_secrets {
-                if text.contains(s.as_str()) {
-                    failures.push(format!(
-                        "{} as another tenant: the answer holds A's {s:?}: {text}",
-                        entry.method
-                    ));
-                }
-            }
-        }
+        leaks(&mut failures, m, &r, &f.a_secrets, entry.method);
+    }
+
+    // B's own objects beside one of A's.
+    for (method, cross, template) in MIXED {
+        let m = &methods[*method];
+        let body = encode(m, template, &f.vars);
+        let r = call(&app.channel, m, body, Some(&f.b_all)).await;
+        let want = match cross {
+            Own | Empty => Code::Ok,
+            NotFound => Code::NotFound,
+            Denied => Code::PermissionDenied,
+            Invalid => Code::InvalidArgument,
+            Cross::None => unreachable!("a MIXED row is a call"),
+        };
+        let what = format!("as another tenant, beside its own ids ({template})");
+        check(
+            &mut failures,
+            &what,
+            method,
+            code_of(&r),
+            want,
+            format!("{r:?}"),
+        );
+        leaks(&mut failures, m, &r, &f.a_secrets, method);
+        counts.mixed += 1;
     }
 
     // The webhook route: no signature, a wrong one, another source's.
@@ -1398,7 +1551,7 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
             ));
         }
     }
-    // B got nothing through the webhook route.
+    // B has only its own alert: nothing came through A's webhook route.
     let b_alerts = read_as(
         &app,
         &methods,
@@ -1409,8 +1562,14 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
     )
     .await;
     let listed = b_alerts.get_field_by_name("alerts").unwrap();
-    if !listed.as_list().unwrap().is_empty() {
-        failures.push(format!("B has alerts: {b_alerts}"));
+    let ids: Vec<String> = listed
+        .as_list()
+        .unwrap()
+        .iter()
+        .map(|a| field_text(a.as_message().unwrap(), "id"))
+        .collect();
+    if ids != [f.vars["b_alert"].clone()] {
+        failures.push(format!("B has other alerts than its own one: {b_alerts}"));
     }
 
     assert!(
