@@ -984,7 +984,24 @@ fn escape(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// A's decoded answer of `method` to `template`.
+/// The decoded answer of `method` to `template` as `key`, or the status.
+async fn try_read_as(
+    app: &TestApp,
+    methods: &BTreeMap<String, MethodDescriptor>,
+    vars: &BTreeMap<&'static str, String>,
+    key: &str,
+    method: &str,
+    template: &str,
+) -> Result<DynamicMessage, String> {
+    let m = &methods[method];
+    match call(&app.channel, m, encode(m, template, vars), Some(key)).await {
+        Ok(Some(bytes)) => Ok(DynamicMessage::decode(m.output(), &bytes[..]).unwrap()),
+        Ok(None) => Err("no answer".into()),
+        Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+    }
+}
+
+/// [`try_read_as`], which must answer.
 async fn read_as(
     app: &TestApp,
     methods: &BTreeMap<String, MethodDescriptor>,
@@ -993,12 +1010,9 @@ async fn read_as(
     method: &str,
     template: &str,
 ) -> DynamicMessage {
-    let m = &methods[method];
-    let bytes = call(&app.channel, m, encode(m, template, vars), Some(key))
+    try_read_as(app, methods, vars, key, method, template)
         .await
-        .unwrap_or_else(|s| panic!("{method} {template}: {s:?}"))
-        .unwrap_or_else(|| panic!("{method} {template}: no answer"));
-    DynamicMessage::decode(m.output(), &bytes[..]).unwrap()
+        .unwrap_or_else(|e| panic!("{method} {template}: {e}"))
 }
 
 async fn fixture(app: &TestApp, methods: &BTreeMap<String, MethodDescriptor>) -> Fixture {
@@ -1279,14 +1293,14 @@ async fn snapshot(
     app: &TestApp,
     methods: &BTreeMap<String, MethodDescriptor>,
     f: &Fixture,
-) -> Vec<(String, DynamicMessage)> {
+) -> Vec<(String, Result<DynamicMessage, String>)> {
     let mut out = Vec::new();
     for (method, template) in SNAPSHOT {
-        let m = read_as(app, methods, &f.vars, &f.a_all, method, template).await;
+        let m = try_read_as(app, methods, &f.vars, &f.a_all, method, template).await;
         out.push((format!("{method} {template}"), m));
     }
     // Tenants as the operator sees them (CreateTenant must have made none).
-    let m = read_as(
+    let m = try_read_as(
         app,
         methods,
         &f.vars,
@@ -1348,6 +1362,25 @@ fn check(
     }
 }
 
+/// A read as text.
+fn shown(r: &Result<DynamicMessage, String>) -> String {
+    match r {
+        Ok(m) => m.to_string(),
+        Err(e) => e.clone(),
+    }
+}
+
+/// An answer as text: the decoded message, or the status.
+fn described(m: &MethodDescriptor, r: &Result<Option<Vec<u8>>, tonic::Status>) -> String {
+    match r {
+        Ok(Some(bytes)) => DynamicMessage::decode(m.output(), &bytes[..])
+            .map(|d| format!("{{{d}}}"))
+            .unwrap_or_else(|e| format!("undecodable answer ({e})")),
+        Ok(None) => "(no message)".into(),
+        Err(s) => format!("({}: {})", s.code(), s.message()),
+    }
+}
+
 /// Records a failure for every string of A's in an answer to B.
 fn leaks(
     failures: &mut Vec<String>,
@@ -1396,6 +1429,9 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
     let app = common::spawn_app(backend).await;
     let f = fixture(&app, &methods).await;
     let before = snapshot(&app, &methods, &f).await;
+    for (what, read) in &before {
+        assert!(read.is_ok(), "A cannot read its own {what}: {read:?}");
+    }
     let forged_key = forged(&f.a_all);
     let mut failures: Vec<String> = Vec::new();
     let mut counts = Counts::default();
@@ -1412,7 +1448,7 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
             entry.method,
             code_of(&r),
             Code::Unauthenticated,
-            format!("{r:?}"),
+            described(m, &r),
         );
         counts.no_key += 1;
         let r = call(&app.channel, m, body.clone(), Some(&forged_key)).await;
@@ -1422,7 +1458,7 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
             entry.method,
             code_of(&r),
             Code::Unauthenticated,
-            format!("{r:?}"),
+            described(m, &r),
         );
         counts.forged_key += 1;
 
@@ -1440,7 +1476,7 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
             entry.method,
             code_of(&r),
             want,
-            format!("{r:?}"),
+            described(m, &r),
         );
         counts.wrong_scope += 1;
 
@@ -1482,7 +1518,7 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
             entry.method,
             code_of(&r),
             want,
-            format!("{r:?}"),
+            described(m, &r),
         );
         counts.cross_tenant += 1;
         if entry.cross != Own {
@@ -1510,7 +1546,7 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
             method,
             code_of(&r),
             want,
-            format!("{r:?}"),
+            described(m, &r),
         );
         leaks(&mut failures, m, &r, &f.a_secrets, method);
         counts.mixed += 1;
@@ -1547,7 +1583,9 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
     for ((what, b), (_, a)) in before.iter().zip(&after) {
         if b != a {
             failures.push(format!(
-                "A's state changed ({what}):\n  before {b}\n  after  {a}"
+                "A's state changed ({what}):\n  before {}\n  after  {}",
+                shown(b),
+                shown(a)
             ));
         }
     }
