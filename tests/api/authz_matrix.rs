@@ -2,18 +2,23 @@
 //! enumerated from the descriptor set the server serves for reflection (not
 //! from a hand-written list), called
 //!
-//! 1. with no key: UNAUTHENTICATED;
-//! 2. with a forged key (a real key id, a wrong secret): UNAUTHENTICATED;
-//! 3. with a key of the same tenant holding every scope but the method's
+//! 1. with no key, with a forged key (a real key id, a wrong secret) and
+//!    with a revoked key: UNAUTHENTICATED;
+//! 2. with a key of the same tenant holding every scope but the method's
 //!    (for operator-only methods: a tenant key holding every scope):
-//!    PERMISSION_DENIED;
-//! 4. with another tenant's key and this tenant's ids, cursors and page
+//!    PERMISSION_DENIED; outside AdminService, with the operator token
+//!    (which has no tenant): PERMISSION_DENIED;
+//! 3. with another tenant's key and this tenant's ids, cursors and page
 //!    tokens: what `Cross` says (NOT_FOUND, PERMISSION_DENIED for a named
 //!    tenant, INVALID_ARGUMENT for a cursor bound to its tenant, or an answer
-//!    holding nothing of the first tenant's);
+//!    holding nothing of the first tenant's, checked against a control: the
+//!    first tenant's own call does return its data);
 //!
-//! then cases 1 and 3 again over grpc-web (HTTP/1.1), and the webhook route
-//! with no signature, a wrong one and another source's. Afterwards the first
+//! then the rows of `MIXED` (the other tenant's own objects beside one of
+//! the first tenant's in one request, and the first tenant's actors and
+//! addresses as filters), the no-key and wrong-scope calls again over
+//! grpc-web (HTTP/1.1), and the webhook route with no signature, a wrong
+//! one, another source's and one over another body. Afterwards the first
 //! tenant's objects read back exactly as before. Requests are built from
 //! the text-format templates of `MATRIX` with prost-reflect and sent as raw
 //! bytes, so one code path calls every method.
@@ -955,6 +960,8 @@ struct Fixture {
     a_all: String,
     /// A's keys each lacking one scope.
     a_without: BTreeMap<i32, String>,
+    /// A's key holding every scope, revoked.
+    a_revoked: String,
     /// B's key holding every scope.
     b_all: String,
     /// Strings of A's that no answer to B may contain.
@@ -1059,6 +1066,16 @@ async fn fixture(app: &TestApp, methods: &BTreeMap<String, MethodDescriptor>) ->
         let others: Vec<pb::Scope> = ALL.into_iter().filter(|s| *s != scope).collect();
         a_without.insert(scope as i32, app.key_for(&a_tenant, &others).await);
     }
+    let a_revoked = app.key_for(&a_tenant, &ALL).await;
+    app.admin()
+        .revoke_api_key(with_key(
+            pb::RevokeApiKeyRequest {
+                key_id: app.key_id(&a_revoked).await,
+            },
+            &a_all,
+        ))
+        .await
+        .expect("revoke a key");
     let now = chrono::Utc::now().timestamp();
     let mut vars: BTreeMap<&'static str, String> = BTreeMap::new();
     vars.insert("tenant", a_tenant.clone());
@@ -1315,6 +1332,7 @@ async fn fixture(app: &TestApp, methods: &BTreeMap<String, MethodDescriptor>) ->
         vars,
         a_all,
         a_without,
+        a_revoked,
         b_all,
         a_secrets,
         a_hook: (a_source.name, a_hook.secret),
@@ -1519,6 +1537,8 @@ struct Counts {
     methods: usize,
     no_key: usize,
     forged_key: usize,
+    revoked_key: usize,
+    operator: usize,
     wrong_scope: usize,
     cross_tenant: usize,
     cross_tenant_with_ids: usize,
@@ -1545,7 +1565,7 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
         let body = encode(m, entry.request, &f.vars);
         counts.methods += 1;
 
-        // 1. No key; 2. a forged key.
+        // 1. No key, a forged key, a revoked key.
         let r = call(&app.channel, m, body.clone(), None).await;
         check(
             &mut failures,
@@ -1566,8 +1586,18 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
             described(m, &r),
         );
         counts.forged_key += 1;
+        let r = call(&app.channel, m, body.clone(), Some(&f.a_revoked)).await;
+        check(
+            &mut failures,
+            "with a revoked key",
+            entry.method,
+            code_of(&r),
+            Code::Unauthenticated,
+            described(m, &r),
+        );
+        counts.revoked_key += 1;
 
-        // 3. The same tenant without the scope.
+        // 2. The same tenant without the scope.
         let (key, want) = match entry.access {
             // Any key will do: the one with the fewest scopes is still enough.
             Authenticated => (&f.a_without[&(pb::Scope::Admin as i32)], Code::Ok),
@@ -1584,6 +1614,21 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
             described(m, &r),
         );
         counts.wrong_scope += 1;
+
+        // The operator token has every scope and no tenant: a tenant's data
+        // (every service but AdminService) needs a tenant key.
+        if m.parent_service().name() != "AdminService" {
+            let r = call(&app.channel, m, body.clone(), Some(OPERATOR_TOKEN)).await;
+            check(
+                &mut failures,
+                "with the operator token",
+                entry.method,
+                code_of(&r),
+                Code::PermissionDenied,
+                described(m, &r),
+            );
+            counts.operator += 1;
+        }
 
         // The same two over grpc-web (which carries no client streams).
         if !m.is_client_streaming() {
@@ -1608,7 +1653,7 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
             counts.grpc_web += 2;
         }
 
-        // 4. Tenant B with A's ids, cursors and page tokens.
+        // 3. Tenant B with A's ids, cursors and page tokens.
         let want = match entry.cross {
             Cross::None => continue,
             Own | Empty => Code::Ok,
@@ -1721,6 +1766,42 @@ async fn every_rpc_refuses_the_wrong_caller(backend: Backend) {
         .collect();
     if ids != [f.vars["b_alert"].clone()] {
         failures.push(format!("B has other alerts than its own one: {b_alerts}"));
+    }
+
+    // An alert of B's about an address A's events come from: its context
+    // holds B's events only (A's context about the same address holds A's).
+    let body = webhook_body("203.0.113.78");
+    let sig = signature(&f.b_hook_secret, &body);
+    let (status, answer) = post_webhook(&app, "matrix-b-hook", Some(&sig), body).await;
+    assert_eq!(status, 201, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let b_shared = answer["alert_id"].as_str().unwrap();
+    let m = &methods["AlertService/GetAlertContext"];
+    let mut vars = f.vars.clone();
+    vars.insert("shared", b_shared.to_owned());
+    let template = r#"alert_id: "$shared" window_seconds: 86400"#;
+    let r = call(&app.channel, m, encode(m, template, &vars), Some(&f.b_all)).await;
+    check(
+        &mut failures,
+        "about A's address, as another tenant",
+        "AlertService/GetAlertContext",
+        code_of(&r),
+        Code::Ok,
+        described(m, &r),
+    );
+    leaks(
+        &mut failures,
+        m,
+        &r,
+        &f.a_secrets,
+        "AlertService/GetAlertContext",
+    );
+    let template = r#"alert_id: "$alert2" window_seconds: 86400"#;
+    let mine = call(&app.channel, m, encode(m, template, &vars), Some(&f.a_all)).await;
+    if !described(m, &mine).contains("bob-a") {
+        failures.push(
+            "AlertService/GetAlertContext: A's context about its address lacks its events".into(),
+        );
     }
 
     assert!(
