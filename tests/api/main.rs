@@ -7,6 +7,7 @@ mod common;
 mod admin;
 mod alerts;
 mod anomaly;
+mod authz_matrix;
 mod bad_input;
 mod bench;
 mod crash;
