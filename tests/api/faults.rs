@@ -627,3 +627,175 @@ async fn a_full_disk_refuses_ingest_clearly_and_recovers() {
     }
     drop(server);
 }
+
+/// Opens an HTTP/2 connection and starts an Ingest call whose message says
+/// it is 100,000 bytes long but stops after 10, then stalls: the returned
+/// handles keep the connection and the call open.
+async fn stalled_call(
+    addr: std::net::SocketAddr,
+    key: &str,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    h2::SendStream<bytes::Bytes>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post(format!("http://{addr}/picket.v1.IngestService/Ingest"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-api-key", key)
+        .body(())
+        .unwrap();
+    let (_response, mut body) = client.send_request(req, false).unwrap();
+    let mut half = vec![0u8];
+    half.extend_from_slice(&100_000u32.to_be_bytes());
+    half.extend_from_slice(&[0x0a; 10]);
+    body.send_data(bytes::Bytes::from(half), false).unwrap();
+    (client, body)
+}
+
+/// 1,000 idle connections and 20 calls stalled half way through their
+/// message do not slow the callers already connected; past
+/// `--max-connections` a new connection is closed at once (and counted),
+/// and once the idle ones go, new callers connect again.
+#[tokio::test]
+async fn idle_and_stalled_connections_leave_other_callers_unaffected() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let (server, _db) = tokio::task::spawn_blocking(move || {
+        (
+            ServerProcess::start(&db, &[("PICKET_MAX_CONNECTIONS", "1100")]),
+            db,
+        )
+    })
+    .await
+    .unwrap();
+    let channel = server.channel().await;
+    let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
+    let tenant = admin
+        .create_tenant(with_key(
+            pb::CreateTenantRequest {
+                name: "acme".into(),
+                ..Default::default()
+            },
+            OPERATOR_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .tenant
+        .unwrap();
+    let key = admin
+        .create_api_key(with_key(
+            pb::CreateApiKeyRequest {
+                tenant_id: tenant.id,
+                name: "k".into(),
+                scopes: vec![pb::Scope::Ingest as i32, pb::Scope::Read as i32],
+                ..Default::default()
+            },
+            OPERATOR_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+
+    // 1,000 connections that never send a byte, 20 stalled calls.
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        stalled.push(stalled_call(server.addr, &key).await);
+    }
+
+    // The connected caller goes on as before.
+    let mut ingest = pb::ingest_service_client::IngestServiceClient::new(channel.clone());
+    for i in 0..20 {
+        let call = ingest.ingest(with_key(
+            pb::IngestRequest {
+                events: vec![crate::ingest::login(
+                    &format!("k{i}"),
+                    "ok",
+                    "198.51.100.20",
+                    true,
+                )],
+            },
+            &key,
+        ));
+        let r = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("a call stuck behind idle and stalled connections")
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.accepted, 1);
+    }
+
+    // Past the cap: 1,000 idle + 20 stalled + this test's channel = 1,021
+    // open; of 100 more, those beyond 1,100 are closed at once.
+    let mut extra = Vec::new();
+    for _ in 0..100 {
+        extra.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    let reads = extra.iter_mut().map(|c| async move {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::io::AsyncReadExt::read(c, &mut b)
+            )
+            .await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    });
+    let closed = futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .filter(|c| *c)
+        .count();
+    assert!(
+        (15..=30).contains(&closed),
+        "{closed} of 100 connections past 1,021 open were closed (want the ~21 past 1,100)"
+    );
+    // The connected caller still works at the cap.
+    ingest
+        .query_events(with_key(pb::QueryEventsRequest::default(), &key))
+        .await
+        .expect("the connected caller at the cap");
+
+    // The idle ones go: a new caller connects again.
+    drop(idle);
+    drop(extra);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fresh = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await;
+        if let Ok(ch) = fresh
+            && pb::ingest_service_client::IngestServiceClient::new(ch)
+                .query_events(with_key(pb::QueryEventsRequest::default(), &key))
+                .await
+                .is_ok()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new caller got in after the idle ones closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, _, body) = common::http1(server.addr, "GET", "/metrics", &[], vec![]).await;
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("picket_connections_refused_total") && !l.ends_with(" 0")),
+        "no refusal counted"
+    );
+    drop(stalled);
+}
