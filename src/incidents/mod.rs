@@ -468,16 +468,24 @@ pub async fn merge(
     sources: &[Uuid],
     actor: &str,
 ) -> AppResult<Incident> {
-    if sources.is_empty() || sources.contains(&target) {
+    let distinct: std::collections::HashSet<&Uuid> = sources.iter().collect();
+    if sources.is_empty() || sources.contains(&target) || distinct.len() != sources.len() {
         return Err(AppError::invalid(
             "source_incident_ids",
-            "1..100 incidents, not including the target",
+            "1..100 distinct incidents, not including the target",
         ));
     }
+    // One transaction for the whole merge: every source closed, the target
+    // holding their alerts and entities, every alert pointing at the target.
+    // A crash at any point leaves either all of it or none of it.
     let now = Utc::now();
-    let mut moved: Vec<Uuid> = Vec::new();
-    for s in sources {
-        let closed = modify(store, tenant, *s, |src| {
+    for _ in 0..ATTEMPTS {
+        let mut into = store.get_incident(tenant, target).await?;
+        let mut saves = Vec::with_capacity(sources.len() + 1);
+        let mut moved: Vec<Uuid> = Vec::new();
+        let mut last = None;
+        for s in sources {
+            let mut src = store.get_incident(tenant, *s).await?;
             if src.merged_into.is_some() {
                 return Err(AppError::FailedPrecondition(format!(
                     "incident {s} was already merged"
@@ -485,41 +493,45 @@ pub async fn merge(
             }
             src.status = IncidentStatus::Closed;
             src.merged_into = Some(target);
-            Ok(src.record(
+            let closed = src.record(
                 actor,
                 TimelineKind::Merged,
                 format!("merged into incident {target}"),
                 target.to_string(),
                 now,
-            ))
-        })
-        .await?;
-        moved.extend(closed.alert_ids.iter().copied());
-        let entities = closed.entities.clone();
-        modify(store, tenant, target, |t| {
-            for a in &closed.alert_ids {
-                if !t.alert_ids.contains(a) {
-                    t.alert_ids.push(*a);
+            );
+            for a in &src.alert_ids {
+                if !into.alert_ids.contains(a) {
+                    into.alert_ids.push(*a);
+                }
+                moved.push(*a);
+            }
+            for e in &src.entities {
+                if !into.entities.contains(e) {
+                    into.entities.push(e.clone());
                 }
             }
-            for e in &entities {
-                if !t.entities.contains(e) {
-                    t.entities.push(e.clone());
-                }
-            }
-            t.severity = t.severity.max(closed.severity);
-            Ok(t.record(
+            into.severity = into.severity.max(src.severity);
+            last = Some(into.record(
                 actor,
                 TimelineKind::Merged,
                 format!("incident {s} merged in"),
                 s.to_string(),
                 now,
-            ))
-        })
-        .await?;
+            ));
+            saves.push((src, closed, Vec::new()));
+        }
+        let Some(entry) = last else {
+            return Err(AppError::invalid(
+                "source_incident_ids",
+                "1..100 incidents, not including the target",
+            ));
+        };
+        saves.push((into, entry, moved));
+        if let Some(r) = retrying(store.update_incidents(&saves).await) {
+            r?;
+            return Ok(store.get_incident(tenant, target).await?);
+        }
     }
-    for a in moved {
-        store.set_alert_incident(tenant, a, Some(target)).await?;
-    }
-    Ok(store.get_incident(tenant, target).await?)
+    Err(gave_up())
 }

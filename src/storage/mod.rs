@@ -610,6 +610,14 @@ pub trait IncidentStore: Send + Sync {
         link: &[uuid::Uuid],
     ) -> StoreResult<Incident>;
 
+    /// [`IncidentStore::update_incident`] for several incidents of one
+    /// tenant in ONE transaction: all are saved or none (a conflict on any
+    /// fails the whole). Returns them at their new versions, in order.
+    async fn update_incidents(
+        &self,
+        saves: &[(Incident, TimelineEntry, Vec<uuid::Uuid>)],
+    ) -> StoreResult<Vec<Incident>>;
+
     /// One incident.
     async fn get_incident(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<Incident>;
 

@@ -672,6 +672,70 @@ impl<DB: Dialect> SqlStore<DB> {
         Self::save_alert(tx, &alert, "updated", false, now).await
     }
 
+    /// Saves a changed incident within `tx` if it is still at
+    /// `incident.version` (see [`IncidentStore::update_incident`]).
+    async fn update_incident_in(
+        tx: &mut Tx<DB>,
+        incident: &Incident,
+        entry: &TimelineEntry,
+        link: &[Uuid],
+    ) -> StoreResult<Incident> {
+        let what = format!("incident {}", incident.id);
+        let fail = fail(&what, "failed to update an incident");
+        let conflict = || StoreError::Conflict(format!("{what} (changed concurrently)"));
+        let mut i = incident.clone();
+        i.version = incident.version + 1;
+        // The stored length at the version read: the entries beyond it are new.
+        let row = Stmt::<DB>::text(format!(
+            "SELECT timeline_len FROM incidents WHERE tenant_id = $1 AND id = $2 AND version = $3{}",
+            DB::FOR_UPDATE
+        ))
+        .uuid(i.tenant_id.0)
+        .uuid(i.id)
+        .arg(incident.version)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(&fail)?;
+        let Some(row) = row else {
+            return Err(conflict());
+        };
+        let stored = row.col::<i64>("timeline_len").map_err(&fail)?.max(0) as u64;
+        let held = i.timeline.len() as u64;
+        let Some(new_from) = stored
+            .checked_sub(i.timeline_skipped)
+            .filter(|n| *n <= held)
+        else {
+            return Err(conflict());
+        };
+        let done = Stmt::<DB>::new(
+            "UPDATE incidents SET version = $3, status = $4, severity = $5, assignee = $6, updated_at = $7, doc = $8, \
+             timeline_len = $9 WHERE tenant_id = $1 AND id = $2 AND version = $10",
+        )
+        .uuid(i.tenant_id.0)
+        .uuid(i.id)
+        .arg(i.version)
+        .arg(i.status.as_i16())
+        .arg(i.severity.as_i16())
+        .arg(i.assignee.as_str())
+        .time(i.updated_at)
+        .doc(&incident_doc(&i))
+        .arg((i.timeline_skipped + held) as i64)
+        .arg(incident.version)
+        .execute(&mut **tx)
+        .await
+        .map_err(&fail)?;
+        if done == 0 {
+            return Err(conflict());
+        }
+        Self::append_timeline(tx, &i, stored + 1, &i.timeline[new_from as usize..])
+            .await
+            .map_err(&fail)?;
+        Self::log_incident(tx, &i, entry, "updated", link)
+            .await
+            .map_err(&fail)?;
+        Ok(i)
+    }
+
     /// Logs an incident change and links `link`'s alerts to it, inside `tx`.
     async fn log_incident(
         tx: &mut Tx<DB>,
@@ -1592,62 +1656,27 @@ impl<DB: Dialect> IncidentStore for SqlStore<DB> {
         entry: &TimelineEntry,
         link: &[Uuid],
     ) -> StoreResult<Incident> {
-        let what = format!("incident {}", incident.id);
-        let fail = fail(&what, "failed to update an incident");
-        let conflict = || StoreError::Conflict(format!("{what} (changed concurrently)"));
-        let mut i = incident.clone();
-        i.version = incident.version + 1;
-        let mut tx = self.write(i.tenant_id).await.map_err(&fail)?;
-        // The stored length at the version read: the entries beyond it are new.
-        let row = Stmt::<DB>::text(format!(
-            "SELECT timeline_len FROM incidents WHERE tenant_id = $1 AND id = $2 AND version = $3{}",
-            DB::FOR_UPDATE
-        ))
-        .uuid(i.tenant_id.0)
-        .uuid(i.id)
-        .arg(incident.version)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(&fail)?;
-        let Some(row) = row else {
-            return Err(conflict());
+        let mut saved = self
+            .update_incidents(&[(incident.clone(), entry.clone(), link.to_vec())])
+            .await?;
+        Ok(saved.remove(0))
+    }
+
+    async fn update_incidents(
+        &self,
+        saves: &[(Incident, TimelineEntry, Vec<Uuid>)],
+    ) -> StoreResult<Vec<Incident>> {
+        let Some((first, _, _)) = saves.first() else {
+            return Ok(Vec::new());
         };
-        let stored = row.col::<i64>("timeline_len").map_err(&fail)?.max(0) as u64;
-        let held = i.timeline.len() as u64;
-        let Some(new_from) = stored
-            .checked_sub(i.timeline_skipped)
-            .filter(|n| *n <= held)
-        else {
-            return Err(conflict());
-        };
-        let done = Stmt::<DB>::new(
-            "UPDATE incidents SET version = $3, status = $4, severity = $5, assignee = $6, updated_at = $7, doc = $8, \
-             timeline_len = $9 WHERE tenant_id = $1 AND id = $2 AND version = $10",
-        )
-        .uuid(i.tenant_id.0)
-        .uuid(i.id)
-        .arg(i.version)
-        .arg(i.status.as_i16())
-        .arg(i.severity.as_i16())
-        .arg(i.assignee.as_str())
-        .time(i.updated_at)
-        .doc(&incident_doc(&i))
-        .arg((i.timeline_skipped + held) as i64)
-        .arg(incident.version)
-        .execute(&mut *tx)
-        .await
-        .map_err(&fail)?;
-        if done == 0 {
-            return Err(conflict());
+        let fail = fail("incidents", "failed to update incidents");
+        let mut tx = self.write(first.tenant_id).await.map_err(&fail)?;
+        let mut out = Vec::with_capacity(saves.len());
+        for (incident, entry, link) in saves {
+            out.push(Self::update_incident_in(&mut tx, incident, entry, link).await?);
         }
-        Self::append_timeline(&mut tx, &i, stored + 1, &i.timeline[new_from as usize..])
-            .await
-            .map_err(&fail)?;
-        Self::log_incident(&mut tx, &i, entry, "updated", link)
-            .await
-            .map_err(&fail)?;
         tx.commit().await.map_err(fail)?;
-        Ok(i)
+        Ok(out)
     }
 
     async fn get_incident(&self, tenant: TenantId, id: Uuid) -> StoreResult<Incident> {
