@@ -80,3 +80,61 @@ CREATE POLICY tenant_isolation ON vpn_runs
     WITH CHECK (tenant_id = NULLIF(current_setting('picket.tenant_id', true), '')::uuid);
 GRANT SELECT, INSERT, UPDATE, DELETE ON rollup_positions, event_rollups, vpn_rollups, vpn_runs
     TO picket_app;
+
+-- Dropping a day partition also takes the day out of every tenant's
+-- rollups (a definer-rights function: one statement per table across
+-- tenants, where the app role would need one transaction per tenant), and
+-- forgets VPN runs that can no longer make a later connect known. The
+-- events a large dropped partition held (over 100,000 by its statistics)
+-- are read from those statistics (`reltuples`, kept by ANALYZE and
+-- autovacuum) instead of counted: a count reads the whole day and took most
+-- of the drop's time at 10 M events. Smaller ones are counted.
+CREATE OR REPLACE FUNCTION picket_drop_event_partitions(tenants UUID[], cutoffs TIMESTAMPTZ[])
+    RETURNS TABLE (part_name TEXT, part_day DATE, held_rows BIGINT)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = public SET lock_timeout = '5s'
+AS $$
+DECLARE
+    p RECORD;
+    hi TIMESTAMPTZ;
+    kept BOOLEAN;
+    newest_cutoff TIMESTAMPTZ;
+    lo_us BIGINT;
+    hi_us BIGINT;
+BEGIN
+    SELECT max(c) INTO newest_cutoff FROM unnest(cutoffs) AS c;
+    FOR p IN
+        SELECT c.relname::text AS name, to_date(substr(c.relname, 8), 'YYYYMMDD') AS d,
+               greatest(c.reltuples, 0)::bigint AS estimate
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'events'::regclass AND c.relname ~ '^events_[0-9]{8}$'
+        ORDER BY 2
+    LOOP
+        hi := (p.d + 1)::timestamp AT TIME ZONE 'UTC';
+        -- Partitions are in day order: once one is newer than every
+        -- cutoff, so are the rest.
+        EXIT WHEN newest_cutoff IS NULL OR hi > newest_cutoff;
+        EXECUTE format(
+            'SELECT EXISTS (SELECT 1 FROM unnest($1, $2) AS k(t, c) '
+            'WHERE k.c < $3 AND EXISTS (SELECT 1 FROM %I e WHERE e.tenant_id = k.t))',
+            p.name) USING tenants, cutoffs, hi INTO kept;
+        CONTINUE WHEN kept;
+        part_name := p.name;
+        part_day := p.d;
+        IF p.estimate > 100000 THEN
+            held_rows := p.estimate;
+        ELSE
+            -- Never analyzed (-1, read as 0) or small: count.
+            EXECUTE format('SELECT count(*) FROM %I', p.name) INTO held_rows;
+        END IF;
+        EXECUTE format('DROP TABLE %I', p.name);
+        lo_us := (EXTRACT(EPOCH FROM (p.d::timestamp AT TIME ZONE 'UTC')) * 1000000)::bigint;
+        hi_us := lo_us + 86400000000;
+        DELETE FROM event_rollups WHERE hour_us >= lo_us AND hour_us < hi_us;
+        DELETE FROM vpn_rollups WHERE hour_us >= lo_us AND hour_us < hi_us;
+        DELETE FROM vpn_runs WHERE run_end < hi - interval '30 days';
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+REVOKE ALL ON FUNCTION picket_drop_event_partitions(UUID[], TIMESTAMPTZ[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION picket_drop_event_partitions(UUID[], TIMESTAMPTZ[]) TO picket_app;

@@ -1169,39 +1169,9 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
         &self,
         keep: &[(TenantId, Option<DateTime<Utc>>)],
     ) -> StoreResult<Vec<DroppedDay>> {
-        let dropped = DB::drop_event_days(self, keep).await?;
-        // The dropped days leave the rollups of every tenant (they held
-        // events of any tenant).
-        let fail = fail("rollups", "failed to forget dropped days");
-        for day in &dropped {
-            let start = day.day.and_time(chrono::NaiveTime::MIN).and_utc();
-            let (h0, h1) = (
-                start.timestamp_micros(),
-                (start + chrono::Duration::days(1)).timestamp_micros(),
-            );
-            for (tenant, _) in keep {
-                let mut tx = self.write(*tenant).await.map_err(&fail)?;
-                for table in ["event_rollups", "vpn_rollups"] {
-                    Stmt::<DB>::text(format!(
-                        "DELETE FROM {table} WHERE tenant_id = $1 AND hour_us >= $2 AND hour_us < $3"
-                    ))
-                    .uuid(tenant.0)
-                    .arg(h0)
-                    .arg(h1)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(&fail)?;
-                }
-                Stmt::<DB>::new("DELETE FROM vpn_runs WHERE tenant_id = $1 AND run_end < $2")
-                    .uuid(tenant.0)
-                    .time(start + chrono::Duration::days(1) - crate::domain::report::VPN_HISTORY)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(&fail)?;
-                tx.commit().await.map_err(&fail)?;
-            }
-        }
-        Ok(dropped)
+        // The day's rollups go with it, in the same call (SQLite has no
+        // partitions; its retention deletes rows through `purge_events`).
+        DB::drop_event_days(self, keep).await
     }
 
     async fn get_events(&self, tenant: TenantId, ids: &[Uuid]) -> StoreResult<Vec<StoredEvent>> {
