@@ -201,11 +201,28 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
             ),
         };
         let ordered: Vec<String> = keys.iter().map(|k| format!("{k}{bo}")).collect();
+        // Two levels instead of COUNT(DISTINCT …), which only aggregates by
+        // sorting: the inner level groups by the key and the column whose
+        // distinct values are counted (source IP per (actor, resource,
+        // action), resource per (actor, source IP)), both by hashing; the
+        // outer level counts those groups. The key's own column has one
+        // distinct value per group (none for a missing source IP).
+        let (other, resources, ips) = match q.grouping {
+            AccessGrouping::ActorSourceIp => (
+                "resource",
+                "COUNT(d)",
+                "CASE WHEN ka = '' THEN 0 ELSE 1 END",
+            ),
+            AccessGrouping::ActorResourceAction => ("source_ip", "1", "COUNT(d)"),
+        };
         let mut s = Stmt::<DB>::text(format!(
-            "SELECT {select}, COUNT(*) AS n, \
+            "SELECT actor, ka, kb, CAST(SUM(n) AS BIGINT) AS n, \
+             CAST(SUM(failures) AS BIGINT) AS failures, \
+             MIN(first_seen) AS first_seen, MAX(last_seen) AS last_seen, \
+             CAST({resources} AS BIGINT) AS resources, CAST({ips} AS BIGINT) AS ips FROM (\
+             SELECT {select}, {other} AS d, COUNT(*) AS n, \
              COUNT(CASE WHEN outcome = 2 THEN 1 END) AS failures, \
-             MIN(occurred_at) AS first_seen, MAX(occurred_at) AS last_seen, \
-             COUNT(DISTINCT resource) AS resources, COUNT(DISTINCT source_ip) AS ips \
+             MIN(occurred_at) AS first_seen, MAX(occurred_at) AS last_seen \
              FROM events WHERE tenant_id = "
         ));
         s.push_uuid(tenant.0);
@@ -235,10 +252,14 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
             }
             s.push(")");
         }
+        let outer: Vec<String> = ["actor", "ka", "kb"][..keys.len()]
+            .iter()
+            .map(|k| format!("{k}{bo}"))
+            .collect();
         s.push(&format!(
-            " GROUP BY {} ORDER BY {} LIMIT ",
+            " GROUP BY {}, {other}) AS g GROUP BY actor, ka, kb ORDER BY {} LIMIT ",
             keys.join(", "),
-            ordered.join(", ")
+            outer.join(", ")
         ))
         .push_bind(i64::from(q.limit));
         let rows = self.read_all(tenant, s).await.map_err(&fail)?;

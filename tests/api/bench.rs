@@ -208,8 +208,8 @@ async fn bench_detect_storm_reports_a_small_run_on_a_fresh_postgres_database() {
 }
 
 /// `picket bench reports` at a tiny size on both backends: it loads the
-/// span, answers every query kind, exports a whole day and removes the
-/// oldest one; the report has every figure. On Postgres it runs in a fresh
+/// span, rolls it up, answers every query kind and report RPC, exports a
+/// whole day and removes the oldest one; the report has every figure. On Postgres it runs in a fresh
 /// database that is gone afterwards.
 #[test]
 fn bench_reports_runs_small_on_both_backends() {
@@ -229,7 +229,18 @@ fn bench_reports_runs_small_on_both_backends() {
         assert!(out.status.success(), "{stderr}");
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let queries = r["queries"].as_array().unwrap();
-        assert_eq!(queries.len(), 7, "{r}");
+        // Seven QueryEvents kinds and the three report RPCs.
+        assert_eq!(queries.len(), 10, "{r}");
+        assert_eq!(
+            queries[9]["name"],
+            "GetAccessReport, last 24 hours, first page"
+        );
+        assert_eq!(
+            queries[7]["mean_rows"], 72.0,
+            "3 days of hourly buckets: {r}"
+        );
+        // The rollups folded every loaded event.
+        assert_eq!(r["rolled_events"], 8400, "{r}");
         for q in queries {
             assert_eq!(q["requests"], 4, "{q}");
             assert!(q["p95_ms"].as_f64().unwrap() >= q["p50_ms"].as_f64().unwrap());
