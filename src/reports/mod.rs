@@ -261,16 +261,18 @@ pub async fn dashboard(
     for (i, severity, count) in store.incident_counts(tenant, range, width).await? {
         out[slot(i)].incidents.add(severity, count);
     }
-    // Open VPN connections at each bucket end: the running sum of the
-    // per-bucket changes the store computes (floored per actor there).
+    // Open VPN connections at each bucket end: the running sum of the net
+    // connects − disconnects per bucket plus what flooring each actor's
+    // count at zero adds (the store computes that part).
     let mut open: i64 = 0;
-    let mut changes = store
-        .vpn_open_changes(tenant, range, width)
+    let mut floor = store
+        .vpn_floor_changes(tenant, range, width)
         .await?
         .into_iter()
         .peekable();
     for (i, b) in out.iter_mut().enumerate() {
-        while let Some((_, d)) = changes.next_if(|(k, _)| slot(*k) == i) {
+        open += b.events.vpn_connects as i64 - b.events.vpn_disconnects as i64;
+        while let Some((_, d)) = floor.next_if(|(k, _)| slot(*k) == i) {
             open += d;
         }
         b.active_vpn_connections = open.max(0) as u64;

@@ -1157,12 +1157,14 @@ pub trait ReportStore: Send + Sync {
         width_micros: i64,
     ) -> StoreResult<Vec<(usize, EventCounts)>>;
 
-    /// The change, per bucket, of the VPN connections open at its end:
-    /// per actor, connects minus disconnects summed from the range start and
-    /// floored at zero; the rows are the buckets where the sum over actors
-    /// changes, ordered (the open count of bucket `i` is the sum of the
-    /// changes up to `i`).
-    async fn vpn_open_changes(
+    /// The VPN connections open at a bucket's end are, per actor, connects
+    /// minus disconnects summed from the range start and floored at zero.
+    /// Without the floor their change per bucket is the bucket's net
+    /// connects − disconnects (in [`ReportStore::event_counts`]); this is
+    /// what the floor adds to it, per bucket where it adds anything, ordered
+    /// (the open count at the end of bucket `i` is the sum of both up to
+    /// `i`).
+    async fn vpn_floor_changes(
         &self,
         tenant: TenantId,
         range: ReportRange,

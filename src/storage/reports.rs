@@ -336,7 +336,7 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
         Ok(per.into_iter().map(|(b, c)| (b as usize, c)).collect())
     }
 
-    async fn vpn_open_changes(
+    async fn vpn_floor_changes(
         &self,
         tenant: TenantId,
         range: ReportRange,
@@ -352,11 +352,14 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
             None => None,
         };
         let rolled = hours.zip(pos);
-        // Per actor and bucket, the net change d; the open connections of
-        // an actor are the running sum of d floored at zero, which is the
-        // plain running sum S minus the lowest S so far when negative; the
-        // total per bucket is the sum over actors of the change of that
-        // level, so the database returns one row per bucket, not per actor.
+        // Per actor and bucket, the net change d and the disconnects x. The
+        // open connections of an actor are the running sum of d floored at
+        // zero: the plain running sum S minus the lowest S so far when that
+        // is negative. Only an actor with a disconnect in the range can go
+        // below zero, so only those actors' rows are walked here, and the
+        // rows returned are what flooring adds to the plain net change per
+        // bucket (usually nothing); the caller has the net change from the
+        // event figures.
         let mut s = Stmt::<DB>::new("WITH u AS (");
         let mut first = true;
         if let Some(((h0, h1), _)) = rolled {
@@ -365,7 +368,10 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
                 .push_bind(range.start.timestamp_micros())
                 .push(") / ")
                 .push_bind(width_micros)
-                .push(" AS b, connects - disconnects AS d FROM vpn_rollups WHERE tenant_id = ");
+                .push(
+                    " AS b, connects - disconnects AS d, disconnects AS x \
+                     FROM vpn_rollups WHERE tenant_id = ",
+                );
             s.push_uuid(tenant.0);
             s.push(" AND hour_us >= ").push_bind(h0);
             s.push(" AND hour_us < ").push_bind(h1);
@@ -378,22 +384,25 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
             s.push("SELECT actor, ");
             push_bucket(&mut s, "occurred_at", range, width_micros);
             s.push(&format!(
-                " AS b, CASE WHEN {VPN_CONNECT} THEN 1 WHEN {VPN_DISCONNECT} THEN -1 ELSE 0 END AS d \
+                " AS b, CASE WHEN {VPN_CONNECT} THEN 1 WHEN {VPN_DISCONNECT} THEN -1 ELSE 0 END AS d, \
+                 CASE WHEN {VPN_DISCONNECT} THEN 1 ELSE 0 END AS x \
                  FROM events WHERE event_type IN {VPN_TYPES} AND tenant_id = "
             ));
             s.push_uuid(tenant.0);
             push_part(&mut s, part);
         }
         s.push(
-            "), a AS (SELECT actor, b, SUM(d) AS d FROM u GROUP BY actor, b), \
-             r AS (SELECT actor, b, SUM(d) OVER (PARTITION BY actor ORDER BY b \
+            "), neg AS (SELECT DISTINCT actor FROM u WHERE x > 0), \
+             a AS (SELECT u.actor, b, SUM(d) AS d FROM u JOIN neg ON neg.actor = u.actor \
+             GROUP BY u.actor, b), \
+             r AS (SELECT actor, b, d, SUM(d) OVER (PARTITION BY actor ORDER BY b \
              ROWS UNBOUNDED PRECEDING) AS s FROM a), \
-             m AS (SELECT actor, b, s, MIN(s) OVER (PARTITION BY actor ORDER BY b \
+             m AS (SELECT actor, b, d, s, MIN(s) OVER (PARTITION BY actor ORDER BY b \
              ROWS UNBOUNDED PRECEDING) AS low FROM r), \
-             l AS (SELECT actor, b, s - CASE WHEN low < 0 THEN low ELSE 0 END AS level FROM m), \
+             l AS (SELECT actor, b, d, s - CASE WHEN low < 0 THEN low ELSE 0 END AS level FROM m), \
              c AS (SELECT b, level - COALESCE(LAG(level) OVER (PARTITION BY actor ORDER BY b), 0) \
-             AS dl FROM l) \
-             SELECT b, CAST(SUM(dl) AS BIGINT) AS dl FROM c GROUP BY b ORDER BY b",
+             - d AS dl FROM l) \
+             SELECT b, CAST(SUM(dl) AS BIGINT) AS dl FROM c GROUP BY b HAVING SUM(dl) <> 0 ORDER BY b",
         );
         let rows = s.fetch_all(&mut *tx).await.map_err(&fail)?;
         tx.commit().await.map_err(&fail)?;

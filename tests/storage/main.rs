@@ -1832,7 +1832,7 @@ mod events {
             out.push(format!("{:?}", s.event_counts(t, r, width).await.unwrap()));
             out.push(format!(
                 "{:?}",
-                s.vpn_open_changes(t, r, width).await.unwrap()
+                s.vpn_floor_changes(t, r, width).await.unwrap()
             ));
             if with_networks {
                 out.push(format!(
@@ -1842,6 +1842,44 @@ mod events {
             }
         }
         out
+    }
+
+    /// Open VPN connections are floored at zero per actor: an actor whose
+    /// first event in the range is a disconnect (a session opened before
+    /// it) does not take another actor's connection away. The floor's
+    /// correction is the same from raw events and from rollups.
+    pub async fn vpn_connections_are_floored_per_actor(backend: Backend) {
+        use picket::domain::report::ReportRange;
+        let (s, _db) = store(backend).await;
+        let (a, _) = two_tenants(s.as_ref()).await;
+        let vpn = |key: &str, actor: &str, hour: i64, kind: &str| {
+            let mut e = event(key, actor, hour * 3600 + 60);
+            e.event_type = kind.into();
+            e.ocsf_class_uid = 4001;
+            e.outcome = Outcome::Success;
+            e
+        };
+        let evs = vec![
+            vpn("w0", "w", 0, "vpn.connect"),
+            vpn("v1", "v", 1, "vpn.disconnect"),
+            vpn("v2", "v", 2, "vpn.connect"),
+            vpn("v3", "v", 3, "vpn.connect"),
+            vpn("v5", "v", 5, "vpn.disconnect"),
+        ];
+        s.insert_events(&[(a, &evs)]).await.unwrap();
+        let at = |h: i64| chrono::DateTime::from_timestamp(1_800_000_000 + h * 3600, 0).unwrap();
+        let range = ReportRange::new(at(0), at(8), "r").unwrap();
+        // v: net -1, +1, +1, -1 in hours 1, 2, 3, 5; floored, hour 1 adds 1.
+        let want = vec![(1usize, 1i64)];
+        assert_eq!(
+            s.vpn_floor_changes(a, range, 3_600_000_000).await.unwrap(),
+            want
+        );
+        while s.roll_up(a, 2).await.unwrap() > 0 {}
+        assert_eq!(
+            s.vpn_floor_changes(a, range, 3_600_000_000).await.unwrap(),
+            want
+        );
     }
 
     /// The report rollups answer exactly what the raw events answer: before
@@ -1950,6 +1988,7 @@ mod events {
         every_filter_reads_an_index,
         report_aggregates_agree,
         rollups_answer_what_raw_events_answer,
+        vpn_connections_are_floored_per_actor,
     );
 }
 
