@@ -43,4 +43,7 @@ CREATE TABLE vpn_runs (
     run_end   INTEGER NOT NULL,
     PRIMARY KEY (tenant_id, actor, network, run_start)
 );
+-- The actors with a disconnect: only they can have their open connections
+-- floored at zero (reports/mod.rs, the dashboard's VPN series).
+CREATE INDEX vpn_rollups_disconnects ON vpn_rollups (tenant_id, hour_us) WHERE disconnects > 0;
 CREATE INDEX vpn_runs_start ON vpn_runs (tenant_id, run_start);

@@ -360,7 +360,29 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
         // rows returned are what flooring adds to the plain net change per
         // bucket (usually nothing); the caller has the net change from the
         // event figures.
-        let mut s = Stmt::<DB>::new("WITH u AS (");
+        // The actors with a disconnect in the range (a partial index finds
+        // them in the rollups), then their rows only.
+        let mut s = Stmt::<DB>::new("WITH neg AS (");
+        let mut first = true;
+        if let Some(((h0, h1), _)) = rolled {
+            first = false;
+            s.push("SELECT actor FROM vpn_rollups WHERE disconnects > 0 AND tenant_id = ");
+            s.push_uuid(tenant.0);
+            s.push(" AND hour_us >= ").push_bind(h0);
+            s.push(" AND hour_us < ").push_bind(h1);
+        }
+        for part in raw_parts(range, rolled) {
+            if !first {
+                s.push(" UNION ");
+            }
+            first = false;
+            s.push(&format!(
+                "SELECT actor FROM events WHERE {VPN_DISCONNECT} AND tenant_id = "
+            ));
+            s.push_uuid(tenant.0);
+            push_part(&mut s, part);
+        }
+        s.push("), u AS (");
         let mut first = true;
         if let Some(((h0, h1), _)) = rolled {
             first = false;
@@ -369,8 +391,8 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
                 .push(") / ")
                 .push_bind(width_micros)
                 .push(
-                    " AS b, connects - disconnects AS d, disconnects AS x \
-                     FROM vpn_rollups WHERE tenant_id = ",
+                    " AS b, connects - disconnects AS d FROM vpn_rollups \
+                     WHERE actor IN (SELECT actor FROM neg) AND tenant_id = ",
                 );
             s.push_uuid(tenant.0);
             s.push(" AND hour_us >= ").push_bind(h0);
@@ -384,17 +406,16 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
             s.push("SELECT actor, ");
             push_bucket(&mut s, "occurred_at", range, width_micros);
             s.push(&format!(
-                " AS b, CASE WHEN {VPN_CONNECT} THEN 1 WHEN {VPN_DISCONNECT} THEN -1 ELSE 0 END AS d, \
-                 CASE WHEN {VPN_DISCONNECT} THEN 1 ELSE 0 END AS x \
-                 FROM events WHERE event_type IN {VPN_TYPES} AND tenant_id = "
+                " AS b, CASE WHEN {VPN_CONNECT} THEN 1 WHEN {VPN_DISCONNECT} THEN -1 ELSE 0 END AS d \
+                 FROM events WHERE event_type IN {VPN_TYPES} \
+                 AND actor IN (SELECT actor FROM neg) AND tenant_id = "
             ));
             s.push_uuid(tenant.0);
             push_part(&mut s, part);
         }
         s.push(
-            "), neg AS (SELECT DISTINCT actor FROM u WHERE x > 0), \
-             a AS (SELECT u.actor, b, SUM(d) AS d FROM u JOIN neg ON neg.actor = u.actor \
-             GROUP BY u.actor, b), \
+            "), \
+             a AS (SELECT actor, b, SUM(d) AS d FROM u GROUP BY actor, b), \
              r AS (SELECT actor, b, d, SUM(d) OVER (PARTITION BY actor ORDER BY b \
              ROWS UNBOUNDED PRECEDING) AS s FROM a), \
              m AS (SELECT actor, b, d, s, MIN(s) OVER (PARTITION BY actor ORDER BY b \
