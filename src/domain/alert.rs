@@ -348,6 +348,8 @@ pub struct AlertQuery {
     pub entity: Option<Entity>,
     /// Exact fingerprint.
     pub fingerprint: Option<String>,
+    /// In no incident.
+    pub uncorrelated: bool,
     /// last_seen ≥ start.
     pub start: Option<DateTime<Utc>>,
     /// last_seen < end.
@@ -364,6 +366,7 @@ impl AlertQuery {
         self.min_severity.is_none_or(|s| a.severity >= s)
             && (self.statuses.is_empty() || self.statuses.contains(&a.status))
             && self.category.as_ref().is_none_or(|c| *c == a.category)
+            && (!self.uncorrelated || a.incident_id.is_none())
             && self
                 .entity
                 .as_ref()

@@ -386,6 +386,7 @@ impl DetectionPipeline {
     ) -> StoreResult<usize> {
         let since = now - self.config.replay.min(self.evaluator.max_lookback());
         let mut raised = 0;
+        let mut led = Vec::new();
         let mut after: Option<String> = None;
         loop {
             let tenants = self.store.list_tenants(after.as_deref(), 500).await?;
@@ -393,6 +394,7 @@ impl DetectionPipeline {
                 if self.shutdown.is_cancelled() {
                     return Ok(raised);
                 }
+                led.push(t.id);
                 let head = self.store.events_head(t.id).await?.unwrap_or_default();
                 self.positions.insert(t.id, head);
                 self.reload_rules(t.id).await?;
@@ -441,6 +443,46 @@ impl DetectionPipeline {
             }
         }
         self.raiser.flush().await;
+        // Alerts committed before a crash whose correlation never ran (the
+        // writer correlates after the alert transaction) join their
+        // incidents now.
+        for tenant in led {
+            let leftovers = self
+                .store
+                .list_alerts(
+                    tenant,
+                    &AlertQuery {
+                        uncorrelated: true,
+                        start: Some(since),
+                        limit: 1000,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            if leftovers.is_empty() {
+                continue;
+            }
+            match crate::incidents::correlate_batch(
+                self.store.as_ref(),
+                tenant,
+                &leftovers,
+                self.config.correlation,
+                now,
+            )
+            .await
+            {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::info!(tenant_id = %tenant, alerts = n, "uncorrelated alerts grouped after a restart");
+                        metrics::counter!("picket_incident_recorrelated_alerts_total")
+                            .increment(n as u64);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(tenant_id = %tenant, error = %e, "correlating alerts left from before a restart failed")
+                }
+            }
+        }
         Ok(raised)
     }
 

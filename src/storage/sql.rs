@@ -1288,6 +1288,9 @@ impl<DB: Dialect> AlertStore for SqlStore<DB> {
         if let Some(c) = &q.category {
             b.push(" AND category = ").push_bind(c.as_str());
         }
+        if q.uncorrelated {
+            b.push(" AND incident_id IS NULL");
+        }
         if let Some(fp) = &q.fingerprint {
             b.push(" AND fingerprint = ").push_bind(fp.as_str());
         }
