@@ -113,6 +113,10 @@ pub enum BenchCommand {
     /// The audit log at scale: QueryEvents, ExportEvents and retention over
     /// 10 M + 10 M events spanning 30 days.
     Reports(crate::cli::client::bench_reports::BenchReportsArgs),
+    /// A server under steady load for minutes (Postgres, detection on,
+    /// subscribers and tails connected, bursts): errors, ack latency,
+    /// detection lag and memory per minute, against pass criteria.
+    Soak(crate::cli::client::bench_soak::BenchSoakArgs),
 }
 
 /// `picket playbook …`
@@ -302,6 +306,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Reports(args)) => {
             crate::cli::client::bench_reports::run(args).await
         }
+        Command::Bench(BenchCommand::Soak(args)) => crate::cli::client::bench_soak::run(args).await,
         Command::Bench(BenchCommand::Shards(args)) => {
             crate::cli::client::bench_shards::run(args).await
         }

@@ -271,3 +271,45 @@ fn bench_reports_runs_small_on_both_backends() {
         assert_eq!(String::from_utf8_lossy(&left.stdout).trim(), "0");
     }
 }
+
+/// `picket bench soak` for a few seconds: it measures the capacity, runs the
+/// steady load with subscribers, tails and bursts, reports a minute with
+/// the server's memory and descriptors, every burst alerted, and leaves no
+/// database behind.
+#[test]
+fn bench_soak_runs_briefly() {
+    let admin = std::env::var("PICKET_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_picket"))
+        .args(["--log", "warn", "bench", "soak", "--database-url", &admin])
+        .args(["--duration-seconds", "12", "--calibrate-seconds", "3"])
+        .args([
+            "--subscribers",
+            "6",
+            "--tails",
+            "2",
+            "--burst-every-seconds",
+            "3",
+        ])
+        .arg("--json")
+        .output()
+        .expect("run picket");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["capacity_events_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    let minutes = r["minutes"].as_array().unwrap();
+    assert_eq!(minutes.len(), 1, "{r}");
+    assert!(minutes[0]["accepted"].as_u64().unwrap() > 0, "{r}");
+    assert!(minutes[0]["rss_mib"].as_f64().unwrap() > 1.0, "{r}");
+    assert!(minutes[0]["fds"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["bursts"].as_u64().unwrap() >= 2, "{r}");
+    assert_eq!(r["bursts"], r["bursts_alerted"], "{r}");
+    let left = std::process::Command::new("psql")
+        .args([admin.as_str(), "-Atc"])
+        .arg("SELECT count(*) FROM pg_database WHERE datname LIKE 'picket_bench_soak_%'")
+        .output();
+    if let Ok(left) = left {
+        assert_eq!(String::from_utf8_lossy(&left.stdout).trim(), "0");
+    }
+}

@@ -11,6 +11,7 @@ pub mod bench_fanout;
 pub mod bench_reports;
 pub mod bench_respond;
 pub mod bench_shards;
+pub mod bench_soak;
 pub mod bench_storm;
 pub mod decisions;
 pub mod export;

@@ -70,6 +70,11 @@ impl ServerChild {
         Ok(Self { child, addr })
     }
 
+    /// The process id (`None` once it exited and was reaped).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        Some(self.child.id())
+    }
+
     /// (RSS, peak RSS) in MiB.
     pub(crate) fn memory(&self) -> anyhow::Result<(f64, f64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
