@@ -39,6 +39,10 @@
 //! - [`server`]: settings, assembly (`Application`), shutdown, telemetry.
 //! - [`cli`]: the commands, `picket anomaly score`, and the CLI's gRPC client
 //!   side (ingest, tail, bench, simulate).
+//!
+//! Testing support:
+//! - `fuzzing` (hidden): the entry points of the fuzz targets in `fuzz/` and
+//!   of the corpus replay test; each drives the real parsers with raw bytes.
 #![forbid(unsafe_code)]
 
 pub mod access;
@@ -48,6 +52,8 @@ pub mod cluster;
 pub mod detect;
 pub mod domain;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod http;
 pub mod incidents;

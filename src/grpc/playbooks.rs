@@ -320,12 +320,12 @@ fn check_text(s: &str, field: &str, required: bool) -> AppResult<()> {
     Ok(())
 }
 
-fn name_token(name: &str) -> String {
+pub(crate) fn name_token(name: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(name)
 }
 
-fn parse_name_token(token: &str) -> AppResult<String> {
+pub(crate) fn parse_name_token(token: &str) -> AppResult<String> {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(token)
