@@ -531,10 +531,48 @@ mod tests {
     }
 
     #[test]
+    fn a_whole_first_segment_selects_exactly_the_prefix_matches() {
+        assert_eq!(resource_segment("svc12/api/v1"), Some("svc12/"));
+        assert_eq!(resource_segment("svc12/"), Some("svc12/"));
+        assert_eq!(resource_segment("/etc/passwd"), Some("/"));
+        assert_eq!(resource_segment("orders-db"), None);
+        assert_eq!(whole_segment("svc12/"), Some("svc12/"));
+        assert_eq!(whole_segment("/"), Some("/"));
+        for other in ["svc12", "svc12/api", "svc12/api/", ""] {
+            assert_eq!(whole_segment(other), None, "{other}");
+        }
+        // Equal segments are exactly the resources starting with the prefix.
+        let resources = ["svc1/a", "svc12/a", "svc1", "svc1/", "svc1//x", "xsvc1/a"];
+        for r in resources {
+            assert_eq!(
+                resource_segment(r) == Some("svc1/"),
+                r.starts_with("svc1/"),
+                "{r}"
+            );
+        }
+    }
+
+    #[test]
     fn idempotency_digest_is_stable() {
         assert_eq!(idempotency_digest("abc"), idempotency_digest("abc"));
         assert_ne!(idempotency_digest("abc"), idempotency_digest("abd"));
     }
+}
+
+/// A resource's first path segment with its `/` (`svc12/` of
+/// `svc12/api/v1/orders`), or `None` for a resource without a `/`. Stored
+/// beside the resource (`events.resource_segment`) so that a filter on a
+/// whole first segment reads an index ordered by time within the segment.
+pub fn resource_segment(resource: &str) -> Option<&str> {
+    resource.find('/').map(|i| &resource[..=i])
+}
+
+/// The segment a resource prefix names exactly, when it is one whole first
+/// segment (`svc12/`: one `/`, at its end): the resources starting with it
+/// are exactly those whose [`resource_segment`] equals it. `None` for any
+/// other prefix (`svc1`, `svc12/api`), which is matched as a range.
+pub fn whole_segment(prefix: &str) -> Option<&str> {
+    (resource_segment(prefix) == Some(prefix)).then_some(prefix)
 }
 
 /// An audit-log query: filters, time range and a keyset position.

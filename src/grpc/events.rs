@@ -157,16 +157,22 @@ pub fn event_input_from_pb(e: &pb::Event) -> EventInput {
 
 /// A stored event as protobuf.
 pub fn event_to_pb(e: &NewEvent) -> pb::Event {
-    let d = &e.details;
+    event_into_pb(e.clone())
+}
+
+/// A stored event as protobuf, its strings moved rather than copied (the
+/// export's path, which owns the events it sends).
+pub fn event_into_pb(e: NewEvent) -> pb::Event {
+    let d = e.details;
     pb::Event {
         id: e.id.to_string(),
         occurred_at: Some(timestamp(e.occurred_at)),
         received_at: Some(timestamp(e.received_at)),
-        event_type: e.event_type.clone(),
-        idempotency_key: d.idempotency_key.clone(),
-        actor: e.actor.clone(),
-        action: e.action.clone(),
-        resource: e.resource.clone(),
+        event_type: e.event_type,
+        idempotency_key: d.idempotency_key,
+        actor: e.actor,
+        action: e.action,
+        resource: e.resource,
         outcome: outcome_to_pb(e.outcome) as i32,
         severity: severity_to_pb(e.severity) as i32,
         source_ip: e.source_ip.map(|ip| ip.to_string()).unwrap_or_default(),
@@ -174,61 +180,57 @@ pub fn event_to_pb(e: &NewEvent) -> pb::Event {
             .destination_ip
             .map(|ip| ip.to_string())
             .unwrap_or_default(),
-        source_system: e.source_system.clone(),
-        service: e.service.clone(),
-        environment: e.environment.clone(),
-        http: d.http.as_ref().map(|h| pb::HttpDetails {
-            method: h.method.clone(),
-            path: h.path.clone(),
+        source_system: e.source_system,
+        service: e.service,
+        environment: e.environment,
+        http: d.http.map(|h| pb::HttpDetails {
+            method: h.method,
+            path: h.path,
             status_code: h.status_code,
             latency_ms: h.latency_ms,
             bytes_in: h.bytes_in,
             bytes_out: h.bytes_out,
-            user_agent: h.user_agent.clone(),
-            route: h.route.clone(),
+            user_agent: h.user_agent,
+            route: h.route,
         }),
-        auth: d.auth.as_ref().map(|a| pb::AuthDetails {
-            method: a.method.clone(),
+        auth: d.auth.map(|a| pb::AuthDetails {
+            method: a.method,
             mfa_used: a.mfa_used,
-            mfa_method: a.mfa_method.clone(),
-            failure_reason: a.failure_reason.clone(),
-            session_id: a.session_id.clone(),
+            mfa_method: a.mfa_method,
+            failure_reason: a.failure_reason,
+            session_id: a.session_id,
         }),
-        network: d.network.as_ref().map(|n| pb::NetworkDetails {
+        network: d.network.map(|n| pb::NetworkDetails {
             source_port: n.source_port,
             destination_port: n.destination_port,
-            protocol: n.protocol.clone(),
+            protocol: n.protocol,
             bytes_sent: n.bytes_sent,
             bytes_received: n.bytes_received,
-            device: n.device.clone(),
-            rule_id: n.rule_id.clone(),
+            device: n.device,
+            rule_id: n.rule_id,
         }),
-        database: d.database.as_ref().map(|x| pb::DatabaseDetails {
-            system: x.system.clone(),
-            database: x.database.clone(),
-            db_user: x.db_user.clone(),
-            operation: x.operation.clone(),
+        database: d.database.map(|x| pb::DatabaseDetails {
+            system: x.system,
+            database: x.database,
+            db_user: x.db_user,
+            operation: x.operation,
             rows: x.rows,
         }),
-        change: d.change.as_ref().map(|c| pb::ChangeDetails {
-            object_type: c.object_type.clone(),
-            object_id: c.object_id.clone(),
-            old_value: c.old_value.clone(),
-            new_value: c.new_value.clone(),
-            privilege: c.privilege.clone(),
-            target_actor: c.target_actor.clone(),
+        change: d.change.map(|c| pb::ChangeDetails {
+            object_type: c.object_type,
+            object_id: c.object_id,
+            old_value: c.old_value,
+            new_value: c.new_value,
+            privilege: c.privilege,
+            target_actor: c.target_actor,
         }),
-        quota: d.quota.as_ref().map(|q| pb::QuotaDetails {
-            limit_name: q.limit_name.clone(),
+        quota: d.quota.map(|q| pb::QuotaDetails {
+            limit_name: q.limit_name,
             limit: q.limit,
             observed: q.observed,
             throttled: q.throttled,
         }),
-        attributes: d
-            .attributes
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        attributes: d.attributes.into_iter().collect(),
         ocsf_class_uid: e.ocsf_class_uid,
         ocsf_category_uid: e.ocsf_category_uid,
     }
@@ -431,13 +433,44 @@ pub fn encode_export_cursor(
     range: Option<&pb::TimeRange>,
     c: ExportCursor,
 ) -> String {
-    URL_SAFE_NO_PAD.encode(format!(
-        "{}.{}.{}.{}",
-        query_tag("export", tenant, filter, range),
-        c.after.0.timestamp_micros(),
-        c.after.1,
-        c.received_before.timestamp_micros()
-    ))
+    ExportCursors::new(tenant, filter, range, c.received_before).encode(c.after)
+}
+
+/// The cursors of one export: the digest binding them to the tenant,
+/// filter and range is computed once, not once per event.
+#[derive(Debug, Clone)]
+pub struct ExportCursors {
+    /// `query_tag("export", …)` of the export.
+    tag: String,
+    /// The export's pinned `received_before`.
+    received_before: DateTime<Utc>,
+}
+
+impl ExportCursors {
+    /// The cursors of an export of `tenant` with this filter and range,
+    /// pinned to `received_before`.
+    pub fn new(
+        tenant: TenantId,
+        filter: Option<&pb::EventFilter>,
+        range: Option<&pb::TimeRange>,
+        received_before: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            tag: query_tag("export", tenant, filter, range),
+            received_before,
+        }
+    }
+
+    /// The cursor resuming after the event at `after` (occurred_at, id).
+    pub fn encode(&self, after: (DateTime<Utc>, Uuid)) -> String {
+        URL_SAFE_NO_PAD.encode(format!(
+            "{}.{}.{}.{}",
+            self.tag,
+            after.0.timestamp_micros(),
+            after.1,
+            self.received_before.timestamp_micros()
+        ))
+    }
 }
 
 /// Decodes an export cursor; it must come from the same tenant, filter and range.

@@ -9,13 +9,16 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
+use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::domain::event::{self, EventQuery, check_len};
+use crate::domain::event::{self, EventQuery, StoredEvent, check_len};
 use crate::domain::report::{
     AccessGrouping, AccessKey, AccessQuery, AccessRow, Buckets, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE,
     Period, ReportRange, SeverityCounts,
@@ -24,16 +27,22 @@ use crate::domain::{Scope, TenantId};
 use crate::error::{AppError, AppResult};
 use crate::grpc::alerts::entity_kind_to_pb;
 use crate::grpc::convert::{from_timestamp, timestamp};
-use crate::grpc::events::{
-    ExportCursor, decode_export_cursor, encode_export_cursor, event_to_pb, query_from_pb,
-};
+use crate::grpc::events::{ExportCursors, decode_export_cursor, event_into_pb, query_from_pb};
 use crate::grpc::status::to_status;
 use crate::grpc::{ApiContext, BoxStream, pb};
 
-/// Events read from the store per page of an export.
-pub const EXPORT_PAGE: u32 = 500;
-/// Messages an export may hold unsent (the reader's pace bounds the rest).
+/// Events read from the store per page of an export (two pages at most in
+/// memory: the one being sent and the next, read meanwhile).
+pub const EXPORT_PAGE: u32 = 2000;
+/// Messages of one event an export may hold unsent (the reader's pace
+/// bounds the rest).
 const EXPORT_BUFFER: usize = 64;
+/// Batch messages an export may hold unsent.
+const EXPORT_BATCH_BUFFER: usize = 4;
+/// Most events a batch message may carry (`max_events_per_message`).
+pub const MAX_EVENTS_PER_MESSAGE: u32 = 1000;
+/// A batch stops before its encoded events pass this (1 MiB).
+const EXPORT_BATCH_BYTES: usize = 1 << 20;
 
 /// The ReportService implementation.
 pub struct ReportApi {
@@ -428,6 +437,7 @@ impl pb::report_service_server::ReportService for ReportApi {
         let (_, tenant) = self.ctx.tenant_caller(&request, Scope::Read).await?;
         let req = request.into_inner();
         let mut q = export_query(&req).map_err(to_status)?;
+        let batch = export_batch(req.max_events_per_message).map_err(to_status)?;
         let received_before = if req.after_cursor.is_empty() {
             Utc::now()
         } else {
@@ -442,60 +452,72 @@ impl pb::report_service_server::ReportService for ReportApi {
             c.received_before
         };
         q.received_before = Some(received_before);
-        let (tx, rx) = mpsc::channel(EXPORT_BUFFER);
+        let cursors = ExportCursors::new(
+            tenant,
+            req.filter.as_ref(),
+            req.time_range.as_ref(),
+            received_before,
+        );
+        let (tx, rx) = mpsc::channel(if batch.is_some() {
+            EXPORT_BATCH_BUFFER
+        } else {
+            EXPORT_BUFFER
+        });
         let store = self.ctx.store.clone();
         let shutdown = self.ctx.shutdown.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let mut sent: u64 = 0;
+            // Page n + 1 is read (and decoded) by its own task while page n
+            // is converted and sent: at most two pages in memory.
+            let read = |q: EventQuery| {
+                let store = store.clone();
+                AbortOnDropHandle::new(tokio::spawn(
+                    async move { store.query_events(tenant, &q).await },
+                ))
+            };
+            let mut next = Some(read(q.clone()));
             let outcome = loop {
+                let Some(pending) = next.take() else {
+                    break "complete";
+                };
                 let page = tokio::select! {
-                    page = store.query_events(tenant, &q) => page,
+                    page = pending => page,
                     () = shutdown.cancelled() => break "shutdown",
                 };
                 let page = match page {
-                    Ok(p) => p,
-                    Err(e) => {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => {
                         let _ = tx.send(Err(to_status(e.into()))).await;
                         break "error";
                     }
-                };
-                let last_page = page.len() < EXPORT_PAGE as usize;
-                for row in page {
-                    let e = row.event;
-                    q.after = Some((e.occurred_at, e.id));
-                    let cursor = encode_export_cursor(
-                        tenant,
-                        req.filter.as_ref(),
-                        req.time_range.as_ref(),
-                        ExportCursor {
-                            after: (e.occurred_at, e.id),
-                            received_before,
-                        },
-                    );
-                    let msg = pb::ExportEventsResponse {
-                        event: Some(event_to_pb(&e)),
-                        cursor,
-                    };
-                    let delivered = tokio::select! {
-                        r = tx.send(Ok(msg)) => r.is_ok(),
-                        () = shutdown.cancelled() => break,
-                    };
-                    if !delivered {
-                        break;
+                    Err(e) => {
+                        let err = AppError::Internal(
+                            anyhow::Error::new(e).context("an export page read failed"),
+                        );
+                        let _ = tx.send(Err(to_status(err))).await;
+                        break "error";
                     }
-                    sent += 1;
+                };
+                if page.len() == EXPORT_PAGE as usize
+                    && let Some(last) = page.last()
+                {
+                    q.after = Some((last.event.occurred_at, last.event.id));
+                    next = Some(read(q.clone()));
                 }
+                let delivered = match batch {
+                    None => send_events(&tx, &shutdown, &cursors, page).await,
+                    Some(max) => send_batches(&tx, &shutdown, &cursors, page, max).await,
+                };
+                sent += delivered.sent;
                 if shutdown.is_cancelled() {
                     break "shutdown";
                 }
-                if tx.is_closed() {
+                if !delivered.all || tx.is_closed() {
                     break "cancelled";
                 }
-                if last_page {
-                    break "complete";
-                }
             };
+            drop(next);
             if outcome == "shutdown" {
                 let _ = tx
                     .send(Err(to_status(AppError::Unavailable {
@@ -510,5 +532,122 @@ impl pb::report_service_server::ReportService for ReportApi {
             tracing::info!(%tenant, sent, outcome, "export finished");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The batch size a request asks for (`None`: one event per message).
+fn export_batch(max_events_per_message: u32) -> AppResult<Option<usize>> {
+    match max_events_per_message {
+        0 => Ok(None),
+        n if n > MAX_EVENTS_PER_MESSAGE => Err(AppError::invalid(
+            "max_events_per_message",
+            format!("at most {MAX_EVENTS_PER_MESSAGE}"),
+        )),
+        n => Ok(Some(n as usize)),
+    }
+}
+
+/// What sending one page achieved.
+struct Delivered {
+    /// Events the client's stream accepted.
+    sent: u64,
+    /// Every event of the page went (false: the client left, or shutdown).
+    all: bool,
+}
+
+type ExportSender = mpsc::Sender<Result<pb::ExportEventsResponse, Status>>;
+
+/// Sends one message, unless the server shuts down first; false when the
+/// message did not go.
+async fn send_export(
+    tx: &ExportSender,
+    shutdown: &CancellationToken,
+    msg: pb::ExportEventsResponse,
+) -> bool {
+    tokio::select! {
+        r = tx.send(Ok(msg)) => r.is_ok(),
+        () = shutdown.cancelled() => false,
+    }
+}
+
+/// Sends a page one event per message, each with its cursor.
+async fn send_events(
+    tx: &ExportSender,
+    shutdown: &CancellationToken,
+    cursors: &ExportCursors,
+    page: Vec<StoredEvent>,
+) -> Delivered {
+    let mut sent = 0;
+    for row in page {
+        let e = row.event;
+        let msg = pb::ExportEventsResponse {
+            cursor: cursors.encode((e.occurred_at, e.id)),
+            event: Some(event_into_pb(e)),
+            events: Vec::new(),
+        };
+        if !send_export(tx, shutdown, msg).await {
+            return Delivered { sent, all: false };
+        }
+        sent += 1;
+    }
+    Delivered { sent, all: true }
+}
+
+/// Sends a page in batches of at most `max` events, each stopping before
+/// its encoded events pass [`EXPORT_BATCH_BYTES`] (at least one event),
+/// each with the cursor of its last event.
+async fn send_batches(
+    tx: &ExportSender,
+    shutdown: &CancellationToken,
+    cursors: &ExportCursors,
+    page: Vec<StoredEvent>,
+    max: usize,
+) -> Delivered {
+    let mut sent = 0;
+    let mut events: Vec<pb::Event> = Vec::with_capacity(max.min(page.len()));
+    let mut bytes = 0;
+    let mut last = None;
+    for row in page {
+        let at = (row.event.occurred_at, row.event.id);
+        let e = event_into_pb(row.event);
+        let len = e.encoded_len();
+        if let Some(after) = last
+            && !events.is_empty()
+            && (events.len() >= max || bytes + len > EXPORT_BATCH_BYTES)
+        {
+            let n = events.len() as u64;
+            let msg = batch(cursors, after, std::mem::take(&mut events));
+            if !send_export(tx, shutdown, msg).await {
+                return Delivered { sent, all: false };
+            }
+            sent += n;
+            bytes = 0;
+        }
+        events.push(e);
+        bytes += len;
+        last = Some(at);
+    }
+    if let Some(after) = last
+        && !events.is_empty()
+    {
+        let n = events.len() as u64;
+        if !send_export(tx, shutdown, batch(cursors, after, events)).await {
+            return Delivered { sent, all: false };
+        }
+        sent += n;
+    }
+    Delivered { sent, all: true }
+}
+
+/// A batch message ending with the event at `after`.
+fn batch(
+    cursors: &ExportCursors,
+    after: (DateTime<Utc>, uuid::Uuid),
+    events: Vec<pb::Event>,
+) -> pb::ExportEventsResponse {
+    pb::ExportEventsResponse {
+        event: None,
+        cursor: cursors.encode(after),
+        events,
     }
 }

@@ -183,6 +183,33 @@ fn describe_metrics() {
         "picket_export_events_total",
         "Events sent by ExportEvents streams"
     );
+    describe_histogram!(
+        "picket_rollup_step_seconds",
+        Unit::Seconds,
+        "Time to fold one step of committed events into the report rollups"
+    );
+    describe_histogram!(
+        "picket_rollup_pass_seconds",
+        Unit::Seconds,
+        "Time of one rollup pass (until caught up with the committed-event feed)"
+    );
+    describe_counter!(
+        "picket_rollup_events_total",
+        "Events folded into the report rollups"
+    );
+    describe_counter!(
+        "picket_rollup_failures_total",
+        "Rollup passes that failed (retried at the next interval)"
+    );
+    describe_counter!(
+        "picket_sqlite_wal_checkpoints_total",
+        "Forced WAL checkpoints of the embedded store, by result (done, busy, error)"
+    );
+    describe_histogram!(
+        "picket_sqlite_optimize_seconds",
+        Unit::Seconds,
+        "Time of the embedded store's periodic PRAGMA optimize (planner statistics)"
+    );
     describe_gauge!(
         "picket_redis_connected",
         "1 while the replica signal subscription to Redis is up"

@@ -52,7 +52,7 @@ fn copy_rows(tenant: TenantId, events: &[NewEvent]) -> anyhow::Result<String> {
 /// The COPY statement whose columns [`copy_line`] writes.
 const EVENTS_COPY: &str = "COPY events (tenant_id, id, idem, occurred_at, received_at, event_type, ocsf_class_uid, \
      ocsf_category_uid, actor, action, resource, outcome, severity, source_ip, destination_ip, \
-     source_system, service, environment, details) FROM STDIN";
+     source_system, service, environment, details, resource_segment) FROM STDIN";
 
 /// Appends one event's line of COPY text (the columns of [`EVENTS_COPY`]).
 fn copy_line(out: &mut String, tenant: TenantId, e: &NewEvent) -> anyhow::Result<()> {
@@ -86,6 +86,11 @@ fn copy_line(out: &mut String, tenant: TenantId, e: &NewEvent) -> anyhow::Result
             out.push('\t');
         }
         copy_text(out, &details);
+        out.push('\t');
+        match crate::domain::event::resource_segment(&e.resource) {
+            Some(seg) => copy_text(out, seg),
+            None => out.push_str("\\N"),
+        }
         out.push('\n');
     }
     Ok(())
@@ -155,8 +160,8 @@ async fn sqlite_insert(
             sqlx::query(
                 "INSERT INTO events (tenant_id, id, idem, occurred_at, received_at, event_type, ocsf_class_uid, \
                  ocsf_category_uid, actor, action, resource, outcome, severity, source_ip, destination_ip, \
-                 source_system, service, environment, details) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                 source_system, service, environment, details, resource_segment) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
             )
             .bind(&tenant)
             .bind(e.id.to_string())
@@ -177,6 +182,7 @@ async fn sqlite_insert(
             .bind(&e.service)
             .bind(&e.environment)
             .bind(serde_json::to_string(&e.details)?)
+            .bind(crate::domain::event::resource_segment(&e.resource))
             .execute(&mut *tx)
             .await?;
         }

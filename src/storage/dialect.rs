@@ -286,6 +286,9 @@ pub(crate) trait Dialect:
         keep: &[(TenantId, Option<DateTime<Utc>>)],
     ) -> StoreResult<Vec<DroppedDay>>;
 
+    /// See [`crate::storage::EventStore::refresh_statistics`].
+    async fn refresh_statistics(store: &SqlStore<Self>) -> StoreResult<()>;
+
     /// See [`crate::storage::Store::join_detection`].
     async fn join_detection(store: &SqlStore<Self>, shards: u32) -> StoreResult<Joined>;
 }

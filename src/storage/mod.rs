@@ -417,6 +417,13 @@ pub trait EventStore: Send + Sync {
         query: &EventQuery,
     ) -> StoreResult<Vec<String>>;
 
+    /// Lets the backend refresh its query planner's statistics now, as it
+    /// does by itself over time. SQLite: `PRAGMA optimize` (its maintenance
+    /// task runs it every minute), and pooled connections that planned with
+    /// older statistics are replaced when next acquired. Postgres: nothing
+    /// (autovacuum analyzes; `bench reports` runs ANALYZE after its COPY).
+    async fn refresh_statistics(&self) -> StoreResult<()>;
+
     /// Events strictly after `after` in the tenant's commit-ordered feed, at most
     /// `limit`. Never returns a row that could be followed later by a row with a
     /// smaller position (see [`FeedPosition`]).

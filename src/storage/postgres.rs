@@ -79,7 +79,12 @@ impl PgStore {
             .connect_with(options)
             .await
             .context("failed to open the Postgres pool")?;
-        Ok(Self { pool, lock: None })
+        Ok(Self {
+            pool,
+            lock: None,
+            maintenance: None,
+            stats_epoch: None,
+        })
     }
 
     /// Begins a transaction bound to `tenant` for row-level security.
@@ -254,6 +259,12 @@ impl Dialect for Postgres {
         .bind(keys)
         .execute(&mut **tx)
         .await?;
+        Ok(())
+    }
+
+    async fn refresh_statistics(_store: &PgStore) -> StoreResult<()> {
+        // Autovacuum's ANALYZE keeps them, and the application role does not
+        // own the tables it would have to analyze.
         Ok(())
     }
 
@@ -484,6 +495,7 @@ async fn insert_group(
     let mut actors = Vec::with_capacity(n);
     let mut actions = Vec::with_capacity(n);
     let mut resources = Vec::with_capacity(n);
+    let mut segments = Vec::with_capacity(n);
     let mut outcomes = Vec::with_capacity(n);
     let mut severities = Vec::with_capacity(n);
     let mut src = Vec::with_capacity(n);
@@ -503,6 +515,7 @@ async fn insert_group(
         actors.push(e.actor.as_str());
         actions.push(e.action.as_str());
         resources.push(e.resource.as_str());
+        segments.push(crate::domain::event::resource_segment(&e.resource));
         outcomes.push(e.outcome.as_i16());
         severities.push(e.severity.as_i16());
         src.push(e.source_ip.map(|ip| ip.to_string()));
@@ -515,17 +528,19 @@ async fn insert_group(
     let inserted: Vec<uuid::Uuid> = sqlx::query_scalar(
         "WITH u AS (SELECT * FROM unnest($2::uuid[], $3::bytea[], $4::timestamptz[], $5::timestamptz[], \
                      $6::text[], $7::int4[], $8::int4[], $9::text[], $10::text[], $11::text[], $12::int2[], \
-                     $13::int2[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[]) \
+                     $13::int2[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], \
+                     $20::text[]) \
               AS u(id, idem, occurred_at, received_at, event_type, class, category, actor, action, resource, \
-                   outcome, severity, src, dst, system, service, env, details)), \
+                   outcome, severity, src, dst, system, service, env, details, segment)), \
          keys AS (INSERT INTO event_keys (tenant_id, idem, id, occurred_at) \
                   SELECT $1, u.idem, u.id, u.occurred_at FROM u \
                   ON CONFLICT (tenant_id, idem) DO NOTHING RETURNING id) \
          INSERT INTO events (tenant_id, id, idem, occurred_at, received_at, event_type, ocsf_class_uid, \
          ocsf_category_uid, actor, action, resource, outcome, severity, source_ip, destination_ip, \
-         source_system, service, environment, details) \
+         source_system, service, environment, details, resource_segment) \
          SELECT $1, u.id, u.idem, u.occurred_at, u.received_at, u.event_type, u.class, u.category, u.actor, \
-                u.action, u.resource, u.outcome, u.severity, u.src, u.dst, u.system, u.service, u.env, u.details::jsonb \
+                u.action, u.resource, u.outcome, u.severity, u.src, u.dst, u.system, u.service, u.env, u.details::jsonb, \
+                u.segment \
          FROM u \
          JOIN keys ON keys.id = u.id \
          RETURNING id",
@@ -549,6 +564,7 @@ async fn insert_group(
     .bind(&services)
     .bind(&envs)
     .bind(&details)
+    .bind(&segments)
     .fetch_all(&mut **tx)
     .await?;
     let inserted: std::collections::HashSet<uuid::Uuid> = inserted.into_iter().collect();

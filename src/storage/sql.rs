@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{
-    EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
+    self, EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
 };
 use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
 use crate::domain::playbook::{NotificationSettings, Playbook, PlaybookRun, RunQuery, RunStatus};
@@ -1042,7 +1042,12 @@ impl<DB: Dialect> SqlStore<DB> {
         if let Some(ip) = q.source_ip {
             b.push(" AND source_ip = ").push_bind(ip.to_string());
         }
-        if let Some(p) = &q.resource_prefix {
+        if let Some(seg) = q.resource_prefix.as_deref().and_then(event::whole_segment) {
+            // A whole first segment (`svc12/`): the resources starting with
+            // it are those of that segment, whose index is in page order
+            // within the segment (no sort of every match before the first page).
+            b.push(" AND resource_segment = ").push_bind(seg);
+        } else if let Some(p) = &q.resource_prefix {
             // In byte order the resources starting with `p` are exactly
             // [p, prefix_end(p)): one range of the resource index.
             let col = format!("(resource{})", DB::BYTE_ORDER);
@@ -1107,6 +1112,10 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
             .map(|r| r.col::<String>(DB::EXPLAIN_COLUMN))
             .collect::<Result<_, _>>()
             .map_err(fail)
+    }
+
+    async fn refresh_statistics(&self) -> StoreResult<()> {
+        DB::refresh_statistics(self).await
     }
 
     async fn events_after(

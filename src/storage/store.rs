@@ -14,6 +14,13 @@ pub struct SqlStore<DB: Database> {
     /// The serving lock of a SQLite store (one process per file, see
     /// `storage/lock.rs`), held as long as any clone of the store.
     pub(crate) lock: Option<std::sync::Arc<crate::storage::lock::StoreLock>>,
+    /// Stops the SQLite store's WAL checkpoint task (`sqlite.rs`) when the
+    /// last clone of the store is dropped; `None` on Postgres and for an
+    /// in-memory SQLite store.
+    pub(crate) maintenance: Option<std::sync::Arc<tokio_util::sync::DropGuard>>,
+    /// When a SQLite store's planner statistics last changed (see
+    /// `sqlite.rs`); `None` on Postgres.
+    pub(crate) stats_epoch: Option<std::sync::Arc<crate::storage::sqlite::StatsEpoch>>,
 }
 
 impl<DB: Database> Clone for SqlStore<DB> {
@@ -21,6 +28,8 @@ impl<DB: Database> Clone for SqlStore<DB> {
         Self {
             pool: self.pool.clone(),
             lock: self.lock.clone(),
+            maintenance: self.maintenance.clone(),
+            stats_epoch: self.stats_epoch.clone(),
         }
     }
 }

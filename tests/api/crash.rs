@@ -9,7 +9,7 @@ use picket::storage::Backend;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::common::{OPERATOR_TOKEN, ServerProcess, TestDb, with_key};
+use crate::common::{self, ServerProcess, TestDb, with_key};
 use crate::ingest::login;
 
 const BATCHES: u64 = 60;
@@ -35,34 +35,8 @@ async fn acked_events_survive_sigkill_exactly_once(backend: Backend) {
     let db = TestDb::new(backend).await;
     let mut server = ServerProcess::start(&db, &[]);
     let channel = server.channel().await;
-    let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
-    let tenant = admin
-        .create_tenant(with_key(
-            pb::CreateTenantRequest {
-                name: "crash".into(),
-                ..Default::default()
-            },
-            OPERATOR_TOKEN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .tenant
-        .unwrap();
-    let key = admin
-        .create_api_key(with_key(
-            pb::CreateApiKeyRequest {
-                tenant_id: tenant.id,
-                name: "crash".into(),
-                scopes: vec![pb::Scope::Ingest as i32, pb::Scope::Read as i32],
-                expires_at: None,
-            },
-            OPERATOR_TOKEN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let (_, key) =
+        common::tenant_with_key(&channel, "crash", &[pb::Scope::Ingest, pb::Scope::Read]).await;
 
     // First run: send everything with up to 8 batches in flight; kill -9 after some acks.
     let (tx, rx) = mpsc::channel(8);
@@ -165,38 +139,6 @@ async fn acked_events_survive_sigkill_exactly_once(backend: Backend) {
             "acknowledged event {k} lost or changed id"
         );
     }
-}
-
-/// A tenant and a key with `scopes` on `server`.
-async fn tenant_key(channel: &tonic::transport::Channel, scopes: &[pb::Scope]) -> String {
-    let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
-    let tenant = admin
-        .create_tenant(with_key(
-            pb::CreateTenantRequest {
-                name: "kills".into(),
-                ..Default::default()
-            },
-            OPERATOR_TOKEN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .tenant
-        .unwrap();
-    admin
-        .create_api_key(with_key(
-            pb::CreateApiKeyRequest {
-                tenant_id: tenant.id,
-                name: "kills".into(),
-                scopes: scopes.iter().map(|s| *s as i32).collect(),
-                expires_at: None,
-            },
-            OPERATOR_TOKEN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .secret
 }
 
 /// Waits until the server's detection leads its shards.
@@ -324,8 +266,9 @@ async fn kills_during_detection_and_merges_leave_nothing_half_done(backend: Back
     let db = TestDb::new(backend).await;
     let mut server = ServerProcess::start(&db, &[]);
     let channel = server.channel().await;
-    let key = tenant_key(
+    let (_, key) = common::tenant_with_key(
         &channel,
+        "kills",
         &[pb::Scope::Ingest, pb::Scope::Read, pb::Scope::Respond],
     )
     .await;

@@ -370,34 +370,8 @@ async fn connections_ended_during_ingest_lose_and_duplicate_nothing() {
         .await
         .unwrap();
     let channel = server.channel().await;
-    let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
-    let tenant = admin
-        .create_tenant(with_key(
-            pb::CreateTenantRequest {
-                name: "acme".into(),
-                ..Default::default()
-            },
-            OPERATOR_TOKEN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .tenant
-        .unwrap();
-    let key = admin
-        .create_api_key(with_key(
-            pb::CreateApiKeyRequest {
-                tenant_id: tenant.id.clone(),
-                name: "k".into(),
-                scopes: vec![pb::Scope::Ingest as i32, pb::Scope::Read as i32],
-                ..Default::default()
-            },
-            OPERATOR_TOKEN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let (tenant_id, key) =
+        common::tenant_with_key(&channel, "acme", &[pb::Scope::Ingest, pb::Scope::Read]).await;
     // Detection leads its shards before the first burst.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -460,7 +434,7 @@ async fn connections_ended_during_ingest_lose_and_duplicate_nothing() {
     let (rows, keys): (i64, i64) = sqlx::query_as(
         "SELECT COUNT(*), COUNT(DISTINCT idem) FROM events WHERE tenant_id = $1::uuid AND actor = 'ok'",
     )
-    .bind(&tenant.id)
+    .bind(&tenant_id)
     .fetch_one(&pool)
     .await
     .unwrap();
@@ -530,34 +504,8 @@ async fn a_full_disk_refuses_ingest_clearly_and_recovers() {
     .await
     .unwrap();
     let channel = server.channel().await;
-    let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
-    let tenant = admin
-        .create_tenant(with_key(
-            pb::CreateTenantRequest {
-                name: "acme".into(),
-                ..Default::default()
-            },
-            OPERATOR_TOKEN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .tenant
-        .unwrap();
-    let key = admin
-        .create_api_key(with_key(
-            pb::CreateApiKeyRequest {
-                tenant_id: tenant.id,
-                name: "k".into(),
-                scopes: vec![pb::Scope::Ingest as i32, pb::Scope::Read as i32],
-                ..Default::default()
-            },
-            OPERATOR_TOKEN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let (_, key) =
+        common::tenant_with_key(&channel, "acme", &[pb::Scope::Ingest, pb::Scope::Read]).await;
     let mut ingest = pb::ingest_service_client::IngestServiceClient::new(channel.clone());
     let batch = |b: usize| pb::IngestRequest {
         events: (0..500)
@@ -674,34 +622,8 @@ async fn idle_and_stalled_connections_leave_other_callers_unaffected() {
     .await
     .unwrap();
     let channel = server.channel().await;
-    let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
-    let tenant = admin
-        .create_tenant(with_key(
-            pb::CreateTenantRequest {
-                name: "acme".into(),
-                ..Default::default()
-            },
-            OPERATOR_TOKEN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .tenant
-        .unwrap();
-    let key = admin
-        .create_api_key(with_key(
-            pb::CreateApiKeyRequest {
-                tenant_id: tenant.id,
-                name: "k".into(),
-                scopes: vec![pb::Scope::Ingest as i32, pb::Scope::Read as i32],
-                ..Default::default()
-            },
-            OPERATOR_TOKEN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let (_, key) =
+        common::tenant_with_key(&channel, "acme", &[pb::Scope::Ingest, pb::Scope::Read]).await;
 
     // 1,000 connections that never send a byte, 20 stalled calls.
     let mut idle = Vec::new();

@@ -5,50 +5,12 @@
 
 use picket::grpc::pb;
 use picket::storage::Backend;
-use tonic::transport::Channel;
 
-use crate::common::{self, OPERATOR_TOKEN, ServerProcess, TestDb, with_key};
+use crate::common::{self, ServerProcess, TestDb, key_for, tenant_with_key as tenant, with_key};
 use crate::playbooks::{
     ALL, DEADLINE, Receiver, create, entries_of, finished, incident, next_change, playbook,
     playbooks, signed_by, start, status, step, watch,
 };
-
-/// A tenant and a key with `scopes` on a server process; (tenant id, key).
-async fn tenant(ch: &Channel, name: &str, scopes: &[pb::Scope]) -> (String, String) {
-    let mut admin = pb::admin_service_client::AdminServiceClient::new(ch.clone());
-    let t = admin
-        .create_tenant(with_key(
-            pb::CreateTenantRequest {
-                name: name.into(),
-                ..Default::default()
-            },
-            OPERATOR_TOKEN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .tenant
-        .unwrap();
-    let key = key_for(ch, &t.id, scopes).await;
-    (t.id, key)
-}
-
-async fn key_for(ch: &Channel, tenant: &str, scopes: &[pb::Scope]) -> String {
-    pb::admin_service_client::AdminServiceClient::new(ch.clone())
-        .create_api_key(with_key(
-            pb::CreateApiKeyRequest {
-                tenant_id: tenant.into(),
-                name: "k".into(),
-                scopes: scopes.iter().map(|s| *s as i32).collect(),
-                expires_at: None,
-            },
-            OPERATOR_TOKEN,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .secret
-}
 
 async fn a_notification_cut_off_by_a_crash_is_completed_once(backend: Backend) {
     let db = TestDb::new(backend).await;

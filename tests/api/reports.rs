@@ -110,6 +110,7 @@ fn request(
             ..Default::default()
         }),
         after_cursor,
+        max_events_per_message: 0,
     }
 }
 
@@ -202,6 +203,47 @@ async fn export_streams_every_match_in_time_order_and_resumes(backend: Backend) 
         .await
         .unwrap();
     assert_eq!(everything.len(), 1109);
+
+    // In batches: the same events in the same order, at most the size
+    // asked for per message, each message's cursor resuming after its last
+    // event (and the cursors of both forms are interchangeable).
+    let batched = |cursor: String| {
+        let mut req = request(start, &["user.login"], cursor);
+        req.max_events_per_message = 100;
+        req
+    };
+    let batches = export(&app, &key, batched(String::new())).await.unwrap();
+    assert_eq!(batches.len(), 12, "1,104 events in messages of at most 100");
+    assert!(batches.iter().all(|b| b.event.is_none()));
+    assert!(batches.iter().all(|b| (1..=100).contains(&b.events.len())));
+    let flat: Vec<String> = batches
+        .iter()
+        .flat_map(|b| b.events.iter().map(|e| e.id.clone()))
+        .collect();
+    assert_eq!(flat, ids(&all), "batches: the same events, same order");
+    let after_batch = export(
+        &app,
+        &key,
+        request(start, &["user.login"], batches[6].cursor.clone()),
+    )
+    .await
+    .unwrap();
+    let sent: usize = batches[..7].iter().map(|b| b.events.len()).sum();
+    assert_eq!(ids(&after_batch), ids(&all[sent..]), "resume after a batch");
+    let rest_batched = export(&app, &key, batched(all[699].cursor.clone()))
+        .await
+        .unwrap();
+    let flat: Vec<String> = rest_batched
+        .iter()
+        .flat_map(|b| b.events.iter().map(|e| e.id.clone()))
+        .collect();
+    assert_eq!(flat, ids(&all[700..]), "a batched resume after one event");
+    let mut too_many = batched(String::new());
+    too_many.max_events_per_message = 1001;
+    assert_eq!(
+        field(&export(&app, &key, too_many).await.unwrap_err()),
+        "max_events_per_message"
+    );
 
     // An event received after the export opened is not part of it, even on resume.
     let late = start + Duration::seconds(3500);

@@ -65,15 +65,14 @@ impl TestDb {
         }
     }
 
-    /// Refreshes the planner statistics of the whole database (tests that
-    /// read query plans need the row counts of what they just wrote).
+    /// Refreshes the Postgres planner statistics of the whole database as
+    /// its owner (tests that read query plans need the row counts of what
+    /// they just wrote). Nothing on SQLite: there the store's own
+    /// `refresh_statistics` does it, as its maintenance task would.
     pub async fn analyze(&self) {
         use sqlx::Connection;
         if self.pg.is_some() {
             let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
-            sqlx::query("ANALYZE").execute(&mut conn).await.unwrap();
-        } else {
-            let mut conn = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
             sqlx::query("ANALYZE").execute(&mut conn).await.unwrap();
         }
     }
@@ -318,22 +317,7 @@ impl TestApp {
     /// Creates a tenant (as the operator) and a key with `scopes` for it;
     /// returns (tenant id, key secret).
     pub async fn tenant_with_key(&self, name: &str, scopes: &[pb::Scope]) -> (String, String) {
-        let tenant = self
-            .admin()
-            .create_tenant(with_key(
-                pb::CreateTenantRequest {
-                    name: name.into(),
-                    ..Default::default()
-                },
-                OPERATOR_TOKEN,
-            ))
-            .await
-            .expect("create tenant")
-            .into_inner()
-            .tenant
-            .unwrap();
-        let key = self.key_for(&tenant.id, scopes).await;
-        (tenant.id, key)
+        tenant_with_key(&self.channel, name, scopes).await
     }
 
     /// The id of the API key `key`, as WhoAmI answers it.
@@ -361,21 +345,50 @@ impl TestApp {
 
     /// Creates a key for an existing tenant (as the operator).
     pub async fn key_for(&self, tenant_id: &str, scopes: &[pb::Scope]) -> String {
-        self.admin()
-            .create_api_key(with_key(
-                pb::CreateApiKeyRequest {
-                    tenant_id: tenant_id.into(),
-                    name: "test".into(),
-                    scopes: scopes.iter().map(|s| *s as i32).collect(),
-                    expires_at: None,
-                },
-                OPERATOR_TOKEN,
-            ))
-            .await
-            .expect("create key")
-            .into_inner()
-            .secret
+        key_for(&self.channel, tenant_id, scopes).await
     }
+}
+
+/// Creates a tenant called `name` on the server behind `channel` (as the
+/// operator) and a key with `scopes` for it; returns (tenant id, key secret).
+pub async fn tenant_with_key(
+    channel: &Channel,
+    name: &str,
+    scopes: &[pb::Scope],
+) -> (String, String) {
+    let tenant = pb::admin_service_client::AdminServiceClient::new(channel.clone())
+        .create_tenant(with_key(
+            pb::CreateTenantRequest {
+                name: name.into(),
+                ..Default::default()
+            },
+            OPERATOR_TOKEN,
+        ))
+        .await
+        .expect("create tenant")
+        .into_inner()
+        .tenant
+        .unwrap();
+    let key = key_for(channel, &tenant.id, scopes).await;
+    (tenant.id, key)
+}
+
+/// Creates a key with `scopes` for an existing tenant (as the operator).
+pub async fn key_for(channel: &Channel, tenant_id: &str, scopes: &[pb::Scope]) -> String {
+    pb::admin_service_client::AdminServiceClient::new(channel.clone())
+        .create_api_key(with_key(
+            pb::CreateApiKeyRequest {
+                tenant_id: tenant_id.into(),
+                name: "test".into(),
+                scopes: scopes.iter().map(|s| *s as i32).collect(),
+                expires_at: None,
+            },
+            OPERATOR_TOKEN,
+        ))
+        .await
+        .expect("create key")
+        .into_inner()
+        .secret
 }
 
 impl Drop for TestApp {

@@ -480,10 +480,6 @@ async fn soak(args: &BenchSoakArgs, db_url: &str) -> anyhow::Result<SoakReport> 
     }
     // Per-minute samples of the server.
     let mut samples: Vec<(Option<f64>, f64, u64)> = Vec::new();
-    let pid_fds = || -> u64 {
-        let Some(pid) = server.pid() else { return 0 };
-        std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
-    };
     while Instant::now() < end {
         let minute_end = t0 + Duration::from_secs(60 * (samples.len() as u64 + 1));
         tokio::time::sleep_until(minute_end.min(end).into()).await;
@@ -491,7 +487,7 @@ async fn soak(args: &BenchSoakArgs, db_url: &str) -> anyhow::Result<SoakReport> 
         let lag = serde_json::from_str::<serde_json::Value>(&health)
             .ok()
             .and_then(|v| v["detect_lag_seconds"].as_f64());
-        samples.push((lag, server.memory()?.0, pid_fds()));
+        samples.push((lag, server.memory()?.0, server.open_descriptors()?));
     }
     while let Some(t) = load.join_next().await {
         t??;

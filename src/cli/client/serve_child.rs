@@ -70,9 +70,11 @@ impl ServerChild {
         Ok(Self { child, addr })
     }
 
-    /// The process id (`None` once it exited and was reaped).
-    pub(crate) fn pid(&self) -> Option<u32> {
-        Some(self.child.id())
+    /// How many file descriptors it has open (Linux: `/proc/PID/fd`).
+    pub(crate) fn open_descriptors(&self) -> anyhow::Result<u64> {
+        let dir = std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .context("cannot list the server's /proc descriptors (Linux only)")?;
+        Ok(dir.count() as u64)
     }
 
     /// (RSS, peak RSS) in MiB.
