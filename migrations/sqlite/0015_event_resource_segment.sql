@@ -1,5 +1,5 @@
 -- The resource's first path segment with its `/`, indexed in page order
--- within the segment: see migrations/postgres/0013_event_resource_segment.sql.
+-- within the segment: see migrations/postgres/0015_event_resource_segment.sql.
 -- instr and substr count characters, and `/` is one byte, so the segment is
 -- the same string the server computes.
 ALTER TABLE events ADD COLUMN resource_segment TEXT;
