@@ -6,6 +6,12 @@
 //! the model's contamination-based threshold become alerts with the score,
 //! the feature values and the top contributors.
 //!
+//! Actor windows and source-IP windows are different populations (an actor
+//! works all day from a few addresses; most addresses send a handful of
+//! events), so each kind has its own baseline and model per tenant
+//! ([`Population`]). One model over both would learn the majority: with many
+//! one-event address windows every ordinary actor window looks extreme.
+//!
 //! Training runs on a blocking thread (`spawn_blocking`) on a copy of the
 //! baseline (at most `max_baseline` most recent windows); scoring goes on with
 //! the model in use, which is swapped for the new one at the first closed
@@ -85,6 +91,45 @@ impl Default for ScoringConfig {
         }
     }
 }
+
+/// Which entity windows a baseline and model are about. Stored as part of
+/// the model's name (`ecod/actor`, `ecod/ip`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Population {
+    /// Actor windows.
+    Actor,
+    /// Source-IP windows.
+    Ip,
+    /// Any other entity kind.
+    Other,
+}
+
+impl Population {
+    /// The population of windows about `kind`.
+    pub fn of(kind: crate::domain::alert::EntityKind) -> Self {
+        match kind {
+            crate::domain::alert::EntityKind::Actor => Self::Actor,
+            crate::domain::alert::EntityKind::Ip => Self::Ip,
+            _ => Self::Other,
+        }
+    }
+
+    /// Every population, in a fixed order.
+    pub const ALL: [Self; 3] = [Self::Actor, Self::Ip, Self::Other];
+
+    /// Name of `algorithm`'s model for this population in the store.
+    pub fn model_name(self, algorithm: Algorithm) -> String {
+        let kind = match self {
+            Self::Actor => "actor",
+            Self::Ip => "ip",
+            Self::Other => "other",
+        };
+        format!("{}/{kind}", algorithm.as_str())
+    }
+}
+
+/// A baseline's and model's key: the tenant and the population.
+type ModelKey = (TenantId, Population);
 
 /// A window that scored above its threshold.
 #[derive(Debug, Clone)]
@@ -256,15 +301,15 @@ pub struct AnomalyScorer {
     config: ScoringConfig,
     /// Open windows.
     windows: WindowAggregator,
-    /// Recent closed windows per tenant (the training baseline).
-    baseline: HashMap<TenantId, VecDeque<[f64; 10]>>,
-    /// Current model per tenant.
-    models: HashMap<TenantId, AnomalyModel>,
-    /// When each tenant's last training started (tokio's clock, so tests can
+    /// Recent closed windows per tenant and population (the training baseline).
+    baseline: HashMap<ModelKey, VecDeque<[f64; 10]>>,
+    /// Current model per tenant and population.
+    models: HashMap<ModelKey, AnomalyModel>,
+    /// When each model's last training started (tokio's clock, so tests can
     /// pause and advance it).
-    last_training: HashMap<TenantId, tokio::time::Instant>,
-    /// Trainings in flight, at most one per tenant.
-    training: HashMap<TenantId, Training>,
+    last_training: HashMap<ModelKey, tokio::time::Instant>,
+    /// Trainings in flight, at most one per tenant and population.
+    training: HashMap<ModelKey, Training>,
     /// Models fitted and swapped in but not yet saved to the store.
     unsaved: Vec<StoredModel>,
     /// Trainings completed (swapped in).
@@ -298,18 +343,18 @@ impl AnomalyScorer {
         self.config
     }
 
-    /// Loads a tenant's stored model, if any.
+    /// Loads a tenant's stored models, if any.
     pub async fn load(&mut self, store: &dyn Store, tenant: TenantId) -> StoreResult<()> {
-        if let Some(m) = store
-            .load_model(tenant, self.config.algorithm.as_str())
-            .await?
-        {
-            match AnomalyModel::from_bytes(&m.bytes) {
-                Ok(model) => {
-                    self.models.insert(tenant, model);
-                }
-                Err(e) => {
-                    tracing::warn!(tenant_id = %tenant, error = %e, "stored anomaly model unreadable; will retrain")
+        for population in Population::ALL {
+            let name = population.model_name(self.config.algorithm);
+            if let Some(m) = store.load_model(tenant, &name).await? {
+                match AnomalyModel::from_bytes(&m.bytes) {
+                    Ok(model) => {
+                        self.models.insert((tenant, population), model);
+                    }
+                    Err(e) => {
+                        tracing::warn!(tenant_id = %tenant, model = %name, error = %e, "stored anomaly model unreadable; will retrain")
+                    }
                 }
             }
         }
@@ -342,11 +387,12 @@ impl AnomalyScorer {
         w: &ClosedWindow,
     ) -> StoreResult<Option<Anomaly>> {
         let hit = self.score_and_learn(w);
-        if !self.models.contains_key(&w.tenant)
-            && let Some(t) = self.training.remove(&w.tenant)
+        let key = (w.tenant, Population::of(w.entity.kind));
+        if !self.models.contains_key(&key)
+            && let Some(t) = self.training.remove(&key)
         {
             let done = t.done.await.ok();
-            self.swap_in(w.tenant, t.windows, done);
+            self.swap_in(key, t.windows, done);
         }
         for m in std::mem::take(&mut self.unsaved) {
             store.save_model(&m).await?;
@@ -359,15 +405,16 @@ impl AnomalyScorer {
     /// starts a training when due. Never waits for a fit.
     pub fn score_and_learn(&mut self, w: &ClosedWindow) -> Option<Anomaly> {
         self.swap_finished();
+        let key = (w.tenant, Population::of(w.entity.kind));
         let hit = if w.events >= self.config.min_window_events {
             self.models
-                .get(&w.tenant)
+                .get(&key)
                 .and_then(|m| score(m, self.config.algorithm, w, None))
         } else {
             None
         };
         metrics::counter!("picket_anomaly_windows_scored_total").increment(1);
-        let base = self.baseline.entry(w.tenant).or_default();
+        let base = self.baseline.entry(key).or_default();
         base.push_back(w.features);
         while base.len() > self.config.max_baseline {
             base.pop_front();
@@ -375,11 +422,11 @@ impl AnomalyScorer {
         let now = tokio::time::Instant::now();
         let interval = self.config.train_interval.to_std().unwrap_or_default();
         let due = base.len() >= self.config.min_windows
-            && !self.training.contains_key(&w.tenant)
-            && (!self.models.contains_key(&w.tenant)
+            && !self.training.contains_key(&key)
+            && (!self.models.contains_key(&key)
                 || self
                     .last_training
-                    .get(&w.tenant)
+                    .get(&key)
                     .is_none_or(|t| now.duration_since(*t) >= interval));
         if due {
             let rows: Vec<[f64; 10]> = base.iter().copied().collect();
@@ -394,8 +441,8 @@ impl AnomalyScorer {
             drop(tokio::task::spawn_blocking(move || {
                 let _ = tx.send(fit(algorithm, &rows, contamination));
             }));
-            self.training.insert(w.tenant, Training { windows, done });
-            self.last_training.insert(w.tenant, now);
+            self.training.insert(key, Training { windows, done });
+            self.last_training.insert(key, now);
         }
         hit
     }
@@ -404,54 +451,58 @@ impl AnomalyScorer {
     fn swap_finished(&mut self) {
         use tokio::sync::oneshot::error::TryRecvError;
         let mut finished = Vec::new();
-        for (tenant, t) in &mut self.training {
+        for (key, t) in &mut self.training {
             match t.done.try_recv() {
-                Ok(out) => finished.push((*tenant, t.windows, Some(out))),
-                Err(TryRecvError::Closed) => finished.push((*tenant, t.windows, None)),
+                Ok(out) => finished.push((*key, t.windows, Some(out))),
+                Err(TryRecvError::Closed) => finished.push((*key, t.windows, None)),
                 Err(TryRecvError::Empty) => {}
             }
         }
-        for (tenant, windows, out) in finished {
-            self.training.remove(&tenant);
-            self.swap_in(tenant, windows, out);
+        for (key, windows, out) in finished {
+            self.training.remove(&key);
+            self.swap_in(key, windows, out);
         }
     }
 
     fn swap_in(
         &mut self,
-        tenant: TenantId,
+        key: ModelKey,
         windows: usize,
         done: Option<crate::anomaly::AnomalyResult<AnomalyModel>>,
     ) {
+        let (tenant, population) = key;
+        let name = population.model_name(self.config.algorithm);
         match done {
             Some(Ok(model)) => {
-                tracing::info!(tenant_id = %tenant, windows, threshold = model.threshold(), "anomaly model trained");
+                tracing::info!(tenant_id = %tenant, model = %name, windows, threshold = model.threshold(), "anomaly model trained");
                 metrics::counter!("picket_anomaly_trainings_total").increment(1);
                 self.trainings += 1;
                 self.unsaved.push(StoredModel {
                     tenant_id: tenant,
-                    algorithm: self.config.algorithm.as_str().into(),
+                    algorithm: name,
                     trained_at: Utc::now(),
                     windows: windows as u32,
                     threshold: model.threshold(),
                     bytes: model.to_bytes(),
                 });
-                self.models.insert(tenant, model);
+                self.models.insert(key, model);
             }
             Some(Err(e)) => {
-                tracing::warn!(tenant_id = %tenant, error = %e, "anomaly model training failed")
+                tracing::warn!(tenant_id = %tenant, model = %name, error = %e, "anomaly model training failed")
             }
-            None => tracing::error!(tenant_id = %tenant, "anomaly model training panicked"),
+            None => {
+                tracing::error!(tenant_id = %tenant, model = %name, "anomaly model training panicked")
+            }
         }
     }
 
     /// Waits for every training in flight and swaps its model in (tests; a
     /// simulation that needs the retrained model before going on).
     pub async fn settle(&mut self) {
-        let all: Vec<(TenantId, Training)> = self.training.drain().collect();
-        for (tenant, t) in all {
+        let all: Vec<(ModelKey, Training)> = self.training.drain().collect();
+        for (key, t) in all {
             let done = t.done.await.ok();
-            self.swap_in(tenant, t.windows, done);
+            self.swap_in(key, t.windows, done);
         }
     }
 
@@ -460,11 +511,11 @@ impl AnomalyScorer {
     /// now evaluates the tenant and loads its model from the store.
     pub fn forget(&mut self, tenant: TenantId) {
         self.windows.forget(tenant);
-        self.baseline.remove(&tenant);
-        self.models.remove(&tenant);
-        self.last_training.remove(&tenant);
+        self.baseline.retain(|k, _| k.0 != tenant);
+        self.models.retain(|k, _| k.0 != tenant);
+        self.last_training.retain(|k, _| k.0 != tenant);
         // The fit finishes on its thread; its outcome goes nowhere.
-        self.training.remove(&tenant);
+        self.training.retain(|k, _| k.0 != tenant);
         self.unsaved.retain(|m| m.tenant_id != tenant);
     }
 
@@ -473,9 +524,9 @@ impl AnomalyScorer {
         self.trainings
     }
 
-    /// Whether a training of `tenant` is running.
+    /// Whether a training of one of `tenant`'s models is running.
     pub fn is_training(&self, tenant: TenantId) -> bool {
-        self.training.contains_key(&tenant)
+        self.training.keys().any(|k| k.0 == tenant)
     }
 
     /// Open windows closed early so far because a tenant reached the cap.
@@ -535,8 +586,10 @@ pub struct Analysis {
 }
 
 /// Scores every entity window of [start, end) with the tenant's stored model
-/// for `algorithm`, training one from the week before `start` if none exists.
-/// `None` when there is not enough history to train.
+/// for `algorithm` and the window's population (actor or source IP),
+/// training one from the week before `start` where none exists. A population
+/// with too little history to train is not scored; `None` when no
+/// population can be.
 pub async fn analyse(
     store: &dyn Store,
     tenant: TenantId,
@@ -547,59 +600,68 @@ pub async fn analyse(
     threshold: Option<f64>,
 ) -> StoreResult<Option<Analysis>> {
     const MAX_EVENTS: usize = 500_000;
-    let model = match store.load_model(tenant, algorithm.as_str()).await? {
-        Some(m) => AnomalyModel::from_bytes(&m.bytes).ok(),
-        None => None,
-    };
-    let model = match model {
-        Some(m) => m,
-        None => {
-            let history = events_in_range(
-                store,
-                tenant,
-                start - chrono::Duration::days(7),
-                Some(start),
-                MAX_EVENTS,
-            )
-            .await?;
-            let mut agg = WindowAggregator::new(
-                config.window,
-                chrono::Duration::zero(),
-                config.max_open_windows,
-            );
-            let mut rows: Vec<[f64; 10]> = Vec::new();
-            for e in &history {
-                rows.extend(
-                    agg.observe(tenant, &e.event)
-                        .into_iter()
-                        .map(|w| w.features),
-                );
-            }
-            rows.extend(agg.close_all().into_iter().map(|w| w.features));
-            if rows.len() < config.min_windows {
-                return Ok(None);
+    let mut models: HashMap<Population, AnomalyModel> = HashMap::new();
+    for population in Population::ALL {
+        if let Some(m) = store
+            .load_model(tenant, &population.model_name(algorithm))
+            .await?
+            && let Ok(model) = AnomalyModel::from_bytes(&m.bytes)
+        {
+            models.insert(population, model);
+        }
+    }
+    if models.len() < Population::ALL.len() {
+        let history = events_in_range(
+            store,
+            tenant,
+            start - chrono::Duration::days(7),
+            Some(start),
+            MAX_EVENTS,
+        )
+        .await?;
+        let mut agg = WindowAggregator::new(
+            config.window,
+            chrono::Duration::zero(),
+            config.max_open_windows,
+        );
+        let mut rows: HashMap<Population, Vec<[f64; 10]>> = HashMap::new();
+        let mut closed = Vec::new();
+        for e in &history {
+            closed.extend(agg.observe(tenant, &e.event));
+        }
+        closed.extend(agg.close_all());
+        for w in closed {
+            rows.entry(Population::of(w.entity.kind))
+                .or_default()
+                .push(w.features);
+        }
+        for (population, rows) in rows {
+            if models.contains_key(&population) || rows.len() < config.min_windows {
+                continue;
             }
             match fit(algorithm, &rows, config.contamination) {
                 Ok(m) => {
                     store
                         .save_model(&StoredModel {
                             tenant_id: tenant,
-                            algorithm: algorithm.as_str().into(),
+                            algorithm: population.model_name(algorithm),
                             trained_at: Utc::now(),
                             windows: rows.len() as u32,
                             threshold: m.threshold(),
                             bytes: m.to_bytes(),
                         })
                         .await?;
-                    m
+                    models.insert(population, m);
                 }
                 Err(e) => {
-                    tracing::warn!(tenant_id = %tenant, error = %e, "training for on-demand detection failed");
-                    return Ok(None);
+                    tracing::warn!(tenant_id = %tenant, model = %population.model_name(algorithm), error = %e, "training for on-demand detection failed");
                 }
             }
         }
-    };
+    }
+    if models.is_empty() {
+        return Ok(None);
+    }
     let events = events_in_range(store, tenant, start, Some(end), MAX_EVENTS).await?;
     let mut agg = WindowAggregator::new(
         config.window,
@@ -611,14 +673,31 @@ pub async fn analyse(
         windows.extend(agg.observe(tenant, &e.event));
     }
     windows.extend(agg.close_all());
+    // Only windows of a population with a model are analysed.
+    windows.retain(|w| models.contains_key(&Population::of(w.entity.kind)));
     let anomalies = windows
         .iter()
-        .filter_map(|w| score(&model, algorithm, w, threshold))
+        .filter_map(|w| {
+            score(
+                &models[&Population::of(w.entity.kind)],
+                algorithm,
+                w,
+                threshold,
+            )
+        })
         .collect();
+    // The threshold reported: the one given, else the actor model's (the
+    // source-IP model's when there is no actor model).
+    let reported = threshold.unwrap_or_else(|| {
+        Population::ALL
+            .iter()
+            .find_map(|p| models.get(p))
+            .map_or(0.0, |m| m.threshold())
+    });
     Ok(Some(Analysis {
         windows: windows.len(),
         anomalies,
-        threshold: threshold.unwrap_or_else(|| model.threshold()),
+        threshold: reported,
     }))
 }
 
@@ -714,6 +793,37 @@ mod tests {
         }
         s.settle().await;
         assert_eq!(s.trainings(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn actor_and_address_windows_have_models_of_their_own() {
+        // Many one-event address windows (fresh addresses) and a few hundred
+        // ordinary actor windows: one model over both would learn the
+        // address majority, and every actor window would look extreme.
+        let t = TenantId::new();
+        let mut s = AnomalyScorer::new(ScoringConfig {
+            min_windows: 300,
+            ..config()
+        });
+        for i in 0..3000 {
+            let v = (i % 3) as f64;
+            let mut w = window(t, i, [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0 + v, 0.0, 0.0, 1.0]);
+            w.entity = Entity::new(EntityKind::Ip, format!("10.0.{}.{}", i / 250, i % 250));
+            w.events = 1;
+            s.score_and_learn(&w);
+        }
+        for i in 0..300 {
+            s.score_and_learn(&ordinary(t, i));
+        }
+        s.settle().await;
+        assert_eq!(s.trainings(), 2, "one model per population");
+        for i in 300..400 {
+            assert!(
+                s.score_and_learn(&ordinary(t, i)).is_none(),
+                "ordinary actor window {i} scored as an anomaly"
+            );
+        }
+        assert!(s.score_and_learn(&extreme(t, 400)).is_some());
     }
 
     #[tokio::test(start_paused = true)]
