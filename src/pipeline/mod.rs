@@ -316,6 +316,7 @@ impl DetectionPipeline {
         raise: bool,
     ) -> StoreResult<usize> {
         let mut raised = 0;
+        self.scorer.learn_first(&windows);
         for w in windows {
             if let Some(a) = self.scorer.on_closed(self.store.as_ref(), &w).await?
                 && raise
@@ -809,7 +810,9 @@ async fn score_batch(
 ) {
     let mut out = Vec::new();
     for (i, stored) in batch.iter().enumerate() {
-        for w in scorer.observe(tenant, &stored.event) {
+        let closed = scorer.observe(tenant, &stored.event);
+        scorer.learn_first(&closed);
+        for w in closed {
             let hit = match scorer.on_closed(store.as_ref(), &w).await {
                 Ok(hit) => hit,
                 Err(e) => return (scorer, Err(e)),

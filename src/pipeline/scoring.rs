@@ -400,6 +400,54 @@ impl AnomalyScorer {
         Ok(hit)
     }
 
+    /// Starts the first training of each population that has no model yet
+    /// and reaches `min_windows` with `closed` (windows that closed together,
+    /// about to go through [`AnomalyScorer::on_closed`] one by one), fitted
+    /// on the baseline plus all of `closed`. Without it the first model is
+    /// fitted on the first `min_windows` of them and judges the rest: when a
+    /// tenant's first period closes thousands of windows at once (its actor
+    /// windows at the first boundary), a model of 200 near-identical windows
+    /// flags most of the others. The windows join the baseline as they are
+    /// scored, as always.
+    pub fn learn_first(&mut self, closed: &[ClosedWindow]) {
+        let mut by_key: HashMap<ModelKey, Vec<[f64; 10]>> = HashMap::new();
+        for w in closed {
+            let key = (w.tenant, Population::of(w.entity.kind));
+            if !self.models.contains_key(&key) && !self.training.contains_key(&key) {
+                by_key.entry(key).or_default().push(w.features);
+            }
+        }
+        for (key, batch) in by_key {
+            let base = self.baseline.get(&key);
+            let have = base.map_or(0, VecDeque::len);
+            if have + batch.len() < self.config.min_windows || batch.len() < 2 {
+                continue;
+            }
+            let mut rows: Vec<[f64; 10]> = base.into_iter().flatten().copied().collect();
+            rows.extend(batch);
+            let skip = rows.len().saturating_sub(self.config.max_baseline);
+            rows.drain(..skip);
+            self.start_training(key, rows);
+        }
+    }
+
+    /// Fits a model of `key` on `rows` on a blocking thread.
+    fn start_training(&mut self, key: ModelKey, rows: Vec<[f64; 10]>) {
+        let (fit, algorithm, contamination) = (
+            self.fit.clone(),
+            self.config.algorithm,
+            self.config.contamination,
+        );
+        let windows = rows.len();
+        let (tx, done) = tokio::sync::oneshot::channel();
+        // The handle is not kept: the outcome comes back on `done`.
+        drop(tokio::task::spawn_blocking(move || {
+            let _ = tx.send(fit(algorithm, &rows, contamination));
+        }));
+        self.training.insert(key, Training { windows, done });
+        self.last_training.insert(key, tokio::time::Instant::now());
+    }
+
     /// The synchronous part of [`AnomalyScorer::on_closed`]: swaps in the
     /// models whose fit is done, scores `w`, adds it to the baseline and
     /// starts a training when due. Never waits for a fit.
@@ -430,19 +478,7 @@ impl AnomalyScorer {
                     .is_none_or(|t| now.duration_since(*t) >= interval));
         if due {
             let rows: Vec<[f64; 10]> = base.iter().copied().collect();
-            let (fit, algorithm, contamination) = (
-                self.fit.clone(),
-                self.config.algorithm,
-                self.config.contamination,
-            );
-            let windows = rows.len();
-            let (tx, done) = tokio::sync::oneshot::channel();
-            // The handle is not kept: the outcome comes back on `done`.
-            drop(tokio::task::spawn_blocking(move || {
-                let _ = tx.send(fit(algorithm, &rows, contamination));
-            }));
-            self.training.insert(key, Training { windows, done });
-            self.last_training.insert(key, now);
+            self.start_training(key, rows);
         }
         hit
     }
@@ -824,6 +860,37 @@ mod tests {
             );
         }
         assert!(s.score_and_learn(&extreme(t, 400)).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_period_closing_at_once_trains_on_all_of_it() {
+        // 5,000 actor windows close together, all ordinary but the values
+        // spread by actor: a first model fitted on the first 200 alone
+        // would judge the other 4,800 against a narrow slice.
+        let t = TenantId::new();
+        let mut s = AnomalyScorer::new(ScoringConfig {
+            min_windows: 200,
+            ..config()
+        });
+        let closed: Vec<ClosedWindow> = (0..5000)
+            .map(|i| {
+                let v = (i / 200) as f64 / 25.0;
+                let mut w = ordinary(t, i);
+                w.features[0] = 3.0 + v;
+                w.features[2] = 1.0 + v;
+                w
+            })
+            .collect();
+        s.learn_first(&closed);
+        assert!(s.is_training(t));
+        // What `on_closed` does for the first window: wait for the first model.
+        s.settle().await;
+        let hits = closed
+            .iter()
+            .filter(|w| s.score_and_learn(w).is_some())
+            .count();
+        assert_eq!(s.trainings(), 1);
+        assert!(hits <= 5, "{hits} of 5,000 ordinary windows flagged");
     }
 
     #[tokio::test(start_paused = true)]
