@@ -131,6 +131,13 @@ impl Population {
 /// A baseline's and model's key: the tenant and the population.
 type ModelKey = (TenantId, Population);
 
+/// A model flagging more than this many times its contamination share of the
+/// windows it scored since its training (and more than [`DRIFT_MIN_EXCEEDED`])
+/// no longer describes its population: see [`AnomalyScorer::score_and_learn`].
+const DRIFT_FACTOR: f64 = 20.0;
+/// Exceedances a model may have before its rate is judged at all.
+const DRIFT_MIN_EXCEEDED: f64 = 5.0;
+
 /// A window that scored above its threshold.
 #[derive(Debug, Clone)]
 pub struct Anomaly {
@@ -310,6 +317,11 @@ pub struct AnomalyScorer {
     last_training: HashMap<ModelKey, tokio::time::Instant>,
     /// Trainings in flight, at most one per tenant and population.
     training: HashMap<ModelKey, Training>,
+    /// Windows scored by the current model, and how many exceeded its threshold.
+    since_training: HashMap<ModelKey, (u64, u64)>,
+    /// Models found stale (the population moved): they raise nothing until
+    /// the retraining started then is swapped in.
+    stale: std::collections::HashSet<ModelKey>,
     /// Models fitted and swapped in but not yet saved to the store.
     unsaved: Vec<StoredModel>,
     /// Trainings completed (swapped in).
@@ -332,6 +344,8 @@ impl AnomalyScorer {
             models: HashMap::new(),
             last_training: HashMap::new(),
             training: HashMap::new(),
+            since_training: HashMap::new(),
+            stale: std::collections::HashSet::new(),
             unsaved: Vec::new(),
             trainings: 0,
             fit: Arc::new(fit),
@@ -451,16 +465,45 @@ impl AnomalyScorer {
     /// The synchronous part of [`AnomalyScorer::on_closed`]: swaps in the
     /// models whose fit is done, scores `w`, adds it to the baseline and
     /// starts a training when due. Never waits for a fit.
+    ///
+    /// Drift: a model is fitted to flag about its contamination share of a
+    /// population's windows. When the whole population moves at once (every
+    /// actor's volume doubles after a deployment, a load test, the first full
+    /// period after a partial one), every window lies beyond the baseline and
+    /// a rank-based model scores them all as extreme. A model that has flagged
+    /// more than [`DRIFT_FACTOR`] × its contamination share of the windows it
+    /// scored (and more than [`DRIFT_MIN_EXCEEDED`]) is stale: it raises
+    /// nothing more, `picket_anomaly_drift_total` counts it, and a retraining
+    /// on the baseline (which by then holds the moved windows) starts at once,
+    /// outside the interval. A shift costs at most a handful of alerts instead
+    /// of one per entity.
     pub fn score_and_learn(&mut self, w: &ClosedWindow) -> Option<Anomaly> {
         self.swap_finished();
         let key = (w.tenant, Population::of(w.entity.kind));
-        let hit = if w.events >= self.config.min_window_events {
-            self.models
-                .get(&key)
-                .and_then(|m| score(m, self.config.algorithm, w, None))
-        } else {
-            None
-        };
+        let mut hit = None;
+        if w.events >= self.config.min_window_events
+            && let Some(m) = self.models.get(&key)
+        {
+            hit = score(m, self.config.algorithm, w, None);
+            let counts = self.since_training.entry(key).or_default();
+            counts.0 += 1;
+            counts.1 += u64::from(hit.is_some());
+            let limit = (DRIFT_FACTOR * self.config.contamination * counts.0 as f64)
+                .max(DRIFT_MIN_EXCEEDED);
+            if counts.1 as f64 > limit && self.stale.insert(key) {
+                metrics::counter!("picket_anomaly_drift_total").increment(1);
+                tracing::warn!(
+                    tenant_id = %w.tenant,
+                    model = %key.1.model_name(self.config.algorithm),
+                    scored = counts.0,
+                    exceeded = counts.1,
+                    "anomaly model no longer fits its population; retraining now, raising nothing from it meanwhile"
+                );
+            }
+            if self.stale.contains(&key) {
+                hit = None;
+            }
+        }
         metrics::counter!("picket_anomaly_windows_scored_total").increment(1);
         let base = self.baseline.entry(key).or_default();
         base.push_back(w.features);
@@ -472,6 +515,7 @@ impl AnomalyScorer {
         let due = base.len() >= self.config.min_windows
             && !self.training.contains_key(&key)
             && (!self.models.contains_key(&key)
+                || self.stale.contains(&key)
                 || self
                     .last_training
                     .get(&key)
@@ -522,6 +566,8 @@ impl AnomalyScorer {
                     bytes: model.to_bytes(),
                 });
                 self.models.insert(key, model);
+                self.stale.remove(&key);
+                self.since_training.remove(&key);
             }
             Some(Err(e)) => {
                 tracing::warn!(tenant_id = %tenant, model = %name, error = %e, "anomaly model training failed")
@@ -552,6 +598,8 @@ impl AnomalyScorer {
         self.last_training.retain(|k, _| k.0 != tenant);
         // The fit finishes on its thread; its outcome goes nowhere.
         self.training.retain(|k, _| k.0 != tenant);
+        self.since_training.retain(|k, _| k.0 != tenant);
+        self.stale.retain(|k| k.0 != tenant);
         self.unsaved.retain(|m| m.tenant_id != tenant);
     }
 
@@ -797,8 +845,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn training_is_by_interval_not_by_window_count() {
         let t = TenantId::new();
-        let mut s = AnomalyScorer::new(config());
-        for i in 0..10 {
+        // The first model sees every kind of ordinary window (they repeat
+        // every 13), so it has no reason to drift.
+        let mut s = AnomalyScorer::new(ScoringConfig {
+            min_windows: 26,
+            ..config()
+        });
+        for i in 0..26 {
             s.score_and_learn(&ordinary(t, i));
         }
         assert!(s.is_training(t), "the first model starts at min_windows");
@@ -806,7 +859,7 @@ mod tests {
         assert_eq!(s.trainings(), 1);
         // 6,000 windows within one interval (12 × the old retrain count):
         // no training.
-        for i in 10..6010 {
+        for i in 26..6010 {
             s.score_and_learn(&ordinary(t, i));
             assert!(!s.is_training(t), "window {i} started a training");
         }
@@ -824,7 +877,7 @@ mod tests {
         assert_eq!(s.trainings(), 2);
         // Each tenant has its own interval.
         let other = TenantId::new();
-        for i in 0..10 {
+        for i in 0..26 {
             s.score_and_learn(&ordinary(other, i));
         }
         s.settle().await;
@@ -894,6 +947,44 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_population_that_moves_at_once_raises_a_handful_then_retrains() {
+        let t = TenantId::new();
+        let mut s = AnomalyScorer::new(ScoringConfig {
+            min_windows: 300,
+            ..config()
+        });
+        for i in 0..300 {
+            s.score_and_learn(&ordinary(t, i));
+        }
+        s.settle().await;
+        assert_eq!(s.trainings(), 1);
+        // Every actor's volume goes up fourfold at once, within the interval.
+        let moved = |i: usize| {
+            let mut w = ordinary(t, i);
+            w.features[0] += 4.0;
+            w.features[6] += 4.0;
+            w
+        };
+        let mut hits = 0;
+        for i in 300..700 {
+            hits += usize::from(s.score_and_learn(&moved(i)).is_some());
+            s.settle().await;
+        }
+        // A handful per retraining until the baseline has caught up.
+        assert!(hits <= 15, "{hits} windows of a moved population raised");
+        assert!(s.trainings() >= 2, "the drift started a retraining");
+        // The retrained model knows the new level: no more alerts, and a
+        // window beyond it still scores.
+        for i in 700..800 {
+            assert!(s.score_and_learn(&moved(i)).is_none(), "window {i}");
+        }
+        let mut far = extreme(t, 800);
+        far.features[0] += 20.0;
+        far.features[6] += 20.0;
+        assert!(s.score_and_learn(&far).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn scoring_goes_on_with_the_old_model_while_training_runs() {
         let t = TenantId::new();
         // Trainings after the first wait for the test's go, and fit a model
@@ -919,8 +1010,9 @@ mod tests {
         tokio::time::advance(std::time::Duration::from_secs(300)).await;
         s.score_and_learn(&ordinary(t, 301));
         assert!(s.is_training(t));
-        // The fit is held open: windows are still scored, by the old model.
-        for i in 302..310 {
+        // The fit is held open: windows are still scored, by the old model
+        // (a few: more would be a drift).
+        for i in 302..305 {
             let a = s.score_and_learn(&extreme(t, i)).expect("still scored");
             assert_eq!(a.threshold, old.threshold);
             assert!(s.is_training(t));
@@ -930,7 +1022,7 @@ mod tests {
         s.settle().await;
         assert_eq!(s.trainings(), 2);
         let new = s
-            .score_and_learn(&extreme(t, 310))
+            .score_and_learn(&extreme(t, 305))
             .expect("scored by the new model");
         assert_ne!(new.threshold, old.threshold, "the new model is in use");
     }
