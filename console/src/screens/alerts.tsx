@@ -141,7 +141,7 @@ export function Alerts({ me }: { me: Identity }) {
         </thead>
         <tbody>
           {rows.map((a) => (
-            <tr key={a.id} data-alert-id={a.id} data-created-at={ms(a.createdAt)} data-status={statusText[a.status]}>
+            <tr key={a.id} data-alert-id={a.id} data-created-at={ms(a.createdAt)} data-status={statusText[a.status]} data-entities={a.entities.map(entity).join(" ")}>
               <td>
                 <span class={`sev sev-${severity(a.severity)}`}>{severity(a.severity)}</span>
               </td>
