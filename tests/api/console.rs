@@ -255,6 +255,35 @@ fn burst(tag: &str, ip: &str, actor: &str) -> Vec<pb::Event> {
         .collect()
 }
 
+/// Background traffic over the last hour, one minute apart, that trips no
+/// rule: three successful logins and one failed login a minute, the
+/// failures spread over accounts and addresses. Returns (events, failed logins).
+async fn background(app: &TestApp, key: &str) -> (u64, u64) {
+    let now = chrono::Utc::now();
+    let mut events = Vec::new();
+    for minute in 1..=55i64 {
+        let at = now - chrono::Duration::minutes(minute);
+        let stamp = |mut e: pb::Event| {
+            e.occurred_at = Some(prost_types::Timestamp {
+                seconds: at.timestamp(),
+                nanos: 0,
+            });
+            e
+        };
+        for n in 0..3 {
+            let who = format!("carol{}", (minute + n) % 5);
+            let ip = format!("10.0.0.{}", (minute + n) % 5);
+            events.push(stamp(login(&format!("bg-ok-{minute}-{n}"), &who, &ip, true)));
+        }
+        let ip = format!("192.0.2.{minute}");
+        let who = format!("bob{}", minute % 7);
+        events.push(stamp(login(&format!("bg-fail-{minute}"), &who, &ip, false)));
+    }
+    let total = events.len() as u64;
+    ingest(app, key, events).await;
+    (total, 55)
+}
+
 fn alerts(app: &TestApp) -> pb::alert_service_client::AlertServiceClient<tonic::transport::Channel> {
     pb::alert_service_client::AlertServiceClient::new(app.channel.clone())
 }
@@ -336,6 +365,7 @@ async fn console_in_a_real_browser(backend: Backend) {
     let viewer = app.key_for(&tenant, &[pb::Scope::Read]).await;
     let admin = app.key_for(&tenant, &[pb::Scope::Admin]).await;
     app.wait_detecting().await;
+    let (background_events, background_failures) = background(&app, &feeder).await;
 
     let mut browser = Browser::start(&package, &format!("http://{addr}"));
 
@@ -478,6 +508,20 @@ async fn console_in_a_real_browser(backend: Backend) {
     let entry_ids = browser.attrs("ol.timeline li", "data-entry-id").await;
     let distinct: std::collections::HashSet<_> = entry_ids.iter().collect();
     assert_eq!(distinct.len(), entry_ids.len(), "timeline entry shown twice");
+    // A status change from the console shows on its own timeline.
+    browser.click("button.to-investigating").await;
+    browser.wait("li[data-kind=\"status changed\"]").await;
+    let status = browser
+        .cmd(json!({"op": "texts", "sel": ".incident-status"}))
+        .await;
+    assert_eq!(status, json!(["investigating"]));
+
+    // The incidents screen lists it, live.
+    browser.click("#nav-incidents").await;
+    browser.live("incidents").await;
+    browser
+        .wait(&format!("tr[data-incident-id=\"{incident_id}\"]"))
+        .await;
 
     // An approval in the inbox runs the playbook; its ban shows on the
     // decisions screen.
@@ -528,6 +572,20 @@ async fn console_in_a_real_browser(backend: Backend) {
         .wait(&format!("tr[data-value=\"{}\"][data-type=\"ban\"]", ips[0]))
         .await;
 
+    // Resolved after the response (MTTR on the dashboard).
+    pb::incident_service_client::IncidentServiceClient::new(app.channel.clone())
+        .update_incident(with_key(
+            pb::UpdateIncidentRequest {
+                incident_id: incident_id.clone(),
+                update_mask: vec!["status".into()],
+                status: pb::IncidentStatus::Resolved as i32,
+                ..Default::default()
+            },
+            &feeder,
+        ))
+        .await
+        .expect("resolve");
+
     // The dashboard charts the ingested range, as the reports count it.
     app.wait_rolled_up().await;
     browser.click("#nav-dashboard").await;
@@ -538,13 +596,13 @@ async fn console_in_a_real_browser(backend: Backend) {
     browser
         .wait("figure#chart-alerts:not([data-total=\"0\"]) canvas")
         .await;
-    let ingested = (BURSTS * BURST_SIZE) as u64;
+    let bursts = (BURSTS * BURST_SIZE) as u64;
     let events_total: u64 = browser.attrs("figure#chart-events", "data-total").await[0]
         .parse()
         .unwrap();
     assert_eq!(
         events_total,
-        2 * ingested,
+        bursts + background_events + bursts + background_failures,
         "the events chart plots every event and every failed login once"
     );
     let alerts_total: u64 = browser.attrs("figure#chart-alerts", "data-total").await[0]
@@ -558,7 +616,17 @@ async fn console_in_a_real_browser(backend: Backend) {
     let failed = browser
         .cmd(json!({"op": "texts", "sel": "[data-kpi=\"failed logins\"] .kpi-value"}))
         .await;
-    assert_eq!(failed, json!([ingested.to_string()]));
+    assert_eq!(failed, json!([(bursts + background_failures).to_string()]));
+    let points: u64 = browser.attrs("figure#chart-events", "data-points").await[0]
+        .parse()
+        .unwrap();
+    assert_eq!(points, 60, "one point per minute of the hour");
+    for kpi in ["MTTA", "MTTR"] {
+        let v = browser
+            .cmd(json!({"op": "texts", "sel": format!("[data-kpi=\"{kpi}\"] .kpi-value")}))
+            .await;
+        assert_ne!(v, json!(["–"]), "{kpi} is not shown");
+    }
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console");
     std::fs::create_dir_all(&shots).unwrap();
     let shot = shots.join(format!("dashboard-{backend:?}.png").to_lowercase());
@@ -566,6 +634,26 @@ async fn console_in_a_real_browser(backend: Backend) {
         .cmd(json!({"op": "screenshot", "path": shot}))
         .await;
     println!("dashboard screenshot: {}", shot.display());
+
+    // The audit log pages through the stored events; its live tail shows
+    // a new event as it is committed.
+    browser.click("#nav-audit").await;
+    browser
+        .cmd(json!({"op": "waitCount", "sel": "#audit-events tr[data-event-id]", "n": 50}))
+        .await;
+    let page1 = browser.attrs("#audit-events tr[data-event-id]", "data-event-id").await;
+    browser.click("#older").await;
+    browser
+        .wait(&format!("#audit-events tr[data-event-id]:not([data-event-id=\"{}\"])", page1[0]))
+        .await;
+    let page2 = browser.attrs("#audit-events tr[data-event-id]", "data-event-id").await;
+    assert!(page2.iter().all(|id| !page1.contains(id)), "pages overlap");
+    browser.click("#tail-toggle").await;
+    browser.live("tail").await;
+    ingest(&app, &feeder, vec![login("tailed", "dave", "192.0.2.200", true)]).await;
+    browser
+        .cmd(json!({"op": "waitCount", "sel": "#tail-events tr[data-event-id]", "n": 1}))
+        .await;
 
     // A server restart while the console is open: reconnecting, then live;
     // what changed during the outage shows once, nothing twice, no reload.

@@ -28,7 +28,9 @@ function toFilter(f: Filters): MessageInitShape<typeof EventFilterSchema> {
 
 export function Audit() {
   const [draft, setDraft] = useState<Filters>({ eventType: "", actor: "", sourceIp: "", outcome: 0, hours: 24 });
-  const [filters, setFilters] = useState<Filters>(draft);
+  // The applied filters and the end of their range, fixed when applied:
+  // page tokens are valid only with the same filter and range.
+  const [filters, setFilters] = useState<Filters & { end: number }>({ ...draft, end: Date.now() + 60_000 });
   const [pages, setPages] = useState<string[]>([""]); // page tokens: current is last
   const [events, setEvents] = useState<Event[]>([]);
   const [nextToken, setNextToken] = useState("");
@@ -37,7 +39,7 @@ export function Audit() {
 
   useEffect(() => {
     let stopped = false;
-    const end = new Date(Date.now() + 60_000);
+    const end = new Date(filters.end);
     api.events
       .queryEvents({
         timeRange: { start: ts(new Date(end.getTime() - filters.hours * 3600_000)), end: ts(end) },
@@ -71,7 +73,7 @@ export function Audit() {
         class="filters"
         onSubmit={(e) => {
           e.preventDefault();
-          setFilters(draft);
+          setFilters({ ...draft, end: Date.now() + 60_000 });
           setPages([""]);
         }}
       >
