@@ -226,6 +226,15 @@ impl Browser {
             .await;
     }
 
+    /// Saves a screenshot of the page as `CARGO_TARGET_TMPDIR/console/NAME-BACKEND.png`.
+    async fn screenshot(&mut self, name: &str, backend: Backend) {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}-{backend:?}.png").to_lowercase());
+        self.cmd(json!({"op": "screenshot", "path": path})).await;
+        println!("screenshot: {}", path.display());
+    }
+
     async fn finish(mut self) {
         drop(self.stdin);
         let _ = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
@@ -256,8 +265,8 @@ fn burst(tag: &str, ip: &str, actor: &str) -> Vec<pb::Event> {
 }
 
 /// Background traffic over the last hour, one minute apart, that trips no
-/// rule: three successful logins and one failed login a minute, the
-/// failures spread over accounts and addresses. Returns (events, failed logins).
+/// rule: three successful logins and one failed login a minute, each
+/// failure from its own account and address. Returns (events, failed logins).
 async fn background(app: &TestApp, key: &str) -> (u64, u64) {
     let now = chrono::Utc::now();
     let mut events = Vec::new();
@@ -276,7 +285,7 @@ async fn background(app: &TestApp, key: &str) -> (u64, u64) {
             events.push(stamp(login(&format!("bg-ok-{minute}-{n}"), &who, &ip, true)));
         }
         let ip = format!("192.0.2.{minute}");
-        let who = format!("bob{}", minute % 7);
+        let who = format!("bob{minute}");
         events.push(stamp(login(&format!("bg-fail-{minute}"), &who, &ip, false)));
     }
     let total = events.len() as u64;
@@ -437,6 +446,7 @@ async fn console_in_a_real_browser(backend: Backend) {
     let distinct: std::collections::BTreeSet<String> = shown.iter().cloned().collect();
     assert_eq!(distinct.len(), shown.len(), "an alert is shown twice: {shown:?}");
     assert_eq!(distinct, all_alert_ids(&app, &feeder).await);
+    browser.screenshot("alerts", backend).await;
 
     // The incident opens with its timeline and the alert's evidence.
     browser.click(&format!("{first_row} a.incident-link")).await;
@@ -559,6 +569,7 @@ async fn console_in_a_real_browser(backend: Backend) {
     browser
         .cmd(json!({"op": "fill", "sel": format!("{card} input.comment"), "text": "confirmed brute force"}))
         .await;
+    browser.screenshot("approvals", backend).await;
     browser.click(&format!("{card} button.approve")).await;
     browser
         .wait(&format!(
@@ -627,13 +638,7 @@ async fn console_in_a_real_browser(backend: Backend) {
             .await;
         assert_ne!(v, json!(["–"]), "{kpi} is not shown");
     }
-    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console");
-    std::fs::create_dir_all(&shots).unwrap();
-    let shot = shots.join(format!("dashboard-{backend:?}.png").to_lowercase());
-    browser
-        .cmd(json!({"op": "screenshot", "path": shot}))
-        .await;
-    println!("dashboard screenshot: {}", shot.display());
+    browser.screenshot("dashboard", backend).await;
 
     // The audit log pages through the stored events; its live tail shows
     // a new event as it is committed.
@@ -644,7 +649,7 @@ async fn console_in_a_real_browser(backend: Backend) {
     let page1 = browser.attrs("#audit-events tr[data-event-id]", "data-event-id").await;
     browser.click("#older").await;
     browser
-        .wait(&format!("#audit-events tr[data-event-id]:not([data-event-id=\"{}\"])", page1[0]))
+        .wait(&format!("#audit-events tbody tr:first-child:not([data-event-id=\"{}\"])", page1[0]))
         .await;
     let page2 = browser.attrs("#audit-events tr[data-event-id]", "data-event-id").await;
     assert!(page2.iter().all(|id| !page1.contains(id)), "pages overlap");
