@@ -36,7 +36,7 @@ use crate::ingest::login;
 use crate::playbooks::{approved, create, playbook, start, step};
 
 /// Failed-login bursts measured for the alert-to-screen latency.
-const BURSTS: usize = 6;
+const BURSTS: usize = 10;
 /// Failed logins per burst (the rule fires at 6 within a minute).
 const BURST_SIZE: usize = 6;
 /// The latency every burst must meet, ingest call to row on screen.
