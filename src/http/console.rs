@@ -118,7 +118,10 @@ mod tests {
             .filter(|s| s.starts_with("/assets/"))
             .map(|s| &s[1..])
         {
-            assert!(Dist::get(asset).is_some(), "{asset} is referenced but not embedded");
+            assert!(
+                Dist::get(asset).is_some(),
+                "{asset} is referenced but not embedded"
+            );
         }
     }
 }

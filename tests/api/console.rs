@@ -66,7 +66,11 @@ fn run(dir: &Path, program: &str, args: &[&str]) -> Result<String, String> {
     if out.status.success() {
         Ok(text)
     } else {
-        Err(format!("`{program} {}` failed ({}):\n{text}", args.join(" "), out.status))
+        Err(format!(
+            "`{program} {}` failed ({}):\n{text}",
+            args.join(" "),
+            out.status
+        ))
     }
 }
 
@@ -157,15 +161,14 @@ impl Browser {
             .write_all(format!("{line}\n").as_bytes())
             .await
             .expect("write to the driver");
-        let answer = match tokio::time::timeout(Duration::from_secs(60), self.stdout.next_line())
-            .await
-        {
-            Ok(Ok(Some(answer))) => answer,
-            other => panic!(
-                "the browser driver did not answer ({other:?}); transcript:\n{}",
-                self.transcript.join("\n")
-            ),
-        };
+        let answer =
+            match tokio::time::timeout(Duration::from_secs(60), self.stdout.next_line()).await {
+                Ok(Ok(Some(answer))) => answer,
+                other => panic!(
+                    "the browser driver did not answer ({other:?}); transcript:\n{}",
+                    self.transcript.join("\n")
+                ),
+            };
         self.transcript.push(format!("< {answer}"));
         let v: Value = serde_json::from_str(&answer).expect("driver answers JSON");
         if v["ok"] == true {
@@ -182,7 +185,9 @@ impl Browser {
                 // What the page said and looked like, for the failure report.
                 let problems = self.try_cmd(json!({"op": "problems"})).await;
                 let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-failure.png");
-                let _ = self.try_cmd(json!({"op": "screenshot", "path": shot})).await;
+                let _ = self
+                    .try_cmd(json!({"op": "screenshot", "path": shot}))
+                    .await;
                 panic!(
                     "browser: {e}\npage problems: {problems:?}\nscreenshot: {}\ntranscript:\n{}",
                     shot.display(),
@@ -209,7 +214,9 @@ impl Browser {
     }
 
     async fn attrs(&mut self, sel: &str, name: &str) -> Vec<String> {
-        let v = self.cmd(json!({"op": "attrs", "sel": sel, "name": name})).await;
+        let v = self
+            .cmd(json!({"op": "attrs", "sel": sel, "name": name}))
+            .await;
         v.as_array()
             .unwrap()
             .iter()
@@ -222,8 +229,10 @@ impl Browser {
     }
 
     async fn state(&mut self, stream: &str, state: &str, timeout_ms: u64) {
-        self.cmd(json!({"op": "waitState", "stream": stream, "state": state, "timeout": timeout_ms}))
-            .await;
+        self.cmd(
+            json!({"op": "waitState", "stream": stream, "state": state, "timeout": timeout_ms}),
+        )
+        .await;
     }
 
     /// Saves a screenshot of the page as `CARGO_TARGET_TMPDIR/console/NAME-BACKEND.png`.
@@ -282,7 +291,12 @@ async fn background(app: &TestApp, key: &str) -> (u64, u64) {
         for n in 0..3 {
             let who = format!("carol{}", (minute + n) % 5);
             let ip = format!("10.0.0.{}", (minute + n) % 5);
-            events.push(stamp(login(&format!("bg-ok-{minute}-{n}"), &who, &ip, true)));
+            events.push(stamp(login(
+                &format!("bg-ok-{minute}-{n}"),
+                &who,
+                &ip,
+                true,
+            )));
         }
         let ip = format!("192.0.2.{minute}");
         let who = format!("bob{minute}");
@@ -293,7 +307,9 @@ async fn background(app: &TestApp, key: &str) -> (u64, u64) {
     (total, 55)
 }
 
-fn alerts(app: &TestApp) -> pb::alert_service_client::AlertServiceClient<tonic::transport::Channel> {
+fn alerts(
+    app: &TestApp,
+) -> pb::alert_service_client::AlertServiceClient<tonic::transport::Channel> {
     pb::alert_service_client::AlertServiceClient::new(app.channel.clone())
 }
 
@@ -382,7 +398,11 @@ async fn console_in_a_real_browser(backend: Backend) {
     let page = browser.cmd(json!({"op": "goto", "path": "/"})).await;
     assert_eq!(page["status"], 200, "{page}");
     let csp = page["csp"].as_str().unwrap_or_default();
-    for directive in ["script-src 'self'", "connect-src 'self'", "default-src 'none'"] {
+    for directive in [
+        "script-src 'self'",
+        "connect-src 'self'",
+        "default-src 'none'",
+    ] {
         assert!(csp.contains(directive), "CSP lacks {directive}: {csp}");
     }
     browser
@@ -402,14 +422,26 @@ async fn console_in_a_real_browser(backend: Backend) {
     browser.live("alerts").await;
     let mut ingest_to_screen = Vec::new();
     let mut raised_to_screen = Vec::new();
-    let ips: Vec<String> = (0..BURSTS).map(|i| format!("203.0.113.{}", 10 + i)).collect();
+    let ips: Vec<String> = (0..BURSTS)
+        .map(|i| format!("203.0.113.{}", 10 + i))
+        .collect();
     for (i, ip) in ips.iter().enumerate() {
         let sent = now_ms();
-        ingest(&app, &feeder, burst(&format!("burst{i}"), ip, &format!("user{i}"))).await;
+        ingest(
+            &app,
+            &feeder,
+            burst(&format!("burst{i}"), ip, &format!("user{i}")),
+        )
+        .await;
         browser.wait(&row(ip)).await;
         // The first alert the burst raised to reach the screen (a burst
         // trips more than one rule: per source IP and per account).
-        let at = |v: Vec<String>| v.iter().map(|s| s.parse::<u64>().expect("a time")).min().unwrap();
+        let at = |v: Vec<String>| {
+            v.iter()
+                .map(|s| s.parse::<u64>().expect("a time"))
+                .min()
+                .unwrap()
+        };
         let shown = at(browser.attrs(&row(ip), "data-shown-at").await);
         let created = at(browser.attrs(&row(ip), "data-created-at").await);
         ingest_to_screen.push(shown.saturating_sub(sent));
@@ -444,7 +476,11 @@ async fn console_in_a_real_browser(backend: Backend) {
     browser.wait(&format!("{first_row} a.incident-link")).await;
     let shown = browser.attrs("tr[data-alert-id]", "data-alert-id").await;
     let distinct: std::collections::BTreeSet<String> = shown.iter().cloned().collect();
-    assert_eq!(distinct.len(), shown.len(), "an alert is shown twice: {shown:?}");
+    assert_eq!(
+        distinct.len(),
+        shown.len(),
+        "an alert is shown twice: {shown:?}"
+    );
     assert_eq!(distinct, all_alert_ids(&app, &feeder).await);
     browser.screenshot("alerts", backend).await;
 
@@ -459,14 +495,22 @@ async fn console_in_a_real_browser(backend: Backend) {
         .incident_id;
     assert!(!incident_id.is_empty());
     browser
-        .wait(&format!("#incident[data-incident-id=\"{incident_id}\"] ol.timeline li"))
+        .wait(&format!(
+            "#incident[data-incident-id=\"{incident_id}\"] ol.timeline li"
+        ))
         .await;
     browser
-        .wait(&format!(".linked-alert[data-alert-id=\"{}\"] tr.evidence", first.id))
+        .wait(&format!(
+            ".linked-alert[data-alert-id=\"{}\"] tr.evidence",
+            first.id
+        ))
         .await;
     assert!(
         browser
-            .count(&format!(".linked-alert[data-alert-id=\"{}\"] tr.evidence", first.id))
+            .count(&format!(
+                ".linked-alert[data-alert-id=\"{}\"] tr.evidence",
+                first.id
+            ))
             .await
             >= BURST_SIZE as u64
     );
@@ -517,7 +561,11 @@ async fn console_in_a_real_browser(backend: Backend) {
     );
     let entry_ids = browser.attrs("ol.timeline li", "data-entry-id").await;
     let distinct: std::collections::HashSet<_> = entry_ids.iter().collect();
-    assert_eq!(distinct.len(), entry_ids.len(), "timeline entry shown twice");
+    assert_eq!(
+        distinct.len(),
+        entry_ids.len(),
+        "timeline entry shown twice"
+    );
     // A status change from the console shows on its own timeline.
     browser.click("button.to-investigating").await;
     browser.wait("li[data-kind=\"status changed\"]").await;
@@ -563,7 +611,11 @@ async fn console_in_a_real_browser(backend: Backend) {
         .cmd(json!({"op": "texts", "sel": format!("{card} .param-value")}))
         .await;
     assert!(
-        params.as_array().unwrap().iter().any(|p| p == ips[0].as_str()),
+        params
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == ips[0].as_str()),
         "the inbox does not show the resolved IP: {params}"
     );
     browser
@@ -646,16 +698,28 @@ async fn console_in_a_real_browser(backend: Backend) {
     browser
         .cmd(json!({"op": "waitCount", "sel": "#audit-events tr[data-event-id]", "n": 50}))
         .await;
-    let page1 = browser.attrs("#audit-events tr[data-event-id]", "data-event-id").await;
+    let page1 = browser
+        .attrs("#audit-events tr[data-event-id]", "data-event-id")
+        .await;
     browser.click("#older").await;
     browser
-        .wait(&format!("#audit-events tbody tr:first-child:not([data-event-id=\"{}\"])", page1[0]))
+        .wait(&format!(
+            "#audit-events tbody tr:first-child:not([data-event-id=\"{}\"])",
+            page1[0]
+        ))
         .await;
-    let page2 = browser.attrs("#audit-events tr[data-event-id]", "data-event-id").await;
+    let page2 = browser
+        .attrs("#audit-events tr[data-event-id]", "data-event-id")
+        .await;
     assert!(page2.iter().all(|id| !page1.contains(id)), "pages overlap");
     browser.click("#tail-toggle").await;
     browser.live("tail").await;
-    ingest(&app, &feeder, vec![login("tailed", "dave", "192.0.2.200", true)]).await;
+    ingest(
+        &app,
+        &feeder,
+        vec![login("tailed", "dave", "192.0.2.200", true)],
+    )
+    .await;
     browser
         .cmd(json!({"op": "waitCount", "sel": "#tail-events tr[data-event-id]", "n": 1}))
         .await;
@@ -694,7 +758,9 @@ async fn console_in_a_real_browser(backend: Backend) {
     browser.cmd(json!({"op": "block", "on": false})).await;
     browser.live("alerts").await;
     browser
-        .cmd(json!({"op": "waitCount", "sel": row(outage_ip), "n": during.len(), "timeout": 10_000}))
+        .cmd(
+            json!({"op": "waitCount", "sel": row(outage_ip), "n": during.len(), "timeout": 10_000}),
+        )
         .await;
     browser
         .wait(&format!(
@@ -704,11 +770,23 @@ async fn console_in_a_real_browser(backend: Backend) {
         .await;
     let ids = browser.attrs("tr[data-alert-id]", "data-alert-id").await;
     let distinct: std::collections::BTreeSet<String> = ids.iter().cloned().collect();
-    assert_eq!(distinct.len(), ids.len(), "an alert is shown twice: {ids:?}");
+    assert_eq!(
+        distinct.len(),
+        ids.len(),
+        "an alert is shown twice: {ids:?}"
+    );
     assert_eq!(distinct, all_alert_ids(&app, &feeder).await);
     assert!(during.iter().all(|a| distinct.contains(&a.id)));
-    assert_eq!(browser.cmd(json!({"op": "marked"})).await, true, "the page reloaded");
-    assert_eq!(browser.cmd(json!({"op": "loads"})).await, 1, "the page reloaded");
+    assert_eq!(
+        browser.cmd(json!({"op": "marked"})).await,
+        true,
+        "the page reloaded"
+    );
+    assert_eq!(
+        browser.cmd(json!({"op": "loads"})).await,
+        1,
+        "the page reloaded"
+    );
 
     // A key without `respond` sees no approve button, and a forged
     // approval from the page is refused.
@@ -729,7 +807,10 @@ async fn console_in_a_real_browser(backend: Backend) {
     assert_eq!(browser.count("button.reject").await, 0);
     browser.click("#nav-alerts").await;
     browser.live("alerts").await;
-    assert_eq!(browser.count("button.ack, button.resolve, button.fp").await, 0);
+    assert_eq!(
+        browser.count("button.ack, button.resolve, button.fp").await,
+        0
+    );
     let forged = browser
         .cmd(json!({
             "op": "forge",
@@ -758,7 +839,10 @@ async fn console_in_a_real_browser(backend: Backend) {
             !p.contains("Failed to load resource") && !p.contains("net::ERR_")
         })
         .collect();
-    assert!(serious.is_empty(), "the page reported problems: {serious:?}");
+    assert!(
+        serious.is_empty(),
+        "the page reported problems: {serious:?}"
+    );
     browser.finish().await;
     let mut app = app;
     app.stop().await.expect("server stops cleanly");
