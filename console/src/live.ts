@@ -112,7 +112,7 @@ export class Live<T> {
       } catch (e) {
         if (this.stopped) return;
         const err = ConnectError.from(e);
-        if (err.code === Code.Unauthenticated || err.code === Code.PermissionDenied) {
+        if (err.code === Code.Unauthenticated || err.code === Code.PermissionDenied || err.code === Code.NotFound) {
           this.set("failed", `${Code[err.code]}: ${err.rawMessage}`);
           return;
         }

@@ -483,6 +483,45 @@ async fn console_in_a_real_browser(backend: Backend) {
     );
     assert_eq!(distinct, all_alert_ids(&app, &feeder).await);
     browser.screenshot("alerts", backend).await;
+    // Triage from the queue: acknowledge one alert, call another a false
+    // positive (it leaves the default "open" view).
+    let second = &alerts_naming(&app, &feeder, &ips[1], per_burst).await[0];
+    let third = &alerts_naming(&app, &feeder, &ips[2], per_burst).await[0];
+    browser
+        .click(&format!("tr[data-alert-id=\"{}\"] button.ack", second.id))
+        .await;
+    browser
+        .wait(&format!(
+            "tr[data-alert-id=\"{}\"][data-status=\"acknowledged\"]",
+            second.id
+        ))
+        .await;
+    browser
+        .click(&format!("tr[data-alert-id=\"{}\"] button.fp", third.id))
+        .await;
+    browser
+        .cmd(json!({"op": "waitCount", "sel": format!("tr[data-alert-id=\"{}\"]", third.id), "n": 0}))
+        .await;
+    let stored = alerts(&app)
+        .get_alert(with_key(
+            pb::GetAlertRequest {
+                alert_id: third.id.clone(),
+            },
+            &feeder,
+        ))
+        .await
+        .expect("get alert")
+        .into_inner()
+        .alert
+        .unwrap();
+    assert_eq!(stored.status, pb::AlertStatus::FalsePositive as i32);
+    browser.cmd(json!({"op": "select", "sel": "#alert-status", "value": "all"})).await;
+    browser
+        .wait(&format!(
+            "tr[data-alert-id=\"{}\"][data-status=\"false positive\"]",
+            third.id
+        ))
+        .await;
 
     // The incident opens with its timeline and the alert's evidence.
     browser.click(&format!("{first_row} a.incident-link")).await;
@@ -634,6 +673,29 @@ async fn console_in_a_real_browser(backend: Backend) {
     browser
         .wait(&format!("tr[data-value=\"{}\"][data-type=\"ban\"]", ips[0]))
         .await;
+    // A manual ban, revoked from the screen.
+    let manual = "198.51.100.250";
+    pb::enforcement_service_client::EnforcementServiceClient::new(app.channel.clone())
+        .create_decision(with_key(
+            pb::CreateDecisionRequest {
+                decision: Some(pb::NewDecision {
+                    scope: pb::DecisionScope::Ip as i32,
+                    value: manual.into(),
+                    r#type: pb::DecisionType::Ban as i32,
+                    reason: "scanner".into(),
+                    ..Default::default()
+                }),
+            },
+            &feeder,
+        ))
+        .await
+        .expect("create decision");
+    let manual_row = format!("tr[data-value=\"{manual}\"]");
+    browser.wait(&manual_row).await;
+    browser.click(&format!("{manual_row} button.revoke")).await;
+    browser
+        .cmd(json!({"op": "waitCount", "sel": manual_row, "n": 0}))
+        .await;
 
     // Resolved after the response (MTTR on the dashboard).
     pb::incident_service_client::IncidentServiceClient::new(app.channel.clone())
@@ -728,6 +790,9 @@ async fn console_in_a_real_browser(backend: Backend) {
     // what changed during the outage shows once, nothing twice, no reload.
     browser.click("#nav-alerts").await;
     browser.live("alerts").await;
+    browser
+        .cmd(json!({"op": "select", "sel": "#alert-status", "value": "all"}))
+        .await;
     browser.cmd(json!({"op": "mark"})).await;
     // Hold the console's reconnects back until the change is committed, so
     // it reaches the console through the resumed stream.
