@@ -250,6 +250,110 @@ impl Browser {
     }
 }
 
+/// A TCP proxy in front of the server that the browser talks through, so
+/// the test can make streams go silent without closing them (what a proxy
+/// that drops a connection without a FIN looks like to the page).
+struct Proxy {
+    addr: std::net::SocketAddr,
+    /// Connections numbered below this are frozen.
+    frozen_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen_below = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn({
+            let frozen_below = frozen_below.clone();
+            let next = next.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let id = next.fetch_add(1, Ordering::SeqCst);
+                    let frozen = {
+                        let f = frozen_below.clone();
+                        move || f.load(Ordering::SeqCst) > id
+                    };
+                    tokio::spawn(async move {
+                        // The server down: close the browser's connection.
+                        let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        let _ = client.set_nodelay(true);
+                        let _ = server.set_nodelay(true);
+                        let (cr, cw) = client.into_split();
+                        let (sr, sw) = server.into_split();
+                        // Either direction ending closes both.
+                        tokio::select! {
+                            () = pipe(cr, sw, frozen.clone(), false) => {}
+                            () = pipe(sr, cw, frozen, true) => {}
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            addr,
+            frozen_below,
+            next,
+            task,
+        }
+    }
+
+    /// Every connection open now goes silent: what the server sends is
+    /// swallowed, and the connection stays open until the browser closes it.
+    fn freeze(&self) {
+        use std::sync::atomic::Ordering;
+        self.frozen_below
+            .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `r` to `w` until either ends. Once frozen, data from the server
+/// is swallowed forever (the stream goes silent), and a new request from the
+/// browser on a frozen connection closes it.
+async fn pipe(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    frozen: impl Fn() -> bool,
+    from_server: bool,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen() {
+            if from_server {
+                loop {
+                    // Keep reading (so the server is not blocked) and drop it.
+                    match r.read(&mut buf).await {
+                        Ok(0) | Err(_) => std::future::pending::<()>().await,
+                        Ok(_) => {}
+                    }
+                }
+            }
+            return;
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -392,7 +496,9 @@ async fn console_in_a_real_browser(backend: Backend) {
     app.wait_detecting().await;
     let (background_events, background_failures) = background(&app, &feeder).await;
 
-    let mut browser = Browser::start(&package, &format!("http://{addr}"));
+    // The browser reaches the server through a proxy that can silence streams.
+    let proxy = Proxy::start(addr).await;
+    let mut browser = Browser::start(&package, &format!("http://{}", proxy.addr));
 
     // The page, with its CSP; the key goes into sessionStorage only.
     let page = browser.cmd(json!({"op": "goto", "path": "/"})).await;
@@ -515,7 +621,9 @@ async fn console_in_a_real_browser(backend: Backend) {
         .alert
         .unwrap();
     assert_eq!(stored.status, pb::AlertStatus::FalsePositive as i32);
-    browser.cmd(json!({"op": "select", "sel": "#alert-status", "value": "all"})).await;
+    browser
+        .cmd(json!({"op": "select", "sel": "#alert-status", "value": "all"}))
+        .await;
     browser
         .wait(&format!(
             "tr[data-alert-id=\"{}\"][data-status=\"false positive\"]",
@@ -785,6 +893,35 @@ async fn console_in_a_real_browser(backend: Backend) {
     browser
         .cmd(json!({"op": "waitCount", "sel": "#tail-events tr[data-event-id]", "n": 1}))
         .await;
+
+    // A stream that goes silent without closing (two heartbeats missed) is
+    // declared dead and replaced; what happened meanwhile shows once.
+    browser.click("#nav-alerts").await;
+    browser.live("alerts").await;
+    browser
+        .cmd(json!({"op": "select", "sel": "#alert-status", "value": "all"}))
+        .await;
+    proxy.freeze();
+    let silent_ip = "198.51.100.66";
+    ingest(&app, &feeder, burst("silent", silent_ip, "oscar")).await;
+    let silenced = alerts_naming(&app, &feeder, silent_ip, per_burst).await;
+    browser.state("alerts", "stale", 15_000).await;
+    assert_eq!(
+        browser.count(&row(silent_ip)).await,
+        0,
+        "a frozen stream delivered"
+    );
+    browser.live("alerts").await;
+    browser
+        .cmd(json!({"op": "waitCount", "sel": row(silent_ip), "n": silenced.len(), "timeout": 10_000}))
+        .await;
+    let ids = browser.attrs("tr[data-alert-id]", "data-alert-id").await;
+    let distinct: std::collections::BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(
+        distinct.len(),
+        ids.len(),
+        "an alert is shown twice: {ids:?}"
+    );
 
     // A server restart while the console is open: reconnecting, then live;
     // what changed during the outage shows once, nothing twice, no reload.
