@@ -11,7 +11,11 @@
 //! evidence; a note added in the console reaches another client's
 //! WatchIncident stream; an approval in the inbox runs the playbook and its
 //! ban shows on the decisions screen; the dashboard charts the ingested
-//! range (checked against what was ingested; a screenshot is saved); a
+//! range (checked against what was ingested; a screenshot is saved); the
+//! audit log's pages and live tail; streams silenced without being closed
+//! (the browser talks through a proxy that can freeze its connections): the
+//! queue turns stale, the stream is declared dead after two missed
+//! heartbeats and resumed, with the alerts raised meanwhile shown once; a
 //! server restart while the console is open (reconnecting, then live, the
 //! change made during the outage shown once, nothing twice, no reload); a
 //! key without `respond` sees no approve button and a forged approval is
