@@ -89,7 +89,6 @@ export class Live<T> {
           // Response headers: the server accepted the stream (a watch with
           // nothing to send says nothing else until its first heartbeat).
           this.lastMessage = Date.now();
-          attempt = 0;
           this.connections++;
           this.set("live");
           void this.spec.onOpen?.();
@@ -105,6 +104,9 @@ export class Live<T> {
             established();
           }
           this.lastMessage = Date.now();
+          // A message, not just headers, resets the backoff: a server that
+          // accepts streams and ends them at once is not hammered.
+          attempt = 0;
           if (this.state !== "live") this.set("live");
           this.spec.onMessage(msg);
         }
