@@ -8,6 +8,9 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    // The console is embedded from its committed build (src/http/console.rs):
+    // a new build (new hashed file names) must rebuild the crate.
+    println!("cargo:rerun-if-changed=console/dist");
     let mut files: Vec<PathBuf> = fs::read_dir("proto/picket/v1")?
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<_, _>>()?;

@@ -32,7 +32,8 @@
 //! Storage and transports:
 //! - [`storage`]: the [`storage::Store`] trait, its Postgres and SQLite backends.
 //! - [`grpc`]: generated code (`grpc::pb`), conversions, status table, services.
-//! - [`http`]: `/healthz`, `/metrics`, webhook intake, request metrics.
+//! - [`http`]: `/healthz`, `/metrics`, webhook intake, the embedded web
+//!   console (`/`), request metrics.
 //!
 //! The process:
 //! - [`cluster`]: the Redis bridge that carries wake-up signals between replicas.

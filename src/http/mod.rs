@@ -1,7 +1,9 @@
 //! Plain HTTP on the gRPC port: `/healthz`, `/metrics`, webhook intake
-//! (`POST /v1/webhooks/{source}`, see [`webhooks`]), and the request-metrics
-//! middleware that wraps every route (gRPC included).
+//! (`POST /v1/webhooks/{source}`, see [`webhooks`]), the web console (`/`
+//! and `/assets/…`, see [`console`]), and the request-metrics middleware
+//! that wraps every route (gRPC included).
 
+pub mod console;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -52,6 +54,7 @@ pub fn routes(state: HttpState) -> Router {
             post(webhooks::deliver).layer(DefaultBodyLimit::max(crate::webhooks::MAX_BODY_BYTES)),
         )
         .with_state(state)
+        .merge(console::routes())
 }
 
 /// `GET /healthz`: 200 with `{"status":"ok"}` when the store answers and the
@@ -143,6 +146,8 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
         let route = match path.as_str() {
             "/healthz" | "/metrics" => path.clone(),
             p if p.starts_with("/v1/webhooks/") => "/v1/webhooks/{source}".to_owned(),
+            "/" | "/index.html" => "/".to_owned(),
+            p if p.starts_with("/assets/") => "/assets/{file}".to_owned(),
             _ => "other".to_owned(),
         };
         metrics::counter!("picket_http_requests_total", "route" => route, "status" => response.status().as_u16().to_string())

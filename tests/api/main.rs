@@ -10,6 +10,7 @@ mod anomaly;
 mod authz_matrix;
 mod bad_input;
 mod bench;
+mod console;
 mod crash;
 mod enforcement;
 mod faults;
