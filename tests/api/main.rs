@@ -25,6 +25,7 @@ mod report_aggregates;
 mod reports;
 mod restarts;
 mod rule_pack;
+mod rust_sdk;
 mod rules;
 mod server;
 mod shards;
