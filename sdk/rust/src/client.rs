@@ -899,10 +899,16 @@ mod tests {
         })
         .unwrap();
         for i in 0..5 {
-            assert_eq!(client.enqueue_event(ActivityEvent::new("t").actor(format!("a{i}"))), i < 3);
+            assert_eq!(
+                client.enqueue_event(ActivityEvent::new("t").actor(format!("a{i}"))),
+                i < 3
+            );
         }
         let stats = client.stats();
-        assert_eq!((stats.enqueued, stats.buffered, stats.dropped.queue_full), (3, 3, 2));
+        assert_eq!(
+            (stats.enqueued, stats.buffered, stats.dropped.queue_full),
+            (3, 3, 2)
+        );
         assert_eq!(
             dropped.lock().unwrap().as_slice(),
             &[(DropReason::QueueFull, 1), (DropReason::QueueFull, 1)]
@@ -932,7 +938,11 @@ mod tests {
         client.enqueue_event(ActivityEvent::new("a"));
         client.enqueue_event(ActivityEvent::new("b").idempotency_key("mine"));
         let state = lock(&client.inner.state);
-        let keys: Vec<_> = state.queue.iter().map(|e| e.idempotency_key.clone()).collect();
+        let keys: Vec<_> = state
+            .queue
+            .iter()
+            .map(|e| e.idempotency_key.clone())
+            .collect();
         assert_eq!(keys[1], "mine");
         assert_eq!(keys[0].len(), 34);
         assert!(state.queue.iter().all(|e| e.service == "svc"

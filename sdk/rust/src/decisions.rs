@@ -573,7 +573,12 @@ async fn follow(
 mod tests {
     use super::*;
 
-    fn decision(scope: pb::DecisionScope, value: &str, ty: pb::DecisionType, expires_ms: i64) -> pb::EffectiveDecision {
+    fn decision(
+        scope: pb::DecisionScope,
+        value: &str,
+        ty: pb::DecisionType,
+        expires_ms: i64,
+    ) -> pb::EffectiveDecision {
         pb::EffectiveDecision {
             scope: scope as i32,
             value: value.into(),
@@ -617,9 +622,15 @@ mod tests {
         let v = cache.check(ip("192.0.2.10"));
         assert_eq!(v.reason, Some(DenyReason::Cidr));
         assert!(cache.check(ip("192.0.2.9")).allowed);
-        assert_eq!(cache.check(ip("2001:db8::5")).reason, Some(DenyReason::Cidr));
+        assert_eq!(
+            cache.check(ip("2001:db8::5")).reason,
+            Some(DenyReason::Cidr)
+        );
         // IPv4-mapped IPv6 is the IPv4 address.
-        assert_eq!(cache.check(ip("::ffff:203.0.113.7")).reason, Some(DenyReason::Ip));
+        assert_eq!(
+            cache.check(ip("::ffff:203.0.113.7")).reason,
+            Some(DenyReason::Ip)
+        );
         assert!(cache.check(ip("10.0.0.1")).allowed);
         assert_eq!(cache.check_actor("mallory").reason, Some(DenyReason::Actor));
         assert!(cache.check_actor("alice").allowed);
@@ -647,13 +658,31 @@ mod tests {
     fn failure_modes_apply_out_of_sync() {
         let cache = DecisionCache::detached();
         let any = ip("203.0.113.7");
-        assert!(cache.with_failure_mode(FailureMode::FailOpen).check(any).allowed);
+        assert!(
+            cache
+                .with_failure_mode(FailureMode::FailOpen)
+                .check(any)
+                .allowed
+        );
         assert_eq!(
-            cache.with_failure_mode(FailureMode::FailClosed).check(any).reason,
+            cache
+                .with_failure_mode(FailureMode::FailClosed)
+                .check(any)
+                .reason,
             Some(DenyReason::Unavailable)
         );
-        assert!(cache.with_failure_mode(FailureMode::LastKnown).check(any).allowed);
+        assert!(
+            cache
+                .with_failure_mode(FailureMode::LastKnown)
+                .check(any)
+                .allowed
+        );
         cache.apply_snapshot([], 1);
-        assert!(cache.with_failure_mode(FailureMode::FailClosed).check(any).allowed);
+        assert!(
+            cache
+                .with_failure_mode(FailureMode::FailClosed)
+                .check(any)
+                .allowed
+        );
     }
 }

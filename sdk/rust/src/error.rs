@@ -14,7 +14,9 @@ pub enum ClientError {
     #[error("TLS options need an https:// endpoint, not `{0}`")]
     TlsNeedsHttps(String),
     /// The TLS options cannot be used (not PEM, key does not match).
-    #[error("the TLS options cannot be used (are they PEM, and does the key match the certificate?)")]
+    #[error(
+        "the TLS options cannot be used (are they PEM, and does the key match the certificate?)"
+    )]
     Tls(#[source] tonic::transport::Error),
     /// Connecting failed.
     #[error("failed to connect to {0}")]

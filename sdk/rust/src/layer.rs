@@ -213,7 +213,10 @@ impl<S> std::fmt::Debug for SecurityService<S> {
 impl LayerConfig {
     fn excluded(&self, path: &str) -> bool {
         self.exclude_exact.contains(path)
-            || self.exclude_prefix.iter().any(|p| path.starts_with(p.as_str()))
+            || self
+                .exclude_prefix
+                .iter()
+                .any(|p| path.starts_with(p.as_str()))
     }
 
     fn trusted(&self, ip: IpAddr) -> bool {
@@ -224,7 +227,11 @@ impl LayerConfig {
     /// The client IP: the peer, or the right-most untrusted
     /// `X-Forwarded-For` hop when the peer is a trusted proxy. `Err` holds a
     /// hop that is not an address.
-    fn client_ip(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Result<Option<IpAddr>, String> {
+    fn client_ip(
+        &self,
+        peer: Option<IpAddr>,
+        headers: &HeaderMap,
+    ) -> Result<Option<IpAddr>, String> {
         let Some(peer) = peer else {
             return Ok(None);
         };
@@ -444,9 +451,8 @@ where
             }
         };
         let actor = match &config.actor_fn {
-            Some(f) => {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&parts))).unwrap_or_default()
-            }
+            Some(f) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&parts)))
+                .unwrap_or_default(),
             None => headers
                 .get(&config.actor_header)
                 .and_then(|v| v.to_str().ok())
@@ -493,7 +499,10 @@ where
                 let why = verdict.reason.map(|r| r.as_str()).unwrap_or("unknown");
                 recorder.info.attributes.push(("enforced", why.to_owned()));
                 if let Some(id) = &verdict.decision_id {
-                    recorder.info.attributes.push(("decision_id", id.to_string()));
+                    recorder
+                        .info
+                        .attributes
+                        .push(("decision_id", id.to_string()));
                 }
                 let (response, body) = deny_response(grpc);
                 recorder.head(response.status(), response.headers());
@@ -583,7 +592,10 @@ where
                         {
                             r.complete = true;
                         }
-                        Ok(Response::from_parts(parts, SecurityBody::inner(body, recorder)))
+                        Ok(Response::from_parts(
+                            parts,
+                            SecurityBody::inner(body, recorder),
+                        ))
                     }
                     Err(e) => {
                         if let Some(r) = recorder.as_mut() {
@@ -705,7 +717,9 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             BodyKind::Inner { body, .. } => body.size_hint(),
-            BodyKind::Deny { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            BodyKind::Deny { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
         }
     }
 }
@@ -728,9 +742,13 @@ mod tests {
     }
 
     fn unreachable_client() -> TelemetryClient {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let _guard = rt.enter();
-        let client = TelemetryClient::new(crate::ClientConfig::new("pk_0_x", "http://127.0.0.1:9")).unwrap();
+        let client =
+            TelemetryClient::new(crate::ClientConfig::new("pk_0_x", "http://127.0.0.1:9")).unwrap();
         std::mem::forget(rt);
         client
     }
@@ -747,16 +765,28 @@ mod tests {
         let peer = |s: &str| Some(s.parse::<IpAddr>().unwrap());
         let ip = |s: &str| Ok(Some(s.parse::<IpAddr>().unwrap()));
         // Untrusted peer: the header is ignored.
-        assert_eq!(c.client_ip(peer("203.0.113.5"), &xff("1.2.3.4")), ip("203.0.113.5"));
+        assert_eq!(
+            c.client_ip(peer("203.0.113.5"), &xff("1.2.3.4")),
+            ip("203.0.113.5")
+        );
         // Trusted peer: the right-most hop that is not a proxy.
         assert_eq!(
             c.client_ip(peer("127.0.0.1"), &xff("6.6.6.6, 198.51.100.7, 10.1.2.3")),
             ip("198.51.100.7")
         );
         // Only proxies: the left-most.
-        assert_eq!(c.client_ip(peer("10.0.0.1"), &xff("10.0.0.2")), ip("10.0.0.2"));
-        assert_eq!(c.client_ip(peer("10.0.0.1"), &xff("[2001:db8::1]:443")), ip("2001:db8::1"));
-        assert_eq!(c.client_ip(peer("10.0.0.1"), &xff("unknown")), Err("unknown".into()));
+        assert_eq!(
+            c.client_ip(peer("10.0.0.1"), &xff("10.0.0.2")),
+            ip("10.0.0.2")
+        );
+        assert_eq!(
+            c.client_ip(peer("10.0.0.1"), &xff("[2001:db8::1]:443")),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            c.client_ip(peer("10.0.0.1"), &xff("unknown")),
+            Err("unknown".into())
+        );
         assert!(c.excluded("/static/app.js"));
         assert!(!c.excluded("/api"));
     }

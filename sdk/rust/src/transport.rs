@@ -226,10 +226,7 @@ mod tests {
     #[test]
     fn classification_follows_the_contract() {
         use tonic::{Code, Status};
-        assert_eq!(
-            classify(&Status::unavailable("down")),
-            Retry::After(None)
-        );
+        assert_eq!(classify(&Status::unavailable("down")), Retry::After(None));
         assert_eq!(
             classify(&Status::resource_exhausted("too big")),
             Retry::Split

@@ -283,8 +283,7 @@ pub async fn bench(args: &BenchIngestArgs) -> anyhow::Result<BenchReport> {
     }));
     let endpoint = format!("http://{addr}");
     let channel =
-        picket_client::transport::connect(&endpoint, &picket_client::TlsOptions::default())
-            .await?;
+        picket_client::transport::connect(&endpoint, &picket_client::TlsOptions::default()).await?;
     let run_id = hex::encode(rand::random::<[u8; 4]>());
     let mut admin = AdminServiceClient::new(channel);
     let (_, key) = tenant_with_key(
@@ -392,8 +391,7 @@ async fn client_run(
     pace: Option<Duration>,
 ) -> anyhow::Result<Histogram<u64>> {
     let channel =
-        picket_client::transport::connect(&endpoint, &picket_client::TlsOptions::default())
-            .await?;
+        picket_client::transport::connect(&endpoint, &picket_client::TlsOptions::default()).await?;
     let batches: Vec<Vec<pb::Event>> = events.chunks(batch_size).map(|c| c.to_vec()).collect();
     let window = std::sync::Arc::new(tokio::sync::Semaphore::new(in_flight));
     Ok(

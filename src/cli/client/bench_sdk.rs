@@ -182,8 +182,7 @@ async fn client_part(args: &BenchSdkArgs) -> anyhow::Result<ClientReport> {
         let _ = stopped.await;
     }));
     let channel =
-        picket_client::transport::connect(&endpoint, &picket_client::TlsOptions::default())
-            .await?;
+        picket_client::transport::connect(&endpoint, &picket_client::TlsOptions::default()).await?;
     let run_id = hex::encode(rand::random::<[u8; 4]>());
     let (_, key) = tenant_with_key(
         &mut AdminServiceClient::new(channel.clone()),
@@ -197,8 +196,7 @@ async fn client_part(args: &BenchSdkArgs) -> anyhow::Result<ClientReport> {
     // The reference first: pre-encoded batches, one call at a time.
     let reference_events = sdk_events(args.events, &format!("{run_id}-ref"))?;
     let api_key = picket_client::ApiKey::new(&key)?;
-    let mut ingest =
-        sdk_pb::ingest_service_client::IngestServiceClient::new(channel.clone());
+    let mut ingest = sdk_pb::ingest_service_client::IngestServiceClient::new(channel.clone());
     let batches: Vec<sdk_pb::IngestRequest> = reference_events
         .chunks(args.batch_size)
         .map(|c| sdk_pb::IngestRequest { events: c.to_vec() })
@@ -254,7 +252,13 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn effective(scope: sdk_pb::DecisionScope, value: String, ban: bool, expires: i64, n: usize) -> sdk_pb::EffectiveDecision {
+fn effective(
+    scope: sdk_pb::DecisionScope,
+    value: String,
+    ban: bool,
+    expires: i64,
+    n: usize,
+) -> sdk_pb::EffectiveDecision {
     sdk_pb::EffectiveDecision {
         scope: scope as i32,
         value,
@@ -285,7 +289,9 @@ fn cache_part(args: &BenchSdkArgs) -> anyhow::Result<CacheReport> {
                     (0x2001_0db8u128 << 96) | u128::from(rng.random::<u64>()),
                 ))
             } else {
-                IpAddr::V4(Ipv4Addr::from(0x6440_0000 | (rng.random::<u32>() & 0x003f_ffff)))
+                IpAddr::V4(Ipv4Addr::from(
+                    0x6440_0000 | (rng.random::<u32>() & 0x003f_ffff),
+                ))
             }
         })
         .collect();
@@ -305,21 +311,22 @@ fn cache_part(args: &BenchSdkArgs) -> anyhow::Result<CacheReport> {
             let len = rng.random_range(16..=30u8);
             let base = if i % 2 == 0 { 0x0a00_0000 } else { 0xac10_0000 };
             let mask = if i % 2 == 0 { 0x00ff_ffff } else { 0x000f_ffff };
-            let net = ipnet::Ipv4Net::new(Ipv4Addr::from(base | (rng.random::<u32>() & mask)), len)?
-                .trunc();
+            let net =
+                ipnet::Ipv4Net::new(Ipv4Addr::from(base | (rng.random::<u32>() & mask)), len)?
+                    .trunc();
             ranges.push((net.to_string(), i % 100 != 0, IpAddr::V4(net.network())));
         }
     }
     let cache = picket_client::DecisionCache::detached();
     let before = rss_bytes();
     let started = Instant::now();
-    let snapshot = ips
-        .iter()
-        .enumerate()
-        .map(|(n, ip)| effective(Ip, ip.to_string(), true, expires, n))
-        .chain(ranges.iter().enumerate().map(|(n, (net, ban, _))| {
-            effective(Cidr, net.clone(), *ban, expires, args.ips + n)
-        }));
+    let snapshot =
+        ips.iter()
+            .enumerate()
+            .map(|(n, ip)| effective(Ip, ip.to_string(), true, expires, n))
+            .chain(ranges.iter().enumerate().map(|(n, (net, ban, _))| {
+                effective(Cidr, net.clone(), *ban, expires, args.ips + n)
+            }));
     cache.apply_snapshot(snapshot, 1);
     let load_ms = started.elapsed().as_secs_f64() * 1000.0;
     let memory = rss_bytes().saturating_sub(before);
@@ -334,7 +341,9 @@ fn cache_part(args: &BenchSdkArgs) -> anyhow::Result<CacheReport> {
         .map(|i| match i % 3 {
             0 => ips[rng.random_range(0..ips.len().max(1))],
             1 => ranges[rng.random_range(0..ranges.len().max(1))].2,
-            _ => IpAddr::V4(Ipv4Addr::from(0xc000_0000 | (rng.random::<u32>() & 0x0fff_ffff))),
+            _ => IpAddr::V4(Ipv4Addr::from(
+                0xc000_0000 | (rng.random::<u32>() & 0x0fff_ffff),
+            )),
         })
         .collect();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("static bounds");
@@ -347,7 +356,10 @@ fn cache_part(args: &BenchSdkArgs) -> anyhow::Result<CacheReport> {
         hist.record(ns.max(1)).ok();
         denied += usize::from(!verdict.allowed);
     }
-    anyhow::ensure!(denied > 0, "no check was denied: the cache is not answering");
+    anyhow::ensure!(
+        denied > 0,
+        "no check was denied: the cache is not answering"
+    );
     Ok(CacheReport {
         ips: args.ips,
         cidrs: args.cidrs,

@@ -27,9 +27,9 @@ pub mod tail;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use secrecy::{ExposeSecret, SecretString};
 use picket_client::transport::{self, TlsOptions};
 pub use picket_client::transport::{Backoff, is_retryable, retry_delay, retry_info};
+use secrecy::{ExposeSecret, SecretString};
 use tonic::Request;
 use tonic::transport::{Channel, Endpoint};
 
