@@ -633,6 +633,58 @@ async fn a_banned_ip_is_refused_within_a_second(backend: Backend) {
     client.close().await;
 }
 
+async fn decisions_expire_locally_while_disconnected(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut settings = test_settings(&db);
+    settings.watch_poll_ms = 100;
+    let mut app = spawn_with(db, settings).await;
+    let (_, key) = app.tenant_with_key("rust-sdk-expiry", SCOPES).await;
+    let client = TelemetryClient::new(config(app.addr, &key)).unwrap();
+    let cache = client.decisions(FailureMode::LastKnown);
+    assert!(cache.wait_synced(DEADLINE).await);
+    pb::enforcement_service_client::EnforcementServiceClient::new(app.channel.clone())
+        .create_decision(with_key(
+            pb::CreateDecisionRequest {
+                decision: Some(pb::NewDecision {
+                    scope: pb::DecisionScope::Ip as i32,
+                    value: "203.0.113.60".into(),
+                    r#type: pb::DecisionType::Ban as i32,
+                    duration_seconds: 3,
+                    reason: "short".into(),
+                    ..Default::default()
+                }),
+            },
+            &key,
+        ))
+        .await
+        .unwrap();
+    let ip = "203.0.113.60".parse().unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while cache.check(ip).allowed {
+        assert!(Instant::now() < deadline, "the ban never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The server goes away; the copy still answers, and the ban ends on time.
+    app.stop().await.unwrap();
+    let banned_since = Instant::now();
+    assert!(!cache.check(ip).allowed, "last_known answers from the copy");
+    while !cache.check(ip).allowed {
+        assert!(
+            banned_since.elapsed() < Duration::from_secs(5),
+            "never expired locally"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !cache
+            .with_failure_mode(FailureMode::FailOpen)
+            .check("203.0.113.61".parse().unwrap())
+            .reason
+            .is_some()
+    );
+    client.close_within(Duration::from_millis(200)).await;
+}
+
 crate::both_backends!(
     every_event_is_stored_exactly_once,
     an_outage_of_ten_seconds_loses_and_duplicates_nothing,
@@ -640,4 +692,5 @@ crate::both_backends!(
     rejected_events_are_reported_not_retried,
     the_layer_records_one_event_per_request,
     a_banned_ip_is_refused_within_a_second,
+    decisions_expire_locally_while_disconnected,
 );

@@ -219,17 +219,22 @@ impl DecisionTable {
             }
         }
         if self.ranges() > 0 {
-            // Every stored range containing the address, shortest prefix first.
-            let covering: Box<dyn Iterator<Item = &Entry>> = match ip {
-                IpAddr::V4(v4) => Box::new(self.v4.cover(&Ipv4Net::from(v4)).map(|(_, e)| e)),
-                IpAddr::V6(v6) => Box::new(self.v6.cover(&Ipv6Net::from(v6)).map(|(_, e)| e)),
+            // Every stored range containing the address, shortest prefix
+            // first, in one descent of the trie.
+            let allowed = match ip {
+                IpAddr::V4(v4) => scan_ranges(
+                    self.v4.cover(&Ipv4Net::from(v4)).map(|(_, e)| e),
+                    now,
+                    &mut ban,
+                ),
+                IpAddr::V6(v6) => scan_ranges(
+                    self.v6.cover(&Ipv6Net::from(v6)).map(|(_, e)| e),
+                    now,
+                    &mut ban,
+                ),
             };
-            for e in covering.filter(|e| e.live(now)) {
-                match e.kind {
-                    ALLOW => return None,
-                    BAN if ban.is_none() => ban = Some((DenyReason::Cidr, e)),
-                    _ => {}
-                }
+            if allowed {
+                return None;
             }
         }
         ban.map(|(why, e)| (why, e.decision_id.clone()))
@@ -271,6 +276,23 @@ impl DecisionTable {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Looks at the live `ranges` containing an address: true when one is an
+/// allow (it cancels IP bans); else the first ban, if `ban` holds none yet.
+fn scan_ranges<'a>(
+    ranges: impl Iterator<Item = &'a Entry>,
+    now: i64,
+    ban: &mut Option<(DenyReason, &'a Entry)>,
+) -> bool {
+    for e in ranges.filter(|e| e.live(now)) {
+        match e.kind {
+            ALLOW => return true,
+            BAN if ban.is_none() => *ban = Some((DenyReason::Cidr, e)),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// The copy and what the watcher knows about it.

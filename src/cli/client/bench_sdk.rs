@@ -8,7 +8,8 @@
 //!    caller's cost per `enqueue_event`. The **reference** in the same run:
 //!    the same events, encoded beforehand, sent by back-to-back `Ingest`
 //!    calls of the same batch size on one connection (one call at a time,
-//!    as the SDK's sender does).
+//!    as the SDK's sender does). The server's detection pipeline is off,
+//!    as in `bench ingest`.
 //! 2. **Decision cache.** A detached `DecisionCache` loaded with 100,000
 //!    banned addresses and 10,000 banned ranges (IPv4 /16–/30, IPv6
 //!    /48–/64, a few allow ranges above bans): the resident memory it adds,
@@ -172,6 +173,9 @@ async fn client_part(args: &BenchSdkArgs) -> anyhow::Result<ClientReport> {
     let mut settings = Settings::with_database(Some(&args.database_url));
     settings.listen = "127.0.0.1:0".parse().expect("static address");
     settings.admin_token = Some(SecretString::from(operator.clone()));
+    // As in `bench ingest`: detection would read the reference's events
+    // behind it and compete with the SDK's half of the run.
+    settings.detection = false;
     let app = Application::build(settings)
         .await
         .context("failed to start the server")?;
