@@ -63,11 +63,11 @@ impl Summary {
     }
 }
 
-/// Waits between attempts: jittered exponential from 0.5 s to 10 s, never
+/// Waits between attempts: jittered exponential from 0.5 s to 1 s, never
 /// sooner than the server's RetryInfo (the Rust SDK's backoff).
 const BACKOFF: Backoff = Backoff {
     initial: Duration::from_millis(500),
-    max: Duration::from_secs(10),
+    max: Duration::from_secs(1),
 };
 
 /// One batch: its events and the file lines they came from.

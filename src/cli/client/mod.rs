@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use picket_client::transport::{self, TlsOptions};
-pub use picket_client::transport::{Backoff, is_retryable, retry_delay, retry_info};
+pub use picket_client::transport::{Backoff, retry_delay, retry_info};
 use secrecy::{ExposeSecret, SecretString};
 use tonic::Request;
 use tonic::transport::{Channel, Endpoint};
@@ -138,6 +138,14 @@ impl ServerArgs {
 /// Wraps `msg` in a request carrying `key` as `x-api-key`.
 pub fn with_key<T>(msg: T, key: &str) -> anyhow::Result<Request<T>> {
     Ok(transport::with_key(msg, key)?)
+}
+
+/// Whether a status means "resend later" rather than "this input is
+/// wrong": the Rust SDK's classification, except UNKNOWN. The SDK resends
+/// on UNKNOWN (a transport failure mid-call); a person at the command line
+/// gets the error at once instead (a TLS refusal surfaces as UNKNOWN).
+pub fn is_retryable(status: &tonic::Status) -> bool {
+    status.code() != tonic::Code::Unknown && picket_client::transport::is_retryable(status)
 }
 
 /// Creates tenant `name` and an API key named `key_name` with `scopes` for it,
