@@ -117,6 +117,9 @@ pub enum BenchCommand {
     /// subscribers and tails connected, bursts): errors, ack latency,
     /// detection lag and memory per minute, against pass criteria.
     Soak(crate::cli::client::bench_soak::BenchSoakArgs),
+    /// The Rust SDK: client throughput to a local server, and the decision
+    /// cache's check latency and memory at 100,000 IPs + 10,000 CIDRs.
+    Sdk(crate::cli::client::bench_sdk::BenchSdkArgs),
 }
 
 /// `picket playbook …`
@@ -307,6 +310,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::cli::client::bench_reports::run(args).await
         }
         Command::Bench(BenchCommand::Soak(args)) => crate::cli::client::bench_soak::run(args).await,
+        Command::Bench(BenchCommand::Sdk(args)) => crate::cli::client::bench_sdk::run(args).await,
         Command::Bench(BenchCommand::Shards(args)) => {
             crate::cli::client::bench_shards::run(args).await
         }

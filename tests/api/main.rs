@@ -27,6 +27,7 @@ mod reports;
 mod restarts;
 mod rule_pack;
 mod rules;
+mod rust_sdk;
 mod server;
 mod shards;
 mod tls;

@@ -486,9 +486,14 @@ impl ServerProcess {
     /// Starts the binary on port 0 over `db` with extra environment `env`,
     /// and waits for its "serving" log line (which carries the bound address).
     pub fn start(db: &TestDb, env: &[(&str, &str)]) -> Self {
+        Self::start_on(db, "127.0.0.1:0", env)
+    }
+
+    /// [`Self::start`] on a given address (to restart on the same port).
+    pub fn start_on(db: &TestDb, listen: &str, env: &[(&str, &str)]) -> Self {
         use std::io::{BufRead, BufReader};
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_picket"));
-        cmd.args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+        cmd.args(["--log-format", "json", "serve", "--listen", listen])
             .env("PICKET_DATABASE_URL", &db.url)
             .env("PICKET_ADMIN_TOKEN", OPERATOR_TOKEN)
             .env("PICKET_KEY_PEPPER", KEY_PEPPER)

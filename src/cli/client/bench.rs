@@ -282,9 +282,8 @@ pub async fn bench(args: &BenchIngestArgs) -> anyhow::Result<BenchReport> {
         let _ = stopped.await;
     }));
     let endpoint = format!("http://{addr}");
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?
-        .connect()
-        .await?;
+    let channel =
+        picket_client::transport::connect(&endpoint, &picket_client::TlsOptions::default()).await?;
     let run_id = hex::encode(rand::random::<[u8; 4]>());
     let mut admin = AdminServiceClient::new(channel);
     let (_, key) = tenant_with_key(
@@ -391,10 +390,8 @@ async fn client_run(
     in_flight: usize,
     pace: Option<Duration>,
 ) -> anyhow::Result<Histogram<u64>> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint)?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+    let channel =
+        picket_client::transport::connect(&endpoint, &picket_client::TlsOptions::default()).await?;
     let batches: Vec<Vec<pb::Event>> = events.chunks(batch_size).map(|c| c.to_vec()).collect();
     let window = std::sync::Arc::new(tokio::sync::Semaphore::new(in_flight));
     Ok(

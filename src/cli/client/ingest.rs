@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::cli::client::{ServerArgs, is_retryable, json, retry_delay};
+use crate::cli::client::{Backoff, ServerArgs, is_retryable, json, retry_info};
 use crate::grpc::pb;
 use crate::grpc::pb::ingest_service_client::IngestServiceClient;
 
@@ -62,6 +62,13 @@ impl Summary {
         *self.reasons.entry(reason).or_default() += 1;
     }
 }
+
+/// Waits between attempts: jittered exponential from 0.5 s to 1 s, never
+/// sooner than the server's RetryInfo (the Rust SDK's backoff).
+const BACKOFF: Backoff = Backoff {
+    initial: Duration::from_millis(500),
+    max: Duration::from_secs(1),
+};
 
 /// One batch: its events and the file lines they came from.
 struct Batch {
@@ -210,8 +217,8 @@ pub async fn ingest(args: &IngestArgs) -> anyhow::Result<Summary> {
         {
             Ok(r) => r.into_inner(),
             Err(status) if is_retryable(&status) && failures < args.max_retries => {
+                tokio::time::sleep(BACKOFF.delay(failures, retry_info(&status))).await;
                 failures += 1;
-                tokio::time::sleep(retry_delay(&status, Duration::from_millis(500))).await;
                 continue 'connect;
             }
             Err(status) => bail!(
@@ -293,8 +300,8 @@ pub async fn ingest(args: &IngestArgs) -> anyhow::Result<Summary> {
                     continue 'connect;
                 }
                 Err(status) if is_retryable(&status) && failures < args.max_retries => {
+                    let delay = BACKOFF.delay(failures, retry_info(&status));
                     failures += 1;
-                    let delay = retry_delay(&status, Duration::from_millis(500));
                     progress.set_message(format!(
                         "server busy ({}); retrying in {delay:?}",
                         status.message()

@@ -1,6 +1,6 @@
 //! The command line's gRPC client side: `picket ingest`, `picket tail`,
 //! `picket decisions`, `picket export`, `picket playbook apply`, the
-//! `picket bench` load generators and the `picket simulate` scenario
+//! `picket bench` load generators (`bench sdk` measures the Rust SDK) and the `picket simulate` scenario
 //! simulator. Talks to a server through the generated clients exactly like
 //! any other client would.
 
@@ -10,6 +10,7 @@ pub mod bench_enforce;
 pub mod bench_fanout;
 pub mod bench_reports;
 pub mod bench_respond;
+pub mod bench_sdk;
 pub mod bench_shards;
 pub mod bench_soak;
 pub mod bench_storm;
@@ -24,13 +25,13 @@ pub mod simulate;
 pub mod tail;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context;
+use picket_client::transport::{self, TlsOptions};
+pub use picket_client::transport::{Backoff, retry_delay, retry_info};
 use secrecy::{ExposeSecret, SecretString};
 use tonic::Request;
-use tonic::metadata::MetadataValue;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 /// Where the server is and how to authenticate.
 #[derive(Debug, Clone, clap::Args)]
@@ -69,39 +70,30 @@ const MAX_PEM_BYTES: u64 = 1024 * 1024;
 
 impl ClientTls {
     /// An endpoint for `url`: plain for `http://`, TLS for `https://` with
-    /// these files. TLS files with an `http://` address are an error rather
-    /// than silently unused.
+    /// these files (built by the Rust SDK's `transport::endpoint`, which the
+    /// SDK's own clients use too). TLS files with an `http://` address are
+    /// an error rather than silently unused.
     pub fn endpoint(&self, url: &str) -> anyhow::Result<Endpoint> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .with_context(|| format!("invalid server address `{url}`"))?;
         let files = self.ca_cert.is_some() || self.client_cert.is_some();
-        match endpoint.uri().scheme_str() {
-            Some("https") => {}
-            Some("http") => {
-                anyhow::ensure!(
-                    !files,
-                    "--ca-cert, --client-cert and --client-key need an https:// server address, not `{url}`"
-                );
-                return Ok(endpoint);
-            }
-            _ => anyhow::bail!("the server address `{url}` must start with http:// or https://"),
+        anyhow::ensure!(
+            !(files && url.starts_with("http://")),
+            "--ca-cert, --client-cert and --client-key need an https:// server address, not `{url}`"
+        );
+        anyhow::ensure!(
+            url.starts_with("http://") || url.starts_with("https://"),
+            "the server address `{url}` must start with http:// or https://"
+        );
+        let mut tls = TlsOptions::default();
+        if let Some(path) = &self.ca_cert {
+            tls.ca_certificate_pem = Some(read_pem(path, "CA certificate")?);
         }
-        let mut config = ClientTlsConfig::new();
-        config = match &self.ca_cert {
-            Some(path) => {
-                config.ca_certificate(Certificate::from_pem(read_pem(path, "CA certificate")?))
-            }
-            None => config.with_enabled_roots(),
-        };
         if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
-            config = config.identity(Identity::from_pem(
+            tls.client_identity_pem = Some((
                 read_pem(cert, "client certificate")?,
                 read_pem(key, "client key")?,
             ));
         }
-        endpoint.tls_config(config).context(
-            "the TLS files cannot be used (are they PEM, and does the key match the certificate?)",
-        )
+        Ok(transport::endpoint(url, &tls)?)
     }
 }
 
@@ -132,8 +124,6 @@ impl ServerArgs {
     pub async fn channel(&self) -> anyhow::Result<Channel> {
         self.tls
             .endpoint(&self.server)?
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true)
             .connect()
             .await
             .with_context(|| format!("failed to connect to {}", self.server))
@@ -147,33 +137,15 @@ impl ServerArgs {
 
 /// Wraps `msg` in a request carrying `key` as `x-api-key`.
 pub fn with_key<T>(msg: T, key: &str) -> anyhow::Result<Request<T>> {
-    let mut r = Request::new(msg);
-    r.metadata_mut().insert(
-        crate::access::auth::API_KEY_HEADER,
-        MetadataValue::try_from(key)
-            .context("the API key contains characters not allowed in metadata")?,
-    );
-    Ok(r)
+    Ok(transport::with_key(msg, key)?)
 }
 
-/// Whether a status means "resend later" rather than "this input is wrong".
+/// Whether a status means "resend later" rather than "this input is
+/// wrong": the Rust SDK's classification, except UNKNOWN. The SDK resends
+/// on UNKNOWN (a transport failure mid-call); a person at the command line
+/// gets the error at once instead (a TLS refusal surfaces as UNKNOWN).
 pub fn is_retryable(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable
-            | tonic::Code::ResourceExhausted
-            | tonic::Code::Aborted
-            | tonic::Code::Cancelled
-    )
-}
-
-/// The server's advised retry delay, or `fallback`.
-pub fn retry_delay(status: &tonic::Status, fallback: Duration) -> Duration {
-    use tonic_types::StatusExt;
-    status
-        .get_details_retry_info()
-        .and_then(|r| r.retry_delay)
-        .unwrap_or(fallback)
+    status.code() != tonic::Code::Unknown && picket_client::transport::is_retryable(status)
 }
 
 /// Creates tenant `name` and an API key named `key_name` with `scopes` for it,
