@@ -286,7 +286,11 @@ fn describe_metrics() {
     );
     describe_counter!(
         "picket_anomaly_trainings_total",
-        "Anomaly model fits (at most one per tenant per --anomaly-train-interval-seconds)"
+        "Anomaly model fits (at most one per tenant and population per --anomaly-train-interval-seconds, plus one after each drift)"
+    );
+    describe_counter!(
+        "picket_anomaly_drift_total",
+        "Anomaly models found stale (flagging far more than their contamination share: the population moved); each retrains at once and raises nothing meanwhile"
     );
     describe_counter!(
         "picket_playbook_runs_total",
