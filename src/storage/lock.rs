@@ -24,6 +24,20 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+/// The SQLite store is locked by another process (or another store in this
+/// one): Picket's own words, naming the holder, shown to the operator as they
+/// are.
+#[derive(Debug)]
+pub struct StoreInUse(pub String);
+
+impl std::fmt::Display for StoreInUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreInUse {}
+
 /// The held lock on a SQLite store; released when dropped (or the process ends).
 #[derive(Debug)]
 pub struct StoreLock {
@@ -80,12 +94,13 @@ pub fn acquire(db: &Path) -> anyhow::Result<StoreLock> {
             } else {
                 format!("process {holder}")
             };
-            anyhow::bail!(
+            return Err(StoreInUse(format!(
                 "the SQLite store {} is already served by {who} (lock file {}): one process \
                  serves a SQLite store; stop it first, or use Postgres for several replicas",
                 db.display(),
                 path.display()
-            );
+            ))
+            .into());
         }
         Err(TryLockError::Error(e)) => {
             return Err(anyhow::Error::new(e).context(format!("failed to lock {}", path.display())));
@@ -119,6 +134,21 @@ mod tests {
         );
         drop(first);
         acquire(&db).unwrap();
+    }
+
+    #[test]
+    fn a_store_in_use_is_named_with_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("picket.db");
+        let _held = acquire(&db).unwrap();
+        let err = acquire(&db).unwrap_err();
+        assert!(err.downcast_ref::<StoreInUse>().is_some(), "{err:#}");
+        let url = format!("sqlite://{}", db.display());
+        let shown = super::super::opening_failed(&url, err).to_string();
+        assert!(
+            shown.contains(&format!("already served by process {}", std::process::id())),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -1092,6 +1092,12 @@ fn opening_failed(url: &str, e: anyhow::Error) -> anyhow::Error {
         return e; // the unsupported scheme, said plainly already
     };
     tracing::error!(error = %format_args!("{e:#}"), "failed to open the database");
+    if let Some(in_use) = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<crate::storage::lock::StoreInUse>())
+    {
+        return anyhow::anyhow!("cannot open {in_use}");
+    }
     let reason = e
         .chain()
         .find_map(|c| c.downcast_ref::<sqlx::Error>())
