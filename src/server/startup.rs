@@ -301,6 +301,9 @@ impl Application {
             std::time::Duration::from_secs(settings.retention_interval_seconds.max(1)),
             token.clone(),
         ));
+        if store.backend() == crate::storage::Backend::Postgres {
+            tracker.spawn(refresh_statistics(store.clone(), token.clone()));
+        }
         if settings.rollup_interval_ms > 0 {
             tracker.spawn(crate::reports::rollup::run(
                 store.clone(),
@@ -540,6 +543,20 @@ async fn watch_store(store: Arc<dyn Store>, health: HealthState, token: Cancella
             }
             metrics::gauge!("picket_store_up").set(if up { 1.0 } else { 0.0 });
             health.set_store_reachable(up);
+        }
+    }
+}
+
+/// Refreshes the Postgres planner statistics of busy tables every 30 s
+/// ([`crate::storage::EventStore::refresh_statistics`]) until `shutdown`.
+async fn refresh_statistics(store: Arc<dyn Store>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+            () = shutdown.cancelled() => return,
+        }
+        if let Err(e) = store.refresh_statistics().await {
+            tracing::warn!(error = ?anyhow::Error::from(e), "refreshing planner statistics failed");
         }
     }
 }

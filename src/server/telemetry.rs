@@ -206,6 +206,16 @@ fn describe_metrics() {
         "Forced WAL checkpoints of the embedded store, by result (done, busy, error)"
     );
     describe_histogram!(
+        "picket_postgres_analyze_seconds",
+        Unit::Seconds,
+        "Time of a periodic ANALYZE of the Postgres tables that changed much since their last one"
+    );
+    describe_counter!(
+        "picket_postgres_analyze_total",
+        Unit::Count,
+        "Postgres tables analyzed by the server (busy tables, between autovacuum's passes)"
+    );
+    describe_histogram!(
         "picket_sqlite_optimize_seconds",
         Unit::Seconds,
         "Time of the embedded store's periodic PRAGMA optimize (planner statistics)"

@@ -231,6 +231,10 @@ pub(crate) trait Dialect:
     /// Appends the condition ` AND` the JSON array at `path` of column `doc`
     /// holds `entity`.
     fn push_has_entity(q: &mut Stmt<Self>, path: &[&str], entity: &Entity);
+    /// Appends ` AND col` is one of `ids` (non-empty): one array parameter
+    /// on Postgres (the same statement, planned once, whatever the count),
+    /// an `IN` list on SQLite.
+    fn push_uuid_in(q: &mut Stmt<Self>, col: &str, ids: &[Uuid]);
 
     /// A uuid column (NULL is `None`).
     fn opt_uuid(row: &Self::Row, col: &str) -> Result<Option<Uuid>, sqlx::Error>;

@@ -181,6 +181,12 @@ impl Dialect for Postgres {
             .push(")");
     }
 
+    fn push_uuid_in(q: &mut Stmt<Self>, col: &str, ids: &[Uuid]) {
+        q.push(&format!(" AND {col} = ANY("))
+            .push_bind(ids.to_vec())
+            .push(")");
+    }
+
     fn push_has_entity(q: &mut Stmt<Self>, path: &[&str], entity: &Entity) {
         let mut needle = serde_json::json!([entity]);
         for key in path.iter().rev() {
@@ -262,9 +268,22 @@ impl Dialect for Postgres {
         Ok(())
     }
 
-    async fn refresh_statistics(_store: &PgStore) -> StoreResult<()> {
-        // Autovacuum's ANALYZE keeps them, and the application role does not
-        // own the tables it would have to analyze.
+    async fn refresh_statistics(store: &PgStore) -> StoreResult<()> {
+        // The application role does not own the tables: a function of the
+        // migrations' owner analyzes those that changed much since their
+        // last ANALYZE (migration 0017); autovacuum does the rest.
+        let fail = fail("statistics", "failed to refresh planner statistics");
+        let started = std::time::Instant::now();
+        let analyzed: Vec<String> = sqlx::query_scalar("SELECT picket_analyze_busy_tables()")
+            .fetch_all(&store.pool)
+            .await
+            .map_err(fail)?;
+        if !analyzed.is_empty() {
+            metrics::counter!("picket_postgres_analyze_total").increment(analyzed.len() as u64);
+            metrics::histogram!("picket_postgres_analyze_seconds")
+                .record(started.elapsed().as_secs_f64());
+            tracing::debug!(tables = ?analyzed, "planner statistics refreshed");
+        }
         Ok(())
     }
 

@@ -188,99 +188,52 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
         q: &AccessQuery,
     ) -> StoreResult<Vec<AccessRow>> {
         let fail = fail("events", "failed to build an access report");
-        let bo = DB::BYTE_ORDER;
-        // The group key: (actor, source IP or "") or (actor, resource, action).
-        let (keys, select): (&[&str], &str) = match q.grouping {
-            AccessGrouping::ActorSourceIp => (
-                &["actor", "COALESCE(source_ip, '')"],
-                "actor, COALESCE(source_ip, '') AS ka, '' AS kb",
-            ),
-            AccessGrouping::ActorResourceAction => (
-                &["actor", "resource", "action"],
-                "actor, resource AS ka, action AS kb",
-            ),
-        };
-        let ordered: Vec<String> = keys.iter().map(|k| format!("{k}{bo}")).collect();
-        // Two levels instead of COUNT(DISTINCT …), which only aggregates by
-        // sorting: the inner level groups by the key and the column whose
-        // distinct values are counted (source IP per (actor, resource,
-        // action), resource per (actor, source IP)), both by hashing; the
-        // outer level counts those groups. The key's own column has one
-        // distinct value per group (none for a missing source IP).
-        let (other, resources, ips) = match q.grouping {
-            AccessGrouping::ActorSourceIp => (
-                "resource",
-                "COUNT(d)",
-                "CASE WHEN ka = '' THEN 0 ELSE 1 END",
-            ),
-            AccessGrouping::ActorResourceAction => ("source_ip", "1", "COUNT(d)"),
-        };
-        let mut s = Stmt::<DB>::text(format!(
-            "SELECT actor, ka, kb, CAST(SUM(n) AS BIGINT) AS n, \
-             CAST(SUM(failures) AS BIGINT) AS failures, \
-             MIN(first_seen) AS first_seen, MAX(last_seen) AS last_seen, \
-             CAST({resources} AS BIGINT) AS resources, CAST({ips} AS BIGINT) AS ips FROM (\
-             SELECT {select}, {other} AS d, COUNT(*) AS n, \
-             COUNT(CASE WHEN outcome = 2 THEN 1 END) AS failures, \
-             MIN(occurred_at) AS first_seen, MAX(occurred_at) AS last_seen \
-             FROM events WHERE tenant_id = "
-        ));
-        s.push_uuid(tenant.0);
-        s.push(" AND occurred_at >= ").push_time(q.range.start);
-        s.push(" AND occurred_at < ").push_time(q.range.end);
-        s.push(" AND received_at <= ").push_time(q.received_before);
-        if let Some(actor) = &q.actor {
-            s.push(" AND actor = ").push_bind(actor.as_str());
-        }
-        if !q.event_types.is_empty() {
-            s.push_in("event_type", q.event_types.iter().map(String::as_str));
-        }
-        if let Some(p) = &q.resource_prefix {
-            let col = format!("(resource{bo})");
-            s.push(&format!(" AND {col} >= ")).push_bind(p.as_str());
-            if let Some(end) = prefix_end(p) {
-                s.push(&format!(" AND {col} < ")).push_bind(end);
+        let mut tx = self.read(tenant).await.map_err(&fail)?;
+        let limit = usize::try_from(q.limit).unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        if q.actor.is_some() {
+            // One actor: its index range is already all that is read.
+            let rows = access_stmt::<DB>(tenant, q, None, q.limit)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(&fail)?;
+            out = access_rows::<DB>(&rows).map_err(&fail)?;
+        } else {
+            // Pages are in actor order, so a page needs only the range's
+            // first actors after the page key: find them through the actor
+            // index (one probe each), aggregate only their events, and take
+            // more actors (4 × as many each round) until the page is full or
+            // the range has no more. A page of 100 rows of a 333,000-events
+            // day reads a few actors' events instead of grouping the day.
+            let mut from = q.after.as_ref().map(|k| (k.actor.clone(), true));
+            let mut chunk: i64 = 8;
+            loop {
+                let actors: Vec<String> = actors_stmt::<DB>(tenant, q, from.as_ref(), chunk)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(&fail)?
+                    .iter()
+                    .map(|r| r.col::<String>("actor"))
+                    .collect::<Result<_, _>>()
+                    .map_err(&fail)?;
+                let (Some(lo), Some(hi)) = (actors.first(), actors.last()) else {
+                    break;
+                };
+                let want = q.limit - u32::try_from(out.len()).unwrap_or(u32::MAX);
+                let rows = access_stmt::<DB>(tenant, q, Some((lo, hi)), want)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(&fail)?;
+                out.extend(access_rows::<DB>(&rows).map_err(&fail)?);
+                if out.len() >= limit || (actors.len() as i64) < chunk {
+                    break;
+                }
+                from = Some((hi.clone(), false));
+                chunk = (chunk * 4).min(4096);
             }
         }
-        if let Some(k) = &q.after {
-            s.push(&format!(" AND ({}) > (", ordered.join(", ")));
-            s.push_bind(k.actor.as_str())
-                .push(", ")
-                .push_bind(k.a.as_str());
-            if keys.len() == 3 {
-                s.push(", ").push_bind(k.b.as_str());
-            }
-            s.push(")");
-        }
-        let outer: Vec<String> = ["actor", "ka", "kb"][..keys.len()]
-            .iter()
-            .map(|k| format!("{k}{bo}"))
-            .collect();
-        s.push(&format!(
-            " GROUP BY {}, {other}) AS g GROUP BY actor, ka, kb ORDER BY {} LIMIT ",
-            keys.join(", "),
-            outer.join(", ")
-        ))
-        .push_bind(i64::from(q.limit));
-        let rows = self.read_all(tenant, s).await.map_err(&fail)?;
-        rows.iter()
-            .map(|r| {
-                Ok(AccessRow {
-                    key: AccessKey {
-                        actor: r.col("actor")?,
-                        a: r.col("ka")?,
-                        b: r.col("kb")?,
-                    },
-                    count: count(r.col("n")?),
-                    failures: count(r.col("failures")?),
-                    first_seen: DB::time(r, "first_seen")?,
-                    last_seen: DB::time(r, "last_seen")?,
-                    distinct_resources: count(r.col("resources")?),
-                    distinct_source_ips: count(r.col("ips")?),
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(fail)
+        tx.commit().await.map_err(&fail)?;
+        Ok(out)
     }
 
     async fn event_counts(
@@ -662,4 +615,155 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
         }
         Ok(out)
     }
+}
+
+/// The first `k` distinct actors of `q`'s range in byte order, from
+/// `from` (inclusive or not) on: a skip scan of the actor index, one probe
+/// per actor (a recursive query, the same on both backends).
+fn actors_stmt<DB: Dialect>(
+    tenant: TenantId,
+    q: &AccessQuery,
+    from: Option<&(String, bool)>,
+    k: i64,
+) -> Stmt<DB> {
+    let bo = DB::BYTE_ORDER;
+    let mut s = Stmt::<DB>::text(format!(
+        "WITH RECURSIVE a(actor, n) AS (SELECT actor, CAST(1 AS BIGINT) FROM (\
+         SELECT actor FROM events WHERE tenant_id = "
+    ));
+    s.push_uuid(tenant.0);
+    s.push(" AND occurred_at >= ").push_time(q.range.start);
+    s.push(" AND occurred_at < ").push_time(q.range.end);
+    if let Some((actor, inclusive)) = from {
+        let op = if *inclusive { ">=" } else { ">" };
+        s.push(&format!(" AND (actor{bo}) {op} "))
+            .push_bind(actor.as_str());
+    }
+    s.push(&format!(
+        " ORDER BY (actor{bo}) LIMIT 1) AS f UNION ALL SELECT (SELECT e.actor FROM events e \
+         WHERE e.tenant_id = "
+    ));
+    s.push_uuid(tenant.0);
+    s.push(" AND e.occurred_at >= ").push_time(q.range.start);
+    s.push(" AND e.occurred_at < ").push_time(q.range.end);
+    s.push(&format!(
+        " AND (e.actor{bo}) > (a.actor{bo}) ORDER BY (e.actor{bo}) LIMIT 1), a.n + 1 \
+         FROM a WHERE a.actor IS NOT NULL AND a.n < "
+    ));
+    s.push_bind(k);
+    s.push(") SELECT actor FROM a WHERE actor IS NOT NULL");
+    s
+}
+
+/// The access report's rows of `q` (limit `limit`), only of the actors in
+/// `actors` (inclusive byte-order bounds) when given.
+fn access_stmt<DB: Dialect>(
+    tenant: TenantId,
+    q: &AccessQuery,
+    actors: Option<(&String, &String)>,
+    limit: u32,
+) -> Stmt<DB> {
+    let bo = DB::BYTE_ORDER;
+    // The group key: (actor, source IP or "") or (actor, resource, action).
+    let (keys, select): (&[&str], &str) = match q.grouping {
+        AccessGrouping::ActorSourceIp => (
+            &["actor", "COALESCE(source_ip, '')"],
+            "actor, COALESCE(source_ip, '') AS ka, '' AS kb",
+        ),
+        AccessGrouping::ActorResourceAction => (
+            &["actor", "resource", "action"],
+            "actor, resource AS ka, action AS kb",
+        ),
+    };
+    let ordered: Vec<String> = keys.iter().map(|k| format!("{k}{bo}")).collect();
+    // Two levels instead of COUNT(DISTINCT …), which only aggregates by
+    // sorting: the inner level groups by the key and the column whose
+    // distinct values are counted (source IP per (actor, resource,
+    // action), resource per (actor, source IP)), both by hashing; the
+    // outer level counts those groups. The key's own column has one
+    // distinct value per group (none for a missing source IP).
+    let (other, resources, ips) = match q.grouping {
+        AccessGrouping::ActorSourceIp => (
+            "resource",
+            "COUNT(d)",
+            "CASE WHEN ka = '' THEN 0 ELSE 1 END",
+        ),
+        AccessGrouping::ActorResourceAction => ("source_ip", "1", "COUNT(d)"),
+    };
+    let mut s = Stmt::<DB>::text(format!(
+        "SELECT actor, ka, kb, CAST(SUM(n) AS BIGINT) AS n, \
+         CAST(SUM(failures) AS BIGINT) AS failures, \
+         MIN(first_seen) AS first_seen, MAX(last_seen) AS last_seen, \
+         CAST({resources} AS BIGINT) AS resources, CAST({ips} AS BIGINT) AS ips FROM (\
+         SELECT {select}, {other} AS d, COUNT(*) AS n, \
+         COUNT(CASE WHEN outcome = 2 THEN 1 END) AS failures, \
+         MIN(occurred_at) AS first_seen, MAX(occurred_at) AS last_seen \
+         FROM events WHERE tenant_id = "
+    ));
+    s.push_uuid(tenant.0);
+    s.push(" AND occurred_at >= ").push_time(q.range.start);
+    s.push(" AND occurred_at < ").push_time(q.range.end);
+    s.push(" AND received_at <= ").push_time(q.received_before);
+    if let Some(actor) = &q.actor {
+        s.push(&format!(" AND (actor{bo}) = "))
+            .push_bind(actor.as_str());
+    }
+    if let Some((lo, hi)) = actors {
+        s.push(&format!(" AND (actor{bo}) >= "))
+            .push_bind(lo.as_str());
+        s.push(&format!(" AND (actor{bo}) <= "))
+            .push_bind(hi.as_str());
+    }
+    if !q.event_types.is_empty() {
+        s.push_in("event_type", q.event_types.iter().map(String::as_str));
+    }
+    if let Some(p) = &q.resource_prefix {
+        let col = format!("(resource{bo})");
+        s.push(&format!(" AND {col} >= ")).push_bind(p.as_str());
+        if let Some(end) = prefix_end(p) {
+            s.push(&format!(" AND {col} < ")).push_bind(end);
+        }
+    }
+    if let Some(k) = &q.after {
+        s.push(&format!(" AND ({}) > (", ordered.join(", ")));
+        s.push_bind(k.actor.as_str())
+            .push(", ")
+            .push_bind(k.a.as_str());
+        if keys.len() == 3 {
+            s.push(", ").push_bind(k.b.as_str());
+        }
+        s.push(")");
+    }
+    let outer: Vec<String> = ["actor", "ka", "kb"][..keys.len()]
+        .iter()
+        .map(|k| format!("{k}{bo}"))
+        .collect();
+    s.push(&format!(
+        " GROUP BY {}, {other}) AS g GROUP BY actor, ka, kb ORDER BY {} LIMIT ",
+        keys.join(", "),
+        outer.join(", ")
+    ))
+    .push_bind(i64::from(limit));
+    s
+}
+
+/// Decodes access report rows.
+fn access_rows<DB: Dialect>(rows: &[DB::Row]) -> Result<Vec<AccessRow>, sqlx::Error> {
+    rows.iter()
+        .map(|r| {
+            Ok(AccessRow {
+                key: AccessKey {
+                    actor: r.col("actor")?,
+                    a: r.col("ka")?,
+                    b: r.col("kb")?,
+                },
+                count: count(r.col("n")?),
+                failures: count(r.col("failures")?),
+                first_seen: DB::time(r, "first_seen")?,
+                last_seen: DB::time(r, "last_seen")?,
+                distinct_resources: count(r.col("resources")?),
+                distinct_source_ips: count(r.col("ips")?),
+            })
+        })
+        .collect()
 }

@@ -1037,7 +1037,9 @@ impl<DB: Dialect> SqlStore<DB> {
             );
         }
         if let Some(a) = &q.actor {
-            b.push(" AND actor = ").push_bind(a.as_str());
+            // In the index's byte order (equality is the same in any order).
+            b.push(&format!(" AND (actor{}) = ", DB::BYTE_ORDER))
+                .push_bind(a.as_str());
         }
         if let Some(ip) = q.source_ip {
             b.push(" AND source_ip = ").push_bind(ip.to_string());
@@ -1222,11 +1224,8 @@ impl<DB: Dialect> SqlStore<DB> {
                 .push(" AND occurred_at <= ")
                 .push_time(to);
         }
-        b.push(" AND id IN (");
-        for (n, id) in ids.iter().enumerate() {
-            b.push(if n == 0 { "" } else { ", " }).push_uuid(*id);
-        }
-        b.push(") ORDER BY occurred_at, id");
+        DB::push_uuid_in(&mut b, "id", ids);
+        b.push(" ORDER BY occurred_at, id");
         self.read_list(
             tenant,
             b,

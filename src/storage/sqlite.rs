@@ -397,6 +397,15 @@ impl Dialect for Sqlite {
         q.push(" AND seq <= ").push_bind(upto.seq);
     }
 
+    fn push_uuid_in(q: &mut Stmt<Self>, col: &str, ids: &[Uuid]) {
+        let mut sep = format!(" AND {col} IN (");
+        for id in ids {
+            q.push(&sep).push_uuid(*id);
+            sep = ", ".into();
+        }
+        q.push(")");
+    }
+
     fn push_has_entity(q: &mut Stmt<Self>, path: &[&str], entity: &Entity) {
         let kind = serde_json::to_value(entity.kind)
             .ok()

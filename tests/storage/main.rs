@@ -1770,6 +1770,87 @@ mod events {
         assert!(s.top_alert_entities(a, range, 10).await.unwrap().is_empty());
     }
 
+    /// The access report pages over many actors in byte order (upper case,
+    /// lower case, non-ASCII), whole and exact whatever the page size: a page
+    /// is built from the range's first actors after its key, taken a few at
+    /// a time through the actor index, so pages span several such rounds,
+    /// skip actors whose events the filter drops, and leave out events
+    /// outside the range.
+    pub async fn access_report_pages_over_many_actors(backend: Backend) {
+        use picket::domain::report::{AccessGrouping, AccessQuery, ReportRange};
+        let (s, _db) = store(backend).await;
+        let (a, b) = two_tenants(s.as_ref()).await;
+        let start = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let range = ReportRange::new(start, start + Duration::seconds(3600), "r").unwrap();
+        let mut evs = Vec::new();
+        let mut actors = Vec::new();
+        for i in 0..70 {
+            let actor = match i % 3 {
+                0 => format!("U{i:02}"),
+                1 => format!("u{i:02}"),
+                _ => format!("\u{e9}{i:02}"),
+            };
+            for k in 0..(1 + i % 3) {
+                let mut e = event(&format!("m{i}-{k}"), &actor, 60 * k as i64);
+                e.source_ip = Some(format!("10.0.{k}.{i}").parse().unwrap());
+                if i % 7 == 0 {
+                    // Dropped by the event type filter below.
+                    e.event_type = "api.call".into();
+                }
+                evs.push(e);
+            }
+            // Outside the range: never counted.
+            evs.push(event(&format!("late{i}"), &actor, 3600));
+            actors.push(actor);
+        }
+        s.insert_events(&[(a, &evs)]).await.unwrap();
+        s.insert_events(&[(b, &evs[..5])]).await.unwrap();
+        for (types, want_actors) in [
+            (Vec::new(), (0..70).collect::<Vec<_>>()),
+            (
+                vec!["user.login".to_string()],
+                (0..70).filter(|i| i % 7 != 0).collect(),
+            ),
+        ] {
+            // Expected rows, (actor, ip) in byte order.
+            let mut want: Vec<(String, String)> = want_actors
+                .iter()
+                .flat_map(|i| (0..(1 + i % 3)).map(move |k| (*i, format!("10.0.{k}.{i}"))))
+                .map(|(i, ip)| (actors[i].clone(), ip))
+                .collect();
+            want.sort_by(|x, y| {
+                (x.0.as_bytes(), x.1.as_bytes()).cmp(&(y.0.as_bytes(), y.1.as_bytes()))
+            });
+            for page in [1, 7, 40, 500] {
+                let mut got = Vec::new();
+                let mut after = None;
+                loop {
+                    let q = AccessQuery {
+                        range,
+                        grouping: AccessGrouping::ActorSourceIp,
+                        actor: None,
+                        event_types: types.clone(),
+                        resource_prefix: None,
+                        received_before: Utc::now() + Duration::seconds(1),
+                        after: after.clone(),
+                        limit: page,
+                    };
+                    let (rows, next) = picket::reports::access_report(s.as_ref(), a, &q)
+                        .await
+                        .unwrap();
+                    assert!(rows.len() <= page as usize);
+                    assert!(rows.iter().all(|r| r.count == 1 && r.failures == 1));
+                    got.extend(rows.into_iter().map(|r| (r.key.actor, r.key.a)));
+                    match next {
+                        Some(k) => after = Some(k),
+                        None => break,
+                    }
+                }
+                assert_eq!(got, want, "page size {page}, types {types:?}");
+            }
+        }
+    }
+
     /// Events of every class the reports count, over three days (plus VPN
     /// connects 40 and 20 days before), from a fixed pseudo-random sequence.
     fn report_events(seed: u64, n: usize, base_s: i64, span_s: i64) -> Vec<NewEvent> {
@@ -2007,6 +2088,7 @@ mod events {
         retention_drops_days_nobody_keeps,
         every_filter_reads_an_index,
         report_aggregates_agree,
+        access_report_pages_over_many_actors,
         rollups_answer_what_raw_events_answer,
         vpn_connections_are_floored_per_actor,
     );
