@@ -615,17 +615,37 @@ impl DetectionPipeline {
         Ok(raised)
     }
 
-    /// One pass over every known tenant plus window expiry (tests call this).
+    /// One pass over every known tenant plus window expiry, and waits until
+    /// its alerts are committed (tests call this).
     pub async fn run_once(&mut self) -> StoreResult<usize> {
-        let now = self.clock.now();
-        let raised = self.run_once_at(now).await?;
-        self.clock.swept(now);
+        let raised = self.sweep().await?;
+        self.raiser.flush().await;
         Ok(raised)
     }
 
     /// [`DetectionPipeline::run_once`] as if the wall clock read `now` (tests
     /// and the simulator drive the clock to close quiet tenants' windows).
     pub async fn run_once_at(&mut self, now: DateTime<Utc>) -> StoreResult<usize> {
+        let raised = self.sweep_at(now).await?;
+        // Callers (tests, the simulator's clock) rely on a pass's alerts being committed.
+        self.raiser.flush().await;
+        Ok(raised)
+    }
+
+    /// The live loop's periodic pass: like [`DetectionPipeline::run_once`]
+    /// but it does not wait for the alert writer. Evaluation never waits on
+    /// alert writes: during an alert storm the writer's backlog took a minute
+    /// to drain, and a pass that waited for it held every tenant's evaluation
+    /// (and the next admin's brute force) that long.
+    async fn sweep(&mut self) -> StoreResult<usize> {
+        let now = self.clock.now();
+        let raised = self.sweep_at(now).await?;
+        self.clock.swept(now);
+        Ok(raised)
+    }
+
+    /// One pass at `now` over every known tenant plus window expiry.
+    async fn sweep_at(&mut self, now: DateTime<Utc>) -> StoreResult<usize> {
         // Expire only state older than the replay horizon: events may arrive
         // back-dated (backfills, late senders) and their windows must still
         // work; memory stays bounded by the engine's caps.
@@ -637,8 +657,6 @@ impl DetectionPipeline {
         for t in tenants {
             raised += self.process_tenant(t).await?;
         }
-        // Callers (tests, the simulator's clock) rely on a pass's alerts being committed.
-        self.raiser.flush().await;
         Ok(raised)
     }
 
@@ -753,7 +771,7 @@ impl DetectionPipeline {
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         metrics::counter!("picket_ingest_handoff_lagged_total").increment(n);
                         tracing::warn!(missed = n, "detection fell behind the ingest hand-off; catching up from the store");
-                        self.run_once().await
+                        self.sweep().await
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
@@ -777,7 +795,7 @@ impl DetectionPipeline {
                     {
                         tracing::warn!(error = ?anyhow::Error::from(e), "looking for new tenants failed; will retry");
                     }
-                    self.run_once().await
+                    self.sweep().await
                 }
                 () = tokio::time::sleep_until(self.next_reread()), if !self.owed.is_empty() => {
                     self.reread_due().await

@@ -155,6 +155,21 @@ impl Application {
         let metrics = telemetry::metrics_handle();
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
+        // Histogram samples wait in the recorder until they are folded into
+        // their buckets, which a scrape of /metrics does; a server nobody
+        // scrapes would hold every sample, so they are folded every 5 s.
+        tracker.spawn({
+            let metrics = metrics.clone();
+            let token = token.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(std::time::Duration::from_secs(5)) => metrics.run_upkeep(),
+                        () = token.cancelled() => return,
+                    }
+                }
+            }
+        });
         let ingest = IngestWriter::start(
             store.clone(),
             WriterConfig {

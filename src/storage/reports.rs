@@ -627,10 +627,10 @@ fn actors_stmt<DB: Dialect>(
     k: i64,
 ) -> Stmt<DB> {
     let bo = DB::BYTE_ORDER;
-    let mut s = Stmt::<DB>::text(format!(
+    let mut s = Stmt::<DB>::new(
         "WITH RECURSIVE a(actor, n) AS (SELECT actor, CAST(1 AS BIGINT) FROM (\
-         SELECT actor FROM events WHERE tenant_id = "
-    ));
+         SELECT actor FROM events WHERE tenant_id = ",
+    );
     s.push_uuid(tenant.0);
     s.push(" AND occurred_at >= ").push_time(q.range.start);
     s.push(" AND occurred_at < ").push_time(q.range.end);

@@ -36,9 +36,17 @@ pub struct BenchSoakArgs {
     /// through it and dropped afterwards).
     #[arg(long, env = "PICKET_BENCH_DATABASE_URL")]
     pub database_url: String,
-    /// How long the steady load runs, in seconds.
-    #[arg(long, default_value_t = 600)]
+    /// How long the steady load runs, in seconds. The RSS slope is measured
+    /// after `--warmup-minutes`, so a run shorter than about three times that
+    /// says little about it.
+    #[arg(long, default_value_t = 1800)]
     pub duration_seconds: u64,
+    /// Minutes left out of the RSS slope (at most a third of the run): the
+    /// detection state fills over the first two 5-minute anomaly windows
+    /// (per-address windows up to their cap, the first models trained), and
+    /// RSS rises with it before it levels.
+    #[arg(long, default_value_t = 10)]
+    pub warmup_minutes: u64,
     /// Seconds of back-to-back ingest that measure the server's capacity.
     #[arg(long, default_value_t = 20)]
     pub calibrate_seconds: u64,
@@ -104,7 +112,10 @@ pub struct SoakReport {
     pub bursts_alerted: usize,
     /// Burst ack → alert on a subscriber, p99, ms.
     pub burst_alert_p99_ms: f64,
-    /// RSS slope after the first two minutes, MiB per minute.
+    /// Minutes left out of the RSS slope.
+    pub warmup_minutes: usize,
+    /// RSS slope after the warm-up, MiB per minute (least squares over the
+    /// per-minute samples).
     pub rss_slope_mib_per_min: f64,
     /// Highest RSS sampled, MiB.
     pub rss_max_mib: f64,
@@ -538,10 +549,12 @@ async fn soak(args: &BenchSoakArgs, db_url: &str) -> anyhow::Result<SoakReport> 
         .keys()
         .filter(|ip| r.alerted.contains_key(*ip))
         .count();
-    // Least-squares slope of RSS over the minutes after the first two.
+    // Least-squares slope of RSS over the minutes after the warm-up (at
+    // most a third of the run; at least the first two minutes).
+    let warmup = (args.warmup_minutes as usize).min(minutes.len() / 3).max(2);
     let warm: Vec<(f64, f64)> = minutes
         .iter()
-        .skip(2)
+        .skip(warmup)
         .map(|m| (m.minute as f64, m.rss_mib))
         .collect();
     let slope = if warm.len() >= 2 {
@@ -587,6 +600,7 @@ async fn soak(args: &BenchSoakArgs, db_url: &str) -> anyhow::Result<SoakReport> 
         bursts,
         bursts_alerted,
         burst_alert_p99_ms: percentile(&mut burst_lags, 0.99),
+        warmup_minutes: warmup,
         rss_slope_mib_per_min: slope,
         rss_max_mib: rss_max,
         passed: failed.is_empty(),
