@@ -14,6 +14,13 @@
 //! raised again by the next leader's replay (see the pipeline's module docs).
 //! [`Raiser::flush`] waits until everything queued before it is committed.
 //!
+//! Incident correlation runs on a task of its own behind raising (a bounded
+//! queue of [`CORRELATE_QUEUE`] batches, in raising order): a new alert reaches
+//! its watchers as soon as its raise commits, not after the correlation of
+//! every batch before it (in an alert storm correlation took as long as
+//! raising, and an administrator's brute force waited behind both). A flush
+//! passes through the correlator too, so it still waits for the incidents.
+//!
 //! Fencing: when this replica loses its detection shards without stopping
 //! (its lock connection failed), other replicas take them over and raise by
 //! replay what was detected here but not committed. The writer then drops
@@ -45,6 +52,16 @@ const EVIDENCE_READ: usize = 2_000;
 const EVIDENCE_PER_RAISE: usize = 10_000;
 /// Most entities named on one alert.
 const MAX_ENTITIES: usize = 20;
+/// Raised batches waiting for correlation before raising waits.
+const CORRELATE_QUEUE: usize = 8;
+
+/// What the correlator does, in order.
+enum Correlate {
+    /// Group a tenant's new alerts into incidents.
+    Alerts(TenantId, Vec<crate::domain::alert::Alert>),
+    /// Answered once everything before it is correlated.
+    Flush(oneshot::Sender<()>),
+}
 
 /// What the writer raises.
 pub(crate) enum Job {
@@ -84,7 +101,10 @@ impl Raiser {
     /// queue is drained.
     pub(crate) fn spawn(config: RaiserConfig) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write(config, rx));
+        let config = Arc::new(config);
+        let (ctx, crx) = mpsc::channel(CORRELATE_QUEUE);
+        tokio::spawn(correlate(config.clone(), crx));
+        tokio::spawn(write(config, rx, ctx));
         Self { tx }
     }
 
@@ -114,8 +134,48 @@ impl Raiser {
     }
 }
 
+/// The correlator task: groups raised alerts into incidents, in raising
+/// order, until the writer stops.
+async fn correlate(config: Arc<RaiserConfig>, mut rx: mpsc::Receiver<Correlate>) {
+    while let Some(job) = rx.recv().await {
+        match job {
+            Correlate::Flush(tx) => {
+                let _ = tx.send(());
+            }
+            Correlate::Alerts(tenant, new) => {
+                let correlating = Instant::now();
+                match crate::incidents::correlate_batch(
+                    config.store.as_ref(),
+                    tenant,
+                    &new,
+                    config.correlation,
+                    Utc::now(),
+                )
+                .await
+                {
+                    // The incident changes are committed: wake their watchers
+                    // (and the playbook triggers) now rather than at their next poll.
+                    Ok(grouped) if grouped > 0 => config.changes.notify(tenant),
+                    Ok(_) => {}
+                    // The alerts stay; the next leader's start correlates
+                    // alerts left without an incident.
+                    Err(e) => {
+                        tracing::error!(tenant_id = %tenant, alerts = new.len(), error = %e, "incident correlation failed")
+                    }
+                }
+                metrics::histogram!("picket_incident_correlation_duration_seconds")
+                    .record(correlating.elapsed().as_secs_f64());
+            }
+        }
+    }
+}
+
 /// The writer task: raises queued jobs in batches until the queue closes.
-async fn write(config: RaiserConfig, mut rx: mpsc::Receiver<Job>) {
+async fn write(
+    config: Arc<RaiserConfig>,
+    mut rx: mpsc::Receiver<Job>,
+    correlator: mpsc::Sender<Correlate>,
+) {
     let mut buf = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut buf, BATCH).await > 0 {
         let mut flushes = Vec::new();
@@ -142,11 +202,16 @@ async fn write(config: RaiserConfig, mut rx: mpsc::Receiver<Job>) {
                 tracing::warn!(tenant_id = %tenant, jobs = jobs.len(), "detection shards lost: queued alerts dropped (the new leader's replay raises them)");
                 continue;
             }
-            raise_tenant(&config, tenant, jobs).await;
+            raise_tenant(&config, &correlator, tenant, jobs).await;
         }
         metrics::gauge!("picket_alert_queue_depth").set(rx.len() as f64);
+        // Answered by the correlator once the batches before are correlated.
         for f in flushes {
-            let _ = f.send(());
+            if let Err(mpsc::error::SendError(Correlate::Flush(f))) =
+                correlator.send(Correlate::Flush(f)).await
+            {
+                let _ = f.send(());
+            }
         }
     }
 }
@@ -215,25 +280,35 @@ fn span_of(job: &Job) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
 /// Raises one tenant's jobs of a batch, in order, in parts of at most
 /// [`EVIDENCE_PER_RAISE`] evidence events each (a storm's alerts carry up to
 /// 100 event snapshots each: this bounds what one raise holds in memory).
-async fn raise_tenant(config: &RaiserConfig, tenant: TenantId, jobs: Vec<Job>) {
+async fn raise_tenant(
+    config: &RaiserConfig,
+    correlator: &mpsc::Sender<Correlate>,
+    tenant: TenantId,
+    jobs: Vec<Job>,
+) {
     let mut part = Vec::new();
     let mut weight = 0;
     for job in jobs {
         let w = evidence_of(&job).count().max(1);
         if !part.is_empty() && weight + w > EVIDENCE_PER_RAISE {
-            raise_part(config, tenant, std::mem::take(&mut part)).await;
+            raise_part(config, correlator, tenant, std::mem::take(&mut part)).await;
             weight = 0;
         }
         weight += w;
         part.push(job);
     }
     if !part.is_empty() {
-        raise_part(config, tenant, part).await;
+        raise_part(config, correlator, tenant, part).await;
     }
 }
 
-/// Raises a part of one tenant's jobs.
-async fn raise_part(config: &RaiserConfig, tenant: TenantId, jobs: Vec<Job>) {
+/// Raises a part of one tenant's jobs and hands the new alerts to the correlator.
+async fn raise_part(
+    config: &RaiserConfig,
+    correlator: &mpsc::Sender<Correlate>,
+    tenant: TenantId,
+    jobs: Vec<Job>,
+) {
     let started = Instant::now();
     // Evidence for every job of the part, read in as few queries as possible.
     let mut ids: Vec<uuid::Uuid> = Vec::new();
@@ -339,31 +414,25 @@ async fn raise_part(config: &RaiserConfig, tenant: TenantId, jobs: Vec<Job>) {
     }
     metrics::histogram!("picket_alert_write_duration_seconds")
         .record(started.elapsed().as_secs_f64());
-    // Group the new alerts into incidents; failures are logged, the alerts stay.
+    // The new alerts go to the correlator without their evidence snapshots
+    // (correlation reads entities, times and severity; links are by id), so
+    // what waits there stays small.
     let new: Vec<_> = raised
         .into_iter()
         .filter_map(|(a, created)| created.then_some(a))
+        .map(|mut a| {
+            a.body.evidence.clear();
+            a
+        })
         .collect();
-    let correlating = Instant::now();
-    match crate::incidents::correlate_batch(
-        config.store.as_ref(),
-        tenant,
-        &new,
-        config.correlation,
-        Utc::now(),
-    )
-    .await
+    if !new.is_empty()
+        && correlator
+            .send(Correlate::Alerts(tenant, new))
+            .await
+            .is_err()
     {
-        // The incident changes are committed: wake their watchers (and the
-        // playbook triggers) now rather than at their next poll.
-        Ok(grouped) if grouped > 0 => config.changes.notify(tenant),
-        Ok(_) => {}
-        Err(e) => {
-            tracing::error!(tenant_id = %tenant, alerts = new.len(), error = %e, "incident correlation failed")
-        }
+        tracing::error!(tenant_id = %tenant, "the incident correlator stopped; the next start correlates these alerts");
     }
-    metrics::histogram!("picket_incident_correlation_duration_seconds")
-        .record(correlating.elapsed().as_secs_f64());
 }
 
 /// The alert a rule detection raises: its evidence with snapshots, and the

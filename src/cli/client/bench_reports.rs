@@ -104,6 +104,9 @@ pub struct QueryFigure {
     pub index: Option<String>,
     /// The store's plan reads an index for the filter, not a scan of the range.
     pub plan_uses_index: bool,
+    /// The three slowest requests: (request number from 0, ms), to tell a
+    /// cold first request from slow ones spread over the run.
+    pub slowest: Vec<(usize, f64)>,
 }
 
 /// ExportEvents of one day.
@@ -812,6 +815,7 @@ async fn query_kind(
         met: Some(p95 <= target),
         index: plan_uses_index.then(|| index.to_owned()),
         plan_uses_index,
+        slowest: slowest(&took),
     })
 }
 
@@ -883,9 +887,22 @@ async fn report_rpcs(
             met: Some(p95 <= target),
             index: None,
             plan_uses_index: false,
+            slowest: slowest(&took),
         });
     }
     Ok(out)
+}
+
+/// The three slowest of `d`: (position, ms), slowest first.
+fn slowest(d: &[Duration]) -> Vec<(usize, f64)> {
+    let mut v: Vec<(usize, f64)> = d
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (i, x.as_secs_f64() * 1000.0))
+        .collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v.truncate(3);
+    v
 }
 
 /// Nearest-rank p50, p95 and max, in milliseconds.
