@@ -421,9 +421,10 @@ pub trait EventStore: Send + Sync {
     /// does by itself over time. SQLite: `PRAGMA optimize` (its maintenance
     /// task runs it every minute), and pooled connections that planned with
     /// older statistics are replaced when next acquired. Postgres: ANALYZE
-    /// of the event partitions, keys, alerts and change log that changed by
-    /// over 20 % since their last one (the server runs it every 30 s: a
-    /// burst of ingest outruns autovacuum; migration 0017).
+    /// of the event partitions, keys, alerts and change log never analyzed
+    /// (over 1,000 rows) or changed by over 20 % since their last one (the
+    /// server runs it every 30 s: a burst of ingest outruns autovacuum;
+    /// migration 0017).
     async fn refresh_statistics(&self) -> StoreResult<()>;
 
     /// Events strictly after `after` in the tenant's commit-ordered feed, at most
