@@ -123,8 +123,9 @@ impl Entity {
 pub struct Evidence {
     /// The stored event's id.
     pub event_id: Uuid,
-    /// Snapshot, so evidence survives retention.
-    #[serde(default)]
+    /// Snapshot, so evidence survives retention. Stored documents carry
+    /// none: the store keeps each event's snapshot once, beside the alerts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<NewEvent>,
 }
 

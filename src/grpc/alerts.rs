@@ -502,17 +502,19 @@ impl watch::Feed for AlertFeed {
             .store
             .changes_after(self.tenant, ALERTS_STREAM, after, limit)
             .await?;
-        changes
-            .into_iter()
-            .map(|c| {
-                let alert: Alert = serde_json::from_value(c.payload).map_err(|e| {
-                    AppError::Internal(
-                        anyhow::Error::new(e).context("failed to decode a logged alert"),
-                    )
-                })?;
-                Ok((c.position, alert))
-            })
-            .collect()
+        let mut positions = Vec::with_capacity(changes.len());
+        let mut alerts = Vec::with_capacity(changes.len());
+        for c in changes {
+            let alert: Alert = serde_json::from_value(c.payload).map_err(|e| {
+                AppError::Internal(anyhow::Error::new(e).context("failed to decode a logged alert"))
+            })?;
+            positions.push(c.position);
+            alerts.push(alert);
+        }
+        // Logged states carry evidence ids; the snapshots are stored once
+        // per event (one read for the page).
+        self.store.fill_evidence(self.tenant, &mut alerts).await?;
+        Ok(positions.into_iter().zip(alerts).collect())
     }
 
     fn message(&self, alert: &Self::Entry) -> Option<Self::Msg> {

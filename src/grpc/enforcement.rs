@@ -192,7 +192,7 @@ impl EnforcementApi {
             match Uuid::parse_str(&d.alert_id) {
                 Ok(id) => {
                     // The alert must exist in the caller's tenant.
-                    match self.ctx.store.get_alert(tenant, id).await {
+                    match self.ctx.store.get_alert_head(tenant, id).await {
                         Ok(_) => {}
                         Err(crate::storage::StoreError::NotFound(_)) => {
                             return Err(AppError::NotFound(format!("alert {id}")));

@@ -382,7 +382,7 @@ pub async fn link(
 ) -> AppResult<Incident> {
     let mut alerts = Vec::with_capacity(alert_ids.len());
     for a in alert_ids {
-        alerts.push(store.get_alert(tenant, *a).await?);
+        alerts.push(store.get_alert_head(tenant, *a).await?);
     }
     let now = Utc::now();
     let inc = modify(store, tenant, id, |inc| {

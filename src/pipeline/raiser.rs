@@ -52,6 +52,9 @@ const EVIDENCE_READ: usize = 2_000;
 const EVIDENCE_PER_RAISE: usize = 10_000;
 /// Most entities named on one alert.
 const MAX_ENTITIES: usize = 20;
+/// Evidence events the writer keeps from its reads, per generation (two
+/// generations; an event snapshot is ~0.5–1 KB).
+const RECENT: usize = 10_000;
 /// Raised batches waiting for correlation before raising waits.
 const CORRELATE_QUEUE: usize = 8;
 
@@ -137,35 +140,59 @@ impl Raiser {
 /// The correlator task: groups raised alerts into incidents, in raising
 /// order, until the writer stops.
 async fn correlate(config: Arc<RaiserConfig>, mut rx: mpsc::Receiver<Correlate>) {
-    while let Some(job) = rx.recv().await {
-        match job {
-            Correlate::Flush(tx) => {
-                let _ = tx.send(());
-            }
-            Correlate::Alerts(tenant, new) => {
-                let correlating = Instant::now();
-                match crate::incidents::correlate_batch(
-                    config.store.as_ref(),
-                    tenant,
-                    &new,
-                    config.correlation,
-                    Utc::now(),
-                )
-                .await
-                {
-                    // The incident changes are committed: wake their watchers
-                    // (and the playbook triggers) now rather than at their next poll.
-                    Ok(grouped) if grouped > 0 => config.changes.notify(tenant),
-                    Ok(_) => {}
-                    // The alerts stay; the next leader's start correlates
-                    // alerts left without an incident.
-                    Err(e) => {
-                        tracing::error!(tenant_id = %tenant, alerts = new.len(), error = %e, "incident correlation failed")
-                    }
+    let mut buf = Vec::with_capacity(CORRELATE_QUEUE);
+    while rx.recv_many(&mut buf, CORRELATE_QUEUE).await > 0 {
+        // Behind the writer (a storm), consecutive batches of one tenant are
+        // correlated as one: one candidate read and one save per incident
+        // for all of them instead of per batch, in the same order.
+        let mut jobs: Vec<Correlate> = Vec::with_capacity(buf.len());
+        for job in buf.drain(..) {
+            let same = matches!(
+                (jobs.last(), &job),
+                (Some(Correlate::Alerts(t, _)), Correlate::Alerts(u, _)) if t == u
+            );
+            match (jobs.last_mut(), job) {
+                (Some(Correlate::Alerts(_, into)), Correlate::Alerts(_, more)) if same => {
+                    into.extend(more);
                 }
-                metrics::histogram!("picket_incident_correlation_duration_seconds")
-                    .record(correlating.elapsed().as_secs_f64());
+                (_, job) => jobs.push(job),
             }
+        }
+        for job in jobs {
+            correlate_one(&config, job).await;
+        }
+    }
+}
+
+/// Does one correlator job.
+async fn correlate_one(config: &RaiserConfig, job: Correlate) {
+    match job {
+        Correlate::Flush(tx) => {
+            let _ = tx.send(());
+        }
+        Correlate::Alerts(tenant, new) => {
+            let correlating = Instant::now();
+            match crate::incidents::correlate_batch(
+                config.store.as_ref(),
+                tenant,
+                &new,
+                config.correlation,
+                Utc::now(),
+            )
+            .await
+            {
+                // The incident changes are committed: wake their watchers
+                // (and the playbook triggers) now rather than at their next poll.
+                Ok(grouped) if grouped > 0 => config.changes.notify(tenant),
+                Ok(_) => {}
+                // The alerts stay; the next leader's start correlates
+                // alerts left without an incident.
+                Err(e) => {
+                    tracing::error!(tenant_id = %tenant, alerts = new.len(), error = %e, "incident correlation failed")
+                }
+            }
+            metrics::histogram!("picket_incident_correlation_duration_seconds")
+                .record(correlating.elapsed().as_secs_f64());
         }
     }
 }
@@ -177,6 +204,7 @@ async fn write(
     correlator: mpsc::Sender<Correlate>,
 ) {
     let mut buf = Vec::with_capacity(BATCH);
+    let mut recent = Recent::default();
     while rx.recv_many(&mut buf, BATCH).await > 0 {
         let mut flushes = Vec::new();
         // Per tenant, in queue order.
@@ -202,7 +230,7 @@ async fn write(
                 tracing::warn!(tenant_id = %tenant, jobs = jobs.len(), "detection shards lost: queued alerts dropped (the new leader's replay raises them)");
                 continue;
             }
-            raise_tenant(&config, &correlator, tenant, jobs).await;
+            raise_tenant(&config, &correlator, &mut recent, tenant, jobs).await;
         }
         metrics::gauge!("picket_alert_queue_depth").set(rx.len() as f64);
         // Answered by the correlator once the batches before are correlated.
@@ -213,6 +241,33 @@ async fn write(
                 let _ = f.send(());
             }
         }
+    }
+}
+
+/// Evidence events the writer read lately, by (tenant, id), in two
+/// generations of at most [`RECENT`] each: when the newer one is full it
+/// becomes the older one and the older one is dropped, so what was not used
+/// for a generation leaves (an approximate least-recently-used set with no
+/// per-entry bookkeeping; events never change once stored, so an entry is
+/// never stale). Hand-written because the writer needs only this and the
+/// bound; a general cache crate would bring its own task or locks.
+#[derive(Default)]
+struct Recent {
+    new: HashMap<(TenantId, uuid::Uuid), NewEvent>,
+    old: HashMap<(TenantId, uuid::Uuid), NewEvent>,
+}
+
+impl Recent {
+    fn get(&self, tenant: TenantId, id: &uuid::Uuid) -> Option<&NewEvent> {
+        let key = (tenant, *id);
+        self.new.get(&key).or_else(|| self.old.get(&key))
+    }
+
+    fn put(&mut self, tenant: TenantId, e: NewEvent) {
+        if self.new.len() >= RECENT {
+            self.old = std::mem::take(&mut self.new);
+        }
+        self.new.insert((tenant, e.id), e);
     }
 }
 
@@ -283,6 +338,7 @@ fn span_of(job: &Job) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
 async fn raise_tenant(
     config: &RaiserConfig,
     correlator: &mpsc::Sender<Correlate>,
+    recent: &mut Recent,
     tenant: TenantId,
     jobs: Vec<Job>,
 ) {
@@ -291,14 +347,21 @@ async fn raise_tenant(
     for job in jobs {
         let w = evidence_of(&job).count().max(1);
         if !part.is_empty() && weight + w > EVIDENCE_PER_RAISE {
-            raise_part(config, correlator, tenant, std::mem::take(&mut part)).await;
+            raise_part(
+                config,
+                correlator,
+                recent,
+                tenant,
+                std::mem::take(&mut part),
+            )
+            .await;
             weight = 0;
         }
         weight += w;
         part.push(job);
     }
     if !part.is_empty() {
-        raise_part(config, correlator, tenant, part).await;
+        raise_part(config, correlator, recent, tenant, part).await;
     }
 }
 
@@ -306,6 +369,7 @@ async fn raise_tenant(
 async fn raise_part(
     config: &RaiserConfig,
     correlator: &mpsc::Sender<Correlate>,
+    recent: &mut Recent,
     tenant: TenantId,
     jobs: Vec<Job>,
 ) {
@@ -317,6 +381,21 @@ async fn raise_part(
         ids.extend(evidence_of(job).filter(|id| seen.insert(*id)));
     }
     let mut by_id: HashMap<uuid::Uuid, NewEvent> = HashMap::with_capacity(ids.len());
+    // Events read for earlier parts: a storm's detections name the same
+    // events again and again (each failure of a sliding window is evidence of
+    // the detections after it), so most are here.
+    let cached = ids.len();
+    ids.retain(|id| match recent.get(tenant, id) {
+        Some(e) => {
+            by_id.insert(*id, e.clone());
+            false
+        }
+        None => true,
+    });
+    metrics::counter!("picket_alert_evidence_reads_total", "from" => "cache")
+        .increment((cached - ids.len()) as u64);
+    metrics::counter!("picket_alert_evidence_reads_total", "from" => "store")
+        .increment(ids.len() as u64);
     // Evidence occurred between its alert's first and last sighting: read
     // within the part's span first (on Postgres that visits only those days'
     // partitions), then, should any be outside it, the rest without a bound.
@@ -357,6 +436,11 @@ async fn raise_part(
                 return;
             };
             by_id.extend(found.into_iter().map(|e| (e.event.id, e.event)));
+        }
+    }
+    for id in &ids {
+        if let Some(e) = by_id.get(id) {
+            recent.put(tenant, e.clone());
         }
     }
     let mut alerts = Vec::with_capacity(jobs.len());
@@ -478,5 +562,34 @@ fn rule_alert(d: Detection, by_id: &HashMap<uuid::Uuid, NewEvent>) -> NewAlert {
         last_seen: d.last_seen,
         fingerprint: d.fingerprint,
         raw: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_events_keep_two_generations_per_tenant() {
+        let a = TenantId(uuid::Uuid::now_v7());
+        let b = TenantId(uuid::Uuid::now_v7());
+        let mut r = Recent::default();
+        let first = crate::detect::testing::event("user.login");
+        r.put(a, first.clone());
+        assert_eq!(r.get(a, &first.id), Some(&first));
+        // Keyed by tenant: another tenant naming the id finds nothing.
+        assert_eq!(r.get(b, &first.id), None);
+        // A full generation becomes the older one: `first` is still there
+        // until a second generation fills up after it.
+        let fill = |r: &mut Recent| {
+            for _ in 0..RECENT {
+                r.put(a, crate::detect::testing::event("http_request"));
+            }
+        };
+        fill(&mut r);
+        assert_eq!(r.get(a, &first.id), Some(&first));
+        fill(&mut r);
+        assert_eq!(r.get(a, &first.id), None);
+        assert!(r.new.len() + r.old.len() <= 2 * RECENT);
     }
 }

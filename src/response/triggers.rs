@@ -214,7 +214,7 @@ pub async fn evaluate(
             if let std::collections::hash_map::Entry::Vacant(slot) = alerts.entry(inc.id) {
                 let mut found = Vec::new();
                 for a in inc.alert_ids.iter().rev().take(ALERTS) {
-                    if let Ok(alert) = responder.store.get_alert(tenant, *a).await {
+                    if let Ok(alert) = responder.store.get_alert_head(tenant, *a).await {
                         found.push((alert.category, alert.source_name));
                     }
                 }

@@ -528,7 +528,9 @@ pub trait AlertStore: Send + Sync {
     /// [`AlertStore::raise_alert`] would give them one after another (a later
     /// one folds into an alert an earlier one created), in ONE transaction:
     /// one change-log entry per alert raised or folded, in order. Returns one
-    /// (alert after this raise, created) per input, in order.
+    /// (alert after this raise, created) per input, in order, with evidence
+    /// ids but no snapshots (the alert writer's batches do not need them;
+    /// [`AlertStore::fill_evidence`] reads them).
     async fn raise_alerts(
         &self,
         tenant: TenantId,
@@ -539,6 +541,17 @@ pub trait AlertStore: Send + Sync {
 
     /// One alert.
     async fn get_alert(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<Alert>;
+
+    /// One alert with evidence ids but no snapshots: one read, for callers
+    /// that look at the alert's fields (a playbook trigger's categories, a
+    /// decision's origin, an incident link), not at its evidence.
+    async fn get_alert_head(&self, tenant: TenantId, id: uuid::Uuid) -> StoreResult<Alert>;
+
+    /// Fills in the evidence snapshots of `alerts` (read from the change
+    /// log, or returned by [`AlertStore::raise_alerts`]): alert documents and
+    /// change-log entries carry evidence ids, and each event's snapshot is
+    /// stored once beside them. Every other read of alerts returns them filled.
+    async fn fill_evidence(&self, tenant: TenantId, alerts: &mut [Alert]) -> StoreResult<()>;
 
     /// Alerts matching `query`, newest last_seen first.
     async fn list_alerts(&self, tenant: TenantId, query: &AlertQuery) -> StoreResult<Vec<Alert>>;

@@ -29,6 +29,24 @@ use crate::storage::{
 /// under both backends' bound-parameter limits at 10 parameters a row.
 pub(crate) const BATCH_ROWS: usize = 500;
 
+/// Most evidence ids in one snapshot read (one array parameter on Postgres,
+/// an `IN` list on SQLite).
+const EVIDENCE_READ_IDS: usize = 2_000;
+
+/// An alert as its document and change-log entries store it: evidence ids
+/// without snapshots (those live in `evidence_snapshots`, written by
+/// [`SqlStore::stash_snapshots`]). Borrowed when it carries none.
+fn stored_alert(a: &Alert) -> std::borrow::Cow<'_, Alert> {
+    if a.body.evidence.iter().all(|e| e.snapshot.is_none()) {
+        return std::borrow::Cow::Borrowed(a);
+    }
+    let mut a = a.clone();
+    for e in &mut a.body.evidence {
+        e.snapshot = None;
+    }
+    std::borrow::Cow::Owned(a)
+}
+
 /// Classifies a failed operation on `what` (see [`StoreError::classify`]).
 pub(crate) fn fail<'a>(
     what: &'a str,
@@ -404,6 +422,105 @@ impl<DB: Dialect> SqlStore<DB> {
         q
     }
 
+    /// Stores the evidence snapshots `alerts` carry in `evidence_snapshots`
+    /// (once per event; a snapshot already there is kept), inside `tx`.
+    /// Alert documents and change-log entries are then written without them
+    /// ([`stored_alert`]): see migrations/postgres/0018_evidence_snapshots.sql.
+    async fn stash_snapshots(
+        tx: &mut Tx<DB>,
+        tenant: TenantId,
+        alerts: &[&Alert],
+    ) -> Result<(), sqlx::Error> {
+        let mut seen = std::collections::HashSet::new();
+        let snaps: Vec<(Uuid, &crate::domain::event::NewEvent)> = alerts
+            .iter()
+            .flat_map(|a| a.body.evidence.iter())
+            .filter_map(|e| e.snapshot.as_ref().map(|s| (e.event_id, s)))
+            .filter(|(id, _)| seen.insert(*id))
+            .collect();
+        Self::insert_snapshots(tx, tenant, &snaps).await
+    }
+
+    /// Inserts `(event id, snapshot)` pairs (distinct ids) into
+    /// `evidence_snapshots`, keeping any already stored, inside `tx`.
+    async fn insert_snapshots(
+        tx: &mut Tx<DB>,
+        tenant: TenantId,
+        snaps: &[(Uuid, &crate::domain::event::NewEvent)],
+    ) -> Result<(), sqlx::Error> {
+        for chunk in snaps.chunks(BATCH_ROWS) {
+            let mut q = Stmt::<DB>::new(
+                "INSERT INTO evidence_snapshots (tenant_id, event_id, snapshot) VALUES ",
+            );
+            for (n, (id, snap)) in chunk.iter().enumerate() {
+                q.push(if n == 0 { "(" } else { ", (" });
+                q.push_uuid(tenant.0).push(", ");
+                q.push_uuid(*id).push(", ");
+                q.push_doc(*snap).push(")");
+            }
+            q.push(" ON CONFLICT (tenant_id, event_id) DO NOTHING");
+            q.execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    /// Fills in the evidence snapshots `alerts` do not carry from
+    /// `evidence_snapshots` (one read per chunk of ids), on `conn`.
+    async fn fill_snapshots_on(
+        conn: &mut DB::Connection,
+        tenant: TenantId,
+        alerts: &mut [Alert],
+    ) -> Result<(), sqlx::Error> {
+        let mut seen = std::collections::HashSet::new();
+        let ids: Vec<Uuid> = alerts
+            .iter()
+            .flat_map(|a| a.body.evidence.iter())
+            .filter(|e| e.snapshot.is_none())
+            .map(|e| e.event_id)
+            .filter(|id| seen.insert(*id))
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut found: std::collections::HashMap<Uuid, crate::domain::event::NewEvent> =
+            std::collections::HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(EVIDENCE_READ_IDS) {
+            let mut q = Stmt::<DB>::new(
+                "SELECT event_id, snapshot FROM evidence_snapshots WHERE tenant_id = ",
+            );
+            q.push_uuid(tenant.0);
+            DB::push_uuid_in(&mut q, "event_id", chunk);
+            for row in q.fetch_all(conn).await? {
+                found.insert(uuid::<DB>(&row, "event_id")?, DB::doc(&row, "snapshot")?);
+            }
+        }
+        for e in alerts
+            .iter_mut()
+            .flat_map(|a| a.body.evidence.iter_mut())
+            .filter(|e| e.snapshot.is_none())
+        {
+            e.snapshot = found.get(&e.event_id).cloned();
+        }
+        Ok(())
+    }
+
+    /// [`SqlStore::fill_snapshots_on`] in a read transaction of `tenant`.
+    async fn fill_snapshots(
+        &self,
+        tenant: TenantId,
+        alerts: &mut [Alert],
+    ) -> Result<(), sqlx::Error> {
+        if alerts
+            .iter()
+            .all(|a| a.body.evidence.iter().all(|e| e.snapshot.is_some()))
+        {
+            return Ok(());
+        }
+        let mut tx = self.read(tenant).await?;
+        Self::fill_snapshots_on(&mut tx, tenant, alerts).await?;
+        tx.commit().await
+    }
+
     /// Raises or folds `new` inside `tx` (see [`AlertStore::raise_alert`]).
     async fn raise_in(
         tx: &mut Tx<DB>,
@@ -424,7 +541,7 @@ impl<DB: Dialect> SqlStore<DB> {
         .time(new.first_seen - suppression)
         .fetch_optional(&mut **tx)
         .await?;
-        Ok(match existing {
+        let (mut alert, created) = match existing {
             Some(row) => {
                 let mut alert: Alert = DB::doc(&row, "doc")?;
                 alert.fold(new, now);
@@ -436,7 +553,10 @@ impl<DB: Dialect> SqlStore<DB> {
                 Self::save_alert(tx, &alert, "created", true, now).await?;
                 (alert, true)
             }
-        })
+        };
+        // Earlier evidence of a folded alert: its snapshots are stored aside.
+        Self::fill_snapshots_on(tx, tenant, std::slice::from_mut(&mut alert)).await?;
+        Ok((alert, created))
     }
 
     /// Raises or folds every alert of `alerts` in order inside `tx` (see
@@ -463,6 +583,17 @@ impl<DB: Dialect> SqlStore<DB> {
         )
         .await?;
         let since = alerts.iter().map(|a| a.first_seen).min().unwrap_or(now) - suppression;
+        // The batch's evidence snapshots, set aside: the alerts are folded and
+        // logged with evidence ids, and the snapshots they keep are stored
+        // once each.
+        let mut alerts = alerts;
+        let mut snaps: std::collections::HashMap<Uuid, crate::domain::event::NewEvent> =
+            std::collections::HashMap::new();
+        for e in alerts.iter_mut().flat_map(|a| a.evidence.iter_mut()) {
+            if let Some(snap) = e.snapshot.take() {
+                snaps.entry(e.event_id).or_insert(snap);
+            }
+        }
         // Open alerts of these fingerprints that any of the batch may fold into.
         let mut open: Vec<Alert> = Vec::new();
         for chunk in fingerprints.chunks(BATCH_ROWS) {
@@ -527,6 +658,16 @@ impl<DB: Dialect> SqlStore<DB> {
             .zip(&touched)
             .filter_map(|(a, t)| t.then_some(a))
             .collect();
+        // The snapshots of the evidence the alerts kept (an alert's evidence
+        // only grows, so its final state holds every earlier one's).
+        let mut kept = std::collections::HashSet::new();
+        let keep: Vec<(Uuid, &crate::domain::event::NewEvent)> = rows
+            .iter()
+            .flat_map(|a| a.body.evidence.iter())
+            .filter(|e| kept.insert(e.event_id))
+            .filter_map(|e| snaps.get(&e.event_id).map(|s| (e.event_id, s)))
+            .collect();
+        Self::insert_snapshots(tx, tenant, &keep).await?;
         Self::upsert_alerts(tx, &rows).await?;
         // Every state in order: watchers see each raise once.
         let logged: Vec<(&str, &Alert)> = changes
@@ -540,6 +681,9 @@ impl<DB: Dialect> SqlStore<DB> {
     /// Writes the final rows of `rows` (inserted or updated), one statement
     /// per chunk, inside `tx`.
     async fn upsert_alerts(tx: &mut Tx<DB>, rows: &[&Alert]) -> Result<(), sqlx::Error> {
+        if let Some(first) = rows.first() {
+            Self::stash_snapshots(tx, first.tenant_id, rows).await?;
+        }
         for chunk in rows.chunks(BATCH_ROWS) {
             let mut q = Stmt::<DB>::new(
                 "INSERT INTO alerts (tenant_id, id, fingerprint, severity, status, category, last_seen, created_at, incident_id, doc) VALUES ",
@@ -555,7 +699,7 @@ impl<DB: Dialect> SqlStore<DB> {
                 q.push_time(a.last_seen).push(", ");
                 q.push_time(a.created_at).push(", ");
                 q.push_opt_uuid(a.incident_id).push(", ");
-                q.push_doc(*a).push(")");
+                q.push_doc(&*stored_alert(a)).push(")");
             }
             q.push(
                 " ON CONFLICT (tenant_id, id) DO UPDATE SET fingerprint = excluded.fingerprint, \
@@ -586,7 +730,7 @@ impl<DB: Dialect> SqlStore<DB> {
                 q.push_bind("alerts").push(", ");
                 q.push_uuid(alert.id).push(", ");
                 q.push_bind(*kind).push(", ");
-                q.push_doc(*alert).push(", ");
+                q.push_doc(&*stored_alert(alert)).push(", ");
                 q.push_time(now).push(")");
             }
             q.execute(&mut **tx).await?;
@@ -602,6 +746,8 @@ impl<DB: Dialect> SqlStore<DB> {
         insert: bool,
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
+        Self::stash_snapshots(tx, alert.tenant_id, &[alert]).await?;
+        let stored = stored_alert(alert);
         let sql = if insert {
             "INSERT INTO alerts (tenant_id, id, fingerprint, severity, status, category, last_seen, created_at, incident_id, doc) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
@@ -619,10 +765,10 @@ impl<DB: Dialect> SqlStore<DB> {
             .time(alert.last_seen)
             .time(alert.created_at)
             .opt_uuid(alert.incident_id)
-            .doc(alert)
+            .doc(&*stored)
             .execute(&mut **tx)
             .await?;
-        Self::log_change(tx, alert.tenant_id, "alerts", alert.id, kind, alert, now).await
+        Self::log_change(tx, alert.tenant_id, "alerts", alert.id, kind, &*stored, now).await
     }
 
     /// Appends an entry to the change log inside `tx`.
@@ -1275,6 +1421,13 @@ impl<DB: Dialect> AlertStore for SqlStore<DB> {
     }
 
     async fn get_alert(&self, tenant: TenantId, id: Uuid) -> StoreResult<Alert> {
+        let mut alert = self.get_alert_head(tenant, id).await?;
+        self.fill_evidence(tenant, std::slice::from_mut(&mut alert))
+            .await?;
+        Ok(alert)
+    }
+
+    async fn get_alert_head(&self, tenant: TenantId, id: Uuid) -> StoreResult<Alert> {
         let what = format!("alert {id}");
         let fail = fail(&what, "failed to read an alert");
         let q = Stmt::<DB>::new("SELECT doc FROM alerts WHERE tenant_id = $1 AND id = $2")
@@ -1282,6 +1435,12 @@ impl<DB: Dialect> AlertStore for SqlStore<DB> {
             .uuid(id);
         let row = self.read_one(tenant, q).await.map_err(&fail)?;
         DB::doc(&row, "doc").map_err(fail)
+    }
+
+    async fn fill_evidence(&self, tenant: TenantId, alerts: &mut [Alert]) -> StoreResult<()> {
+        self.fill_snapshots(tenant, alerts)
+            .await
+            .map_err(fail("alerts", "failed to read evidence snapshots"))
     }
 
     async fn list_alerts(&self, tenant: TenantId, q: &AlertQuery) -> StoreResult<Vec<Alert>> {
@@ -1307,14 +1466,17 @@ impl<DB: Dialect> AlertStore for SqlStore<DB> {
         }
         push_range(&mut b, "last_seen", q.start, q.end);
         push_newest_first(&mut b, "last_seen", q.before, q.limit);
-        self.read_list(
-            tenant,
-            b,
-            |r| DB::doc(r, "doc"),
-            "alerts",
-            "failed to list alerts",
-        )
-        .await
+        let mut alerts = self
+            .read_list(
+                tenant,
+                b,
+                |r| DB::doc(r, "doc"),
+                "alerts",
+                "failed to list alerts",
+            )
+            .await?;
+        self.fill_evidence(tenant, &mut alerts).await?;
+        Ok(alerts)
     }
 
     async fn update_alert_status(
@@ -1349,6 +1511,9 @@ impl<DB: Dialect> AlertStore for SqlStore<DB> {
         alert.status = status;
         alert.updated_at = now;
         Self::save_alert(&mut tx, &alert, "updated", false, now)
+            .await
+            .map_err(&fail)?;
+        Self::fill_snapshots_on(&mut tx, tenant, std::slice::from_mut(&mut alert))
             .await
             .map_err(&fail)?;
         tx.commit().await.map_err(fail)?;

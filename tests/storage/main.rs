@@ -712,6 +712,141 @@ async fn raise_alerts_are_tenant_scoped(backend: Backend) {
     );
 }
 
+/// Evidence snapshots are stored once per event beside the alerts: alert
+/// documents and change-log entries carry evidence ids only, and every read
+/// that hands alerts out (get, list, a fold's result, a status change, the
+/// change log through `fill_evidence`) has each snapshot back, for every
+/// alert naming the event, and only within its own tenant.
+async fn evidence_snapshots_are_stored_once_and_filled_on_read(backend: Backend) {
+    use picket::domain::alert::{AlertQuery, AlertStatus, Evidence};
+    let (s, _db) = store(backend).await;
+    let a = tenant("a");
+    let b = tenant("b");
+    s.create_tenant(&a).await.unwrap();
+    s.create_tenant(&b).await.unwrap();
+    let supp = Duration::minutes(10);
+    let now = Utc::now();
+    let ev: Vec<_> = (0..3)
+        .map(|n| events::event(&format!("k{n}"), "alice", n))
+        .collect();
+    let with = |fp: &str, at: i64, events: &[&picket::domain::event::NewEvent]| {
+        let mut n = rule_alert(fp, at);
+        n.evidence = events
+            .iter()
+            .map(|e| Evidence {
+                event_id: e.id,
+                snapshot: Some((*e).clone()),
+            })
+            .collect();
+        n
+    };
+    // Two alerts share event 1; the second raise of "x" folds in event 2.
+    let got = s
+        .raise_alerts(
+            a.id,
+            vec![
+                with("x", 0, &[&ev[0], &ev[1]]),
+                with("y", 0, &[&ev[1]]),
+                with("x", 1, &[&ev[1], &ev[2]]),
+            ],
+            supp,
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|(_, c)| *c).collect::<Vec<_>>(),
+        [true, true, false]
+    );
+    let x = got[2].0.id;
+    let y = got[1].0.id;
+    // What the batch returns carries ids only.
+    assert!(
+        got.iter()
+            .all(|(a, _)| a.body.evidence.iter().all(|e| e.snapshot.is_none()))
+    );
+    let expect = |alert: &picket::domain::alert::Alert,
+                  ids: &[&picket::domain::event::NewEvent]| {
+        let found: Vec<_> = alert
+            .body
+            .evidence
+            .iter()
+            .map(|e| (e.event_id, e.snapshot.clone()))
+            .collect();
+        let want: Vec<_> = ids.iter().map(|e| (e.id, Some((*e).clone()))).collect();
+        assert_eq!(found, want, "alert {}", alert.fingerprint);
+    };
+    expect(
+        &s.get_alert(a.id, x).await.unwrap(),
+        &[&ev[0], &ev[1], &ev[2]],
+    );
+    expect(&s.get_alert(a.id, y).await.unwrap(), &[&ev[1]]);
+    let listed = s
+        .list_alerts(
+            a.id,
+            &AlertQuery {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 2);
+    for l in &listed {
+        expect(
+            l,
+            if l.id == x {
+                &[&ev[0], &ev[1], &ev[2]]
+            } else {
+                &[&ev[1]]
+            },
+        );
+    }
+    // The change log: three states, ids only, filled on request.
+    let changes = s
+        .changes_after(a.id, "alerts", Default::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(changes.len(), 3);
+    let mut logged: Vec<picket::domain::alert::Alert> = changes
+        .into_iter()
+        .map(|c| {
+            assert!(!c.payload.to_string().contains("snapshot"), "{}", c.payload);
+            serde_json::from_value(c.payload).unwrap()
+        })
+        .collect();
+    s.fill_evidence(a.id, &mut logged).await.unwrap();
+    expect(&logged[0], &[&ev[0], &ev[1]]);
+    expect(&logged[1], &[&ev[1]]);
+    expect(&logged[2], &[&ev[0], &ev[1], &ev[2]]);
+    // One alert at a time: a fold returns every snapshot, old and new.
+    let (folded, created) = s
+        .raise_alert(a.id, with("y", 2, &[&ev[2]]), supp, now)
+        .await
+        .unwrap();
+    assert!(!created);
+    expect(&folded, &[&ev[1], &ev[2]]);
+    let acked = s
+        .update_alert_status(a.id, y, AlertStatus::Acknowledged, "t", "", now)
+        .await
+        .unwrap();
+    expect(&acked, &[&ev[1], &ev[2]]);
+    // Another tenant naming the same event ids finds no snapshot of a's.
+    let (other, _) = s
+        .raise_alert(b.id, rule_alert("x", 0), supp, now)
+        .await
+        .unwrap();
+    let mut foreign = s.get_alert(b.id, other.id).await.unwrap();
+    foreign.body.evidence = vec![Evidence {
+        event_id: ev[0].id,
+        snapshot: None,
+    }];
+    s.fill_evidence(b.id, std::slice::from_mut(&mut foreign))
+        .await
+        .unwrap();
+    assert!(foreign.body.evidence[0].snapshot.is_none());
+}
+
 /// Throughput of batched raising (run by hand; see docs/PERFORMANCE.md):
 /// `cargo test --release --test storage -- --ignored --nocapture raise_alerts_throughput`.
 #[tokio::test]
@@ -823,6 +958,7 @@ async fn incident_timeline_is_appended_from_heads(backend: Backend) {
 }
 
 crate::both_backends!(
+    evidence_snapshots_are_stored_once_and_filled_on_read,
     incident_timeline_is_appended_from_heads,
     raise_alerts_matches_raising_one_at_a_time,
     raise_alerts_are_tenant_scoped,
@@ -1208,7 +1344,7 @@ mod events {
         idempotency_digest,
     };
 
-    fn event(key: &str, actor: &str, at_s: i64) -> NewEvent {
+    pub(super) fn event(key: &str, actor: &str, at_s: i64) -> NewEvent {
         NewEvent {
             id: uuid::Uuid::now_v7(),
             idempotency_digest: idempotency_digest(key),
