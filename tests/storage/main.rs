@@ -793,14 +793,11 @@ async fn evidence_snapshots_are_stored_once_and_filled_on_read(backend: Backend)
         .unwrap();
     assert_eq!(listed.len(), 2);
     for l in &listed {
-        expect(
-            l,
-            if l.id == x {
-                &[&ev[0], &ev[1], &ev[2]]
-            } else {
-                &[&ev[1]]
-            },
-        );
+        if l.id == x {
+            expect(l, &[&ev[0], &ev[1], &ev[2]]);
+        } else {
+            expect(l, &[&ev[1]]);
+        }
     }
     // The change log: three states, ids only, filled on request.
     let changes = s
