@@ -443,6 +443,7 @@ async fn raise_part(
             recent.put(tenant, e.clone());
         }
     }
+    stage("evidence", started);
     let mut alerts = Vec::with_capacity(jobs.len());
     let mut meta = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -473,6 +474,7 @@ async fn raise_part(
             Job::Flush(_) => {}
         }
     }
+    let raising = Instant::now();
     let Some(raised) = retrying(config, "alerts", || {
         config
             .store
@@ -482,6 +484,7 @@ async fn raise_part(
     else {
         return;
     };
+    stage("raise", raising);
     config.changes.notify(tenant);
     let committed = Utc::now();
     for ((alert, created), m) in raised.iter().zip(&meta) {
@@ -509,6 +512,7 @@ async fn raise_part(
             a
         })
         .collect();
+    let handing = Instant::now();
     if !new.is_empty()
         && correlator
             .send(Correlate::Alerts(tenant, new))
@@ -517,6 +521,15 @@ async fn raise_part(
     {
         tracing::error!(tenant_id = %tenant, "the incident correlator stopped; the next start correlates these alerts");
     }
+    stage("handoff", handing);
+}
+
+/// Records the seconds since `since` in `picket_alert_write_stage_seconds`:
+/// `evidence` (reading the part's evidence), `raise` (the alert transaction,
+/// retries included), `handoff` (waiting for room in the correlator's queue).
+fn stage(name: &'static str, since: Instant) {
+    metrics::histogram!("picket_alert_write_stage_seconds", "stage" => name)
+        .record(since.elapsed().as_secs_f64());
 }
 
 /// The alert a rule detection raises: its evidence with snapshots, and the

@@ -157,6 +157,10 @@ pub struct StormReport {
     /// Seconds they spent correlating new alerts into incidents
     /// (`picket_incident_correlation_duration_seconds`).
     pub correlation_seconds: f64,
+    /// Seconds of the writers' stages (`picket_alert_write_stage_seconds`:
+    /// evidence, raise, handoff) and of the alert transactions' own stages
+    /// (`picket_alert_transaction_stage_seconds`: begin, statements, commit).
+    pub alert_write_stage_seconds: std::collections::BTreeMap<String, f64>,
     /// Per server started by the bench: its figures.
     pub servers: Vec<ServerFigures>,
     /// Targets of issue 12 that apply to this kind, and whether they were met.
@@ -238,6 +242,12 @@ pub async fn run(args: &BenchDetectArgs, kind: StormKind) -> anyhow::Result<()> 
         "alert writer       {:.0} batches: raising {:.1} s, correlating {:.1} s",
         r.alert_write_batches, r.alert_write_seconds, r.correlation_seconds
     );
+    let stages: Vec<String> = r
+        .alert_write_stage_seconds
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.1} s"))
+        .collect();
+    println!("writer stages      {}", stages.join(", "));
     for s in &r.servers {
         println!(
             "server {:<21} evaluated {:.0}; RSS end {}, peak {}",
@@ -703,6 +713,11 @@ async fn measure(
         alert_write_batches: after.write_batches - before.write_batches,
         alert_write_seconds: after.write_seconds - before.write_seconds,
         correlation_seconds: after.correlation_seconds - before.correlation_seconds,
+        alert_write_stage_seconds: after
+            .stages
+            .iter()
+            .map(|(k, v)| (k.clone(), v - before.stages.get(k).copied().unwrap_or(0.0)))
+            .collect(),
         servers: servers_fig,
         targets,
     })
@@ -752,6 +767,20 @@ struct Scrape {
     write_batches: f64,
     write_seconds: f64,
     correlation_seconds: f64,
+    /// Stage sums by `metric/stage`.
+    stages: std::collections::BTreeMap<String, f64>,
+}
+
+/// The sum of histogram `metric` (a `_sum` series) for label `stage`.
+fn stage_sum(text: &str, metric: &str, stage: &str) -> f64 {
+    let label = format!("stage=\"{stage}\"");
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') && rest.contains(&label))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 async fn scrape(addrs: &[String]) -> anyhow::Result<Scrape> {
@@ -769,6 +798,21 @@ async fn scrape(addrs: &[String]) -> anyhow::Result<Scrape> {
         s.write_seconds += metric_sum(&text, "picket_alert_write_duration_seconds_sum");
         s.correlation_seconds +=
             metric_sum(&text, "picket_incident_correlation_duration_seconds_sum");
+        for (metric, stages) in [
+            (
+                "picket_alert_write_stage_seconds_sum",
+                &["evidence", "raise", "handoff"][..],
+            ),
+            (
+                "picket_alert_transaction_stage_seconds_sum",
+                &["begin", "statements", "commit"][..],
+            ),
+        ] {
+            for stage in stages {
+                *s.stages.entry((*stage).to_owned()).or_default() +=
+                    stage_sum(&text, metric, stage);
+            }
+        }
     }
     Ok(s)
 }
