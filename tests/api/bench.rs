@@ -182,6 +182,28 @@ async fn bench_detect_storm_reports_a_small_run_on_a_fresh_postgres_database() {
     assert_eq!(r["admin_bursts"], 2, "{r}");
     assert_eq!(r["admin_alerted"], 2, "{r}");
     assert!(r["admin_latency_ms"]["p99"].as_f64().is_some(), "{r}");
+    // The raise began (the alert's created_at) before the alert arrived.
+    assert!(
+        r["admin_raise_ms"]["max"].as_f64().unwrap()
+            <= r["admin_latency_ms"]["max"].as_f64().unwrap(),
+        "{r}"
+    );
+    // Where the alert writer's time went, from the server's histograms.
+    let stages = r["alert_write_stage_seconds"].as_object().unwrap();
+    for stage in [
+        "evidence",
+        "raise",
+        "handoff",
+        "begin",
+        "statements",
+        "commit",
+    ] {
+        assert!(
+            stages[stage].as_f64().is_some_and(|v| v >= 0.0),
+            "{stage}: {r}"
+        );
+    }
+    assert!(stages["raise"].as_f64().unwrap() > 0.0, "{r}");
     for field in [
         "ingest_events_per_sec",
         "evaluated_after_last_ack_s",
@@ -252,6 +274,11 @@ fn bench_reports_runs_small_on_both_backends() {
         assert_eq!(queries[6]["mean_rows"], 0.0, "{r}");
         // The export is the tenant's whole second day: 2,400 events.
         assert_eq!(r["export"]["events"], 2400, "{r}");
+        // One (rate, disk MiB read) per batched run; the disks are readable here.
+        let runs = r["export"]["run_disk_reads"].as_array().unwrap();
+        assert_eq!(runs.len(), 1, "{r}");
+        assert!(runs[0][0].as_f64().unwrap() > 0.0, "{r}");
+        assert!(runs[0][1].as_f64().is_some_and(|m| m >= 0.0), "{r}");
         let retention = &r["retention"];
         assert!(retention["events"].as_u64().unwrap() > 0, "{r}");
         if url.starts_with("postgres") {

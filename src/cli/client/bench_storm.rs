@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -138,6 +138,10 @@ pub struct StormReport {
     pub admin_alerted: usize,
     /// Ack of the sixth failure → alert naming the account, in milliseconds.
     pub admin_latency_ms: Option<Latency>,
+    /// Of that, ack of the sixth → the alert's `created_at` (when the
+    /// server's writer began raising it: detection, the feed's visibility
+    /// and the alert queue); the rest is the raise and its delivery.
+    pub admin_raise_ms: Option<Latency>,
     /// Distinct alerts at the end (all tenants, listed through the API).
     pub alerts: usize,
     /// Their occurrences (repeats folded into them).
@@ -224,6 +228,12 @@ pub async fn run(args: &BenchDetectArgs, kind: StormKind) -> anyhow::Result<()> 
             .map_or("—".into(), |c| format!("{c:.2}")),
         r.max_detect_lag_s
     );
+    if let Some(l) = &r.admin_raise_ms {
+        println!(
+            "admin ack → raise  p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (alert created_at)",
+            l.p50, l.p99, l.max
+        );
+    }
     match &r.admin_latency_ms {
         Some(l) => println!(
             "admin bursts       {} of {} alerted; ack → alert p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
@@ -528,12 +538,16 @@ async fn measure(
                 for e in burst(&format!("{run}-admin-{j}"), &actor, &ip) {
                     acked = send(&mut ingest, &key, vec![e], true).await?;
                 }
+                let acked_wall = Utc::now();
                 let watcher = watcher.clone();
                 waits.push(tokio::spawn(async move {
-                    watcher
-                        .wait_for(&actor, acked, timeout)
-                        .await
-                        .map(|t| t.saturating_duration_since(acked))
+                    let arrived = watcher.wait_for(&actor, acked, timeout).await?;
+                    // The alert's `created_at` is the server's clock (this
+                    // machine's) when the writer began raising it.
+                    let raised = watcher
+                        .created(&actor)
+                        .and_then(|c| (c - acked_wall).to_std().ok());
+                    Some((arrived.saturating_duration_since(acked), raised))
                 }));
             }
             let mut latencies = Vec::new();
@@ -634,6 +648,13 @@ async fn measure(
     let evaluated = after.events - before.events;
     let capacity = (busy > 0.0).then(|| evaluated / busy);
     let capacity_to_ingest = capacity.map(|c| c / ingest_events_per_sec);
+    let admin_raise_ms = percentiles(
+        &admin_latencies
+            .iter()
+            .filter_map(|(_, r)| *r)
+            .collect::<Vec<_>>(),
+    );
+    let admin_latencies: Vec<Duration> = admin_latencies.iter().map(|(d, _)| *d).collect();
     let admin_latency_ms = percentiles(&admin_latencies);
 
     let mut targets = Vec::new();
@@ -705,6 +726,7 @@ async fn measure(
         admin_bursts: args.admin_bursts,
         admin_alerted: admin_latencies.len(),
         admin_latency_ms,
+        admin_raise_ms,
         alerts,
         alert_occurrences: occurrences,
         incidents,
@@ -898,6 +920,8 @@ impl Poller {
 /// thousands of alerts; waiters look their entity up instead of scanning.)
 struct EntityWatcher {
     first: Arc<Mutex<HashMap<String, Instant>>>,
+    /// `created_at` of that first alert, per entity value.
+    created: Arc<Mutex<HashMap<String, DateTime<Utc>>>>,
     notify: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -919,18 +943,27 @@ impl EntityWatcher {
             .context("failed to open WatchAlerts")?
             .into_inner();
         let first: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let created: Arc<Mutex<HashMap<String, DateTime<Utc>>>> = Arc::default();
         let notify = Arc::new(Notify::new());
         let task = {
-            let (first, notify) = (first.clone(), notify.clone());
+            let (first, created, notify) = (first.clone(), created.clone(), notify.clone());
             tokio::spawn(async move {
                 while let Ok(Some(item)) = stream.message().await {
                     if let Some(pb::watch_alerts_response::Item::Alert(a)) = item.item {
                         let now = Instant::now();
+                        let at = a.created_at.and_then(|t| {
+                            DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+                        });
                         let mut first = first.lock().expect("not poisoned");
+                        let mut created = created.lock().expect("not poisoned");
                         for e in a.entities {
+                            if let Some(at) = at {
+                                created.entry(e.value.clone()).or_insert(at);
+                            }
                             first.entry(e.value).or_insert(now);
                         }
                         drop(first);
+                        drop(created);
                         notify.notify_waiters();
                     }
                 }
@@ -938,9 +971,19 @@ impl EntityWatcher {
         };
         Ok(Self {
             first,
+            created,
             notify,
             task,
         })
+    }
+
+    /// `created_at` of the first alert naming `value`, if one arrived.
+    fn created(&self, value: &str) -> Option<DateTime<Utc>> {
+        self.created
+            .lock()
+            .expect("not poisoned")
+            .get(value)
+            .copied()
     }
 
     /// Arrival of the first alert naming `value`, waiting at most `timeout`
