@@ -52,7 +52,7 @@ pub struct EvaluatorConfig {
 impl Default for EvaluatorConfig {
     fn default() -> Self {
         Self {
-            max_groups_per_tenant: 50_000,
+            max_groups_per_tenant: 25_000,
             max_entries_per_group: 1_000,
             suppress: chrono::Duration::minutes(5),
             behavior: BehaviorConfig::default(),

@@ -86,7 +86,7 @@ impl Default for ScoringConfig {
             min_windows: 200,
             train_interval: chrono::Duration::minutes(5),
             max_baseline: 5000,
-            max_open_windows: 50_000,
+            max_open_windows: 25_000,
             min_window_events: 10,
         }
     }

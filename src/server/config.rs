@@ -176,8 +176,11 @@ pub struct Settings {
     pub detect_refire_seconds: u64,
 
     /// Most correlation groups (rule × group-by values) per tenant; beyond
-    /// it the stalest are dropped (and counted).
-    #[arg(long, env = "PICKET_DETECT_MAX_GROUPS", default_value_t = 50_000)]
+    /// it the stalest are dropped (and counted). A group costs ~3 KB (the
+    /// rule engine keeps room for 64 evidence references in each): 25,000
+    /// with the window cap below keep a storm of fresh source IPs under the
+    /// 300 MB budget (docs/PERFORMANCE.md, "Memory caps").
+    #[arg(long, env = "PICKET_DETECT_MAX_GROUPS", default_value_t = 25_000)]
     pub detect_max_groups: usize,
 
     /// Most actors each behavioural detector tracks per tenant; beyond it the
@@ -219,7 +222,7 @@ pub struct Settings {
     #[arg(
         long,
         env = "PICKET_ANOMALY_MAX_OPEN_WINDOWS",
-        default_value_t = 50_000
+        default_value_t = 25_000
     )]
     pub anomaly_max_open_windows: usize,
 

@@ -200,6 +200,10 @@ pub(crate) trait Dialect:
     /// before `$2`, where keys live apart from the events (Postgres's
     /// `event_keys`); `None` where the events table holds them.
     const PURGE_KEYS: Option<&'static str>;
+    /// Appended to a subquery so the planner plans it on its own instead of
+    /// folding it into the query around it: ` OFFSET 0` on Postgres; nothing
+    /// on SQLite, whose planner has not needed it.
+    const FENCE: &'static str;
     /// Prefix that turns a query into its plan (one text row per line).
     const EXPLAIN: &'static str;
     /// The column of a plan row holding its text.

@@ -129,6 +129,7 @@ impl Dialect for Postgres {
     const BYTE_ORDER: &'static str = " COLLATE \"C\"";
     const PURGE_KEYS: Option<&'static str> =
         Some("DELETE FROM event_keys WHERE tenant_id = $1 AND occurred_at < $2");
+    const FENCE: &'static str = " OFFSET 0";
     const EXPLAIN: &'static str = "EXPLAIN ";
     const EXPLAIN_COLUMN: &'static str = "QUERY PLAN";
     const ALERT_ENTITIES: &'static str =

@@ -22,7 +22,7 @@ use crate::domain::report::{
 };
 use crate::domain::{Severity, TenantId};
 use crate::storage::dialect::{Col, Dialect, Stmt};
-use crate::storage::rollups::{push_part, raw_parts, rolled_hours};
+use crate::storage::rollups::{push_events_part, raw_parts, rolled_hours};
 use crate::storage::sql::{fail, prefix_end, uuid};
 use crate::storage::{ReportStore, SqlStore, StoreError, StoreResult};
 
@@ -276,12 +276,8 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
         for part in raw_parts(range, rolled) {
             let mut s = Stmt::<DB>::new("SELECT ");
             push_bucket(&mut s, "occurred_at", range, width_micros);
-            s.push(&format!(
-                " AS b, {} FROM events WHERE tenant_id = ",
-                counts()
-            ));
-            s.push_uuid(tenant.0);
-            push_part(&mut s, part);
+            s.push(&format!(" AS b, {}", counts()));
+            push_events_part(&mut s, tenant, part);
             s.push(" GROUP BY 1");
             add(s.fetch_all(&mut *tx).await.map_err(&fail)?).map_err(&fail)?;
         }
@@ -329,11 +325,9 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
                 s.push(" UNION ");
             }
             first = false;
-            s.push(&format!(
-                "SELECT actor FROM events WHERE {VPN_DISCONNECT} AND tenant_id = "
-            ));
-            s.push_uuid(tenant.0);
-            push_part(&mut s, part);
+            s.push("SELECT actor");
+            push_events_part(&mut s, tenant, part);
+            s.push(&format!(" AND {VPN_DISCONNECT}"));
         }
         s.push("), u AS (");
         let mut first = true;
@@ -359,12 +353,12 @@ impl<DB: Dialect> ReportStore for SqlStore<DB> {
             s.push("SELECT actor, ");
             push_bucket(&mut s, "occurred_at", range, width_micros);
             s.push(&format!(
-                " AS b, CASE WHEN {VPN_CONNECT} THEN 1 WHEN {VPN_DISCONNECT} THEN -1 ELSE 0 END AS d \
-                 FROM events WHERE event_type IN {VPN_TYPES} \
-                 AND actor IN (SELECT actor FROM neg) AND tenant_id = "
+                " AS b, CASE WHEN {VPN_CONNECT} THEN 1 WHEN {VPN_DISCONNECT} THEN -1 ELSE 0 END AS d"
             ));
-            s.push_uuid(tenant.0);
-            push_part(&mut s, part);
+            push_events_part(&mut s, tenant, part);
+            s.push(&format!(
+                " AND event_type IN {VPN_TYPES} AND actor IN (SELECT actor FROM neg)"
+            ));
         }
         s.push(
             "), \

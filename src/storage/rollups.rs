@@ -101,6 +101,35 @@ pub(crate) fn push_part<DB: Dialect>(
     }
 }
 
+/// Appends ` FROM` the tenant's events ` WHERE` they occurred in `[from,
+/// to)` (and come after `pos` in the feed, if given); the caller may append
+/// more ` AND` conditions. Events after `pos` are a subquery that reads
+/// them from `pos` through the feed index (fenced, [`Dialect::FENCE`]):
+/// beside a selective condition such as a VPN event type the planner would
+/// otherwise read the whole range's matching events through that
+/// condition's index and filter them by position (seconds at 10 M events,
+/// for a tail that is empty once the rollups have caught up).
+pub(crate) fn push_events_part<DB: Dialect>(
+    s: &mut Stmt<DB>,
+    tenant: TenantId,
+    (from, to, pos): (DateTime<Utc>, DateTime<Utc>, Option<FeedPosition>),
+) {
+    match pos {
+        None => {
+            s.push(" FROM events");
+        }
+        Some(pos) => {
+            s.push(" FROM (SELECT * FROM events WHERE tenant_id = ");
+            s.push_uuid(tenant.0);
+            DB::push_after(s, pos);
+            s.push(DB::FENCE).push(") AS events");
+        }
+    }
+    s.push(" WHERE tenant_id = ");
+    s.push_uuid(tenant.0);
+    push_part(s, (from, to, None));
+}
+
 /// One VPN event read for the rollups.
 struct VpnEvent {
     actor: String,
@@ -182,15 +211,26 @@ impl<DB: Dialect> SqlStore<DB> {
             .iter()
             .map(|r| Ok((r.col::<i64>("h")?, counts_of::<DB>(r)?)))
             .collect::<Result<_, sqlx::Error>>()?;
-        let mut s = Stmt::<DB>::text(format!(
-            "SELECT actor, source_ip, occurred_at, \
-             CAST(CASE WHEN {VPN_CONNECT} THEN 1 ELSE 0 END AS BIGINT) AS c, \
-             CAST(CASE WHEN {VPN_DISCONNECT} THEN 1 ELSE 0 END AS BIGINT) AS d \
-             FROM events WHERE event_type IN {VPN_TYPES} AND tenant_id = "
-        ));
+        // The VPN events among them: the part is read through the feed index
+        // (a materialized CTE, which neither backend folds into the outer
+        // query) and filtered after. With the type filter beside the
+        // position the planner read every VPN event of the tenant's history
+        // through the type index and filtered by position instead (5 s for a
+        // part of 400 VPN events at 10 M events).
+        let mut s = Stmt::<DB>::text(
+            "WITH part AS MATERIALIZED (SELECT actor, source_ip, occurred_at, event_type, \
+             outcome FROM events WHERE tenant_id = "
+                .to_owned(),
+        );
         s.push_uuid(tenant.0);
         DB::push_after(&mut s, after);
         DB::push_upto(&mut s, upto);
+        s.push(&format!(
+            ") SELECT actor, source_ip, occurred_at, \
+             CAST(CASE WHEN {VPN_CONNECT} THEN 1 ELSE 0 END AS BIGINT) AS c, \
+             CAST(CASE WHEN {VPN_DISCONNECT} THEN 1 ELSE 0 END AS BIGINT) AS d \
+             FROM part WHERE event_type IN {VPN_TYPES}"
+        ));
         let vpn: Vec<VpnEvent> = self
             .read_all(tenant, s)
             .await?

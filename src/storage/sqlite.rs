@@ -356,6 +356,7 @@ impl Dialect for Sqlite {
     const BYTE_ORDER: &'static str = "";
     // The events table holds the keys (its unique index on (tenant_id, idem)).
     const PURGE_KEYS: Option<&'static str> = None;
+    const FENCE: &'static str = "";
     const EXPLAIN: &'static str = "EXPLAIN QUERY PLAN ";
     const EXPLAIN_COLUMN: &'static str = "detail";
     const ALERT_ENTITIES: &'static str = "alerts a, json_each(a.doc, '$.body.entities') AS ent";
