@@ -84,7 +84,8 @@ pub(crate) enum Job {
 
 /// The queue's sending side, held by the pipeline.
 pub(crate) struct Raiser {
-    tx: mpsc::Sender<Job>,
+    /// Jobs with the moment they were queued.
+    tx: mpsc::Sender<(Instant, Job)>,
 }
 
 /// What the writer needs.
@@ -116,7 +117,7 @@ impl Raiser {
         if self.tx.capacity() == 0 {
             metrics::counter!("picket_alert_queue_full_total").increment(1);
         }
-        if self.tx.send(job).await.is_err() {
+        if self.tx.send((Instant::now(), job)).await.is_err() {
             tracing::error!("the alert writer stopped; detection dropped");
         }
         self.gauge();
@@ -125,7 +126,7 @@ impl Raiser {
     /// Waits until everything queued so far is committed (or given up at shutdown).
     pub(crate) async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Job::Flush(tx)).await.is_ok() {
+        if self.tx.send((Instant::now(), Job::Flush(tx))).await.is_ok() {
             let _ = rx.await;
         }
         self.gauge();
@@ -200,7 +201,7 @@ async fn correlate_one(config: &RaiserConfig, job: Correlate) {
 /// The writer task: raises queued jobs in batches until the queue closes.
 async fn write(
     config: Arc<RaiserConfig>,
-    mut rx: mpsc::Receiver<Job>,
+    mut rx: mpsc::Receiver<(Instant, Job)>,
     correlator: mpsc::Sender<Correlate>,
 ) {
     let mut buf = Vec::with_capacity(BATCH);
@@ -209,7 +210,11 @@ async fn write(
         let mut flushes = Vec::new();
         // Per tenant, in queue order.
         let mut tenants: Vec<(TenantId, Vec<Job>)> = Vec::new();
-        for job in buf.drain(..) {
+        for (queued, job) in buf.drain(..) {
+            // How long the job waited in the queue for the writer (the
+            // part of an alert's delay between evaluation and its raise).
+            metrics::histogram!("picket_alert_queue_wait_seconds")
+                .record(queued.elapsed().as_secs_f64());
             let tenant = match &job {
                 Job::Flush(_) => {
                     if let Job::Flush(tx) = job {

@@ -204,6 +204,11 @@ async fn bench_detect_storm_reports_a_small_run_on_a_fresh_postgres_database() {
         );
     }
     assert!(stages["raise"].as_f64().unwrap() > 0.0, "{r}");
+    let wait = r["alert_queue_wait_le_s"].as_array().unwrap();
+    assert!(
+        wait[0].as_f64().unwrap() <= wait[1].as_f64().unwrap(),
+        "{r}"
+    );
     for field in [
         "ingest_events_per_sec",
         "evaluated_after_last_ack_s",

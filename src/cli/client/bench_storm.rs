@@ -165,6 +165,10 @@ pub struct StormReport {
     /// evidence, raise, handoff) and of the alert transactions' own stages
     /// (`picket_alert_transaction_stage_seconds`: begin, statements, commit).
     pub alert_write_stage_seconds: std::collections::BTreeMap<String, f64>,
+    /// Time jobs waited in the alert queue for the writer
+    /// (`picket_alert_queue_wait_seconds`): the bucket bounds, in seconds,
+    /// that hold the median and the 99th percentile of the run's jobs.
+    pub alert_queue_wait_le_s: Option<(f64, f64)>,
     /// Per server started by the bench: its figures.
     pub servers: Vec<ServerFigures>,
     /// Targets of issue 12 that apply to this kind, and whether they were met.
@@ -258,6 +262,9 @@ pub async fn run(args: &BenchDetectArgs, kind: StormKind) -> anyhow::Result<()> 
         .map(|(k, v)| format!("{k} {v:.1} s"))
         .collect();
     println!("writer stages      {}", stages.join(", "));
+    if let Some((p50, p99)) = r.alert_queue_wait_le_s {
+        println!("alert queue wait   p50 ≤ {p50} s, p99 ≤ {p99} s (histogram bucket bounds)");
+    }
     for s in &r.servers {
         println!(
             "server {:<21} evaluated {:.0}; RSS end {}, peak {}",
@@ -740,6 +747,7 @@ async fn measure(
             .iter()
             .map(|(k, v)| (k.clone(), v - before.stages.get(k).copied().unwrap_or(0.0)))
             .collect(),
+        alert_queue_wait_le_s: bucket_quantiles(&before.queue_wait, &after.queue_wait),
         servers: servers_fig,
         targets,
     })
@@ -791,6 +799,46 @@ struct Scrape {
     correlation_seconds: f64,
     /// Stage sums by `metric/stage`.
     stages: std::collections::BTreeMap<String, f64>,
+    /// `picket_alert_queue_wait_seconds` buckets: (le, cumulative count).
+    queue_wait: Vec<(f64, f64)>,
+}
+
+/// The buckets of histogram series `metric` (a `_bucket` series without
+/// other labels): (upper bound, cumulative count), in order.
+fn buckets(text: &str, metric: &str) -> Vec<(f64, f64)> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(metric)?.strip_prefix("{le=\"")?;
+            let (le, rest) = rest.split_once("\"}")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, rest.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The bucket bounds holding the median and the 99th percentile of the
+/// samples added between two readings of one histogram's buckets.
+fn bucket_quantiles(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .enumerate()
+        .map(|(i, (le, n))| (*le, n - before.get(i).map_or(0.0, |b| b.1)))
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let at = |q: f64| {
+        delta
+            .iter()
+            .find(|(_, n)| *n >= q * total)
+            .map_or(f64::INFINITY, |(le, _)| *le)
+    };
+    Some((at(0.5), at(0.99)))
 }
 
 /// The sum of histogram `metric` (a `_sum` series) for label `stage`.
@@ -820,6 +868,14 @@ async fn scrape(addrs: &[String]) -> anyhow::Result<Scrape> {
         s.write_seconds += metric_sum(&text, "picket_alert_write_duration_seconds_sum");
         s.correlation_seconds +=
             metric_sum(&text, "picket_incident_correlation_duration_seconds_sum");
+        let waits = buckets(&text, "picket_alert_queue_wait_seconds_bucket");
+        if s.queue_wait.is_empty() {
+            s.queue_wait = waits;
+        } else {
+            for ((_, n), (_, m)) in s.queue_wait.iter_mut().zip(waits) {
+                *n += m;
+            }
+        }
         for (metric, stages) in [
             (
                 "picket_alert_write_stage_seconds_sum",
@@ -1263,6 +1319,27 @@ mod tests {
             run: "t".into(),
             batch_size: 1000,
         }
+    }
+
+    #[test]
+    fn queue_wait_quantiles_come_from_the_run_s_buckets() {
+        let text = |a: u32, b: u32, c: u32| {
+            format!(
+                "picket_alert_queue_wait_seconds_bucket{{le=\"0.1\"}} {a}\n\
+                 picket_alert_queue_wait_seconds_bucket{{le=\"1\"}} {b}\n\
+                 picket_alert_queue_wait_seconds_bucket{{le=\"+Inf\"}} {c}\n\
+                 picket_alert_queue_wait_seconds_sum 3.5\n"
+            )
+        };
+        let before = buckets(&text(5, 5, 5), "picket_alert_queue_wait_seconds_bucket");
+        assert_eq!(before.len(), 3);
+        // The run adds 60 under 0.1 s, 39 up to 1 s and one beyond.
+        let after = buckets(
+            &text(65, 104, 105),
+            "picket_alert_queue_wait_seconds_bucket",
+        );
+        assert_eq!(bucket_quantiles(&before, &after), Some((0.1, 1.0)));
+        assert_eq!(bucket_quantiles(&after, &after), None);
     }
 
     #[test]
