@@ -211,10 +211,6 @@ async fn write(
         // Per tenant, in queue order.
         let mut tenants: Vec<(TenantId, Vec<Job>)> = Vec::new();
         for (queued, job) in buf.drain(..) {
-            // How long the job waited in the queue for the writer (the
-            // part of an alert's delay between evaluation and its raise).
-            metrics::histogram!("picket_alert_queue_wait_seconds")
-                .record(queued.elapsed().as_secs_f64());
             let tenant = match &job {
                 Job::Flush(_) => {
                     if let Job::Flush(tx) = job {
@@ -224,6 +220,10 @@ async fn write(
                 }
                 Job::Rule { tenant, .. } | Job::Ready { tenant, .. } => *tenant,
             };
+            // How long the detection waited in the queue for the writer (the
+            // part of an alert's delay between evaluation and its raise).
+            metrics::histogram!("picket_alert_queue_wait_seconds")
+                .record(queued.elapsed().as_secs_f64());
             match tenants.iter_mut().find(|(t, _)| *t == tenant) {
                 Some((_, jobs)) => jobs.push(job),
                 None => tenants.push((tenant, vec![job])),

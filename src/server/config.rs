@@ -179,7 +179,8 @@ pub struct Settings {
     /// it the stalest are dropped (and counted). A group costs ~3 KB (the
     /// rule engine keeps room for 64 evidence references in each): 25,000
     /// with the window cap below keep a storm of fresh source IPs under the
-    /// 300 MB budget (docs/PERFORMANCE.md, "Memory caps").
+    /// 300 MB budget (docs/PERFORMANCE.md, "Follow-up: where the writer's
+    /// time goes, memory caps").
     #[arg(long, env = "PICKET_DETECT_MAX_GROUPS", default_value_t = 25_000)]
     pub detect_max_groups: usize,
 

@@ -34,9 +34,6 @@ use crate::storage::{SqlStore, StoreResult};
 pub(crate) const HOUR_US: i64 = 3_600_000_000;
 /// Rows per multi-row `INSERT` of the rollups (16 values a row at most).
 const CHUNK: usize = 200;
-/// Events after the rollups' position that a report reads in feed order
-/// before it falls back to filtering the range (see `vpn_tail`).
-const VPN_TAIL_MAX: i64 = 50_000;
 
 /// SQL for the start (µs) of the UTC hour of time column `col`.
 fn hour_of<DB: Dialect>(col: &str) -> String {
@@ -89,26 +86,32 @@ pub(crate) fn raw_parts(
     }
 }
 
-/// Appends ` AND occurred_at` in `[from, to)` (and after `pos`, if given).
-pub(crate) fn push_part<DB: Dialect>(
+/// Appends ` FROM` the tenant's events after `after` in the feed (and up to
+/// `upto`), as a subquery named `events` that reads them from `after`
+/// through the feed index, fenced ([`Dialect::FENCE`]) so that the caller's
+/// conditions stay outside it. Beside a selective condition such as a VPN
+/// event type the planner would otherwise read every matching event of the
+/// range through that condition's index and filter them by position
+/// (seconds at 10 M events, for a tail that is empty once the rollups have
+/// caught up).
+fn push_feed_source<DB: Dialect>(
     s: &mut Stmt<DB>,
-    (from, to, pos): (DateTime<Utc>, DateTime<Utc>, Option<FeedPosition>),
+    tenant: TenantId,
+    after: FeedPosition,
+    upto: Option<FeedPosition>,
 ) {
-    s.push(" AND occurred_at >= ").push_time(from);
-    s.push(" AND occurred_at < ").push_time(to);
-    if let Some(pos) = pos {
-        DB::push_after(s, pos);
+    s.push(" FROM (SELECT * FROM events WHERE tenant_id = ");
+    s.push_uuid(tenant.0);
+    DB::push_after(s, after);
+    if let Some(upto) = upto {
+        DB::push_upto(s, upto);
     }
+    s.push(DB::FENCE).push(") AS events");
 }
 
 /// Appends ` FROM` the tenant's events ` WHERE` they occurred in `[from,
-/// to)` (and come after `pos` in the feed, if given); the caller may append
-/// more ` AND` conditions. Events after `pos` are a subquery that reads
-/// them from `pos` through the feed index (fenced, [`Dialect::FENCE`]):
-/// beside a selective condition such as a VPN event type the planner would
-/// otherwise read the whole range's matching events through that
-/// condition's index and filter them by position (seconds at 10 M events,
-/// for a tail that is empty once the rollups have caught up).
+/// to)` (and come after `pos` in the feed, if given, read from there:
+/// [`push_feed_source`]); the caller may append more ` AND` conditions.
 pub(crate) fn push_events_part<DB: Dialect>(
     s: &mut Stmt<DB>,
     tenant: TenantId,
@@ -118,16 +121,12 @@ pub(crate) fn push_events_part<DB: Dialect>(
         None => {
             s.push(" FROM events");
         }
-        Some(pos) => {
-            s.push(" FROM (SELECT * FROM events WHERE tenant_id = ");
-            s.push_uuid(tenant.0);
-            DB::push_after(s, pos);
-            s.push(DB::FENCE).push(") AS events");
-        }
+        Some(pos) => push_feed_source(s, tenant, pos, None),
     }
     s.push(" WHERE tenant_id = ");
     s.push_uuid(tenant.0);
-    push_part(s, (from, to, None));
+    s.push(" AND occurred_at >= ").push_time(from);
+    s.push(" AND occurred_at < ").push_time(to);
 }
 
 /// One VPN event read for the rollups.
@@ -211,26 +210,17 @@ impl<DB: Dialect> SqlStore<DB> {
             .iter()
             .map(|r| Ok((r.col::<i64>("h")?, counts_of::<DB>(r)?)))
             .collect::<Result<_, sqlx::Error>>()?;
-        // The VPN events among them: the part is read through the feed index
-        // (a materialized CTE, which neither backend folds into the outer
-        // query) and filtered after. With the type filter beside the
+        // The VPN events among them, from the part read through the feed
+        // index (see `push_feed_source`: with the type filter beside the
         // position the planner read every VPN event of the tenant's history
-        // through the type index and filtered by position instead (5 s for a
-        // part of 400 VPN events at 10 M events).
-        let mut s = Stmt::<DB>::text(
-            "WITH part AS MATERIALIZED (SELECT actor, source_ip, occurred_at, event_type, \
-             outcome FROM events WHERE tenant_id = "
-                .to_owned(),
-        );
-        s.push_uuid(tenant.0);
-        DB::push_after(&mut s, after);
-        DB::push_upto(&mut s, upto);
-        s.push(&format!(
-            ") SELECT actor, source_ip, occurred_at, \
+        // through the type index instead, 5 s for 400 of them at 10 M events).
+        let mut s = Stmt::<DB>::text(format!(
+            "SELECT actor, source_ip, occurred_at, \
              CAST(CASE WHEN {VPN_CONNECT} THEN 1 ELSE 0 END AS BIGINT) AS c, \
-             CAST(CASE WHEN {VPN_DISCONNECT} THEN 1 ELSE 0 END AS BIGINT) AS d \
-             FROM part WHERE event_type IN {VPN_TYPES}"
+             CAST(CASE WHEN {VPN_DISCONNECT} THEN 1 ELSE 0 END AS BIGINT) AS d"
         ));
+        push_feed_source(&mut s, tenant, after, Some(upto));
+        s.push(&format!(" WHERE event_type IN {VPN_TYPES}"));
         let vpn: Vec<VpnEvent> = self
             .read_all(tenant, s)
             .await?
@@ -566,50 +556,6 @@ impl<DB: Dialect> SqlStore<DB> {
         Ok(())
     }
 
-    /// The VPN connects with a source IP in `[window.0, window.1)` among the
-    /// tenant's events after `pos`, read in feed order from `pos` (the feed
-    /// index): `None` when more than [`VPN_TAIL_MAX`] events follow `pos`
-    /// (the rollups are far behind; the caller reads the connects by their
-    /// own filter instead). Filtering inside the same statement lets the
-    /// planner pick another index (the range's VPN events, then `(xid, seq)`
-    /// as a filter): over 30 days of 10 M events that took about 1 s for an
-    /// empty result, and the choice flipped with the statistics. The tail
-    /// subquery's `LIMIT` keeps the filter out of it on both backends.
-    async fn vpn_tail(
-        tx: &mut Tx<DB>,
-        tenant: TenantId,
-        pos: FeedPosition,
-        window: (DateTime<Utc>, DateTime<Utc>),
-        limit: u32,
-    ) -> Result<Option<Vec<DB::Row>>, sqlx::Error> {
-        let tail = |s: &mut Stmt<DB>, columns: &str| {
-            s.push(&format!("SELECT {columns} FROM events WHERE tenant_id = "));
-            s.push_uuid(tenant.0);
-            DB::push_after(s, pos);
-            s.push(&format!(" ORDER BY {} LIMIT ", DB::FEED_ORDER))
-                .push_bind(VPN_TAIL_MAX + 1);
-        };
-        let mut s = Stmt::<DB>::new("SELECT COUNT(*) AS n FROM (");
-        tail(&mut s, "seq");
-        s.push(") AS tail");
-        let n: i64 = s
-            .fetch_optional(&mut **tx)
-            .await?
-            .map_or(Ok(0), |r| r.col("n"))?;
-        if n > VPN_TAIL_MAX {
-            return Ok(None);
-        }
-        let mut s = Stmt::<DB>::new("SELECT actor, source_ip, occurred_at FROM (");
-        tail(&mut s, "actor, source_ip, occurred_at, event_type, outcome");
-        s.push(&format!(
-            ") AS tail WHERE {VPN_CONNECT} AND source_ip IS NOT NULL"
-        ));
-        s.push(" AND occurred_at >= ").push_time(window.0);
-        s.push(" AND occurred_at < ").push_time(window.1);
-        s.push(" LIMIT ").push_bind(i64::from(limit) + 1);
-        s.fetch_all(&mut **tx).await.map(Some)
-    }
-
     /// New VPN networks in `range` from the runs and the connects after
     /// their position (see [`crate::storage::ReportStore::new_vpn_networks`]).
     pub(crate) async fn count_new_vpn_networks(
@@ -626,25 +572,13 @@ impl<DB: Dialect> SqlStore<DB> {
         // Connects not in the runs: after the position (all of them when
         // nothing is rolled up), from the 30 days before the range on.
         let window = (range.start - VPN_HISTORY, range.end);
-        let tail = match pos {
-            Some(pos) => Self::vpn_tail(&mut tx, tenant, pos, window, limit)
-                .await
-                .map_err(&fail)?,
-            None => None,
-        };
-        let rows = match tail {
-            Some(rows) => rows,
-            None => {
-                let mut s = Stmt::<DB>::text(format!(
-                    "SELECT actor, source_ip, occurred_at FROM events WHERE {VPN_CONNECT} \
-                     AND source_ip IS NOT NULL AND tenant_id = "
-                ));
-                s.push_uuid(tenant.0);
-                push_part(&mut s, (window.0, window.1, pos));
-                s.push(" LIMIT ").push_bind(i64::from(limit) + 1);
-                s.fetch_all(&mut *tx).await.map_err(&fail)?
-            }
-        };
+        let mut s = Stmt::<DB>::new("SELECT actor, source_ip, occurred_at");
+        push_events_part(&mut s, tenant, (window.0, window.1, pos));
+        s.push(&format!(
+            " AND {VPN_CONNECT} AND source_ip IS NOT NULL LIMIT "
+        ))
+        .push_bind(i64::from(limit) + 1);
+        let rows = s.fetch_all(&mut *tx).await.map_err(&fail)?;
         if rows.len() > limit as usize {
             return Ok(None);
         }

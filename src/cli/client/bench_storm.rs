@@ -971,13 +971,16 @@ impl Poller {
     }
 }
 
+/// Per entity value: the first alert naming it (arrival, `created_at`).
+type FirstAlerts = HashMap<String, (Instant, Option<DateTime<Utc>>)>;
+
 /// Follows one tenant's `WatchAlerts` and records, for every entity value an
 /// alert names, when the first alert naming it arrived. (The storm raises
 /// thousands of alerts; waiters look their entity up instead of scanning.)
 struct EntityWatcher {
-    first: Arc<Mutex<HashMap<String, Instant>>>,
-    /// `created_at` of that first alert, per entity value.
-    created: Arc<Mutex<HashMap<String, DateTime<Utc>>>>,
+    /// Per entity value: when the first alert naming it arrived, and that
+    /// alert's `created_at`.
+    first: Arc<Mutex<FirstAlerts>>,
     notify: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -998,11 +1001,10 @@ impl EntityWatcher {
             .await
             .context("failed to open WatchAlerts")?
             .into_inner();
-        let first: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-        let created: Arc<Mutex<HashMap<String, DateTime<Utc>>>> = Arc::default();
+        let first: Arc<Mutex<FirstAlerts>> = Arc::default();
         let notify = Arc::new(Notify::new());
         let task = {
-            let (first, created, notify) = (first.clone(), created.clone(), notify.clone());
+            let (first, notify) = (first.clone(), notify.clone());
             tokio::spawn(async move {
                 while let Ok(Some(item)) = stream.message().await {
                     if let Some(pb::watch_alerts_response::Item::Alert(a)) = item.item {
@@ -1011,15 +1013,10 @@ impl EntityWatcher {
                             DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
                         });
                         let mut first = first.lock().expect("not poisoned");
-                        let mut created = created.lock().expect("not poisoned");
                         for e in a.entities {
-                            if let Some(at) = at {
-                                created.entry(e.value.clone()).or_insert(at);
-                            }
-                            first.entry(e.value).or_insert(now);
+                            first.entry(e.value).or_insert((now, at));
                         }
                         drop(first);
-                        drop(created);
                         notify.notify_waiters();
                     }
                 }
@@ -1027,7 +1024,6 @@ impl EntityWatcher {
         };
         Ok(Self {
             first,
-            created,
             notify,
             task,
         })
@@ -1035,11 +1031,11 @@ impl EntityWatcher {
 
     /// `created_at` of the first alert naming `value`, if one arrived.
     fn created(&self, value: &str) -> Option<DateTime<Utc>> {
-        self.created
+        self.first
             .lock()
             .expect("not poisoned")
             .get(value)
-            .copied()
+            .and_then(|(_, created)| *created)
     }
 
     /// Arrival of the first alert naming `value`, waiting at most `timeout`
@@ -1048,14 +1044,19 @@ impl EntityWatcher {
         let deadline = since + timeout;
         loop {
             let notified = self.notify.notified();
-            if let Some(t) = self.first.lock().expect("not poisoned").get(value) {
+            if let Some((t, _)) = self.first.lock().expect("not poisoned").get(value) {
                 return Some(*t);
             }
             if tokio::time::timeout_at(deadline.into(), notified)
                 .await
                 .is_err()
             {
-                return self.first.lock().expect("not poisoned").get(value).copied();
+                return self
+                    .first
+                    .lock()
+                    .expect("not poisoned")
+                    .get(value)
+                    .map(|(t, _)| *t);
             }
         }
     }
