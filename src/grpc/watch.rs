@@ -43,8 +43,14 @@ const READ: u32 = 256;
 pub const BUFFER: usize = 64;
 /// Batches a hub keeps for subscribers that are behind; beyond it they rewind.
 pub const HUB_BATCHES: usize = 64;
-/// First re-read after a wake-up that found nothing (doubling up to the poll interval).
+/// First re-read after a wake-up that found nothing; the delay doubles up
+/// to [`RECHECK_MAX`], and re-reading stops once the poll interval has passed.
 const RECHECK_FIRST: Duration = Duration::from_millis(5);
+/// Longest delay between such re-reads: what an entry that becomes readable
+/// (its older transactions ended) can wait beyond that moment. Under ingest
+/// load the wait for older transactions is a few hundred milliseconds, and a
+/// delay doubling up to the poll interval added up to as much again.
+const RECHECK_MAX: Duration = Duration::from_millis(50);
 
 /// A feed a watch stream follows.
 #[tonic::async_trait]
@@ -195,6 +201,8 @@ async fn run_hub<F: Feed>(
     // After a wake-up that found nothing new, look again soon: on Postgres a
     // committed entry becomes readable only once older transactions end.
     let mut recheck: Option<Duration> = None;
+    // When the re-reading began (the first wake-up that found nothing).
+    let mut rechecking_since: Option<std::time::Instant> = None;
     let mut woken = false;
     loop {
         if hubs.retire_if_unused(key, &batches) {
@@ -251,11 +259,16 @@ async fn run_hub<F: Feed>(
                     }
                 }
             }
-            recheck = match recheck {
-                _ if from != at || !woken => None,
-                None => Some(RECHECK_FIRST),
-                Some(d) => Some(d * 2).filter(|d| *d < poll),
+            recheck = if from != at || !woken {
+                None
+            } else {
+                let since = *rechecking_since.get_or_insert_with(std::time::Instant::now);
+                (since.elapsed() < poll)
+                    .then(|| recheck.map_or(RECHECK_FIRST, |d| (d * 2).min(RECHECK_MAX)))
             };
+            if recheck.is_none() {
+                rechecking_since = None;
+            }
             position = Some(from);
         }
         woken = tokio::select! {

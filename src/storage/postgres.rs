@@ -42,6 +42,9 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
 /// Store on PostgreSQL.
 pub type PgStore = SqlStore<Postgres>;
 
+/// Most tables one statistics refresh analyzes.
+const ANALYZE_MAX_TABLES: usize = 64;
+
 /// How often the connection holding the shard locks is checked.
 const LOCKS_CHECK: Duration = Duration::from_secs(1);
 
@@ -271,14 +274,28 @@ impl Dialect for Postgres {
 
     async fn refresh_statistics(store: &PgStore) -> StoreResult<()> {
         // The application role does not own the tables: a function of the
-        // migrations' owner analyzes those that changed much since their
-        // last ANALYZE (migration 0017); autovacuum does the rest.
+        // migrations' owner analyzes the busiest table that changed much
+        // since its last ANALYZE (migration 0019); autovacuum does the rest.
+        // One statement, so one transaction, per table: a transaction that
+        // has written statistics holds an xid, and the detection feed reads
+        // nothing newer than the oldest xid still running (`READABLE`).
         let fail = fail("statistics", "failed to refresh planner statistics");
         let started = std::time::Instant::now();
-        let analyzed: Vec<String> = sqlx::query_scalar("SELECT picket_analyze_busy_tables()")
-            .fetch_all(&store.pool)
-            .await
-            .map_err(fail)?;
+        let mut analyzed: Vec<String> = Vec::new();
+        // Bounded: `done` grows by one table per call, and there are only
+        // so many busy tables; the cap is for a statistics view gone wrong.
+        while analyzed.len() < ANALYZE_MAX_TABLES {
+            let next: Option<String> =
+                sqlx::query_scalar("SELECT picket_analyze_busy_table($1::text[])")
+                    .bind(&analyzed)
+                    .fetch_one(&store.pool)
+                    .await
+                    .map_err(&fail)?;
+            match next {
+                Some(table) => analyzed.push(table),
+                None => break,
+            }
+        }
         if !analyzed.is_empty() {
             metrics::counter!("picket_postgres_analyze_total").increment(analyzed.len() as u64);
             metrics::histogram!("picket_postgres_analyze_seconds")

@@ -2212,6 +2212,101 @@ mod events {
         );
     }
 
+    /// The server's statistics refresh analyzes one table per transaction:
+    /// while it waits on a table, the tables it already analyzed left it no
+    /// xid. (An xid held over a whole round held back the detection feed,
+    /// which reads only below the cluster's oldest running xid, for the
+    /// round's 3–4 s: issue 12.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_statistics_refresh_holds_no_xid_between_tables() {
+        let (s, db) = store(Backend::Postgres).await;
+        let busy = chrono::NaiveDate::from_ymd_opt(2020, 1, 2).unwrap();
+        let held = chrono::NaiveDate::from_ymd_opt(2020, 1, 3).unwrap();
+        s.prepare_event_days(busy, held).await.unwrap();
+        let (a, _) = two_tenants(s.as_ref()).await;
+        let at = |day: chrono::NaiveDate| day.and_hms_opt(12, 0, 0).unwrap().and_utc();
+        let evs: Vec<NewEvent> = (0..4000)
+            .map(|i| event_at(&format!("busy{i}"), "x", at(busy)))
+            .chain((0..1500).map(|i| event_at(&format!("held{i}"), "x", at(held))))
+            .collect();
+        for chunk in evs.chunks(1000) {
+            s.insert_events(&[(a, chunk)]).await.unwrap();
+        }
+        let (busy_t, held_t) = ("events_20200102", "events_20200103");
+        let owner = sqlx::PgPool::connect(&db.url).await.unwrap();
+        // The statistics views see the inserts once their backends report them.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let seen: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_user_tables \
+                 WHERE relname = ANY($1) AND n_live_tup > 1000",
+            )
+            .bind(vec![busy_t, held_t])
+            .fetch_one(&owner)
+            .await
+            .unwrap();
+            if seen == 2 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "inserts never reported"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // The less busy partition is analyzed after the busier one; hold it.
+        let mut locker = owner.begin().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "LOCK TABLE {held_t} IN SHARE UPDATE EXCLUSIVE MODE"
+        )))
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+        let refresher = s.clone();
+        let round = tokio::spawn(async move { refresher.refresh_statistics().await });
+        // The round's call waiting on the held table (it gives up after 1 s).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(900);
+        let xid: Option<String> = loop {
+            let waiting: Option<Option<String>> = sqlx::query_scalar(
+                "SELECT backend_xid::text FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                 AND query LIKE '%picket_analyze_busy_table%'",
+            )
+            .fetch_optional(&owner)
+            .await
+            .unwrap();
+            if let Some(xid) = waiting {
+                break xid;
+            }
+            assert!(
+                std::time::Instant::now() < deadline && !round.is_finished(),
+                "the refresh never waited on the held table"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        };
+        let analyzed: Option<chrono::DateTime<Utc>> =
+            sqlx::query_scalar("SELECT last_analyze FROM pg_stat_user_tables WHERE relname = $1")
+                .bind(busy_t)
+                .fetch_one(&owner)
+                .await
+                .unwrap();
+        locker.commit().await.unwrap();
+        round.await.unwrap().unwrap();
+        assert!(
+            analyzed.is_some(),
+            "the busier partition was not analyzed first"
+        );
+        assert_eq!(xid, None, "the refresh held an xid while it waited");
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_user_tables WHERE relname = ANY($1) AND last_analyze IS NOT NULL",
+        )
+        .bind(vec![busy_t, held_t])
+        .fetch_one(&owner)
+        .await
+        .unwrap();
+        assert_eq!(done, 2, "both partitions analyzed once the lock was gone");
+    }
+
     crate::both_backends!(
         insert_reports_accepted_and_duplicates,
         feed_is_ordered_and_tenant_scoped,
