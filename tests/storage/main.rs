@@ -719,7 +719,7 @@ async fn raise_alerts_are_tenant_scoped(backend: Backend) {
 /// alert naming the event, and only within its own tenant.
 async fn evidence_snapshots_are_stored_once_and_filled_on_read(backend: Backend) {
     use picket::domain::alert::{AlertQuery, AlertStatus, Evidence};
-    let (s, _db) = store(backend).await;
+    let (s, db) = store(backend).await;
     let a = tenant("a");
     let b = tenant("b");
     s.create_tenant(&a).await.unwrap();
@@ -799,7 +799,9 @@ async fn evidence_snapshots_are_stored_once_and_filled_on_read(backend: Backend)
             expect(l, &[&ev[1]]);
         }
     }
-    // The change log: three states, ids only, filled on request.
+    // The change log: three states, ids only, filled on request (readable
+    // once the cluster's older transactions, other tests', have ended).
+    db.feeds_settled().await;
     let changes = s
         .changes_after(a.id, "alerts", Default::default(), 100)
         .await
