@@ -66,8 +66,11 @@ const RECENT: usize = 10_000;
 /// event snapshots, so at most three are in memory, one being read, one
 /// waiting, one being raised).
 const PREPARED_QUEUE: usize = 1;
-/// Raised batches waiting for correlation before raising waits.
-const CORRELATE_QUEUE: usize = 8;
+/// Raised batches waiting for correlation before raising waits. The batches
+/// hold alerts without their evidence (a few KB each); 8 let a burst of
+/// new incidents (a fresh-IP storm) stop raising for seconds once evidence
+/// reads and raises overlapped, and the correlator merges what is queued.
+const CORRELATE_QUEUE: usize = 64;
 
 /// What the correlator does, in order.
 enum Correlate {
