@@ -59,8 +59,10 @@ const EVIDENCE_PER_RAISE: usize = 10_000;
 /// Most entities named on one alert.
 const MAX_ENTITIES: usize = 20;
 /// Evidence events the writer keeps from its reads, per generation (two
-/// generations; an event snapshot is ~0.5–1 KB).
-const RECENT: usize = 10_000;
+/// generations; an event snapshot is ~0.5–1 KB). 10,000 held ~8 MiB more at
+/// the end of a fresh-IP storm with no fewer evidence reads in the storms
+/// (docs/PERFORMANCE.md), where that memory is what the 300 MB budget lacks.
+const RECENT: usize = 5_000;
 /// Parts whose evidence is read, waiting for their raise, before the
 /// evidence reads wait (one: a part holds up to [`EVIDENCE_PER_RAISE`]
 /// event snapshots, so at most three are in memory, one being read, one
