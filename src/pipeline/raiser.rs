@@ -60,8 +60,8 @@ const EVIDENCE_PER_RAISE: usize = 10_000;
 const MAX_ENTITIES: usize = 20;
 /// Evidence events the writer keeps from its reads, per generation (two
 /// generations; an event snapshot is ~0.5–1 KB). 10,000 held ~8 MiB more at
-/// the end of a fresh-IP storm with no fewer evidence reads in the storms
-/// (docs/PERFORMANCE.md), where that memory is what the 300 MB budget lacks.
+/// the end of a fresh-IP storm, with the writer's evidence stage no faster
+/// (docs/PERFORMANCE.md), and that memory is what the 300 MB budget lacked.
 const RECENT: usize = 5_000;
 /// Parts whose evidence is read, waiting for their raise, before the
 /// evidence reads wait (one: a part holds up to [`EVIDENCE_PER_RAISE`]
