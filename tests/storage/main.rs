@@ -2309,6 +2309,267 @@ mod events {
         assert_eq!(done, 2, "both partitions analyzed once the lock was gone");
     }
 
+    /// Events readable on `tenant`'s feed now.
+    async fn feed_len(s: &dyn Store, tenant: TenantId) -> usize {
+        s.events_after(tenant, FeedPosition::default(), 1000)
+            .await
+            .unwrap()
+            .len()
+    }
+
+    /// Alert changes readable on `tenant`'s change log now.
+    async fn log_len(s: &dyn Store, tenant: TenantId) -> usize {
+        s.changes_after(tenant, "alerts", FeedPosition::default(), 1000)
+            .await
+            .unwrap()
+            .len()
+    }
+
+    /// A transaction on `owner` that registered as a writer of `feed`
+    /// (migration 0020) and then took an xid, as a writer in flight does.
+    async fn writer_in_flight(
+        owner: &sqlx::PgPool,
+        feed: i32,
+    ) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut tx = owner.begin().await.unwrap();
+        sqlx::query("SELECT picket_feed_writer($1)")
+            .bind(feed)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_current_xact_id()")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx
+    }
+
+    /// Each Postgres feed waits only for the transactions in flight that
+    /// registered as its writers: an open transaction that writes neither
+    /// (an ingest batch for the change log, an alert raise for the events,
+    /// a report) no longer holds a feed back (issue 12: WatchAlerts waited
+    /// for every older ingest transaction of the cluster).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_feeds_wait_only_for_their_writers() {
+        let (s, db) = store(Backend::Postgres).await;
+        let (a, _) = two_tenants(s.as_ref()).await;
+        let owner = sqlx::PgPool::connect(&db.url).await.unwrap();
+        // A transaction holding an xid that writes neither feed.
+        let mut bystander = owner.begin().await.unwrap();
+        sqlx::query("SELECT pg_current_xact_id()")
+            .execute(&mut *bystander)
+            .await
+            .unwrap();
+        s.insert_events(&[(a, &[event("f1", "x", 0), event("f2", "x", 1)])])
+            .await
+            .unwrap();
+        let (alert, _) = s
+            .raise_alert(a, rule_alert("fence", 0), Duration::minutes(5), Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(
+            feed_len(s.as_ref(), a).await,
+            2,
+            "a transaction that writes no event held back the event feed"
+        );
+        assert_eq!(
+            log_len(s.as_ref(), a).await,
+            1,
+            "a transaction that writes no change held back the change log"
+        );
+
+        // An event writer in flight holds back the events after it, and
+        // only them.
+        let ingest = writer_in_flight(&owner, 1).await;
+        s.insert_events(&[(a, &[event("f3", "x", 2)])])
+            .await
+            .unwrap();
+        s.update_alert_status(
+            a,
+            alert.id,
+            picket::domain::alert::AlertStatus::Acknowledged,
+            "t",
+            "",
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            feed_len(s.as_ref(), a).await,
+            2,
+            "the event feed passed an event writer in flight"
+        );
+        assert_eq!(
+            log_len(s.as_ref(), a).await,
+            2,
+            "the change log waited for an event writer"
+        );
+        ingest.commit().await.unwrap();
+        assert_eq!(feed_len(s.as_ref(), a).await, 3);
+
+        // Likewise a change-log writer, also one that rolls back.
+        let raiser = writer_in_flight(&owner, 2).await;
+        s.update_alert_status(
+            a,
+            alert.id,
+            picket::domain::alert::AlertStatus::Resolved,
+            "t",
+            "",
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+        s.insert_events(&[(a, &[event("f4", "x", 3)])])
+            .await
+            .unwrap();
+        assert_eq!(
+            log_len(s.as_ref(), a).await,
+            2,
+            "the change log passed a change writer in flight"
+        );
+        assert_eq!(
+            feed_len(s.as_ref(), a).await,
+            4,
+            "the event feed waited for a change writer"
+        );
+        raiser.rollback().await.unwrap();
+        assert_eq!(log_len(s.as_ref(), a).await, 3);
+        bystander.rollback().await.unwrap();
+    }
+
+    /// A transaction of the application role that writes a feed without
+    /// having registered before its first write is refused: its rows could
+    /// land below a position a reader has passed. One whose first write is
+    /// to the feed registers then.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_feed_refuses_a_writer_that_registered_late() {
+        let (s, db) = store(Backend::Postgres).await;
+        let (a, _) = two_tenants(s.as_ref()).await;
+        let owner = sqlx::PgPool::connect(&db.url).await.unwrap();
+        let log = "INSERT INTO change_log (tenant_id, stream, subject_id, kind, payload) \
+                   VALUES ($1, 'alerts', $2, 'updated', '{}')";
+        let as_app = || async {
+            let mut tx = owner.begin().await.unwrap();
+            sqlx::query("SET LOCAL ROLE picket_app")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            sqlx::query("SELECT set_config('picket.tenant_id', $1, true)")
+                .bind(a.0.to_string())
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx
+        };
+        let mut late = as_app().await;
+        sqlx::query("SELECT pg_current_xact_id()")
+            .execute(&mut *late)
+            .await
+            .unwrap();
+        let err = sqlx::query(log)
+            .bind(a.0)
+            .bind(uuid::Uuid::now_v7())
+            .execute(&mut *late)
+            .await
+            .unwrap_err();
+        let db_err = err.as_database_error().expect("a database error");
+        assert_eq!(db_err.code().as_deref(), Some("55000"), "{err}");
+        assert!(db_err.message().contains("register"), "{err}");
+        late.rollback().await.unwrap();
+
+        let mut first = as_app().await;
+        sqlx::query(log)
+            .bind(a.0)
+            .bind(uuid::Uuid::now_v7())
+            .execute(&mut *first)
+            .await
+            .expect("a first write registers");
+        let registered: String =
+            sqlx::query_scalar("SELECT current_setting('picket.feed_writer_2')")
+                .fetch_one(&mut *first)
+                .await
+                .unwrap();
+        assert_eq!(registered, "on");
+        first.commit().await.unwrap();
+        assert_eq!(log_len(s.as_ref(), a).await, 1);
+    }
+
+    /// Concurrent ingest writers of varying length against a reader tailing
+    /// the event feed from its cursor: every event is read exactly once, in
+    /// increasing positions (a row appearing behind the cursor would be
+    /// missed), with transactions holding xids that write no event beside
+    /// them (which the feed no longer waits for).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_event_feed_tail_misses_nothing_beside_other_transactions() {
+        let (s, db) = store(Backend::Postgres).await;
+        let (a, _) = two_tenants(s.as_ref()).await;
+        let owner = sqlx::PgPool::connect(&db.url).await.unwrap();
+        let writers: Vec<_> = (0..3)
+            .map(|w| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut ids = Vec::new();
+                    for b in 0..25 {
+                        let n = 1 + (b * 7 + w * 3) % 40;
+                        let evs: Vec<NewEvent> = (0..n)
+                            .map(|i| event(&format!("t{w}-{b}-{i}"), "x", i64::from(i)))
+                            .collect();
+                        s.insert_events(&[(a, &evs)]).await.unwrap();
+                        ids.extend(evs.iter().map(|e| e.id));
+                    }
+                    ids
+                })
+            })
+            .collect();
+        let bystanders = {
+            let owner = owner.clone();
+            tokio::spawn(async move {
+                for i in 0..40u64 {
+                    let mut tx = owner.begin().await.unwrap();
+                    sqlx::query("SELECT pg_current_xact_id()")
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(std::time::Duration::from_millis(1 + i % 7)).await;
+                    tx.commit().await.unwrap();
+                }
+            })
+        };
+        let mut seen = Vec::new();
+        let mut at = FeedPosition::default();
+        let tail = |seen: &mut Vec<uuid::Uuid>, at: &mut FeedPosition, rows: Vec<_>| {
+            for r in rows {
+                let r: picket::domain::event::StoredEvent = r;
+                assert!(r.position > *at, "positions go backwards");
+                *at = r.position;
+                seen.push(r.event.id);
+            }
+        };
+        while !writers.iter().all(|w| w.is_finished()) {
+            let rows = s.events_after(a, at, 50).await.unwrap();
+            tail(&mut seen, &mut at, rows);
+            tokio::task::yield_now().await;
+        }
+        let mut all = Vec::new();
+        for w in writers {
+            all.extend(w.await.unwrap());
+        }
+        bystanders.await.unwrap();
+        db.feeds_settled().await;
+        loop {
+            let rows = s.events_after(a, at, 500).await.unwrap();
+            if rows.is_empty() {
+                break;
+            }
+            tail(&mut seen, &mut at, rows);
+        }
+        assert_eq!(seen.len(), all.len(), "events missed or read twice");
+        let (mut seen, mut all) = (seen, all);
+        seen.sort();
+        all.sort();
+        assert_eq!(seen, all);
+    }
+
     crate::both_backends!(
         insert_reports_accepted_and_duplicates,
         feed_is_ordered_and_tenant_scoped,
