@@ -47,8 +47,8 @@ pub const HUB_BATCHES: usize = 64;
 /// to [`RECHECK_MAX`], and re-reading stops once the poll interval has passed.
 const RECHECK_FIRST: Duration = Duration::from_millis(5);
 /// Longest delay between such re-reads: what an entry that becomes readable
-/// (the older writers of its feed ended) can wait beyond that moment. Under
-/// load the wait for older writers is up to a few hundred milliseconds, and a
+/// (its older transactions ended) can wait beyond that moment. Under ingest
+/// load the wait for older transactions is a few hundred milliseconds, and a
 /// delay doubling up to the poll interval added up to as much again.
 const RECHECK_MAX: Duration = Duration::from_millis(50);
 

@@ -129,7 +129,7 @@ fn describe_metrics() {
     );
     describe_counter!(
         "picket_detect_rereads_total",
-        "Re-reads of a tenant's feed scheduled because events the ingest hand-off announced were not readable yet (Postgres shows a commit once every older ingest transaction has ended)"
+        "Re-reads of a tenant's feed scheduled because events the ingest hand-off announced were not readable yet (Postgres shows a commit once every older transaction has ended)"
     );
     describe_counter!(
         "picket_detect_reread_abandoned_total",

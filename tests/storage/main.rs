@@ -3135,8 +3135,8 @@ mod playbooks {
         ));
         assert_eq!(s.get_run(a.id, r.id).await.unwrap(), saved);
         // Every state is in the change log, with the status before. A commit
-        // is readable on the Postgres log once every older writer of the log
-        // has ended.
+        // is readable on the Postgres log once every older transaction of the
+        // cluster has ended (a concurrently running test's may be open).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let log = loop {
             let log = s
