@@ -272,8 +272,7 @@ pub struct StoredEvent {
 
 /// A position in a tenant's commit-ordered feed of events. On Postgres `xid`
 /// is the inserting transaction's id and the feed is read only below the oldest
-/// running transaction registered as an event writer, so no row can later
-/// appear before a delivered position;
+/// running transaction, so no row can later appear before a delivered position;
 /// on SQLite writers are serialized and `xid` is 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct FeedPosition {

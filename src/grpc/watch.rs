@@ -199,8 +199,7 @@ async fn run_hub<F: Feed>(
     metrics::gauge!("picket_watch_hubs", "stream" => F::STREAM).increment(1.0);
     let mut position: Option<FeedPosition> = None;
     // After a wake-up that found nothing new, look again soon: on Postgres a
-    // committed entry becomes readable only once older writers of the change
-    // log end.
+    // committed entry becomes readable only once older transactions end.
     let mut recheck: Option<Duration> = None;
     // When the re-reading began (the first wake-up that found nothing).
     let mut rechecking_since: Option<std::time::Instant> = None;

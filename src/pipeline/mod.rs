@@ -196,7 +196,7 @@ const REREAD_MAX: Duration = Duration::from_millis(50);
 
 /// Events the ingest hand-off announced for a tenant that its feed did not
 /// show yet. On Postgres a commit is readable on the feed only once every
-/// older ingest transaction has ended (see `storage/postgres.rs`),
+/// older transaction of the cluster has ended (see `storage/postgres.rs`),
 /// so the read right after the notice can come back short; instead of
 /// leaving them to the next poll (seconds), the pipeline re-reads with a
 /// delay that doubles from [`REREAD_FIRST`] to [`REREAD_MAX`], until they

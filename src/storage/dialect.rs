@@ -185,9 +185,9 @@ pub(crate) trait Dialect:
     /// The select-list expression of a feed row's transaction position, read
     /// back by [`Dialect::position`] as column `feed_xid`.
     const FEED_XID: &'static str;
-    /// Condition (starting with ` AND`, or empty) keeping only rows of the
-    /// feed in `table` that no transaction still in flight can precede.
-    fn readable(table: &str) -> &'static str;
+    /// Condition (starting with ` AND`, or empty) keeping only feed rows that
+    /// no transaction still in flight can precede.
+    const READABLE: &'static str;
     /// The feed's commit order, ascending.
     const FEED_ORDER: &'static str;
     /// The feed's commit order, descending.

@@ -3,8 +3,7 @@
 //! row-level security applies to every query; tenant-owned work happens in a
 //! transaction that first sets `picket.tenant_id` ([`PgStore::tenant_tx`]).
 //! Uuids are `uuid`, documents `jsonb`, times `timestamptz`; the feed position
-//! is `(xid, seq)`, read only below the oldest transaction in flight that
-//! registered as a writer of that feed (migration 0020); events are inserted
+//! is `(xid, seq)`, read only below `pg_snapshot_xmin`; events are inserted
 //! with one UNNEST statement per tenant; detection shards and presence are
 //! session advisory locks on one dedicated connection.
 
@@ -57,11 +56,6 @@ const PRESENCE: i32 = 0x7069_6b01;
 const SHARD: i32 = 0x7069_6b02;
 /// Serializes joining (transaction-scoped).
 const JOIN: i32 = 0x7069_6b03;
-/// Feeds, by their registration key `(0x7069_6b04, feed)` (migration 0020):
-/// a transaction that writes a feed registers before its first write, and
-/// readers of the feed wait only for the registered ones.
-const FEED_EVENTS: i32 = 1;
-const FEED_CHANGE_LOG: i32 = 2;
 /// The one detection lock of versions before shards (`bigint` form). Members
 /// hold it shared, so such a version cannot lead beside them, nor they
 /// beside it.
@@ -96,19 +90,13 @@ impl PgStore {
         })
     }
 
-    /// Begins a transaction bound to `tenant` for row-level security; one
-    /// that may write the change log (`write`) registers as its writer.
+    /// Begins a transaction bound to `tenant` for row-level security.
     pub(crate) async fn tenant_tx(
         &self,
         tenant: TenantId,
-        write: bool,
     ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        if write {
-            set_tenant_writing(&mut tx, tenant, FEED_CHANGE_LOG).await?;
-        } else {
-            set_tenant(&mut tx, tenant).await?;
-        }
+        set_tenant(&mut tx, tenant).await?;
         Ok(tx)
     }
 }
@@ -117,22 +105,6 @@ impl PgStore {
 async fn set_tenant(tx: &mut Tx<Postgres>, tenant: TenantId) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT set_config('picket.tenant_id', $1, true)")
         .bind(tenant.0.to_string())
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
-/// [`set_tenant`], and registers `tx` as a writer of `feed` (a no-op if it
-/// is one already). Must come before `tx`'s first write: readers of the feed
-/// wait only for registered writers (migration 0020).
-async fn set_tenant_writing(
-    tx: &mut Tx<Postgres>,
-    tenant: TenantId,
-    feed: i32,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT set_config('picket.tenant_id', $1, true), picket_feed_writer($2)")
-        .bind(tenant.0.to_string())
-        .bind(feed)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -152,6 +124,9 @@ impl Dialect for Postgres {
     const DUE_RUNS: &'static str = "SELECT tenant_id, id FROM picket_due_playbook_runs($1, $2)";
     const DECISION_SCHEDULE: &'static str = "picket_decision_schedule()";
     const FEED_XID: &'static str = "xid::text AS feed_xid";
+    // A transaction still in flight may commit rows with a smaller xid than
+    // rows already visible; stop below the oldest one.
+    const READABLE: &'static str = " AND xid < pg_snapshot_xmin(pg_current_snapshot())";
     const FEED_ORDER: &'static str = "xid, seq";
     const FEED_ORDER_DESC: &'static str = "xid DESC, seq DESC";
     const BYTE_ORDER: &'static str = " COLLATE \"C\"";
@@ -163,20 +138,6 @@ impl Dialect for Postgres {
     const ALERT_ENTITIES: &'static str =
         "alerts a CROSS JOIN LATERAL jsonb_array_elements(a.doc #> '{body,entities}') AS ent(v)";
     const ENTITY: &'static str = "ent.v";
-
-    fn readable(table: &str) -> &'static str {
-        // A transaction still in flight may commit rows with a smaller xid
-        // than rows already visible; stop below the oldest one that can write
-        // this feed (migration 0020). The subquery makes it one call per
-        // statement, with the statement's snapshot.
-        // The numbers are `FEED_EVENTS` and `FEED_CHANGE_LOG`.
-        match table {
-            "events" => " AND xid < (SELECT picket_feed_fence(pg_current_snapshot(), 1))",
-            "change_log" => " AND xid < (SELECT picket_feed_fence(pg_current_snapshot(), 2))",
-            // Any other table: every transaction in flight may write it.
-            _ => " AND xid < pg_snapshot_xmin(pg_current_snapshot())",
-        }
-    }
 
     fn micros(col: &str) -> String {
         // EXTRACT gives numeric seconds with the microseconds exact.
@@ -277,9 +238,9 @@ impl Dialect for Postgres {
     async fn begin(
         store: &PgStore,
         tenant: TenantId,
-        write: bool,
+        _write: bool,
     ) -> Result<Tx<Self>, sqlx::Error> {
-        store.tenant_tx(tenant, write).await
+        store.tenant_tx(tenant).await
     }
 
     async fn begin_snapshot(store: &PgStore, tenant: TenantId) -> Result<Tx<Self>, sqlx::Error> {
@@ -559,7 +520,7 @@ async fn insert_group(
     tenant: TenantId,
     events: &[NewEvent],
 ) -> Result<Vec<InsertOutcome>, sqlx::Error> {
-    set_tenant_writing(tx, tenant, FEED_EVENTS).await?;
+    set_tenant(tx, tenant).await?;
     let n = events.len();
     let mut ids = Vec::with_capacity(n);
     let mut idem = Vec::with_capacity(n);

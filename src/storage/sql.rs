@@ -418,7 +418,7 @@ impl<DB: Dialect> SqlStore<DB> {
         if let Some(stream) = stream {
             q.push(" AND stream = ").push_bind(stream);
         }
-        q.push(DB::readable(table));
+        q.push(DB::READABLE);
         q
     }
 

@@ -350,6 +350,7 @@ impl Dialect for Sqlite {
          WHERE status = 1 AND approval_deadline <= $1 ORDER BY approval_deadline LIMIT $2";
     const DECISION_SCHEDULE: &'static str = "decision_heads";
     const FEED_XID: &'static str = "xid AS feed_xid";
+    const READABLE: &'static str = "";
     const FEED_ORDER: &'static str = "seq";
     const FEED_ORDER_DESC: &'static str = "seq DESC";
     const BYTE_ORDER: &'static str = "";
@@ -360,11 +361,6 @@ impl Dialect for Sqlite {
     const EXPLAIN_COLUMN: &'static str = "detail";
     const ALERT_ENTITIES: &'static str = "alerts a, json_each(a.doc, '$.body.entities') AS ent";
     const ENTITY: &'static str = "ent.value";
-
-    fn readable(_table: &str) -> &'static str {
-        // Writers are serialized: `seq` is commit order, every row readable.
-        ""
-    }
 
     fn micros(col: &str) -> String {
         // Times are stored as integer microseconds already.
