@@ -450,18 +450,6 @@ pub trait EventStore: Send + Sync {
         ids: &[uuid::Uuid],
     ) -> StoreResult<Vec<StoredEvent>>;
 
-    /// [`EventStore::get_events`] among the events that occurred in
-    /// `[from, to]` only (ids outside it are skipped like missing ones). On
-    /// Postgres, where events are partitioned by day, the bound lets the read
-    /// visit only those days' partitions instead of every one.
-    async fn get_events_within(
-        &self,
-        tenant: TenantId,
-        ids: &[uuid::Uuid],
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> StoreResult<Vec<StoredEvent>>;
-
     /// Creates the event partitions of the UTC days `first..=last` that do
     /// not exist yet (at most 400 days per call) and returns how many it
     /// created. Events of those days already stored in the default partition

@@ -1332,30 +1332,14 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
     }
 
     async fn get_events(&self, tenant: TenantId, ids: &[Uuid]) -> StoreResult<Vec<StoredEvent>> {
-        self.events_by_id(tenant, ids, None).await
-    }
-
-    async fn get_events_within(
-        &self,
-        tenant: TenantId,
-        ids: &[Uuid],
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> StoreResult<Vec<StoredEvent>> {
-        self.events_by_id(tenant, ids, Some((from, to))).await
+        self.events_by_id(tenant, ids).await
     }
 }
 
 #[allow(private_bounds)]
 impl<DB: Dialect> SqlStore<DB> {
-    /// The tenant's events with these ids, optionally only those that
-    /// occurred in `[from, to]`.
-    async fn events_by_id(
-        &self,
-        tenant: TenantId,
-        ids: &[Uuid],
-        within: Option<(DateTime<Utc>, DateTime<Utc>)>,
-    ) -> StoreResult<Vec<StoredEvent>> {
+    /// The tenant's events with these ids.
+    async fn events_by_id(&self, tenant: TenantId, ids: &[Uuid]) -> StoreResult<Vec<StoredEvent>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -1364,12 +1348,6 @@ impl<DB: Dialect> SqlStore<DB> {
             DB::FEED_XID
         ));
         b.push_uuid(tenant.0);
-        if let Some((from, to)) = within {
-            b.push(" AND occurred_at >= ")
-                .push_time(from)
-                .push(" AND occurred_at <= ")
-                .push_time(to);
-        }
         DB::push_uuid_in(&mut b, "id", ids);
         b.push(" ORDER BY occurred_at, id");
         self.read_list(
