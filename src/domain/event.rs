@@ -282,6 +282,118 @@ pub struct FeedPosition {
     pub seq: i64,
 }
 
+/// A snapshot of the Postgres transactions in flight (`pg_current_snapshot()`
+/// of the statement that read a page of the feed): every xid below `xmin` had
+/// ended, `xip` were running, and none from `xmax` on had started.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct XactSnapshot {
+    /// Oldest xid still running.
+    pub xmin: u64,
+    /// First xid not yet assigned.
+    pub xmax: u64,
+    /// Running xids in `[xmin, xmax)`.
+    pub xip: Vec<u64>,
+}
+
+impl XactSnapshot {
+    /// Parses the text form `xmin:xmax:xip,xip,...` of `pg_snapshot`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut parts = s.splitn(3, ':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<u64>, _>>()
+                .ok()?,
+        };
+        Some(Self { xmin, xmax, xip })
+    }
+
+    /// Whether `xid` was still running (or not yet started) at the snapshot.
+    pub fn running(&self, xid: u64) -> bool {
+        xid >= self.xmax || (xid >= self.xmin && self.xip.contains(&xid))
+    }
+}
+
+/// Where the detection pipeline is in a tenant's event feed. Unlike a bare
+/// [`FeedPosition`], read only below the oldest transaction still running,
+/// it reads every event as soon as its transaction commits: everything at or
+/// before `frontier` has been read except the rows of the `pending`
+/// transactions, which were still running when the frontier passed them (on
+/// Postgres a transaction commits rows with its xid, so an older one can
+/// still add rows behind a newer commit). Each pending entry keeps the last
+/// `seq` of its rows read (0: none). On SQLite, where writers are serialized,
+/// `pending` stays empty.
+///
+/// This is the scheme of PgQ's batches (rows visible in this snapshot and not
+/// in the last one), kept per reader: it lets detection work through events
+/// while an ingest batch or an alert raise started earlier is still in flight,
+/// instead of idling until every older transaction of the cluster has ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EventCursor {
+    /// Every row up to here, except those of `pending`, has been read.
+    pub frontier: FeedPosition,
+    /// `(xid, last seq read)` of transactions before the frontier that were
+    /// running when it passed them, and rows of theirs may still be unread.
+    pub pending: Vec<(u64, i64)>,
+}
+
+impl EventCursor {
+    /// A cursor at `position` with nothing pending (SQLite, or a head read
+    /// below the oldest running transaction).
+    pub fn at(position: FeedPosition) -> Self {
+        Self {
+            frontier: position,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Whether the row at `p` has been read.
+    pub fn covers(&self, p: FeedPosition) -> bool {
+        p <= self.frontier
+            && self
+                .pending
+                .iter()
+                .all(|(xid, seq)| p.xid != *xid || p.seq <= *seq)
+    }
+
+    /// The cursor after reading `rows`: the feed rows after this cursor
+    /// (past the frontier, or of a pending transaction past its last seq)
+    /// that were visible in `snapshot`, in `(xid, seq)` order, cut at the
+    /// page limit if `full`.
+    pub fn advance(&self, rows: &[FeedPosition], full: bool, snapshot: &XactSnapshot) -> Self {
+        let mut next = self.clone();
+        for r in rows {
+            if *r > next.frontier {
+                next.frontier = *r;
+            } else if let Some(p) = next.pending.iter_mut().find(|(xid, _)| *xid == r.xid) {
+                p.1 = p.1.max(r.seq);
+            }
+        }
+        // Transactions the frontier passed while they were running: their
+        // rows will have xids behind it.
+        for &xid in &snapshot.xip {
+            if xid > self.frontier.xid
+                && xid < next.frontier.xid
+                && !next.pending.iter().any(|(x, _)| *x == xid)
+            {
+                next.pending.push((xid, 0));
+            }
+        }
+        // A pending transaction that had ended by the snapshot is done once
+        // the page reached past all its rows: the page was not cut, or was
+        // cut at a later transaction's row.
+        let cut = full.then(|| rows.last().map_or(0, |p| p.xid));
+        next.pending
+            .retain(|(xid, _)| snapshot.running(*xid) || cut.is_some_and(|c| *xid >= c));
+        next.pending.sort_unstable();
+        next
+    }
+}
+
 /// What ingesting one event did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InsertOutcome {
@@ -476,6 +588,83 @@ pub fn random_idempotency_digest() -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(xid: u64, seq: i64) -> FeedPosition {
+        FeedPosition { xid, seq }
+    }
+
+    fn snap(xmin: u64, xmax: u64, xip: &[u64]) -> XactSnapshot {
+        XactSnapshot {
+            xmin,
+            xmax,
+            xip: xip.to_vec(),
+        }
+    }
+
+    #[test]
+    fn snapshots_parse_from_postgres_text() {
+        assert_eq!(XactSnapshot::parse("727:727:"), Some(snap(727, 727, &[])));
+        assert_eq!(
+            XactSnapshot::parse("10:20:10,14"),
+            Some(snap(10, 20, &[10, 14]))
+        );
+        assert_eq!(XactSnapshot::parse("10:20"), None);
+        assert_eq!(XactSnapshot::parse("x:20:"), None);
+        let s = snap(10, 20, &[12]);
+        assert!(s.running(12) && s.running(20) && !s.running(11) && !s.running(9));
+    }
+
+    #[test]
+    fn a_cursor_reads_past_running_transactions_and_comes_back_for_them() {
+        // 11 and 13 committed, 12 still running: read past it.
+        let c = EventCursor::default();
+        let c = c.advance(&[at(11, 1), at(13, 3)], false, &snap(12, 14, &[12]));
+        assert_eq!(c.frontier, at(13, 3));
+        assert_eq!(c.pending, vec![(12, 0)]);
+        assert!(c.covers(at(11, 1)) && c.covers(at(13, 3)));
+        assert!(!c.covers(at(12, 2)), "a running transaction's rows are not read");
+        assert!(!c.covers(at(14, 4)));
+        // 12 commits two rows; the next page reads them (from the pending
+        // branch) and 15's, and 12 is done.
+        let c = c.advance(&[at(12, 2), at(12, 5), at(15, 6)], false, &snap(16, 16, &[]));
+        assert_eq!(c.frontier, at(15, 6));
+        assert!(c.pending.is_empty());
+        assert!(c.covers(at(12, 5)));
+    }
+
+    #[test]
+    fn a_cut_page_keeps_what_it_did_not_reach() {
+        // 12 and 14 pending; 12 committed 3 rows, the page (2 rows) stops in them.
+        let c = EventCursor {
+            frontier: at(15, 9),
+            pending: vec![(12, 0), (14, 0)],
+        };
+        let c2 = c.advance(&[at(12, 1), at(12, 2)], true, &snap(14, 16, &[14]));
+        assert_eq!(c2.frontier, at(15, 9));
+        assert_eq!(c2.pending, vec![(12, 2), (14, 0)]);
+        // The next page finishes 12; 14 still runs.
+        let c3 = c2.advance(&[at(12, 3)], false, &snap(14, 16, &[14]));
+        assert_eq!(c3.pending, vec![(14, 0)]);
+        // 14 aborted (no rows, no longer running): dropped.
+        let c4 = c3.advance(&[], false, &snap(16, 16, &[]));
+        assert!(c4.pending.is_empty());
+        assert_eq!(c4.frontier, at(15, 9));
+    }
+
+    #[test]
+    fn a_cut_page_drops_only_ended_transactions_it_passed() {
+        let c = EventCursor {
+            frontier: at(20, 9),
+            pending: vec![(12, 0), (14, 0)],
+        };
+        // Cut at 14's first row: 12 (ended, all read) goes, 14 stays.
+        let c2 = c.advance(&[at(12, 1), at(14, 2)], true, &snap(21, 21, &[]));
+        assert_eq!(c2.pending, vec![(14, 2)]);
+        // Past the frontier, a cut page adds the running transactions it passed.
+        let c3 = c2.advance(&[at(14, 3), at(22, 10), at(25, 11)], true, &snap(23, 26, &[23, 24]));
+        assert_eq!(c3.frontier, at(25, 11));
+        assert_eq!(c3.pending, vec![(23, 0), (24, 0)]);
+    }
 
     #[test]
     fn ips_are_canonicalized() {

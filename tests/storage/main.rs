@@ -1457,6 +1457,78 @@ mod events {
         assert_eq!(s.events_head(c.id).await.unwrap(), None);
     }
 
+    /// The detection cursor reads a commit at once, past an older
+    /// transaction still running, and comes back for that one's rows when it
+    /// commits: nothing missed, nothing read twice (issue 12: the bare
+    /// position waits for every older transaction of the cluster).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_event_cursor_reads_past_running_transactions() {
+        use picket::domain::event::EventCursor;
+        use sqlx::Connection;
+        let (s, db) = store(Backend::Postgres).await;
+        let (a, _) = two_tenants(s.as_ref()).await;
+        let first = vec![event("c1", "x", 1)];
+        s.insert_events(&[(a, &first)]).await.unwrap();
+        // A transaction of the owner adds a copy of the first event and stays open.
+        let mut held = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut held).await.unwrap();
+        let copied = uuid::Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO events (tenant_id, id, idem, occurred_at, received_at, event_type, \
+             ocsf_class_uid, ocsf_category_uid, actor, action, resource, outcome, severity, \
+             source_ip, destination_ip, source_system, service, environment, details) \
+             SELECT tenant_id, $2, '\\x01'::bytea, occurred_at, received_at, event_type, \
+             ocsf_class_uid, ocsf_category_uid, actor, action, resource, outcome, severity, \
+             source_ip, destination_ip, source_system, service, environment, details \
+             FROM events WHERE id = $1",
+        )
+        .bind(first[0].id)
+        .bind(copied)
+        .execute(&mut held)
+        .await
+        .unwrap();
+        let second = vec![event("c2", "x", 2)];
+        s.insert_events(&[(a, &second)]).await.unwrap();
+        let ids = |rows: &[picket::domain::event::StoredEvent]| -> Vec<uuid::Uuid> {
+            rows.iter().map(|e| e.event.id).collect()
+        };
+
+        // The bare position stops at the running transaction.
+        let bare = s.events_after(a, FeedPosition::default(), 10).await.unwrap();
+        assert!(!ids(&bare).contains(&second[0].id), "{bare:?}");
+        // The cursor reads both commits, and keeps the running one pending.
+        let (read, cursor) = s.events_from(a, &EventCursor::default(), 10).await.unwrap();
+        assert_eq!(ids(&read), vec![first[0].id, second[0].id]);
+        assert_eq!(cursor.pending.len(), 1, "{cursor:?}");
+        let head = s.events_cursor(a).await.unwrap();
+        assert!(head.covers(read[1].position) && head.pending == cursor.pending);
+        let (again, same) = s.events_from(a, &cursor, 10).await.unwrap();
+        assert!(again.is_empty(), "read twice: {again:?}");
+        assert_eq!(same, cursor);
+
+        // It commits: its row comes next, once, behind the frontier.
+        sqlx::query("COMMIT").execute(&mut held).await.unwrap();
+        let (late, after) = s.events_from(a, &cursor, 10).await.unwrap();
+        assert_eq!(ids(&late), vec![copied]);
+        assert!(late[0].position < read[1].position);
+        assert!(after.pending.is_empty(), "{after:?}");
+        assert!(after.covers(late[0].position) && !head.covers(late[0].position));
+        let (none, _) = s.events_from(a, &after, 10).await.unwrap();
+        assert!(none.is_empty(), "read twice: {none:?}");
+        // Pages of one row walk the same rows in the same order.
+        let mut c = EventCursor::default();
+        let mut walked = Vec::new();
+        loop {
+            let (page, next) = s.events_from(a, &c, 1).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            walked.extend(ids(&page));
+            c = next;
+        }
+        assert_eq!(walked, vec![first[0].id, copied, second[0].id]);
+    }
+
     pub async fn query_pages_and_purge(backend: Backend) {
         let (s, _db) = store(backend).await;
         let (a, _) = two_tenants(s.as_ref()).await;
