@@ -7,15 +7,10 @@
 //! If it lags behind the hand-off it misses nothing; the lag is counted in
 //! `picket_ingest_handoff_lagged_total` and it catches up from the store.
 //!
-//! Each tenant's place in its feed is an [`EventCursor`]: events are read as
-//! soon as their transaction commits, not once every older transaction of
-//! the cluster has ended (see its docs).
-//!
 //! Restart: window state is **rebuilt**, not persisted. At start the pipeline
-//! takes each tenant's cursor at everything committed then, replays the
-//! tenant's events of the last `replay` (at most `replay_max_events`, oldest
-//! first) that the cursor covers (later ones are evaluated live from the feed,
-//! exactly once) through the engine, and
+//! records each tenant's feed head, replays the tenant's events of the last
+//! `replay` (at most `replay_max_events`, oldest first) up to that head (later
+//! ones are evaluated live from the feed, exactly once) through the engine, and
 //! raises only detections that no stored alert already covers (same
 //! fingerprint with last_seen at or after the detection's first_seen: a
 //! replay that reaches less history can fire later within the same burst, e.g.
@@ -44,7 +39,7 @@ use crate::detect::features::ClosedWindow;
 use crate::detect::{Detection, Evaluator, RuleOrigin, RuleSource, TenantRules};
 use crate::domain::TenantId;
 use crate::domain::alert::AlertQuery;
-use crate::domain::event::{EventCursor, StoredEvent};
+use crate::domain::event::FeedPosition;
 use crate::ingest::CommittedEvents;
 use crate::pipeline::scoring::{AnomalyScorer, ScoringConfig};
 use crate::storage::{Store, StoreResult};
@@ -159,7 +154,7 @@ pub struct DetectionPipeline {
     /// Rule and behaviour evaluation, per tenant.
     evaluator: Evaluator,
     /// Next feed position per known tenant.
-    positions: HashMap<TenantId, EventCursor>,
+    positions: HashMap<TenantId, FeedPosition>,
     /// Tuning.
     config: PipelineConfig,
     /// Cancelled at shutdown; long passes stop between batches.
@@ -200,8 +195,9 @@ const REREAD_FIRST: Duration = Duration::from_millis(5);
 const REREAD_MAX: Duration = Duration::from_millis(50);
 
 /// Events the ingest hand-off announced for a tenant that its feed did not
-/// show yet. The read right after the notice can come back short (it raced
-/// the commit, or another replica's); instead of
+/// show yet. On Postgres a commit is readable on the feed only once every
+/// older transaction of the cluster has ended (see `storage/postgres.rs`),
+/// so the read right after the notice can come back short; instead of
 /// leaving them to the next poll (seconds), the pipeline re-reads with a
 /// delay that doubles from [`REREAD_FIRST`] to [`REREAD_MAX`], until they
 /// are read or the poll interval has passed (the poll then catches them).
@@ -380,7 +376,7 @@ impl DetectionPipeline {
     }
 
     /// Rebuilds window state from recent events (see the module docs) and
-    /// puts every tenant's cursor at what is committed now. Returns alerts raised.
+    /// positions every tenant at its current feed head. Returns alerts raised.
     pub async fn rebuild(&mut self, now: DateTime<Utc>) -> StoreResult<usize> {
         let all = self.shards.clone();
         self.rebuild_of(&all, now).await
@@ -403,8 +399,8 @@ impl DetectionPipeline {
                     return Ok(raised);
                 }
                 led.push(t.id);
-                let head = self.store.events_cursor(t.id).await?;
-                self.positions.insert(t.id, head.clone());
+                let head = self.store.events_head(t.id).await?.unwrap_or_default();
+                self.positions.insert(t.id, head);
                 self.reload_rules(t.id).await?;
                 self.scorer.load(self.store.as_ref(), t.id).await?;
                 let mut events = crate::pipeline::scoring::events_in_range(
@@ -415,11 +411,12 @@ impl DetectionPipeline {
                     self.config.replay_max_events,
                 )
                 .await?;
-                // Events the cursor does not cover are evaluated live from
-                // the feed; replaying them too would count them twice (a
-                // burst of 3 would look like 6). The range query sees rows
-                // the cursor does not (committed after it was taken).
-                events.retain(|e| head.covers(e.position));
+                // Events past the head are evaluated live from the feed;
+                // replaying them too would count them twice (a burst of 3
+                // would look like 6). The range query sees rows the head
+                // does not yet (committed after it was read, or not yet
+                // readable on the feed on Postgres).
+                events.retain(|e| e.position <= head);
                 // Replayed detections queued but not yet written: a
                 // fingerprint's latest last_seen among them covers later
                 // ones as a stored alert would.
@@ -526,27 +523,25 @@ impl DetectionPipeline {
             }
             self.reload_rules(tenant).await?;
             self.scorer.load(self.store.as_ref(), tenant).await?;
-            self.positions.insert(tenant, EventCursor::default());
+            self.positions.insert(tenant, FeedPosition::default());
         }
         // While a full batch is evaluated, the next one is read and decoded
         // on another task (another core), so a backlog is worked through
         // without waiting on the store between batches.
         let mut prefetch: Option<Prefetch> = None;
         while !self.shutdown.is_cancelled() {
-            let (batch, next) = match prefetch.take() {
+            let batch = match prefetch.take() {
                 Some(next) => next.batch().await?,
                 None => {
-                    let cursor = self.positions.get(&tenant).cloned().unwrap_or_default();
-                    self.store.events_from(tenant, &cursor, READ).await?
+                    let pos = self.positions.get(&tenant).copied().unwrap_or_default();
+                    self.store.events_after(tenant, pos, READ).await?
                 }
             };
-            if batch.is_empty() {
-                // Pending transactions that ended with no rows are dropped.
-                self.positions.insert(tenant, next);
+            let Some(last) = batch.last().map(|e| e.position) else {
                 break;
-            }
+            };
             if batch.len() == READ as usize {
-                prefetch = Some(Prefetch::start(self.store.clone(), tenant, next.clone()));
+                prefetch = Some(Prefetch::start(self.store.clone(), tenant, last));
             }
             self.progress.reading(tenant, batch[0].event.received_at);
             if let Some(o) = self.owed.get_mut(&tenant) {
@@ -555,7 +550,7 @@ impl DetectionPipeline {
             tracing::debug!(tenant_id = %tenant, read = batch.len(), "feed read");
             let batch = Arc::new(batch);
             raised += self.evaluate_batch(tenant, batch.clone()).await?;
-            self.positions.insert(tenant, next);
+            self.positions.insert(tenant, last);
             metrics::counter!("picket_detect_events_total").increment(batch.len() as u64);
             let caught_up = batch.len() < READ as usize;
             let newest = batch.last().map_or_else(Utc::now, |e| e.event.received_at);
@@ -856,18 +851,18 @@ async fn score_batch(
 
 /// The read of a tenant's next batch of events, running while the current
 /// one is evaluated; aborted if the pass ends first.
-struct Prefetch(tokio::task::JoinHandle<StoreResult<(Vec<StoredEvent>, EventCursor)>>);
+struct Prefetch(tokio::task::JoinHandle<StoreResult<Vec<crate::domain::event::StoredEvent>>>);
 
 impl Prefetch {
     /// Reads `tenant`'s events after `after`.
-    fn start(store: Arc<dyn Store>, tenant: TenantId, after: EventCursor) -> Self {
+    fn start(store: Arc<dyn Store>, tenant: TenantId, after: FeedPosition) -> Self {
         Self(tokio::spawn(async move {
-            store.events_from(tenant, &after, READ).await
+            store.events_after(tenant, after, READ).await
         }))
     }
 
     /// The batch read.
-    async fn batch(mut self) -> StoreResult<(Vec<StoredEvent>, EventCursor)> {
+    async fn batch(mut self) -> StoreResult<Vec<crate::domain::event::StoredEvent>> {
         match (&mut self.0).await {
             Ok(read) => read,
             Err(e) => Err(anyhow::anyhow!("the feed read task failed: {e}").into()),

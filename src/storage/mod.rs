@@ -33,9 +33,7 @@ use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::decision::{
     Decision, DecisionHead, DecisionLogEntry, DecisionQuery, TargetState,
 };
-use crate::domain::event::{
-    EventCursor, EventQuery, FeedPosition, InsertOutcome, NewEvent, StoredEvent,
-};
+use crate::domain::event::{EventQuery, FeedPosition, InsertOutcome, NewEvent, StoredEvent};
 use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
 use crate::domain::playbook::{NotificationSettings, Playbook, PlaybookRun, RunQuery, RunStatus};
 use crate::domain::report::{
@@ -441,19 +439,6 @@ pub trait EventStore: Send + Sync {
 
     /// The newest readable position of the tenant's feed, if it has events.
     async fn events_head(&self, tenant: TenantId) -> StoreResult<Option<FeedPosition>>;
-
-    /// Events after `cursor` in the tenant's feed, each as soon as its
-    /// transaction has committed (see [`EventCursor`]), in `(xid, seq)`
-    /// order, at most `limit`; and the cursor after them.
-    async fn events_from(
-        &self,
-        tenant: TenantId,
-        cursor: &EventCursor,
-        limit: u32,
-    ) -> StoreResult<(Vec<StoredEvent>, EventCursor)>;
-
-    /// The cursor at everything of the tenant's feed committed now.
-    async fn events_cursor(&self, tenant: TenantId) -> StoreResult<EventCursor>;
 
     /// Deletes the tenant's events that occurred before `before`; returns how many.
     async fn purge_events(&self, tenant: TenantId, before: DateTime<Utc>) -> StoreResult<u64>;

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::domain::alert::{Alert, AlertQuery, AlertStatus, Change, NewAlert};
 use crate::domain::event::{
-    self, EventCursor, EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
+    self, EventQuery, FeedPosition, InsertOutcome, NewEvent, Outcome, StoredEvent,
 };
 use crate::domain::incident::{Incident, IncidentQuery, TimelineEntry};
 use crate::domain::playbook::{NotificationSettings, Playbook, PlaybookRun, RunQuery, RunStatus};
@@ -1288,97 +1288,6 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
         let q = Self::feed_head("events", tenant, None);
         let row = self.read_first(tenant, q).await.map_err(&fail)?;
         row.as_ref().map(DB::position).transpose().map_err(fail)
-    }
-
-    async fn events_from(
-        &self,
-        tenant: TenantId,
-        cursor: &EventCursor,
-        limit: u32,
-    ) -> StoreResult<(Vec<StoredEvent>, EventCursor)> {
-        if DB::BACKEND != Backend::Postgres {
-            // Writers are serialized: the feed is read in commit order and
-            // nothing is ever pending.
-            let rows = self.events_after(tenant, cursor.frontier, limit).await?;
-            let mut next = cursor.clone();
-            if let Some(last) = rows.last() {
-                next.frontier = last.position;
-            }
-            return Ok((rows, next));
-        }
-        let fail = fail("events", "failed to read the event feed");
-        let join = |f: &dyn Fn(&(u64, i64)) -> String| {
-            cursor.pending.iter().map(f).collect::<Vec<_>>().join(",")
-        };
-        // One statement, so the snapshot it returns is the one its rows were
-        // read in: the rows past the frontier (no wait for older
-        // transactions still running), then those of pending transactions
-        // past the seq read.
-        let q = Stmt::<DB>::text(format!(
-            "WITH s AS MATERIALIZED (SELECT pg_current_snapshot() AS snap) \
-             SELECT s.snap::text AS feed_snapshot, f.* FROM s LEFT JOIN LATERAL ( \
-               SELECT u.xid::text AS feed_xid, u.* FROM ( \
-                 (SELECT xid, {EVENT_COLUMNS} FROM events \
-                   WHERE tenant_id = $1 AND (xid, seq) > ($2::text::xid8, $3) ORDER BY xid, seq LIMIT $4) \
-                 UNION ALL \
-                 (SELECT xid, {EVENT_COLUMNS} FROM events, \
-                   unnest(string_to_array($5, ',')::xid8[], string_to_array($6, ',')::int8[]) AS p(px, ps) \
-                   WHERE tenant_id = $1 AND xid = px AND seq > ps) \
-               ) u ORDER BY u.xid, u.seq LIMIT $4 \
-             ) f ON true"
-        ))
-        .uuid(tenant.0)
-        .arg(cursor.frontier.xid.to_string())
-        .arg(cursor.frontier.seq)
-        .arg(i64::from(limit))
-        .arg(join(&|(x, _)| x.to_string()))
-        .arg(join(&|(_, s)| s.to_string()));
-        let rows = self.read_all(tenant, q).await.map_err(&fail)?;
-        let mut events = Vec::with_capacity(rows.len());
-        let mut snapshot = None;
-        for row in &rows {
-            if snapshot.is_none() {
-                let text: String = row.col("feed_snapshot").map_err(&fail)?;
-                snapshot = Some(event::XactSnapshot::parse(&text).ok_or_else(|| {
-                    fail(sqlx::Error::Decode("bad snapshot".into()))
-                })?);
-            }
-            if row.col::<Option<String>>("feed_xid").map_err(&fail)?.is_some() {
-                events.push(event_from_row::<DB>(row).map_err(&fail)?);
-            }
-        }
-        let snapshot = snapshot.ok_or_else(|| fail(sqlx::Error::RowNotFound))?;
-        let positions: Vec<FeedPosition> = events.iter().map(|e| e.position).collect();
-        let next = cursor.advance(&positions, events.len() == limit as usize, &snapshot);
-        Ok((events, next))
-    }
-
-    async fn events_cursor(&self, tenant: TenantId) -> StoreResult<EventCursor> {
-        if DB::BACKEND != Backend::Postgres {
-            return Ok(EventCursor::at(
-                self.events_head(tenant).await?.unwrap_or_default(),
-            ));
-        }
-        let fail = fail("events", "failed to read the event feed head");
-        let q = Stmt::<DB>::new(
-            "WITH s AS MATERIALIZED (SELECT pg_current_snapshot() AS snap) \
-             SELECT s.snap::text AS feed_snapshot, f.feed_xid, f.seq FROM s LEFT JOIN LATERAL ( \
-               SELECT xid::text AS feed_xid, seq FROM events WHERE tenant_id = $1 \
-               ORDER BY xid DESC, seq DESC LIMIT 1 \
-             ) f ON true",
-        )
-        .uuid(tenant.0);
-        let row = self.read_one(tenant, q).await.map_err(&fail)?;
-        let text: String = row.col("feed_snapshot").map_err(&fail)?;
-        let snapshot = event::XactSnapshot::parse(&text)
-            .ok_or_else(|| fail(sqlx::Error::Decode("bad snapshot".into())))?;
-        let head = match row.col::<Option<String>>("feed_xid").map_err(&fail)? {
-            Some(_) => vec![DB::position(&row).map_err(&fail)?],
-            None => Vec::new(),
-        };
-        // Everything visible now is read; transactions running behind the
-        // newest row are pending.
-        Ok(EventCursor::default().advance(&head, false, &snapshot))
     }
 
     async fn purge_events(&self, tenant: TenantId, before: DateTime<Utc>) -> StoreResult<u64> {
