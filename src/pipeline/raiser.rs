@@ -459,9 +459,9 @@ async fn raise_part(
     // partitions, but during a storm the statistics of today's partition
     // lag behind ingest: the planner then estimated a few rows in the
     // bound, walked the time index over the whole span and filtered by id
-    // (114,000 rows read for 92, 160–440 ms a read, 20–28 s of a storm's
-    // writer time; issue 12). By id, each read probes the id index of
-    // every partition: 1.5–3 ms for 92 ids over 36 partitions.
+    // (114,000 rows read for 92, 150–440 ms a read, 28 s of a storm;
+    // issue 12). By id, each read probes the id index of every partition:
+    // 1.4–2.6 ms for 92 ids over 36 partitions.
     for chunk in ids.chunks(EVIDENCE_READ) {
         let Some(found) = retrying(config, "evidence", || {
             config.store.get_events(tenant, chunk)
