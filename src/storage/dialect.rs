@@ -239,6 +239,8 @@ pub(crate) trait Dialect:
     /// on Postgres (the same statement, planned once, whatever the count),
     /// an `IN` list on SQLite.
     fn push_uuid_in(q: &mut Stmt<Self>, col: &str, ids: &[Uuid]);
+    /// [`Dialect::push_uuid_in`] for text values.
+    fn push_text_in(q: &mut Stmt<Self>, col: &str, values: &[&str]);
 
     /// A uuid column (NULL is `None`).
     fn opt_uuid(row: &Self::Row, col: &str) -> Result<Option<Uuid>, sqlx::Error>;
@@ -274,6 +276,23 @@ pub(crate) trait Dialect:
     /// [`Dialect::lock_fingerprint`] for several keys at once (in a fixed
     /// order, so two batches never wait on each other in a cycle).
     async fn lock_fingerprints(tx: &mut Tx<Self>, keys: Vec<String>) -> Result<(), sqlx::Error>;
+
+    /// Writes alert states inside `tx`, in this order: the evidence
+    /// snapshots `snaps` (distinct event ids; one already stored is kept),
+    /// the final rows `rows` (distinct alerts, inserted or updated; their
+    /// documents as [`crate::storage::sql::stored_alert`] gives them), then
+    /// one `alerts` change-log entry per `changes` item, in order. One
+    /// statement of column arrays on Postgres, whose text is the same for
+    /// any number of rows (prepared once per connection, one round trip);
+    /// chunks of multi-row statements on SQLite.
+    async fn write_alerts(
+        tx: &mut Tx<Self>,
+        tenant: TenantId,
+        snaps: &[(Uuid, &NewEvent)],
+        rows: &[&crate::domain::alert::Alert],
+        changes: &[(&str, &crate::domain::alert::Alert)],
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error>;
 
     /// See [`crate::storage::EventStore::insert_events`].
     async fn insert_events(

@@ -36,7 +36,7 @@ const EVIDENCE_READ_IDS: usize = 2_000;
 /// An alert as its document and change-log entries store it: evidence ids
 /// without snapshots (those live in `evidence_snapshots`, written by
 /// [`SqlStore::stash_snapshots`]). Borrowed when it carries none.
-fn stored_alert(a: &Alert) -> std::borrow::Cow<'_, Alert> {
+pub(crate) fn stored_alert(a: &Alert) -> std::borrow::Cow<'_, Alert> {
     if a.body.evidence.iter().all(|e| e.snapshot.is_none()) {
         return std::borrow::Cow::Borrowed(a);
     }
@@ -45,6 +45,34 @@ fn stored_alert(a: &Alert) -> std::borrow::Cow<'_, Alert> {
         e.snapshot = None;
     }
     std::borrow::Cow::Owned(a)
+}
+
+/// The evidence snapshots a write of alert states stores: `snaps` and any
+/// the alert rows `rows` still carry, once per event id (the first kept).
+pub(crate) fn snapshots_to_store<'a>(
+    snaps: &[(Uuid, &'a crate::domain::event::NewEvent)],
+    rows: &[&'a Alert],
+) -> Vec<(Uuid, &'a crate::domain::event::NewEvent)> {
+    let mut seen = std::collections::HashSet::new();
+    snaps
+        .iter()
+        .copied()
+        .chain(
+            rows.iter()
+                .flat_map(|a| a.body.evidence.iter())
+                .filter_map(|e| e.snapshot.as_ref().map(|s| (e.event_id, s))),
+        )
+        .filter(|(id, _)| seen.insert(*id))
+        .collect()
+}
+
+/// Records the time since `*since` as stage `name` of an alert raise
+/// transaction (`picket_alert_transaction_stage_seconds`) and restarts it.
+fn raise_stage(name: &'static str, since: &mut std::time::Instant) {
+    let now = std::time::Instant::now();
+    metrics::histogram!("picket_alert_transaction_stage_seconds", "stage" => name)
+        .record(now.duration_since(*since).as_secs_f64());
+    *since = now;
 }
 
 /// Classifies a failed operation on `what` (see [`StoreError::classify`]).
@@ -571,6 +599,7 @@ impl<DB: Dialect> SqlStore<DB> {
         suppression: chrono::Duration,
         now: DateTime<Utc>,
     ) -> Result<Vec<(Alert, bool)>, sqlx::Error> {
+        let mut step = std::time::Instant::now();
         let mut fingerprints: Vec<String> = alerts.iter().map(|a| a.fingerprint.clone()).collect();
         fingerprints.sort();
         fingerprints.dedup();
@@ -582,6 +611,7 @@ impl<DB: Dialect> SqlStore<DB> {
                 .collect(),
         )
         .await?;
+        raise_stage("lock", &mut step);
         let since = alerts.iter().map(|a| a.first_seen).min().unwrap_or(now) - suppression;
         // The batch's evidence snapshots, set aside: the alerts are folded and
         // logged with evidence ids, and the snapshots they keep are stored
@@ -602,12 +632,14 @@ impl<DB: Dialect> SqlStore<DB> {
             )
             .uuid(tenant.0)
             .time(since);
-            q.push_in("fingerprint", chunk.iter().map(String::as_str));
+            let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            DB::push_text_in(&mut q, "fingerprint", &chunk);
             q.push(DB::FOR_UPDATE);
             for row in q.fetch_all(&mut **tx).await? {
                 open.push(DB::doc(&row, "doc")?);
             }
         }
+        raise_stage("read", &mut step);
         let stored = open.len();
         // Which alerts changed (index into `open`), and each change to log.
         let mut touched = vec![false; stored];
@@ -652,7 +684,7 @@ impl<DB: Dialect> SqlStore<DB> {
             touched[n] = true;
             changes.push((created, open[n].clone()));
         }
-        // Final rows: one upsert per chunk.
+        // Final rows.
         let rows: Vec<&Alert> = open
             .iter()
             .zip(&touched)
@@ -667,23 +699,35 @@ impl<DB: Dialect> SqlStore<DB> {
             .filter(|e| kept.insert(e.event_id))
             .filter_map(|e| snaps.get(&e.event_id).map(|s| (e.event_id, s)))
             .collect();
-        Self::insert_snapshots(tx, tenant, &keep).await?;
-        Self::upsert_alerts(tx, &rows).await?;
         // Every state in order: watchers see each raise once.
         let logged: Vec<(&str, &Alert)> = changes
             .iter()
             .map(|(created, a)| (if *created { "created" } else { "updated" }, a))
             .collect();
-        Self::log_alert_changes(tx, tenant, &logged, now).await?;
+        raise_stage("fold", &mut step);
+        DB::write_alerts(tx, tenant, &keep, &rows, &logged, now).await?;
+        raise_stage("write", &mut step);
         Ok(changes.into_iter().map(|(c, a)| (a, c)).collect())
+    }
+
+    /// [`Dialect::write_alerts`] as chunks of multi-row statements (any
+    /// backend; SQLite's).
+    pub(crate) async fn write_alerts_in_chunks(
+        tx: &mut Tx<DB>,
+        tenant: TenantId,
+        snaps: &[(Uuid, &crate::domain::event::NewEvent)],
+        rows: &[&Alert],
+        changes: &[(&str, &Alert)],
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        Self::insert_snapshots(tx, tenant, &snapshots_to_store(snaps, rows)).await?;
+        Self::upsert_alerts(tx, rows).await?;
+        Self::log_alert_changes(tx, tenant, changes, now).await
     }
 
     /// Writes the final rows of `rows` (inserted or updated), one statement
     /// per chunk, inside `tx`.
     async fn upsert_alerts(tx: &mut Tx<DB>, rows: &[&Alert]) -> Result<(), sqlx::Error> {
-        if let Some(first) = rows.first() {
-            Self::stash_snapshots(tx, first.tenant_id, rows).await?;
-        }
         for chunk in rows.chunks(BATCH_ROWS) {
             let mut q = Stmt::<DB>::new(
                 "INSERT INTO alerts (tenant_id, id, fingerprint, severity, status, category, last_seen, created_at, incident_id, doc) VALUES ",
@@ -940,9 +984,8 @@ impl<DB: Dialect> SqlStore<DB> {
             }
         }
         let rows: Vec<&Alert> = order.iter().map(|id| &found[id]).collect();
-        Self::upsert_alerts(tx, &rows).await?;
         let logged: Vec<(&str, &Alert)> = rows.iter().map(|a| ("updated", *a)).collect();
-        Self::log_alert_changes(tx, tenant, &logged, now).await
+        DB::write_alerts(tx, tenant, &[], &rows, &logged, now).await
     }
 
     /// Inserts a tenant rule; `on_conflict` says what a rule with the same id does.
@@ -1391,22 +1434,16 @@ impl<DB: Dialect> AlertStore for SqlStore<DB> {
         }
         let fail = fail("alerts", "failed to raise alerts");
         // Where a raise spends its time (a storm's writer waits on each):
-        // `picket_alert_transaction_stage_seconds{stage=begin|statements|commit}`.
-        let stage = |name: &'static str, since: std::time::Instant| {
-            metrics::histogram!("picket_alert_transaction_stage_seconds", "stage" => name)
-                .record(since.elapsed().as_secs_f64());
-        };
-        let started = std::time::Instant::now();
+        // `picket_alert_transaction_stage_seconds{stage=begin|lock|read|fold|write|commit}`.
+        let mut step = std::time::Instant::now();
         let mut tx = self.write(tenant).await.map_err(&fail)?;
-        stage("begin", started);
-        let started = std::time::Instant::now();
+        raise_stage("begin", &mut step);
         let raised = Self::raise_all_in(&mut tx, tenant, alerts, suppression, now)
             .await
             .map_err(&fail)?;
-        stage("statements", started);
-        let started = std::time::Instant::now();
+        let mut step = std::time::Instant::now();
         tx.commit().await.map_err(fail)?;
-        stage("commit", started);
+        raise_stage("commit", &mut step);
         Ok(raised)
     }
 

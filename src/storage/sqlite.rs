@@ -407,6 +407,10 @@ impl Dialect for Sqlite {
         q.push(")");
     }
 
+    fn push_text_in(q: &mut Stmt<Self>, col: &str, values: &[&str]) {
+        q.push_in(col, values.iter().copied());
+    }
+
     fn push_has_entity(q: &mut Stmt<Self>, path: &[&str], entity: &Entity) {
         let kind = serde_json::to_value(entity.kind)
             .ok()
@@ -479,6 +483,18 @@ impl Dialect for Sqlite {
 
     async fn lock_fingerprints(_tx: &mut Tx<Self>, _keys: Vec<String>) -> Result<(), sqlx::Error> {
         Ok(())
+    }
+
+    async fn write_alerts(
+        tx: &mut Tx<Self>,
+        tenant: TenantId,
+        snaps: &[(Uuid, &NewEvent)],
+        rows: &[&crate::domain::alert::Alert],
+        changes: &[(&str, &crate::domain::alert::Alert)],
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        // Local statements, no round trips: the multi-row statements are fine.
+        SqlStore::<Self>::write_alerts_in_chunks(tx, tenant, snaps, rows, changes, now).await
     }
 
     async fn refresh_statistics(store: &SqliteStore) -> StoreResult<()> {

@@ -166,7 +166,8 @@ pub struct StormReport {
     pub correlation_seconds: f64,
     /// Seconds of the writers' stages (`picket_alert_write_stage_seconds`:
     /// evidence, raise, handoff) and of the alert transactions' own stages
-    /// (`picket_alert_transaction_stage_seconds`: begin, statements, commit).
+    /// (`picket_alert_transaction_stage_seconds`: begin, lock, read, fold,
+    /// write, commit).
     pub alert_write_stage_seconds: std::collections::BTreeMap<String, f64>,
     /// Time jobs waited in the alert queue for the writer
     /// (`picket_alert_queue_wait_seconds`): the bucket bounds, in seconds,
@@ -899,7 +900,7 @@ async fn scrape(addrs: &[String]) -> anyhow::Result<Scrape> {
             ),
             (
                 "picket_alert_transaction_stage_seconds_sum",
-                &["begin", "statements", "commit"][..],
+                &["begin", "lock", "read", "fold", "encode", "write", "commit"][..],
             ),
         ] {
             for stage in stages {
