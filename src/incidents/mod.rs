@@ -266,15 +266,28 @@ pub async fn correlate_batch(
         touched.push(t);
     }
     let mut grouped = 0;
-    for t in touched {
-        let saved = match &t.created {
-            Some(created) => store.insert_incident(&t.inc, created, &t.links).await,
-            None => {
-                let entry = t.inc.timeline.last().cloned().expect("just recorded");
-                store.update_incident(&t.inc, &entry, &t.links).await
-            }
-        };
-        match saved {
+    // New incidents in one transaction (a fresh-source storm opens hundreds
+    // per batch; one transaction each kept the change log's fence up).
+    let (created, updated): (Vec<Touched>, Vec<Touched>) =
+        touched.into_iter().partition(|t| t.created.is_some());
+    if !created.is_empty() {
+        let new: Vec<_> = created
+            .iter()
+            .map(|t| {
+                let entry = t.created.clone().expect("partitioned on it");
+                (t.inc.clone(), entry, t.links.clone())
+            })
+            .collect();
+        store.insert_incidents(&new).await?;
+        let links: usize = created.iter().map(|t| t.links.len()).sum();
+        metrics::counter!("picket_incident_correlations_total").increment(links as u64);
+        grouped += links;
+    }
+    // Updates one at a time: a save at a stale version (an API change in
+    // between) is retried alone on fresh state without failing the others.
+    for t in updated {
+        let entry = t.inc.timeline.last().cloned().expect("just recorded");
+        match store.update_incident(&t.inc, &entry, &t.links).await {
             Ok(_) => {
                 metrics::counter!("picket_incident_correlations_total")
                     .increment(t.links.len() as u64);

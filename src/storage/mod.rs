@@ -614,6 +614,15 @@ pub trait IncidentStore: Send + Sync {
         link: &[uuid::Uuid],
     ) -> StoreResult<Incident>;
 
+    /// [`IncidentStore::insert_incident`] for several new incidents of one
+    /// tenant in ONE transaction (a few statements for all of them: a
+    /// storm's correlation opens hundreds at once). Returns them at version
+    /// 1, in order.
+    async fn insert_incidents(
+        &self,
+        new: &[(Incident, TimelineEntry, Vec<uuid::Uuid>)],
+    ) -> StoreResult<Vec<Incident>>;
+
     /// Saves a changed incident if it is still at `incident.version`; logs
     /// `entry`; returns it at its new version.
     async fn update_incident(

@@ -957,9 +957,29 @@ impl<DB: Dialect> SqlStore<DB> {
         ids: &[Uuid],
         incident: Option<Uuid>,
     ) -> Result<(), sqlx::Error> {
-        if ids.is_empty() {
+        let links: Vec<(Uuid, Option<Uuid>)> = ids.iter().map(|id| (*id, incident)).collect();
+        Self::link_alerts_to(tx, tenant, &links).await
+    }
+
+    /// Points each alert of `links` at its incident (or none), inside `tx`:
+    /// one locking read and one [`Dialect::write_alerts`] per chunk of
+    /// alerts, one change per alert in order of first appearance (a repeat
+    /// sets the incident again). Fails with `RowNotFound` if any of them
+    /// does not exist.
+    async fn link_alerts_to(
+        tx: &mut Tx<DB>,
+        tenant: TenantId,
+        links: &[(Uuid, Option<Uuid>)],
+    ) -> Result<(), sqlx::Error> {
+        if links.is_empty() {
             return Ok(());
         }
+        let mut seen = std::collections::HashSet::with_capacity(links.len());
+        let ids: Vec<Uuid> = links
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| seen.insert(*id))
+            .collect();
         let mut found: std::collections::HashMap<Uuid, Alert> =
             std::collections::HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(BATCH_ROWS) {
@@ -973,19 +993,21 @@ impl<DB: Dialect> SqlStore<DB> {
             }
         }
         let now = Utc::now();
-        let mut order: Vec<Uuid> = Vec::with_capacity(ids.len());
-        for id in ids {
+        let mut bumped = std::collections::HashSet::with_capacity(ids.len());
+        for (id, incident) in links {
             let a = found.get_mut(id).ok_or(sqlx::Error::RowNotFound)?;
-            if !order.contains(id) {
-                a.incident_id = incident;
+            a.incident_id = *incident;
+            if bumped.insert(*id) {
                 // Each state of an alert is newer than the one before.
                 a.updated_at = now.max(a.updated_at + chrono::Duration::microseconds(1));
-                order.push(*id);
             }
         }
-        let rows: Vec<&Alert> = order.iter().map(|id| &found[id]).collect();
-        let logged: Vec<(&str, &Alert)> = rows.iter().map(|a| ("updated", *a)).collect();
-        DB::write_alerts(tx, tenant, &[], &rows, &logged, now).await
+        for chunk in ids.chunks(BATCH_ROWS) {
+            let rows: Vec<&Alert> = chunk.iter().map(|id| &found[id]).collect();
+            let logged: Vec<(&str, &Alert)> = rows.iter().map(|a| ("updated", *a)).collect();
+            DB::write_alerts(tx, tenant, &[], &rows, &logged, now).await?;
+        }
+        Ok(())
     }
 
     /// Inserts a tenant rule; `on_conflict` says what a rule with the same id does.
@@ -1821,6 +1843,102 @@ impl<DB: Dialect> IncidentStore for SqlStore<DB> {
             .map_err(&fail)?;
         tx.commit().await.map_err(fail)?;
         Ok(i)
+    }
+
+    async fn insert_incidents(
+        &self,
+        new: &[(Incident, TimelineEntry, Vec<Uuid>)],
+    ) -> StoreResult<Vec<Incident>> {
+        let Some((first, _, _)) = new.first() else {
+            return Ok(Vec::new());
+        };
+        let tenant = first.tenant_id;
+        let fail = fail("incidents", "failed to create incidents");
+        if new.iter().any(|(i, _, _)| i.tenant_id != tenant) {
+            return Err(StoreError::Unexpected(anyhow::anyhow!(
+                "incidents created together must be of one tenant"
+            )));
+        }
+        let out: Vec<Incident> = new
+            .iter()
+            .map(|(i, _, _)| Incident {
+                version: 1,
+                ..i.clone()
+            })
+            .collect();
+        let mut tx = self.write(tenant).await.map_err(&fail)?;
+        // 10 parameters a row.
+        for chunk in out.chunks(BATCH_ROWS / 2) {
+            let mut q = Stmt::<DB>::new(
+                "INSERT INTO incidents (tenant_id, id, version, status, severity, assignee, created_at, updated_at, doc, timeline_len) VALUES ",
+            );
+            for (n, i) in chunk.iter().enumerate() {
+                q.push(if n == 0 { "(" } else { ", (" });
+                q.push_uuid(i.tenant_id.0).push(", ");
+                q.push_uuid(i.id).push(", ");
+                q.push_bind(i.version).push(", ");
+                q.push_bind(i.status.as_i16()).push(", ");
+                q.push_bind(i.severity.as_i16()).push(", ");
+                q.push_bind(i.assignee.as_str()).push(", ");
+                q.push_time(i.created_at).push(", ");
+                q.push_time(i.updated_at).push(", ");
+                q.push_doc(&incident_doc(i)).push(", ");
+                q.push_bind((i.timeline_skipped + i.timeline.len() as u64) as i64)
+                    .push(")");
+            }
+            q.execute(&mut *tx).await.map_err(&fail)?;
+        }
+        // Every timeline entry, numbered from where the incident's skipped ones end.
+        let entries: Vec<(&Incident, i64, &TimelineEntry)> = out
+            .iter()
+            .flat_map(|i| {
+                i.timeline
+                    .iter()
+                    .enumerate()
+                    .map(move |(n, e)| (i, (i.timeline_skipped + 1 + n as u64) as i64, e))
+            })
+            .collect();
+        for chunk in entries.chunks(BATCH_ROWS) {
+            let mut q = Stmt::<DB>::new(
+                "INSERT INTO incident_timeline (tenant_id, incident_id, seq, entry) VALUES ",
+            );
+            for (n, (i, seq, e)) in chunk.iter().enumerate() {
+                q.push(if n == 0 { "(" } else { ", (" });
+                q.push_uuid(i.tenant_id.0).push(", ");
+                q.push_uuid(i.id).push(", ");
+                q.push_bind(*seq).push(", ");
+                q.push_doc(*e).push(")");
+            }
+            q.execute(&mut *tx).await.map_err(&fail)?;
+        }
+        // One "created" change per incident, in order.
+        let now = Utc::now();
+        for chunk in out.iter().zip(new).collect::<Vec<_>>().chunks(BATCH_ROWS) {
+            let mut q = Stmt::<DB>::new(
+                "INSERT INTO change_log (tenant_id, stream, subject_id, kind, payload, created_at) VALUES ",
+            );
+            for (n, (i, (_, entry, _))) in chunk.iter().enumerate() {
+                q.push(if n == 0 { "(" } else { ", (" });
+                q.push_uuid(tenant.0).push(", ");
+                q.push_bind("incidents").push(", ");
+                q.push_uuid(i.id).push(", ");
+                q.push_bind("created").push(", ");
+                q.push_doc(&crate::storage::incident_change_payload(i, entry, "created"))
+                    .push(", ");
+                q.push_time(now).push(")");
+            }
+            q.execute(&mut *tx).await.map_err(&fail)?;
+        }
+        let links: Vec<(Uuid, Option<Uuid>)> = out
+            .iter()
+            .zip(new)
+            .flat_map(|(i, (_, _, link))| link.iter().map(|a| (*a, Some(i.id))))
+            .collect();
+        Self::link_alerts_to(&mut tx, tenant, &links)
+            .await
+            .map_err(&fail)?;
+        tx.commit().await.map_err(fail)?;
+        Ok(out)
     }
 
     async fn update_incident(
