@@ -1923,8 +1923,10 @@ impl<DB: Dialect> IncidentStore for SqlStore<DB> {
                 q.push_bind("incidents").push(", ");
                 q.push_uuid(i.id).push(", ");
                 q.push_bind("created").push(", ");
-                q.push_doc(&crate::storage::incident_change_payload(i, entry, "created"))
-                    .push(", ");
+                q.push_doc(&crate::storage::incident_change_payload(
+                    i, entry, "created",
+                ))
+                .push(", ");
                 q.push_time(now).push(")");
             }
             q.execute(&mut *tx).await.map_err(&fail)?;

@@ -956,7 +956,122 @@ async fn incident_timeline_is_appended_from_heads(backend: Backend) {
     assert_eq!(heads[0].timeline_skipped, 5);
 }
 
+/// Incidents created together (a correlation batch) are stored as one
+/// creation each would store them: version 1, the whole timeline, one
+/// "created" change each in order, and their alerts linked, each alert
+/// logged once; incidents of two tenants are refused together.
+async fn incidents_created_together_match_one_at_a_time(backend: Backend) {
+    use picket::domain::incident::{Incident, TimelineKind};
+    let (s, _db) = store(backend).await;
+    let t = tenant("t");
+    s.create_tenant(&t).await.unwrap();
+    let supp = Duration::minutes(10);
+    let now = chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
+    let mut alerts = Vec::new();
+    for fp in ["a", "b", "c"] {
+        alerts.push(
+            s.raise_alert(t.id, rule_alert(fp, 0), supp, now)
+                .await
+                .unwrap()
+                .0,
+        );
+    }
+    let mut new = Vec::new();
+    for (n, link) in [vec![alerts[0].id, alerts[1].id], vec![alerts[2].id]]
+        .into_iter()
+        .enumerate()
+    {
+        let mut inc = Incident::new(t.id, format!("i{n}"), "d".into(), Severity::High, now);
+        let created = inc.record(
+            "system",
+            TimelineKind::Created,
+            "opened".into(),
+            String::new(),
+            now,
+        );
+        inc.record(
+            "system",
+            TimelineKind::AlertLinked,
+            "linked".into(),
+            format!("{n}"),
+            now,
+        );
+        new.push((inc, created, link));
+    }
+    let before = s
+        .changes_after(t.id, "alerts", Default::default(), 100)
+        .await
+        .unwrap()
+        .len();
+    let saved = s.insert_incidents(&new).await.unwrap();
+    assert_eq!(saved.len(), 2);
+    for ((got, (inc, _, link)), n) in saved.iter().zip(&new).zip(0..) {
+        assert_eq!(got.version, 1);
+        assert_eq!(got.id, inc.id);
+        let full = s.get_incident(t.id, inc.id).await.unwrap();
+        assert_eq!(full.version, 1);
+        assert_eq!(full.title, format!("i{n}"));
+        assert_eq!(full.timeline, inc.timeline);
+        for a in link {
+            let stored = s.get_alert(t.id, *a).await.unwrap();
+            assert_eq!(stored.incident_id, Some(inc.id));
+        }
+    }
+    // Readable once no other transaction holds the log back.
+    let log = |stream: &'static str, want: usize| {
+        let s = s.clone();
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let all = s
+                    .changes_after(t.id, stream, Default::default(), 100)
+                    .await
+                    .unwrap();
+                if all.len() >= want || std::time::Instant::now() > deadline {
+                    return all;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let incidents = log("incidents", 2).await;
+    assert_eq!(
+        incidents
+            .iter()
+            .map(|c| (c.subject_id, c.kind.as_str()))
+            .collect::<Vec<_>>(),
+        [(new[0].0.id, "created"), (new[1].0.id, "created")]
+    );
+    let linked = log("alerts", before + 3).await;
+    assert_eq!(linked.len(), before + 3);
+    let mut subjects: Vec<_> = linked[before..].iter().map(|c| c.subject_id).collect();
+    subjects.sort();
+    let mut ids: Vec<_> = alerts.iter().map(|a| a.id).collect();
+    ids.sort();
+    assert_eq!(subjects, ids);
+    // Nothing at all to create is nothing written.
+    assert!(s.insert_incidents(&[]).await.unwrap().is_empty());
+    // Two tenants at once: refused, nothing stored.
+    let other = tenant("other");
+    s.create_tenant(&other).await.unwrap();
+    let mut mixed = Vec::new();
+    for tid in [t.id, other.id] {
+        let mut inc = Incident::new(tid, "m".into(), "d".into(), Severity::Low, now);
+        let created = inc.record(
+            "system",
+            TimelineKind::Created,
+            "opened".into(),
+            String::new(),
+            now,
+        );
+        mixed.push((inc, created, Vec::new()));
+    }
+    assert!(s.insert_incidents(&mixed).await.is_err());
+    assert!(s.get_incident(t.id, mixed[0].0.id).await.is_err());
+}
+
 crate::both_backends!(
+    incidents_created_together_match_one_at_a_time,
     evidence_snapshots_are_stored_once_and_filled_on_read,
     incident_timeline_is_appended_from_heads,
     raise_alerts_matches_raising_one_at_a_time,
