@@ -271,15 +271,12 @@ pub async fn correlate_batch(
     let (created, updated): (Vec<Touched>, Vec<Touched>) =
         touched.into_iter().partition(|t| t.created.is_some());
     if !created.is_empty() {
+        let links: usize = created.iter().map(|t| t.links.len()).sum();
         let new: Vec<_> = created
-            .iter()
-            .map(|t| {
-                let entry = t.created.clone().expect("partitioned on it");
-                (t.inc.clone(), entry, t.links.clone())
-            })
+            .into_iter()
+            .map(|t| (t.inc, t.created.expect("partitioned on it"), t.links))
             .collect();
         store.insert_incidents(&new).await?;
-        let links: usize = created.iter().map(|t| t.links.len()).sum();
         metrics::counter!("picket_incident_correlations_total").increment(links as u64);
         grouped += links;
     }

@@ -309,6 +309,13 @@ impl Dialect for Postgres {
         Ok(())
     }
 
+    /// One statement whose data-modifying CTEs insert the snapshots and
+    /// upsert the rows, and whose main `INSERT` appends the change-log entries in `changes` order (`seq` is assigned
+    /// above the `ORDER BY`). Its text does not depend on the row counts, so it
+    /// is prepared once per connection; the multi-row `VALUES` statements it
+    /// replaces had a new text (a parse and describe round trip, and planning)
+    /// for nearly every raise, and a raise holds its xid, which every feed
+    /// reader waits for, from its first locking read to its commit.
     async fn write_alerts(
         tx: &mut Tx<Self>,
         tenant: TenantId,
@@ -317,7 +324,72 @@ impl Dialect for Postgres {
         changes: &[(&str, &crate::domain::alert::Alert)],
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
-        write_alerts(tx, tenant, snaps, rows, changes, now).await
+        use crate::storage::sql::{snapshots_to_store, stored_alert};
+        let started = std::time::Instant::now();
+        let json = |e: serde_json::Error| sqlx::Error::Encode(e.into());
+        let snaps = snapshots_to_store(snaps, rows);
+        let snap_ids: Vec<Uuid> = snaps.iter().map(|(id, _)| *id).collect();
+        let snap_docs = snaps
+            .iter()
+            .map(|(_, s)| serde_json::to_string(s))
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(json)?;
+        let n = rows.len();
+        let (mut ids, mut fps, mut sev, mut status, mut cat) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut last_seen, mut created, mut incident, mut docs) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for a in rows {
+            ids.push(a.id);
+            fps.push(a.fingerprint.as_str());
+            sev.push(a.severity.as_i16());
+            status.push(a.status.as_i16());
+            cat.push(a.category.as_str());
+            last_seen.push(a.last_seen);
+            created.push(a.created_at);
+            incident.push(a.incident_id);
+            docs.push(serde_json::to_string(&*stored_alert(a)).map_err(json)?);
+        }
+        let subjects: Vec<Uuid> = changes.iter().map(|(_, a)| a.id).collect();
+        let kinds: Vec<&str> = changes.iter().map(|(k, _)| *k).collect();
+        let payloads = changes
+            .iter()
+            .map(|(_, a)| serde_json::to_string(&*stored_alert(a)))
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(json)?;
+        metrics::histogram!("picket_alert_transaction_stage_seconds", "stage" => "encode")
+            .record(started.elapsed().as_secs_f64());
+        sqlx::query(
+            "WITH s AS (INSERT INTO evidence_snapshots (tenant_id, event_id, snapshot)                     SELECT $1, u.id, u.snapshot::jsonb FROM unnest($2::uuid[], $3::text[]) AS u(id, snapshot)                     ON CONFLICT (tenant_id, event_id) DO NOTHING),               a AS (INSERT INTO alerts (tenant_id, id, fingerprint, severity, status, category, last_seen,                                         created_at, incident_id, doc)                     SELECT $1, u.id, u.fingerprint, u.severity, u.status, u.category, u.last_seen,                            u.created_at, u.incident_id, u.doc::jsonb                     FROM unnest($4::uuid[], $5::text[], $6::int2[], $7::int2[], $8::text[],                                 $9::timestamptz[], $10::timestamptz[], $11::uuid[], $12::text[])                          AS u(id, fingerprint, severity, status, category, last_seen, created_at, incident_id, doc)                     ON CONFLICT (tenant_id, id) DO UPDATE SET fingerprint = excluded.fingerprint,                        severity = excluded.severity, status = excluded.status, category = excluded.category,                        last_seen = excluded.last_seen, created_at = excluded.created_at,                        incident_id = excluded.incident_id, doc = excluded.doc)          INSERT INTO change_log (tenant_id, stream, subject_id, kind, payload, created_at)          SELECT $1, 'alerts', u.id, u.kind, u.payload::jsonb, $16          FROM unnest($13::uuid[], $14::text[], $15::text[]) WITH ORDINALITY AS u(id, kind, payload, n)          ORDER BY u.n",
+        )
+        .bind(tenant.0)
+        .bind(&snap_ids)
+        .bind(&snap_docs)
+        .bind(&ids)
+        .bind(&fps)
+        .bind(&sev)
+        .bind(&status)
+        .bind(&cat)
+        .bind(&last_seen)
+        .bind(&created)
+        .bind(&incident)
+        .bind(&docs)
+        .bind(&subjects)
+        .bind(&kinds)
+        .bind(&payloads)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 
     async fn refresh_statistics(store: &PgStore) -> StoreResult<()> {
@@ -558,90 +630,6 @@ impl LockSession for PgLocks {
             .count();
         Ok(u32::try_from(same).unwrap_or(u32::MAX).max(1))
     }
-}
-
-/// [`Dialect::write_alerts`] on Postgres: one statement whose data-modifying
-/// CTEs insert the snapshots and upsert the rows, and whose main `INSERT`
-/// appends the change-log entries in `changes` order (`seq` is assigned
-/// above the `ORDER BY`). Its text does not depend on the row counts, so it
-/// is prepared once per connection; the multi-row `VALUES` statements it
-/// replaces had a new text (a parse and describe round trip, and planning)
-/// for nearly every raise, and a raise holds its xid, which every feed
-/// reader waits for, from its first locking read to its commit.
-async fn write_alerts(
-    tx: &mut Tx<Postgres>,
-    tenant: TenantId,
-    snaps: &[(Uuid, &NewEvent)],
-    rows: &[&crate::domain::alert::Alert],
-    changes: &[(&str, &crate::domain::alert::Alert)],
-    now: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    use crate::storage::sql::{snapshots_to_store, stored_alert};
-    let started = std::time::Instant::now();
-    let json = |e: serde_json::Error| sqlx::Error::Encode(e.into());
-    let snaps = snapshots_to_store(snaps, rows);
-    let snap_ids: Vec<Uuid> = snaps.iter().map(|(id, _)| *id).collect();
-    let snap_docs = snaps
-        .iter()
-        .map(|(_, s)| serde_json::to_string(s))
-        .collect::<Result<Vec<String>, _>>()
-        .map_err(json)?;
-    let n = rows.len();
-    let (mut ids, mut fps, mut sev, mut status, mut cat) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut last_seen, mut created, mut incident, mut docs) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for a in rows {
-        ids.push(a.id);
-        fps.push(a.fingerprint.as_str());
-        sev.push(a.severity.as_i16());
-        status.push(a.status.as_i16());
-        cat.push(a.category.as_str());
-        last_seen.push(a.last_seen);
-        created.push(a.created_at);
-        incident.push(a.incident_id);
-        docs.push(serde_json::to_string(&*stored_alert(a)).map_err(json)?);
-    }
-    let subjects: Vec<Uuid> = changes.iter().map(|(_, a)| a.id).collect();
-    let kinds: Vec<&str> = changes.iter().map(|(k, _)| *k).collect();
-    let payloads = changes
-        .iter()
-        .map(|(_, a)| serde_json::to_string(&*stored_alert(a)))
-        .collect::<Result<Vec<String>, _>>()
-        .map_err(json)?;
-    metrics::histogram!("picket_alert_transaction_stage_seconds", "stage" => "encode")
-        .record(started.elapsed().as_secs_f64());
-    sqlx::query(
-        "WITH s AS (INSERT INTO evidence_snapshots (tenant_id, event_id, snapshot)                     SELECT $1, u.id, u.snapshot::jsonb FROM unnest($2::uuid[], $3::text[]) AS u(id, snapshot)                     ON CONFLICT (tenant_id, event_id) DO NOTHING),               a AS (INSERT INTO alerts (tenant_id, id, fingerprint, severity, status, category, last_seen,                                         created_at, incident_id, doc)                     SELECT $1, u.id, u.fingerprint, u.severity, u.status, u.category, u.last_seen,                            u.created_at, u.incident_id, u.doc::jsonb                     FROM unnest($4::uuid[], $5::text[], $6::int2[], $7::int2[], $8::text[],                                 $9::timestamptz[], $10::timestamptz[], $11::uuid[], $12::text[])                          AS u(id, fingerprint, severity, status, category, last_seen, created_at, incident_id, doc)                     ON CONFLICT (tenant_id, id) DO UPDATE SET fingerprint = excluded.fingerprint,                        severity = excluded.severity, status = excluded.status, category = excluded.category,                        last_seen = excluded.last_seen, created_at = excluded.created_at,                        incident_id = excluded.incident_id, doc = excluded.doc)          INSERT INTO change_log (tenant_id, stream, subject_id, kind, payload, created_at)          SELECT $1, 'alerts', u.id, u.kind, u.payload::jsonb, $16          FROM unnest($13::uuid[], $14::text[], $15::text[]) WITH ORDINALITY AS u(id, kind, payload, n)          ORDER BY u.n",
-    )
-    .bind(tenant.0)
-    .bind(&snap_ids)
-    .bind(&snap_docs)
-    .bind(&ids)
-    .bind(&fps)
-    .bind(&sev)
-    .bind(&status)
-    .bind(&cat)
-    .bind(&last_seen)
-    .bind(&created)
-    .bind(&incident)
-    .bind(&docs)
-    .bind(&subjects)
-    .bind(&kinds)
-    .bind(&payloads)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 /// Inserts one tenant's events inside `tx` with one statement (UNNEST of

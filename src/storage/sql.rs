@@ -722,7 +722,11 @@ impl<DB: Dialect> SqlStore<DB> {
     ) -> Result<(), sqlx::Error> {
         Self::insert_snapshots(tx, tenant, &snapshots_to_store(snaps, rows)).await?;
         Self::upsert_alerts(tx, rows).await?;
-        Self::log_alert_changes(tx, tenant, changes, now).await
+        let changes: Vec<(Uuid, &str, std::borrow::Cow<'_, Alert>)> = changes
+            .iter()
+            .map(|(kind, a)| (a.id, *kind, stored_alert(a)))
+            .collect();
+        Self::log_changes(tx, tenant, "alerts", &changes, now).await
     }
 
     /// Writes the final rows of `rows` (inserted or updated), one statement
@@ -756,25 +760,26 @@ impl<DB: Dialect> SqlStore<DB> {
         Ok(())
     }
 
-    /// Appends one alert change per `(kind, state)` to the change log, in
-    /// order, one statement per chunk, inside `tx`.
-    async fn log_alert_changes(
+    /// Appends one `stream` change per `(subject, kind, payload)` to the
+    /// change log, in order, one statement per chunk, inside `tx`.
+    async fn log_changes<T: serde::Serialize + Sync>(
         tx: &mut Tx<DB>,
         tenant: TenantId,
-        changes: &[(&str, &Alert)],
+        stream: &str,
+        changes: &[(Uuid, &str, T)],
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
         for chunk in changes.chunks(BATCH_ROWS) {
             let mut q = Stmt::<DB>::new(
                 "INSERT INTO change_log (tenant_id, stream, subject_id, kind, payload, created_at) VALUES ",
             );
-            for (n, (kind, alert)) in chunk.iter().enumerate() {
+            for (n, (subject, kind, payload)) in chunk.iter().enumerate() {
                 q.push(if n == 0 { "(" } else { ", (" });
                 q.push_uuid(tenant.0).push(", ");
-                q.push_bind("alerts").push(", ");
-                q.push_uuid(alert.id).push(", ");
+                q.push_bind(stream).push(", ");
+                q.push_uuid(*subject).push(", ");
                 q.push_bind(*kind).push(", ");
-                q.push_doc(&*stored_alert(alert)).push(", ");
+                q.push_doc(payload).push(", ");
                 q.push_time(now).push(")");
             }
             q.execute(&mut **tx).await?;
@@ -917,7 +922,7 @@ impl<DB: Dialect> SqlStore<DB> {
         if done == 0 {
             return Err(conflict());
         }
-        Self::append_timeline(tx, &i, stored + 1, &i.timeline[new_from as usize..])
+        Self::append_timeline(tx, &timeline_rows(&i, stored + 1, new_from as usize))
             .await
             .map_err(&fail)?;
         Self::log_incident(tx, &i, entry, "updated", link)
@@ -1456,14 +1461,15 @@ impl<DB: Dialect> AlertStore for SqlStore<DB> {
         }
         let fail = fail("alerts", "failed to raise alerts");
         // Where a raise spends its time (a storm's writer waits on each):
-        // `picket_alert_transaction_stage_seconds{stage=begin|lock|read|fold|write|commit}`.
+        // `picket_alert_transaction_stage_seconds{stage=begin|lock|read|fold|encode|write|commit}`
+        // (`encode`: Postgres's column arrays, inside `write`).
         let mut step = std::time::Instant::now();
         let mut tx = self.write(tenant).await.map_err(&fail)?;
         raise_stage("begin", &mut step);
         let raised = Self::raise_all_in(&mut tx, tenant, alerts, suppression, now)
             .await
             .map_err(&fail)?;
-        let mut step = std::time::Instant::now();
+        step = std::time::Instant::now();
         tx.commit().await.map_err(fail)?;
         raise_stage("commit", &mut step);
         Ok(raised)
@@ -1690,6 +1696,16 @@ impl<DB: Dialect> ModelStore for SqlStore<DB> {
     }
 }
 
+/// The timeline rows `(incident, seq, entry)` of `i`'s loaded entries from
+/// index `from` on, numbered from `first`.
+fn timeline_rows(i: &Incident, first: u64, from: usize) -> Vec<(&Incident, i64, &TimelineEntry)> {
+    i.timeline[from..]
+        .iter()
+        .enumerate()
+        .map(|(n, e)| (i, (first + n as u64) as i64, e))
+        .collect()
+}
+
 /// An incident as stored in its row: without its timeline (kept in
 /// `incident_timeline`).
 fn incident_doc(i: &Incident) -> Incident {
@@ -1710,26 +1726,22 @@ fn incident_head<DB: Dialect>(row: &DB::Row) -> Result<Incident, sqlx::Error> {
 
 #[allow(private_bounds)]
 impl<DB: Dialect> SqlStore<DB> {
-    /// Appends `entries` to an incident's timeline as entries `first`,
-    /// `first + 1`, … inside `tx`.
+    /// Appends timeline entries `(incident, seq, entry)` inside `tx`, one
+    /// statement per chunk.
     async fn append_timeline(
         tx: &mut Tx<DB>,
-        i: &Incident,
-        first: u64,
-        entries: &[TimelineEntry],
+        entries: &[(&Incident, i64, &TimelineEntry)],
     ) -> Result<(), sqlx::Error> {
-        let mut seq = first as i64;
         for chunk in entries.chunks(BATCH_ROWS) {
             let mut q = Stmt::<DB>::new(
                 "INSERT INTO incident_timeline (tenant_id, incident_id, seq, entry) VALUES ",
             );
-            for (n, e) in chunk.iter().enumerate() {
+            for (n, (i, seq, e)) in chunk.iter().enumerate() {
                 q.push(if n == 0 { "(" } else { ", (" });
                 q.push_uuid(i.tenant_id.0).push(", ");
                 q.push_uuid(i.id).push(", ");
-                q.push_bind(seq).push(", ");
-                q.push_doc(e).push(")");
-                seq += 1;
+                q.push_bind(*seq).push(", ");
+                q.push_doc(*e).push(")");
             }
             q.execute(&mut **tx).await?;
         }
@@ -1813,36 +1825,10 @@ impl<DB: Dialect> IncidentStore for SqlStore<DB> {
         entry: &TimelineEntry,
         link: &[Uuid],
     ) -> StoreResult<Incident> {
-        let fail = fail("incident", "failed to create an incident");
-        let mut i = incident.clone();
-        i.version = 1;
-        let stored = i.timeline_skipped + i.timeline.len() as u64;
-        let mut tx = self.write(i.tenant_id).await.map_err(&fail)?;
-        Stmt::<DB>::new(
-            "INSERT INTO incidents (tenant_id, id, version, status, severity, assignee, created_at, updated_at, doc, timeline_len) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .uuid(i.tenant_id.0)
-        .uuid(i.id)
-        .arg(i.version)
-        .arg(i.status.as_i16())
-        .arg(i.severity.as_i16())
-        .arg(i.assignee.as_str())
-        .time(i.created_at)
-        .time(i.updated_at)
-        .doc(&incident_doc(&i))
-        .arg(stored as i64)
-        .execute(&mut *tx)
-        .await
-        .map_err(&fail)?;
-        Self::append_timeline(&mut tx, &i, i.timeline_skipped + 1, &i.timeline)
-            .await
-            .map_err(&fail)?;
-        Self::log_incident(&mut tx, &i, entry, "created", link)
-            .await
-            .map_err(&fail)?;
-        tx.commit().await.map_err(fail)?;
-        Ok(i)
+        let mut saved = self
+            .insert_incidents(&[(incident.clone(), entry.clone(), link.to_vec())])
+            .await?;
+        Ok(saved.remove(0))
     }
 
     async fn insert_incidents(
@@ -1853,7 +1839,7 @@ impl<DB: Dialect> IncidentStore for SqlStore<DB> {
             return Ok(Vec::new());
         };
         let tenant = first.tenant_id;
-        let fail = fail("incidents", "failed to create incidents");
+        let fail = fail("incident", "failed to create incidents");
         if new.iter().any(|(i, _, _)| i.tenant_id != tenant) {
             return Err(StoreError::Unexpected(anyhow::anyhow!(
                 "incidents created together must be of one tenant"
@@ -1891,46 +1877,23 @@ impl<DB: Dialect> IncidentStore for SqlStore<DB> {
         // Every timeline entry, numbered from where the incident's skipped ones end.
         let entries: Vec<(&Incident, i64, &TimelineEntry)> = out
             .iter()
-            .flat_map(|i| {
-                i.timeline
-                    .iter()
-                    .enumerate()
-                    .map(move |(n, e)| (i, (i.timeline_skipped + 1 + n as u64) as i64, e))
+            .flat_map(|i| timeline_rows(i, i.timeline_skipped + 1, 0))
+            .collect();
+        Self::append_timeline(&mut tx, &entries)
+            .await
+            .map_err(&fail)?;
+        // One "created" change per incident, in order.
+        let created: Vec<(Uuid, &str, serde_json::Value)> = out
+            .iter()
+            .zip(new)
+            .map(|(i, (_, entry, _))| {
+                let payload = crate::storage::incident_change_payload(i, entry, "created");
+                (i.id, "created", payload)
             })
             .collect();
-        for chunk in entries.chunks(BATCH_ROWS) {
-            let mut q = Stmt::<DB>::new(
-                "INSERT INTO incident_timeline (tenant_id, incident_id, seq, entry) VALUES ",
-            );
-            for (n, (i, seq, e)) in chunk.iter().enumerate() {
-                q.push(if n == 0 { "(" } else { ", (" });
-                q.push_uuid(i.tenant_id.0).push(", ");
-                q.push_uuid(i.id).push(", ");
-                q.push_bind(*seq).push(", ");
-                q.push_doc(*e).push(")");
-            }
-            q.execute(&mut *tx).await.map_err(&fail)?;
-        }
-        // One "created" change per incident, in order.
-        let now = Utc::now();
-        for chunk in out.iter().zip(new).collect::<Vec<_>>().chunks(BATCH_ROWS) {
-            let mut q = Stmt::<DB>::new(
-                "INSERT INTO change_log (tenant_id, stream, subject_id, kind, payload, created_at) VALUES ",
-            );
-            for (n, (i, (_, entry, _))) in chunk.iter().enumerate() {
-                q.push(if n == 0 { "(" } else { ", (" });
-                q.push_uuid(tenant.0).push(", ");
-                q.push_bind("incidents").push(", ");
-                q.push_uuid(i.id).push(", ");
-                q.push_bind("created").push(", ");
-                q.push_doc(&crate::storage::incident_change_payload(
-                    i, entry, "created",
-                ))
-                .push(", ");
-                q.push_time(now).push(")");
-            }
-            q.execute(&mut *tx).await.map_err(&fail)?;
-        }
+        Self::log_changes(&mut tx, tenant, "incidents", &created, Utc::now())
+            .await
+            .map_err(&fail)?;
         let links: Vec<(Uuid, Option<Uuid>)> = out
             .iter()
             .zip(new)
